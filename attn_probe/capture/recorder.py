@@ -1,0 +1,318 @@
+"""Hooks that turn the forward passes of monitored modules into attention matrices while armed.
+
+Each monitored module (a *site*) is served by one strategy, chosen once when hooks are attached:
+
+* interception: while the module's forward runs, a ``TorchFunctionMode`` watches its calls to
+  ``scaled_dot_product_attention`` (and eager ``softmax`` over a (B, H, T, S) score tensor), lets
+  the kernel run untouched, and rebuilds A from exactly the q, k and mask it was given;
+* an adapter (see :mod:`.adapters`) recomputes q and k from the module's input and weights,
+  before the forward, without touching how it runs. Modules that leave their fused fast path
+  when they carry a hook (``nn.TransformerEncoderLayer``) get a removable wrapper around the
+  instance's forward instead of hooks.
+
+Unarmed, every hook returns at once. Armed, each site is measured on its first forward call and
+left alone afterwards, so gradient accumulation, evaluation passes or activation recomputation
+in the same step are not counted twice. Every hook and wrapper is owned and removed by
+:meth:`detach`, also when a forward raised.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+import warnings
+from dataclasses import dataclass, field
+from types import MethodType
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
+from torch.utils.hooks import RemovableHandle
+
+from .adapters import AdapterEntry, find_adapter
+from .rebuild import attention_probabilities
+
+_SDPA = F.scaled_dot_product_attention
+_SOFTMAX = (F.softmax, torch.softmax, Tensor.softmax)
+_SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale")
+
+STRATEGIES = ("auto", "intercept", "adapter")
+
+
+class CaptureError(RuntimeError):
+    """A monitored module's attention could not be rebuilt."""
+
+
+@dataclass
+class Site:
+    name: str
+    module: nn.Module
+    intercept: bool  #: watch the forward's kernel calls (else: run the adapter before it)
+    adapter: AdapterEntry | None  #: the adapter, or the fallback when interception sees nothing
+
+    @property
+    def wraps_forward(self) -> bool:
+        """Served from a wrapper around the instance's forward rather than from hooks."""
+        return not self.intercept and self.adapter.hookless
+
+    @property
+    def strategy(self) -> str:
+        if not self.intercept:
+            return f"adapter:{self.adapter.name}"
+        return "intercept" + (f" (fallback adapter:{self.adapter.name})" if self.adapter else "")
+
+
+def plan_site(name: str, module: nn.Module, strategy: str = "auto") -> Site:
+    """Choose how ``module``'s attention is rebuilt."""
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+    entry = find_adapter(module)
+    if strategy == "adapter":
+        if entry is None:
+            raise CaptureError(
+                f"no adapter for module {name!r} ({type(module).__name__}); register one with "
+                "attn_probe.register_adapter or use strategy='intercept'"
+            )
+        return Site(name, module, intercept=False, adapter=entry)
+    if strategy == "intercept":
+        return Site(name, module, intercept=True, adapter=None)
+    return Site(name, module, intercept=not (entry and entry.primary), adapter=entry)
+
+
+@dataclass
+class _Frame:
+    """One armed forward call of an intercepting site."""
+
+    site: Site
+    args: tuple
+    kwargs: dict
+    mode: TorchFunctionMode | None = None
+    attention: Tensor | None = None
+    error: BaseException | None = field(default=None)
+
+
+class _Interceptor(TorchFunctionMode):
+    def __init__(self, recorder: "Recorder", frame: _Frame):
+        super().__init__()
+        self.recorder, self.frame = recorder, frame
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if (
+            self.frame.attention is None
+            and self.frame.error is None
+            and (func is _SDPA or func in _SOFTMAX)
+            and self.recorder._stack[-1] is self.frame  # the innermost monitored module's call
+        ):
+            try:
+                self.frame.attention = self.recorder._from_call(func, args, kwargs, out)
+            except Exception as error:  # never let measuring break the model's forward
+                self.frame.error = error
+        return out
+
+
+class Recorder:
+    """Owns the hooks on the sites; calls ``sink(name, A)`` once per site per armed pass."""
+
+    def __init__(
+        self,
+        sites: list[Site],
+        sink: Callable[[str, Tensor], None],
+        *,
+        max_sequences: int | None = None,
+        max_tokens: int | None = None,
+        strict: bool = True,
+    ) -> None:
+        self.sites, self.sink = sites, sink
+        self.max_sequences, self.max_tokens, self.strict = max_sequences, max_tokens, strict
+        self.armed = False
+        self.calls: dict[str, int] = {}
+        self._done: set[str] = set()
+        self._stack: list[_Frame] = []
+        self._handles: list[RemovableHandle | _ForwardWrapper] = []
+        self._warned: set[str] = set()
+
+    # lifecycle ---------------------------------------------------------------------------
+    def attach(self) -> None:
+        if self._handles:
+            return
+        try:
+            for site in self.sites:
+                if site.wraps_forward and _ForwardWrapper.applies(site.module):
+                    before = lambda a, k, site=site: self._pre(site, a, k)  # noqa: E731
+                    self._handles.append(_ForwardWrapper(site.module, before))
+                    continue
+                pre = lambda m, a, k, site=site: self._pre(site, a, k)  # noqa: E731
+                post = lambda m, a, k, o, site=site: self._post(site, o)  # noqa: E731
+                self._handles.append(site.module.register_forward_pre_hook(pre, with_kwargs=True))
+                self._handles.append(
+                    site.module.register_forward_hook(
+                        post, with_kwargs=True, always_call=True, prepend=True
+                    )
+                )
+        except BaseException:
+            self.detach()
+            raise
+
+    def detach(self) -> None:
+        while self._stack:  # a forward interrupted mid-way: leave no mode behind
+            frame = self._stack.pop()
+            frame.mode.__exit__(None, None, None)
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self.armed = False
+
+    @property
+    def attached(self) -> bool:
+        return bool(self._handles)
+
+    def arm(self) -> None:
+        """Measure each site's next forward call."""
+        self._done.clear()
+        self.armed = True
+
+    def disarm(self) -> None:
+        self.armed = False
+
+    @property
+    def pending(self) -> bool:
+        """Armed and some site not measured yet."""
+        return self.armed and len(self._done) < len(self.sites)
+
+    # hooks -------------------------------------------------------------------------------
+    def _pre(self, site: Site, args: tuple, kwargs: dict) -> None:
+        if not self.armed:
+            return
+        self.calls[site.name] = self.calls.get(site.name, 0) + 1
+        if site.name in self._done:
+            return
+        if not site.intercept:
+            self._deliver(site, lambda: self._adapt(site, args, kwargs))
+            return
+        frame = _Frame(site, args, kwargs)
+        frame.mode = _Interceptor(self, frame)
+        frame.mode.__enter__()
+        self._stack.append(frame)
+
+    def _post(self, site: Site, output: Any) -> None:
+        if not self._stack or self._stack[-1].site is not site:
+            return
+        frame = self._stack.pop()
+        frame.mode.__exit__(None, None, None)
+        if output is None and sys.exc_info()[1] is not None:
+            # The forward raised (hooks with always_call run from its exception handler): leave
+            # the site pending and let the model's own error through.
+            return
+        if frame.error is not None:
+            self._deliver(site, lambda: _raise(frame.error))
+        elif frame.attention is not None:
+            self._deliver(site, lambda: frame.attention)
+        elif site.adapter is not None:
+            self._deliver(site, lambda: self._adapt(site, frame.args, frame.kwargs))
+        else:
+            self._deliver(site, lambda: _raise(_no_kernel_call(site)))
+
+    # rebuilding --------------------------------------------------------------------------
+    def _adapt(self, site: Site, args: tuple, kwargs: dict) -> Tensor:
+        # Under the caller's autocast, as the module's own projections run: q and k come out in
+        # the precision the model used (rebuild then works in float32).
+        with torch.no_grad():
+            return site.adapter.fn(
+                site.module, args, kwargs,
+                max_sequences=self.max_sequences, max_tokens=self.max_tokens,
+            )
+
+    def _from_call(self, func, args: tuple, kwargs: dict, out: Any) -> Tensor | None:
+        if func is _SDPA:
+            bound = dict(zip(_SDPA_ARGS, args), **kwargs)
+            return attention_probabilities(
+                bound["query"], bound["key"],
+                attn_mask=bound.get("attn_mask"), is_causal=bool(bound.get("is_causal", False)),
+                scale=bound.get("scale"),
+                max_sequences=self.max_sequences, max_tokens=self.max_tokens,
+            )
+        scores = args[0] if args else kwargs.get("input")
+        dim = args[1] if len(args) > 1 else kwargs.get("dim")
+        if not isinstance(out, Tensor) or scores.dim() != 4 or dim not in (-1, 3):
+            return None  # a softmax that is not over attention scores
+        n, t = self.max_sequences, self.max_tokens
+        attention = out.detach()[:n, :, :t, :t].to(torch.float32, copy=True)
+        # A query whose every key is masked comes out of softmax as NaN: report it as zeros.
+        # (NaN from NaN scores stays NaN, to be flagged.)
+        blocked = torch.isneginf(scores.detach()[:n, :, :t]).all(dim=-1, keepdim=True)
+        return attention.masked_fill_(blocked, 0.0)
+
+    def _deliver(self, site: Site, make: Callable[[], Tensor]) -> None:
+        self._done.add(site.name)
+        try:
+            attention = make()
+            if attention.dim() != 4:
+                raise CaptureError(
+                    f"rebuilt attention of {site.name!r} has shape {tuple(attention.shape)}, "
+                    "expected (B, H, T, S)"
+                )
+        except Exception as error:
+            if self.strict:
+                raise
+            if site.name not in self._warned:
+                self._warned.add(site.name)
+                warnings.warn(f"attn_probe: not measuring {site.name!r}: {error}", stacklevel=3)
+            return
+        self.sink(site.name, attention)
+
+
+class _ForwardWrapper:
+    """Runs ``before(args, kwargs)`` ahead of each call of ``module.forward``, through a bound
+    method in the instance's ``__dict__`` that shadows the class's forward; :meth:`remove` takes
+    it away again. Used where a hook would change how the module runs.
+
+    The wrapper calls the class's forward on whichever module it is bound to, so a copy of the
+    module (``copy.deepcopy`` rebinds it to the copy) runs its own weights, unmonitored.
+    """
+
+    def __init__(self, module: nn.Module, before: Callable[[tuple, dict], None]) -> None:
+        self.module = module
+        cls_forward = type(module).forward
+
+        @functools.wraps(cls_forward)
+        def forward(this, *args, **kwargs):
+            if this is module:
+                before(args, kwargs)
+            return cls_forward(this, *args, **kwargs)
+
+        self._forward = MethodType(forward, module)
+        module.__dict__["forward"] = self._forward
+
+    @staticmethod
+    def applies(module: nn.Module) -> bool:
+        """False where the instance already has its own forward: hooks are used instead."""
+        return "forward" not in module.__dict__
+
+    def remove(self) -> None:
+        if self.module.__dict__.get("forward") is self._forward:
+            del self.module.__dict__["forward"]
+
+
+def _no_kernel_call(site: Site) -> CaptureError:
+    cls = type(site.module).__name__
+    if find_adapter(site.module) is not None:
+        return CaptureError(
+            f"module {site.name!r} ({cls}) made no call to scaled_dot_product_attention or "
+            "softmax that could be intercepted, and strategy='intercept' leaves out the adapter "
+            "that serves it: use strategy='auto' or 'adapter'"
+        )
+    return CaptureError(
+        f"module {site.name!r} ({cls}) made no call to scaled_dot_product_attention or softmax "
+        "that could be intercepted, and no adapter serves it. Register one: "
+        f"attn_probe.register_adapter({cls}, fn) (see attn_probe.capture.adapters), or leave "
+        "it out with modules=..."
+    )
+
+
+def _raise(error: BaseException):
+    raise error
+
