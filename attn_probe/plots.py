@@ -1,0 +1,474 @@
+"""Matplotlib figures of attention collapse.
+
+Every function builds a :class:`matplotlib.figure.Figure` directly (Agg canvas, no pyplot, no
+global figure registry), so it is safe in training processes, threads and notebooks alike: the
+figure is garbage collected like any other object. The functions take plain arrays; the
+``*_for`` variants are thin conveniences that pull the arrays out of a
+:class:`~attn_probe.stats.Snapshot`.
+
+Use :func:`figure_to_array` to turn a figure into an ``(height, width, 3)`` uint8 image, e.g. for
+``SummaryWriter.add_image(..., dataformats="HWC")``. In a notebook a returned figure displays
+itself as the cell's value.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Any, Sequence
+
+import matplotlib
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+
+if TYPE_CHECKING:
+    from .stats import LayerSummary, Snapshot
+
+__all__ = [
+    "attention_heatmaps",
+    "collapse_map",
+    "collapse_map_for",
+    "figure_to_array",
+    "head_profiles",
+    "head_profiles_for",
+    "max_rank_profile",
+    "max_rank_profile_for",
+]
+
+DPI = 100
+#: Largest grid whose cells get their value written in them.
+ANNOTATE_MAX = 16
+_MAX_WIDTH = 12.0  # inches
+_MAX_HEIGHT = 12.0
+_NAN_COLOUR = "#d9d9d9"
+
+
+# ----------------------------------------------------------------------------------- helpers
+
+
+def _new_figure(width: float, height: float) -> Figure:
+    # Margins are laid out by hand, in inches: a layout engine would cost more than the drawing.
+    fig = Figure(figsize=(width, height), dpi=DPI)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _axes_at(fig: Figure, left: float, bottom: float, width: float, height: float):
+    """Axes at a position given in inches from the figure's lower left corner."""
+    fig_w, fig_h = fig.get_size_inches()
+    return fig.add_axes((left / fig_w, bottom / fig_h, width / fig_w, height / fig_h))
+
+
+def _text_width(labels: Sequence[str], points: float) -> float:
+    """Rough width in inches of the longest label at a font size (no renderer needed)."""
+    longest = max((len(str(label)) for label in labels), default=0)
+    return 0.6 * points / 72 * longest
+
+
+def _clamp(value: float, low: float, high: float) -> float:
+    return max(low, min(high, value))
+
+
+def _as_numpy(values: Any, dtype: Any = np.float64) -> np.ndarray:
+    """A NumPy copy of an array-like or a (possibly CUDA, possibly grad-tracking) tensor."""
+    if hasattr(values, "detach"):  # torch.Tensor, without importing torch here
+        values = values.detach().float().cpu().numpy()
+    return np.array(values, dtype=dtype)
+
+
+def _percent(tau: float) -> int:
+    return int(round(tau * 100))
+
+
+def _cmap(name: str):
+    return matplotlib.colormaps[name].with_extremes(bad=_NAN_COLOUR)
+
+
+def _label_ticks(count: int, max_labels: int) -> list[int]:
+    """Positions of the tick labels to show: all of them, or an even thinning."""
+    if count <= max_labels:
+        return list(range(count))
+    step = math.ceil(count / max_labels)
+    return list(range(0, count, step))
+
+
+def _format_cell(value: float) -> str:
+    if not np.isfinite(value):
+        return ""
+    return f"{value:.0f}" if abs(value) >= 100 else f"{value:.1f}"
+
+
+def _text_colour(rgba: Sequence[float]) -> str:
+    r, g, b = rgba[:3]
+    return "black" if 0.299 * r + 0.587 * g + 0.114 * b > 0.5 else "white"
+
+
+def _layer_matrix(snapshot: "Snapshot", metric: str) -> np.ndarray:
+    """(L, H_max) per-head means; NaN where a head has no data or a layer has fewer heads."""
+    heads = max((layer.num_heads for layer in snapshot.layers), default=0)
+    values = np.full((len(snapshot.layers), heads), np.nan)
+    for row, layer in enumerate(snapshot.layers):
+        per_head = np.asarray(layer.heads[metric], dtype=np.float64).copy()
+        per_head[np.asarray(layer.sequences) <= 0] = np.nan
+        values[row, : per_head.shape[0]] = per_head
+    return values
+
+
+def _find_layer(snapshot: "Snapshot", layer: "str | int") -> "LayerSummary":
+    for summary in snapshot.layers:
+        if layer in (summary.name, summary.tag) or (
+            isinstance(layer, int) and not isinstance(layer, bool) and layer == summary.index
+        ):
+            return summary
+    known = ", ".join(f"{s.tag} ({s.name})" for s in snapshot.layers) or "none"
+    raise KeyError(f"no layer {layer!r} in the snapshot of step {snapshot.step}; layers: {known}")
+
+
+# ----------------------------------------------------------------------------------- figures
+
+
+def collapse_map(
+    values: Any,
+    *,
+    layer_labels: Sequence[str] | None = None,
+    head_labels: Sequence[str] | None = None,
+    title: str | None = None,
+    vmin: float | None = None,
+    vmax: float | None = None,
+    colorbar_label: str | None = None,
+    cmap: str = "viridis",
+    annotate: bool | None = None,
+) -> Figure:
+    """Layer x head map of a per-head figure, e.g. mean rank@90% (lower = more collapsed).
+
+    ``values`` is ``(L, H)``; NaN cells (no data) are drawn grey. The cell values are written
+    in the cells when ``annotate`` is true, or, by default, when the grid is at most 16 x 16.
+    """
+    values = _as_numpy(values)
+    if values.ndim == 1:
+        values = values[None, :]
+    if values.ndim != 2:
+        raise ValueError(f"collapse_map expects (layers, heads) values, got shape {values.shape}")
+    layers, heads = values.shape
+    if layer_labels is None:
+        layer_labels = [f"L{i:02d}" for i in range(layers)]
+    if head_labels is None:
+        head_labels = [f"H{h:02d}" for h in range(heads)]
+    if len(layer_labels) != layers or len(head_labels) != heads:
+        raise ValueError(
+            f"got {len(layer_labels)} layer labels and {len(head_labels)} head labels for a "
+            f"{layers} x {heads} map"
+        )
+    if annotate is None:
+        annotate = layers <= ANNOTATE_MAX and heads <= ANNOTATE_MAX
+
+    finite = values[np.isfinite(values)]
+    if vmin is None:
+        vmin = float(finite.min()) if finite.size else 0.0
+    if vmax is None:
+        vmax = float(finite.max()) if finite.size else 1.0
+    if vmax <= vmin:
+        vmax = vmin + 1.0
+
+    rotate = heads > 8
+    cols = _label_ticks(heads, 32)
+    rows = _label_ticks(layers, 40)
+    y_size = 7 if layers > 24 else 8
+    left = 0.3 + min(_text_width([layer_labels[i] for i in rows], y_size), 2.5) + 0.1
+    bottom = 0.4 + (min(_text_width([head_labels[i] for i in cols], 7), 2.0) if rotate else 0.15)
+    top = 0.35 if title else 0.12
+    right = 1.15 if colorbar_label else 0.85
+    cell_w, cell_h = (0.42, 0.3) if annotate else (0.25, 0.22)
+    map_w = _clamp(cell_w * heads, 2.4, _MAX_WIDTH - left - right)
+    map_h = _clamp(cell_h * layers, 1.2, _MAX_HEIGHT - top - bottom)
+    fig = _new_figure(left + map_w + right, bottom + map_h + top)
+    ax = _axes_at(fig, left, bottom, map_w, map_h)
+    image = ax.imshow(
+        np.ma.masked_invalid(values),
+        cmap=_cmap(cmap),
+        vmin=vmin,
+        vmax=vmax,
+        aspect="auto",
+        interpolation="nearest",
+    )
+    bar = fig.colorbar(image, cax=_axes_at(fig, left + map_w + 0.12, bottom, 0.15, map_h))
+    if colorbar_label:
+        bar.set_label(colorbar_label, fontsize=9)
+    bar.ax.tick_params(labelsize=8)
+
+    ax.set_xticks(cols, [head_labels[i] for i in cols], fontsize=7, rotation=90 if rotate else 0)
+    ax.set_yticks(rows, [layer_labels[i] for i in rows], fontsize=y_size)
+    ax.set_xlabel("head", fontsize=9)
+    ax.set_ylabel("layer", fontsize=9)
+    if title:
+        ax.set_title(title, fontsize=10)
+
+    if annotate:
+        size = 7 if heads <= 8 else 6
+        for (row, col), value in np.ndenumerate(values):
+            if not np.isfinite(value):
+                continue
+            colour = _text_colour(image.cmap(image.norm(value)))
+            ax.text(col, row, _format_cell(value), ha="center", va="center", fontsize=size,
+                    color=colour)
+    return fig
+
+
+def collapse_map_for(snapshot: "Snapshot", metric: str = "rank", **kwargs: Any) -> Figure:
+    """:func:`collapse_map` of a snapshot's per-head means of ``metric`` (default rank@tau).
+
+    Rank and columns are at least 1, so their colour scale starts at 1 unless ``vmin`` is given.
+    Keyword arguments go to :func:`collapse_map`.
+    """
+    percent = _percent(snapshot.tau)
+    names = {"rank": f"rank@{percent}%", "columns": f"columns@{percent}%"}
+    label = names.get(metric, metric)
+    values = _layer_matrix(snapshot, metric)
+    if metric in ("rank", "columns") and "vmin" not in kwargs:
+        finite = values[np.isfinite(values)]
+        kwargs["vmin"] = min(1.0, float(finite.min())) if finite.size else 1.0
+    kwargs.setdefault("layer_labels", [layer.tag for layer in snapshot.layers])
+    kwargs.setdefault("title", f"mean {label} per head, step {snapshot.step}")
+    kwargs.setdefault("colorbar_label", f"{label} (lower = more collapsed)" if metric in names
+                      else label)
+    return collapse_map(values, **kwargs)
+
+
+def max_rank_profile(
+    max_rank: Any,
+    *,
+    layer_labels: Sequence[str] | None = None,
+    tau: float = 0.9,
+    title: str | None = None,
+) -> Figure:
+    """MaxRank per layer (the largest per-head mean rank@tau): the collapse profile over depth.
+
+    NaN entries (layers without data) leave a gap in the line.
+    """
+    max_rank = _as_numpy(max_rank).reshape(-1)
+    layers = max_rank.shape[0]
+    if layer_labels is None:
+        layer_labels = [f"L{i:02d}" for i in range(layers)]
+    if len(layer_labels) != layers:
+        raise ValueError(f"got {len(layer_labels)} layer labels for {layers} layers")
+    percent = _percent(tau)
+
+    ticks = _label_ticks(layers, 48)
+    rotate = len(ticks) > 12
+    bottom = 0.45 + (min(_text_width([layer_labels[i] for i in ticks], 8), 2.0) if rotate
+                     else 0.15)
+    width = _clamp(2.5 + 0.3 * layers, 5.0, _MAX_WIDTH)
+    fig = _new_figure(width, bottom + 2.4 + 0.35)
+    ax = _axes_at(fig, 0.7, bottom, width - 0.85, 2.4)
+    x = np.arange(layers)
+    ax.plot(x, max_rank, marker="o", markersize=4, linewidth=1.5, color="#3b528b",
+            label=f"MaxRank@{percent}%")
+    ax.axhline(1.0, color="#b2182b", linewidth=0.8, linestyle=":", label="rank 1 (collapsed)")
+    finite = max_rank[np.isfinite(max_rank)]
+    top = float(finite.max()) if finite.size else 1.0
+    ax.set_ylim(0, max(2.0, top * 1.12))
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True, nbins=6))
+    if layers:
+        ax.set_xlim(-0.5, layers - 0.5)
+    ax.set_xticks(ticks, [layer_labels[i] for i in ticks], fontsize=8, rotation=90 if rotate else 0)
+    ax.tick_params(axis="y", labelsize=8)
+    ax.set_xlabel("layer", fontsize=9)
+    ax.set_ylabel(f"max over heads of rank@{percent}%", fontsize=9)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8, loc="best", frameon=False)
+    if not finite.size:
+        ax.text(0.5, 0.7, "no data", transform=ax.transAxes, ha="center", va="center",
+                color="grey")
+    ax.set_title(title or f"MaxRank@{percent}% per layer", fontsize=10)
+    return fig
+
+
+def max_rank_profile_for(snapshot: "Snapshot", *, title: str | None = None) -> Figure:
+    """:func:`max_rank_profile` of a snapshot."""
+    percent = _percent(snapshot.tau)
+    return max_rank_profile(
+        snapshot.max_rank_profile(),
+        layer_labels=[layer.tag for layer in snapshot.layers],
+        tau=snapshot.tau,
+        title=title or f"MaxRank@{percent}% per layer, step {snapshot.step}",
+    )
+
+
+def head_profiles(
+    rank: Any,
+    columns: Any,
+    *,
+    tau: float = 0.9,
+    title: str | None = None,
+    lazy: Any = None,
+) -> Figure:
+    """Per-head rank@tau and columns@tau of one layer, as grouped bars.
+
+    ``lazy`` (optional (H,) bools) marks collapsed heads: their labels are drawn red.
+    """
+    rank = _as_numpy(rank).reshape(-1)
+    columns = _as_numpy(columns).reshape(-1)
+    if rank.shape != columns.shape:
+        raise ValueError(f"rank {rank.shape} and columns {columns.shape} differ in head count")
+    heads = rank.shape[0]
+    percent = _percent(tau)
+
+    rotate = heads > 12
+    width = _clamp(2.2 + 0.38 * heads, 4.5, _MAX_WIDTH)
+    bottom = 0.85 if rotate else 0.6
+    fig = _new_figure(width, bottom + 2.2 + 0.35)
+    ax = _axes_at(fig, 0.7, bottom, width - 0.85, 2.2)
+    x = np.arange(heads)
+    width = 0.4
+    ax.bar(x - width / 2, np.nan_to_num(rank, nan=0.0), width, label=f"rank@{percent}%",
+           color="#3b528b")
+    ax.bar(x + width / 2, np.nan_to_num(columns, nan=0.0), width, label=f"columns@{percent}%",
+           color="#5ec962")
+    ax.axhline(1.0, color="#b2182b", linewidth=0.8, linestyle=":")
+    finite = np.concatenate([rank[np.isfinite(rank)], columns[np.isfinite(columns)]])
+    ax.set_ylim(0, max(2.0, float(finite.max()) * 1.12 if finite.size else 2.0))
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True, nbins=6))
+    ticks = _label_ticks(heads, 32)
+    ax.set_xticks(ticks, [f"H{h:02d}" for h in ticks], fontsize=7, rotation=90 if rotate else 0)
+    if heads:
+        ax.set_xlim(-0.6, heads - 0.4)
+    if lazy is not None:
+        lazy = np.asarray(lazy, dtype=bool).reshape(-1)
+        for label, h in zip(ax.get_xticklabels(), ticks):
+            if h < lazy.shape[0] and lazy[h]:
+                label.set_color("#b2182b")
+    ax.tick_params(axis="y", labelsize=8)
+    ax.set_xlabel("head" + (" (red: lazy)" if lazy is not None and lazy.any() else ""),
+                  fontsize=9)
+    ax.set_ylabel("mean over sequences", fontsize=9)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8, frameon=False, ncols=2, loc="upper right")
+    if title:
+        ax.set_title(title, fontsize=10)
+    return fig
+
+
+def head_profiles_for(snapshot: "Snapshot", layer: "str | int", *,
+                      title: str | None = None) -> Figure:
+    """:func:`head_profiles` of one layer of a snapshot (by name, tag ``"L07"`` or index)."""
+    summary = _find_layer(snapshot, layer)
+    has_data = np.asarray(summary.sequences) > 0
+    rank = np.where(has_data, summary.heads["rank"], np.nan)
+    columns = np.where(has_data, summary.heads["columns"], np.nan)
+    return head_profiles(
+        rank,
+        columns,
+        tau=snapshot.tau,
+        lazy=summary.lazy,
+        title=title or f"{summary.tag} {summary.name}, step {snapshot.step}",
+    )
+
+
+def attention_heatmaps(
+    attention: Any,
+    *,
+    heads: Sequence[int] | None = None,
+    title: str | None = None,
+    max_cols: int = 4,
+    shared_scale: bool = False,
+    max_tokens: int | None = None,
+    cmap: str = "magma",
+) -> Figure:
+    """Grid of per-head heatmaps of attention probabilities: key on x, query on y.
+
+    ``attention`` is ``(H, T, T)`` (or ``(T, T)`` for one head), a tensor or an array.
+    ``heads`` picks heads (default: all); ``max_tokens`` crops to the first queries and keys.
+    Each head gets its own colour scale from 0 and a colour bar, or, with ``shared_scale``,
+    one scale and one colour bar for all.
+    """
+    attention = _as_numpy(attention, np.float32)
+    if attention.ndim == 2:
+        attention = attention[None]
+    if attention.ndim != 3 or attention.shape[1] != attention.shape[2]:
+        raise ValueError(f"expected (heads, T, T) attention, got shape {attention.shape}")
+    if max_tokens is not None:
+        attention = attention[:, :max_tokens, :max_tokens]
+    num_heads, tokens = attention.shape[:2]
+    heads = list(range(num_heads)) if heads is None else [int(h) for h in heads]
+    if not heads:
+        raise ValueError("no heads to draw")
+    bad = [h for h in heads if not 0 <= h < num_heads]
+    if bad:
+        raise ValueError(f"heads {bad} out of range for {num_heads} heads")
+    if max_cols < 1:
+        raise ValueError(f"max_cols must be >= 1, got {max_cols}")
+
+    cols = min(max_cols, len(heads))
+    rows = math.ceil(len(heads) / cols)
+    # One panel: y tick labels and "query" | square image | colour bar and its labels; above it
+    # the head title, below it the x tick labels and "key".
+    pad_left, pad_bottom, pad_title = 0.5, 0.45, 0.28
+    pad_right = 0.2 if shared_scale else 0.62
+    shared_bar = 0.95 if shared_scale else 0.0
+    suptitle = 0.32 if title else 0.05
+    side = min(
+        1.8,
+        (_MAX_WIDTH - shared_bar) / cols - pad_left - pad_right,
+        (_MAX_HEIGHT - suptitle) / rows - pad_bottom - pad_title,
+    )
+    side = max(side, 0.6)
+    cell_w = pad_left + side + pad_right
+    cell_h = pad_title + side + pad_bottom
+    width = max(cols * cell_w + shared_bar, 2.6 if title else 0.0)
+    height = rows * cell_h + suptitle
+    fig = _new_figure(width, height)
+    colormap = _cmap(cmap)
+
+    def top(values: np.ndarray) -> float:
+        finite = values[np.isfinite(values)]
+        peak = float(finite.max()) if finite.size else 0.0
+        return peak if peak > 0 else 1.0
+
+    shared_vmax = top(attention[heads]) if shared_scale else None
+    locator_kwargs = {"integer": True, "nbins": 4, "min_n_ticks": 1}
+    image = None
+    for slot, head in enumerate(heads):
+        row, col = divmod(slot, cols)
+        x0 = col * cell_w + pad_left
+        y0 = height - suptitle - (row + 1) * cell_h + pad_bottom
+        ax = _axes_at(fig, x0, y0, side, side)
+        image = ax.imshow(
+            np.ma.masked_invalid(attention[head]),
+            cmap=colormap,
+            vmin=0.0,
+            vmax=shared_vmax if shared_scale else top(attention[head]),
+            interpolation="nearest",
+            aspect="auto",
+        )
+        ax.set_title(f"H{head:02d}", fontsize=9, pad=3)
+        ax.xaxis.set_major_locator(MaxNLocator(**locator_kwargs))
+        ax.yaxis.set_major_locator(MaxNLocator(**locator_kwargs))
+        ax.tick_params(labelsize=7, length=2, pad=1.5)
+        ax.set_xlabel("key", fontsize=8, labelpad=1)
+        if col == 0:
+            ax.set_ylabel("query", fontsize=8, labelpad=1)
+        if not shared_scale:
+            bar = fig.colorbar(image, cax=_axes_at(fig, x0 + side + 0.06, y0, 0.08, side))
+            bar.ax.tick_params(labelsize=6, length=2, pad=1.5)
+            bar.locator = MaxNLocator(nbins=4)
+            bar.update_ticks()
+    if shared_scale and image is not None:
+        grid_h = rows * cell_h - pad_bottom - pad_title
+        bar = fig.colorbar(image, cax=_axes_at(fig, cols * cell_w + 0.05, pad_bottom, 0.15,
+                                               grid_h))
+        bar.ax.tick_params(labelsize=7)
+        bar.set_label("attention probability", fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=10, y=1 - 0.06 / height, va="top")
+    return fig
+
+
+def figure_to_array(fig: Figure) -> np.ndarray:
+    """Render a figure to an ``(height, width, 3)`` uint8 RGB array (Agg; nothing is closed)."""
+    canvas = fig.canvas
+    if not isinstance(canvas, FigureCanvasAgg):
+        canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    rgba = np.asarray(canvas.buffer_rgba())
+    return np.ascontiguousarray(rgba[..., :3], dtype=np.uint8)

@@ -1,0 +1,187 @@
+"""Figures: structure of each plot, rendering to arrays, snapshot conveniences."""
+
+from __future__ import annotations
+
+import math
+
+import matplotlib._pylab_helpers as pylab_helpers
+import numpy as np
+import pytest
+import torch
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from attn_probe import plots
+from attn_probe.stats import HeadAccumulator, Snapshot
+
+
+def image_axes(fig: Figure):
+    return [ax for ax in fig.axes if ax.images and ax.get_title()]
+
+
+def make_snapshot(layers: int = 3, heads: int = 4, tokens: int = 6) -> Snapshot:
+    """Layer i has per-head rank i + 1 + head / 10 (every sequence alike); last layer no data."""
+    accumulator = HeadAccumulator()
+    names = [f"blocks.{i}.attn" for i in range(layers)]
+    for i, name in enumerate(names):
+        rank = torch.tensor([[i + 1 + h / 10 for h in range(heads)]] * 2, dtype=torch.float64)
+        if i == layers - 1:
+            rank[:] = -1  # non-finite attention in every sequence
+        accumulator.update(name, {
+            "rank": rank, "columns": rank + 1, "entropy": torch.ones_like(rank),
+            "sink": torch.full_like(rank, 0.5), "dominant": torch.zeros_like(rank),
+        })
+    attention = torch.softmax(torch.randn(heads, tokens, tokens), -1)
+    return Snapshot(step=5, tau=0.9, layers=accumulator.compute(names),
+                    samples={names[0]: attention})
+
+
+def test_figures_are_not_registered_with_pyplot():
+    before = pylab_helpers.Gcf.get_num_fig_managers()
+    fig = plots.collapse_map(np.ones((2, 2)))
+    assert isinstance(fig, Figure) and isinstance(fig.canvas, FigureCanvasAgg)
+    plots.figure_to_array(fig)
+    assert pylab_helpers.Gcf.get_num_fig_managers() == before
+
+
+def test_figure_to_array_shape_and_dtype():
+    fig = plots.max_rank_profile(np.array([4.0, 2.0, 1.0]))
+    array = plots.figure_to_array(fig)
+    width, height = fig.get_size_inches() * fig.dpi
+    assert array.dtype == np.uint8 and array.ndim == 3 and array.shape[2] == 3
+    assert array.shape[:2] == (round(height), round(width))
+    assert array.flags["C_CONTIGUOUS"]
+    # a bare Figure (no canvas attached by us) renders as well
+    bare = Figure(figsize=(2, 1), dpi=50)
+    bare.add_subplot().plot([0, 1])
+    assert plots.figure_to_array(bare).shape == (50, 100, 3)
+
+
+def test_collapse_map_small_grid_is_annotated():
+    values = np.array([[1.0, 2.5, np.nan], [4.0, 1.0, 12.0]])
+    fig = plots.collapse_map(values, layer_labels=["L00", "L01"], title="t", vmax=20)
+    assert len(fig.axes) == 2  # map and colour bar
+    ax = fig.axes[0]
+    assert ax.get_title() == "t"
+    assert [label.get_text() for label in ax.get_yticklabels()] == ["L00", "L01"]
+    assert [label.get_text() for label in ax.get_xticklabels()] == ["H00", "H01", "H02"]
+    texts = sorted(text.get_text() for text in ax.texts)
+    assert texts == sorted(["1.0", "2.5", "4.0", "1.0", "12.0"])  # no text in the NaN cell
+    image = ax.images[0]
+    assert image.norm.vmax == 20 and image.norm.vmin == 1.0
+    assert image.get_array().mask[0, 2]
+    assert plots.figure_to_array(fig).dtype == np.uint8
+
+
+def test_collapse_map_large_grid_not_annotated_and_capped():
+    fig = plots.collapse_map(np.random.default_rng(0).uniform(1, 50, (40, 64)))
+    assert len(fig.axes) == 2 and not fig.axes[0].texts
+    width, height = fig.get_size_inches()
+    assert width <= 12 + 1e-9 and height <= 12 + 1e-9
+    assert len(fig.axes[0].get_xticks()) <= 32
+
+
+def test_collapse_map_rejects_bad_labels():
+    with pytest.raises(ValueError):
+        plots.collapse_map(np.ones((2, 3)), layer_labels=["a"])
+
+
+def test_collapse_map_for_snapshot():
+    snapshot = make_snapshot()
+    fig = plots.collapse_map_for(snapshot)
+    ax = fig.axes[0]
+    assert len(fig.axes) == 2
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["L00", "L01", "L02"]
+    values = ax.images[0].get_array()
+    np.testing.assert_allclose(values[0], [1.0, 1.1, 1.2, 1.3])
+    np.testing.assert_allclose(values[1], [2.0, 2.1, 2.2, 2.3])
+    assert values.mask[2].all()  # the layer without data is grey
+    assert "rank@90%" in ax.get_title() and "5" in ax.get_title()
+    columns = plots.collapse_map_for(snapshot, "columns")
+    np.testing.assert_allclose(columns.axes[0].images[0].get_array()[0], [2.0, 2.1, 2.2, 2.3])
+
+
+def test_max_rank_profile():
+    fig = plots.max_rank_profile(np.array([6.0, np.nan, 1.0]), layer_labels=["a", "b", "c"],
+                                 tau=0.95, title="profile")
+    assert len(fig.axes) == 1
+    ax = fig.axes[0]
+    line = ax.lines[0]
+    np.testing.assert_array_equal(line.get_xdata(), [0, 1, 2])
+    np.testing.assert_array_equal(line.get_ydata(), [6.0, np.nan, 1.0])
+    assert line.get_marker() == "o"
+    assert ax.get_ylim()[0] == 0 and ax.get_ylim()[1] >= 6
+    assert all(float(t).is_integer() for t in ax.get_yticks())
+    assert "95" in ax.get_ylabel() and ax.get_title() == "profile"
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["a", "b", "c"]
+    empty = plots.max_rank_profile(np.full(2, np.nan))
+    assert any(t.get_text() == "no data" for t in empty.axes[0].texts)
+
+
+def test_max_rank_profile_for_snapshot():
+    snapshot = make_snapshot()
+    fig = plots.max_rank_profile_for(snapshot)
+    ydata = fig.axes[0].lines[0].get_ydata()
+    np.testing.assert_allclose(ydata[:2], [1.3, 2.3])
+    assert math.isnan(ydata[2])
+
+
+def test_head_profiles():
+    rank = np.array([1.0, 3.0, np.nan])
+    fig = plots.head_profiles(rank, rank + 1, title="L00", lazy=[True, False, False])
+    assert len(fig.axes) == 1
+    ax = fig.axes[0]
+    assert len(ax.patches) == 6  # a rank bar and a columns bar per head
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["H00", "H01", "H02"]
+    assert ax.get_xticklabels()[0].get_color() != ax.get_xticklabels()[1].get_color()
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert labels == ["rank@90%", "columns@90%"]
+    with pytest.raises(ValueError):
+        plots.head_profiles(np.ones(2), np.ones(3))
+
+
+def test_head_profiles_for_snapshot():
+    snapshot = make_snapshot()
+    for key in ("blocks.1.attn", "L01", 1):
+        fig = plots.head_profiles_for(snapshot, key)
+        heights = [bar.get_height() for bar in fig.axes[0].patches]
+        np.testing.assert_allclose(heights[:4], [2.0, 2.1, 2.2, 2.3])
+    with pytest.raises(KeyError):
+        plots.head_profiles_for(snapshot, "nope")
+
+
+def test_attention_heatmaps_grid():
+    attention = torch.softmax(torch.randn(6, 5, 5), -1)
+    fig = plots.attention_heatmaps(attention, title="L00", max_cols=4)
+    panels = image_axes(fig)
+    assert [ax.get_title() for ax in panels] == [f"H{h:02d}" for h in range(6)]
+    assert len(fig.axes) == 12  # a colour bar per head (own colour scale)
+    np.testing.assert_allclose(panels[2].images[0].get_array(), attention[2].numpy(), rtol=1e-6)
+    assert panels[2].images[0].norm.vmax == pytest.approx(float(attention[2].max()))
+    # two rows of panels: the fifth panel sits below the first
+    assert panels[4].get_position().y0 < panels[0].get_position().y0
+    assert panels[4].get_position().x0 == pytest.approx(panels[0].get_position().x0)
+
+
+def test_attention_heatmaps_subset_shared_scale_and_crop():
+    attention = np.random.default_rng(0).dirichlet(np.ones(30), size=(4, 30))
+    fig = plots.attention_heatmaps(attention, heads=[3, 1], shared_scale=True, max_tokens=10)
+    panels = image_axes(fig)
+    assert [ax.get_title() for ax in panels] == ["H03", "H01"]
+    assert len(fig.axes) == 3  # one shared colour bar
+    assert panels[0].images[0].get_array().shape == (10, 10)
+    assert panels[0].images[0].norm.vmax == panels[1].images[0].norm.vmax
+    with pytest.raises(ValueError):
+        plots.attention_heatmaps(attention, heads=[4])
+    with pytest.raises(ValueError):
+        plots.attention_heatmaps(np.ones((2, 3, 4)))
+
+
+def test_attention_heatmaps_single_head_single_token():
+    for attention in (torch.ones(1, 1, 1, requires_grad=True), np.ones((1, 1))):
+        fig = plots.attention_heatmaps(attention, title="T=1")
+        assert [ax.get_title() for ax in image_axes(fig)] == ["H00"]
+        array = plots.figure_to_array(fig)
+        assert array.dtype == np.uint8 and array.shape[2] == 3 and array.std() > 0
+    zeros = plots.attention_heatmaps(np.zeros((1, 3, 3)))  # a blank head still has a scale
+    assert image_axes(zeros)[0].images[0].norm.vmax == 1.0

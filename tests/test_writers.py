@@ -1,0 +1,443 @@
+"""TensorBoardWriter: snapshots written to event files, read back and checked."""
+
+from __future__ import annotations
+
+import io
+import math
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from tensorboard.backend.event_processing import event_file_loader
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.compat.proto import event_pb2
+from tensorboard.plugins.custom_scalar import layout_pb2
+from torch.utils.tensorboard import SummaryWriter
+
+from attn_probe import plots
+from attn_probe.stats import HeadAccumulator, Snapshot
+from attn_probe.writers import TensorBoardWriter
+
+NAMES = ("encoder.0.attn", "encoder.1.attn", "encoder.2.attn", "encoder.3.attn")
+HEADS = 4
+TOKENS = 8
+STEPS = (0, 50, 100)
+SIZE = {"scalars": 0, "images": 0, "tensors": 0}
+TOL = 1e-6
+
+
+# ----------------------------------------------------------------------- building snapshots
+
+
+def reference_metrics(attention: np.ndarray, tau: float = 0.9) -> dict[str, np.ndarray]:
+    """Per-head metrics of one sequence's (H, T, T) attention, computed here from scratch."""
+    out = {name: [] for name in ("rank", "columns", "entropy", "sink", "dominant")}
+    for head in attention.astype(np.float64):
+        energy = np.sort(np.linalg.svd(head, compute_uv=False) ** 2)[::-1]
+        out["rank"].append(int(np.searchsorted(np.cumsum(energy) / energy.sum(), tau - 1e-12)) + 1)
+        mass = (head**2).sum(0)
+        ordered = np.sort(mass)[::-1]
+        out["columns"].append(
+            int(np.searchsorted(np.cumsum(ordered) / ordered.sum(), tau - 1e-12)) + 1
+        )
+        with np.errstate(divide="ignore", invalid="ignore"):
+            logs = np.where(head > 0, np.log(head), 0.0)
+        out["entropy"].append(float(-(head * logs).sum(-1).mean()))
+        out["sink"].append(float(head[:, 0].mean()))
+        out["dominant"].append(int(np.argmax(mass)))
+    return {name: np.array(values) for name, values in out.items()}
+
+
+def constructed_attention(tokens: int = TOKENS) -> np.ndarray:
+    """Four heads with known structure: all-to-first-key, identity, causal uniform, local."""
+    sink = np.zeros((tokens, tokens))
+    sink[:, 0] = 1.0
+    identity = np.eye(tokens)
+    causal = np.tril(np.ones((tokens, tokens)))
+    causal /= causal.sum(-1, keepdims=True)
+    local = np.eye(tokens) * 0.5 + np.eye(tokens, k=-1) * 0.5
+    local[0, 0] = 1.0
+    return np.stack([sink, identity, causal, local]).astype(np.float32)
+
+
+def random_batch(rng: np.random.Generator, sequences: int, nonfinite: float = 0.0) -> dict:
+    """(B, H) per-sequence metrics; a ``nonfinite`` share of entries get rank -1."""
+    rank = rng.integers(1, TOKENS + 1, (sequences, HEADS)).astype(np.float64)
+    rank[rng.random((sequences, HEADS)) < nonfinite] = -1
+    return {
+        "rank": rank,
+        "columns": np.where(rank > 0, rng.integers(1, TOKENS + 1, rank.shape), 0.0),
+        "entropy": rng.uniform(0, math.log(TOKENS), rank.shape),
+        "sink": rng.uniform(0, 1, rank.shape),
+        "dominant": rng.integers(0, 3, rank.shape),
+    }
+
+
+def expected_layer(batches: list[dict]) -> dict[str, np.ndarray]:
+    """Per-head means over finite sequences, and counts, straight from the inputs."""
+    merged = {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
+    finite = merged["rank"] >= 0
+    count = finite.sum(0)
+    out = {"count": count, "nonfinite": (~finite).sum(0)}
+    for key, values in (
+        ("rank", merged["rank"]),
+        ("columns", merged["columns"]),
+        ("entropy", merged["entropy"]),
+        ("sink", merged["sink"]),
+        ("first_key_dominant", (merged["dominant"] == 0).astype(np.float64)),
+    ):
+        total = np.where(finite, values, 0.0).sum(0)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            out[key] = np.where(count > 0, total / np.maximum(count, 1), np.nan)
+    return out
+
+
+def to_tensors(batch: dict) -> dict[str, torch.Tensor]:
+    return {k: torch.as_tensor(np.asarray(v)) for k, v in batch.items()}
+
+
+def build_run(seed: int = 0, tau: float = 0.9):
+    """Three snapshots (with their expected per-head means) from a real HeadAccumulator.
+
+    Layer 0 is fed metrics of constructed attention matrices (its sample is that attention);
+    layers 1-3 random metrics, layer 2 with some non-finite sequences; at the last step layer 1
+    has no finite sequence at all.
+    """
+    rng = np.random.default_rng(seed)
+    attention = constructed_attention()
+    known = reference_metrics(attention, tau)
+    accumulator = HeadAccumulator()
+    snapshots, expected = [], []
+    for position, step in enumerate(STEPS):
+        per_layer = {}
+        for index, name in enumerate(NAMES):
+            if index == 0:
+                batch = {k: np.repeat(v[None], 2 + position, 0) for k, v in known.items()}
+                batches = [batch]
+            elif index == 1 and position == 2:
+                batch = random_batch(rng, 3)
+                batch["rank"][:] = -1
+                batches = [batch]
+            else:
+                # two forward passes of the measured step, summed by the accumulator
+                share = 0.3 if index == 2 else 0.0
+                batches = [random_batch(rng, 3, share), random_batch(rng, 2, share)]
+            for batch in batches:
+                accumulator.update(name, to_tensors(batch))
+            per_layer[name] = expected_layer(batches)
+        samples = {
+            NAMES[0]: torch.from_numpy(attention),
+            NAMES[-1]: torch.softmax(torch.from_numpy(rng.normal(size=(HEADS, TOKENS, TOKENS))),
+                                     -1).float(),
+        }
+        snapshots.append(
+            Snapshot(step=step, tau=tau, layers=accumulator.compute(NAMES), samples=samples)
+        )
+        expected.append(per_layer)
+        accumulator.reset()
+    return snapshots, expected
+
+
+def expected_scalars(expected: list[dict], tau: float = 0.9, per_head: bool = True) -> dict:
+    """tag -> {step: value} of everything the writer should log."""
+    p = round(tau * 100)
+    out: dict[str, dict[int, float]] = {}
+
+    def put(tag, step, value):
+        if not math.isnan(value):
+            out.setdefault(tag, {})[step] = value
+
+    for step, per_layer in zip(STEPS, expected):
+        for index, name in enumerate(NAMES):
+            e, tag = per_layer[name], f"L{index:02d}"
+            has = e["count"] > 0
+            for metric in ("rank", "columns"):
+                values = e[metric][has]
+                for how, fn in (("max", np.max), ("mean", np.mean), ("min", np.min)):
+                    value = float(fn(values)) if has.any() else math.nan
+                    put(f"{metric}{p}/{how}/{tag}", step, value)
+                if per_head:
+                    for head in np.flatnonzero(has):
+                        put(f"{metric}{p}/head/{tag}/H{head:02d}", step, float(e[metric][head]))
+            for metric in ("entropy", "sink", "first_key_dominant"):
+                put(f"{metric}/mean/{tag}", step,
+                    float(e[metric][has].mean()) if has.any() else math.nan)
+            lazy = (e["rank"][has] <= 1.5) & (e["columns"][has] <= 1.5)
+            put(f"lazy_share/{tag}", step, float(lazy.mean()) if has.any() else math.nan)
+            if e["nonfinite"].max() > 0:
+                put(f"nonfinite/{tag}", step, float(e["nonfinite"].max()))
+    return out
+
+
+def load(path: Path) -> EventAccumulator:
+    accumulator = EventAccumulator(str(path), size_guidance=SIZE)
+    accumulator.Reload()
+    return accumulator
+
+
+def events(path: Path):
+    """Every Event of the event files under ``path``, read from the raw records."""
+    for file in sorted(path.glob("events.out.tfevents.*")):
+        for record in event_file_loader.RawEventFileLoader(str(file)).Load():
+            event = event_pb2.Event()
+            event.ParseFromString(record)
+            yield event
+
+
+# ------------------------------------------------------------------------- shared run
+
+
+@pytest.fixture(scope="module")
+def run():
+    return build_run()
+
+
+@pytest.fixture(scope="module")
+def scalar_log(run, tmp_path_factory):
+    """The three snapshots written without images, per_head on (owned writer)."""
+    snapshots, _ = run
+    path = tmp_path_factory.mktemp("scalars")
+    with TensorBoardWriter(log_dir=str(path)) as writer:
+        for snapshot in snapshots:
+            writer.write(snapshot, images=False)
+    return path, load(path)
+
+
+@pytest.fixture(scope="module")
+def image_log(run, tmp_path_factory):
+    """The first two snapshots written with images, into a user's SummaryWriter."""
+    snapshots, _ = run
+    path = tmp_path_factory.mktemp("images")
+    user = SummaryWriter(log_dir=str(path))
+    writer = TensorBoardWriter(user, per_head=False)
+    for snapshot in snapshots[:2]:
+        writer.write(snapshot)
+    writer.close()
+    user.close()
+    return path, load(path)
+
+
+# --------------------------------------------------------------------------------- tests
+
+
+def test_reference_metrics_of_constructed_attention():
+    known = reference_metrics(constructed_attention())
+    # all-to-first-key is rank 1 on one column; identity needs 90% of its T equal directions
+    assert known["rank"][0] == 1 and known["columns"][0] == 1
+    assert known["rank"][1] == math.ceil(0.9 * TOKENS) == known["columns"][1]
+    assert known["dominant"][0] == 0 and known["sink"][0] == 1.0
+
+
+def test_scalar_tags_steps_and_values(run, scalar_log):
+    _, expected = run
+    _, log = scalar_log
+    want = expected_scalars(expected)
+    assert set(log.Tags()["scalars"]) == set(want)
+    for tag, by_step in want.items():
+        events = log.Scalars(tag)
+        assert [e.step for e in events] == sorted(by_step), tag
+        for event in events:
+            assert event.value == pytest.approx(by_step[event.step], abs=TOL), (tag, event.step)
+
+
+def test_expected_tag_names(scalar_log):
+    tags = set(scalar_log[1].Tags()["scalars"])
+    for how in ("max", "mean", "min"):
+        assert {f"rank90/{how}/L00", f"columns90/{how}/L03"} <= tags
+    assert {
+        "entropy/mean/L00", "sink/mean/L02", "first_key_dominant/mean/L03", "lazy_share/L00",
+        "rank90/head/L00/H03", "columns90/head/L03/H00", "nonfinite/L02",
+    } <= tags
+    # layer 0 (constructed attention) and layer 3 never saw a non-finite sequence
+    assert "nonfinite/L00" not in tags and "nonfinite/L03" not in tags
+
+
+def test_constructed_attention_layer_values(scalar_log):
+    log = scalar_log[1]
+    known = reference_metrics(constructed_attention())
+    assert [e.value for e in log.Scalars("rank90/min/L00")] == [1.0] * len(STEPS)
+    assert log.Scalars("rank90/max/L00")[0].value == known["rank"].max()
+    assert log.Scalars("rank90/head/L00/H01")[0].value == math.ceil(0.9 * TOKENS)
+    # only the all-to-first-key head is lazy: one head in four
+    assert log.Scalars("lazy_share/L00")[0].value == pytest.approx(0.25, abs=TOL)
+    assert log.Scalars("sink/mean/L00")[0].value == pytest.approx(known["sink"].mean(), abs=TOL)
+
+
+def test_layer_without_data_writes_only_nonfinite(scalar_log):
+    log = scalar_log[1]
+    # at the last step layer 1 had three sequences, all non-finite
+    assert [e.step for e in log.Scalars("rank90/max/L01")] == list(STEPS[:2])
+    assert [e.step for e in log.Scalars("lazy_share/L01")] == list(STEPS[:2])
+    nonfinite = log.Scalars("nonfinite/L01")
+    assert [(e.step, e.value) for e in nonfinite] == [(STEPS[2], 3.0)]
+    for tag in log.Tags()["scalars"]:
+        assert all(math.isfinite(e.value) for e in log.Scalars(tag)), tag
+
+
+def test_per_head_off(run, tmp_path):
+    snapshots, expected = run
+    with TensorBoardWriter(log_dir=str(tmp_path), per_head=False) as writer:
+        for snapshot in snapshots:
+            writer.write(snapshot, images=False)
+    tags = set(load(tmp_path).Tags()["scalars"])
+    assert tags == set(expected_scalars(expected, per_head=False))
+    assert not [tag for tag in tags if "/head/" in tag]
+
+
+def test_tau_sets_tag_percent(tmp_path):
+    snapshots, _ = build_run(seed=1, tau=0.8)
+    with TensorBoardWriter(log_dir=str(tmp_path), per_head=False, heatmap_heads={}) as writer:
+        writer.write(snapshots[0])
+    tags = load(tmp_path).Tags()
+    assert "rank80/max/L00" in tags["scalars"] and "columns80/min/L03" in tags["scalars"]
+    assert not [tag for tag in tags["scalars"] if tag.startswith("rank90")]
+    assert {"collapse_map/rank80", "profile/max_rank80"} <= set(tags["images"])
+
+
+def test_custom_scalars_layout_written_once(run, scalar_log):
+    path, log = scalar_log
+    assert "custom_scalars__config__" in log.Tags()["tensors"]
+    configs = [
+        value
+        for event in events(path)
+        for value in event.summary.value
+        if value.metadata.plugin_data.plugin_name == "custom_scalars"
+    ]
+    assert len(configs) == 1  # three writes, one layout
+    layout = layout_pb2.Layout()
+    layout.ParseFromString(configs[0].tensor.string_val[0])
+    categories = {category.title: category for category in layout.category}
+    assert "attn_probe" in categories
+    charts = {chart.title: list(chart.multiline.tag) for chart in categories["attn_probe"].chart}
+    assert charts["rank90 max over heads"] == [r"rank90/max/L\d+"]
+    scalar_tags = log.Tags()["scalars"]
+    for metric in ("rank90", "columns90"):
+        for how in ("max", "mean", "min"):
+            (regex,) = charts[f"{metric} {how} over heads"]
+            matched = {tag for tag in scalar_tags if re.fullmatch(regex, tag)}
+            assert matched == {f"{metric}/{how}/L{i:02d}" for i in range(len(NAMES))}
+    for metric in ("entropy", "sink", "first_key_dominant"):
+        (regex,) = charts[f"{metric} mean over heads"]
+        assert sum(bool(re.fullmatch(regex, tag)) for tag in scalar_tags) == len(NAMES)
+    per_head = {c.title: list(c.multiline.tag) for c in categories["attn_probe per head"].chart}
+    (regex,) = per_head["rank90 L02"]
+    assert sum(bool(re.fullmatch(regex, tag)) for tag in scalar_tags) == HEADS
+
+
+def test_empty_snapshot_and_layout_off(tmp_path):
+    with TensorBoardWriter(log_dir=str(tmp_path), custom_scalars=False) as writer:
+        writer.write(Snapshot(step=1, tau=0.9, layers=()))
+        assert "TensorBoardWriter" in repr(writer)
+    tags = load(tmp_path).Tags()
+    assert tags["scalars"] == [] and tags["images"] == [] and tags["tensors"] == []
+
+
+def test_images_tags_steps_and_png_shapes(run, image_log):
+    snapshots, _ = run
+    _, log = image_log
+    images = set(log.Tags()["images"])
+    assert images == {"collapse_map/rank90", "profile/max_rank90", "attention/L00",
+                      "attention/L03"}
+    first = snapshots[0]
+    shapes = {
+        "collapse_map/rank90": plots.figure_to_array(plots.collapse_map_for(first)).shape,
+        "profile/max_rank90": plots.figure_to_array(plots.max_rank_profile_for(first)).shape,
+        "attention/L00": plots.figure_to_array(
+            plots.attention_heatmaps(first.samples[NAMES[0]], heads=range(4), title="t")
+        ).shape,
+    }
+    shapes["attention/L03"] = shapes["attention/L00"]
+    for tag in images:
+        events = log.Images(tag)
+        assert [e.step for e in events] == list(STEPS[:2])
+        for event in events:
+            picture = Image.open(io.BytesIO(event.encoded_image_string))
+            assert picture.format == "PNG"
+            pixels = np.asarray(picture.convert("RGB"))
+            assert pixels.shape == shapes[tag] == (event.height, event.width, 3), tag
+            assert pixels.std() > 0  # not a blank canvas
+    # the user's writer got no per-head scalars (per_head=False) but all the rest
+    assert "rank90/max/L00" in log.Tags()["scalars"]
+    assert not [tag for tag in log.Tags()["scalars"] if "/head/" in tag]
+
+
+def test_heatmap_choice_and_crop(run, tmp_path, monkeypatch):
+    snapshots, _ = run
+    long = torch.softmax(torch.randn(HEADS, 40, 40), -1)
+    snapshot = Snapshot(
+        step=7, tau=0.9, layers=snapshots[0].layers,
+        samples={NAMES[0]: long, NAMES[2]: long, NAMES[3]: long},
+    )
+    drawn = []
+    original = plots.attention_heatmaps
+
+    def spy(attention, **kwargs):
+        figure = original(attention, **kwargs)
+        drawn.append([ax.images[0].get_array().shape for ax in figure.axes if ax.images])
+        return figure
+
+    monkeypatch.setattr(plots, "attention_heatmaps", spy)
+    choice = {"encoder.2.attn": [1, 99], "L00": [3], -1: [0, 2], "not.a.layer": [0], 1: [0]}
+    with TensorBoardWriter(log_dir=str(tmp_path), heatmap_heads=choice,
+                           max_heatmap_tokens=16) as writer:
+        writer.write(snapshot)
+    # layer 1 has no sample; head 99 does not exist; unknown names are skipped
+    assert set(load(tmp_path).Tags()["images"]) == {
+        "collapse_map/rank90", "profile/max_rank90", "attention/L00", "attention/L02",
+        "attention/L03",
+    }
+    assert drawn == [[(16, 16)], [(16, 16)], [(16, 16)] * 2]
+
+
+def test_images_off_and_no_heatmaps(run, tmp_path):
+    snapshots, _ = run
+    with TensorBoardWriter(log_dir=str(tmp_path / "off")) as writer:
+        writer.write(snapshots[0], images=False)
+    assert load(tmp_path / "off").Tags()["images"] == []
+    with TensorBoardWriter(log_dir=str(tmp_path / "none"), heatmap_heads={}) as writer:
+        writer.write(snapshots[0])
+    assert set(load(tmp_path / "none").Tags()["images"]) == {
+        "collapse_map/rank90", "profile/max_rank90"}
+
+
+def test_user_writer_is_flushed_not_closed(run, tmp_path):
+    snapshots, _ = run
+    user = SummaryWriter(log_dir=str(tmp_path))
+    with TensorBoardWriter(user) as writer:
+        writer.write(snapshots[0], images=False)
+    assert user.file_writer is not None and user.all_writers is not None
+    # flushed on close: readable while the user's writer is still open
+    assert "rank90/max/L00" in load(tmp_path).Tags()["scalars"]
+    user.add_scalar("user/after", 1.5, 3)
+    user.close()
+    assert len(list(tmp_path.glob("events.out.tfevents.*"))) == 1  # never reopened
+    log = load(tmp_path)
+    assert [(e.step, e.value) for e in log.Scalars("user/after")] == [(3, 1.5)]
+
+
+def test_owned_writer_closed_and_complete(run, tmp_path):
+    snapshots, expected = run
+    writer = TensorBoardWriter(log_dir=str(tmp_path), per_head=False, heatmap_heads={})
+    for snapshot in snapshots:
+        writer.write(snapshot, images=False)
+    writer.close()
+    assert writer.writer.all_writers is None  # the SummaryWriter it made is closed
+    writer.close()  # idempotent
+    with pytest.raises(RuntimeError):
+        writer.write(snapshots[0])
+    log = load(tmp_path)
+    want = expected_scalars(expected, per_head=False)
+    assert set(log.Tags()["scalars"]) == set(want)
+    assert all(len(log.Scalars(tag)) == len(steps) for tag, steps in want.items())
+
+
+def test_writer_and_log_dir_exclusive(tmp_path):
+    user = SummaryWriter(log_dir=str(tmp_path))
+    try:
+        with pytest.raises(ValueError):
+            TensorBoardWriter(user, log_dir=str(tmp_path))
+    finally:
+        user.close()
