@@ -1,0 +1,264 @@
+"""AttentionProbe: watch attention collapse during training and log it.
+
+>>> with attn_probe.AttentionProbe(model, log_dir="runs/exp1", every=100) as probe:
+...     for batch in loader:
+...         loss = train_step(model, batch)
+...         probe.step()
+
+Step ``s`` is the work between the ``s``-th and ``s+1``-th call of :meth:`AttentionProbe.step`
+(counting from 0), or the ``global_step`` the caller passes. On a sampled step (0, every,
+2·every, ...) each monitored module's *first* forward call is measured; later calls in the same
+step (gradient accumulation, evaluation, activation recomputation) are not. The measurement is
+logged at step ``s`` when ``step()`` closes it, so it lines up with the loss of that step. On
+other steps every hook returns at once.
+
+Data flow: hooks (:mod:`.capture`) -> attention A -> :func:`.metrics.head_metrics` ->
+:class:`.stats.HeadAccumulator` (sums and counts, reduced across processes) -> :class:`Snapshot`
+-> writers and the collapse callback.
+
+``torch.compile``: hooks cannot see inside a compiled graph, so on sampled steps the probe sets
+``torch.compiler.set_stance("force_eager")`` until the step closes: the sampled step runs
+eagerly, every other step runs the compiled code untouched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from typing import Callable, Mapping, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from . import distributed
+from .capture import ModuleSelector, plan_sites
+from .capture.recorder import Recorder
+from .metrics import head_metrics
+from .stats import CollapseRule, HeadAccumulator, LayerSummary, Snapshot
+
+CollapseCallback = Callable[[LayerSummary, int, Snapshot], None]
+
+
+class AttentionProbe:
+    """Measures rank@tau and columns@tau of every attention head on sampled training steps.
+
+    Args:
+        model: the model to watch (never modified: its outputs and gradients stay identical).
+        log_dir: make a TensorBoard ``SummaryWriter`` there (written by process 0 only).
+        writer: or log into your own ``SummaryWriter`` (flushed, never closed, by the probe).
+        every: sample steps 0, every, 2·every, ...
+        tau: energy / mass share for rank@tau and columns@tau (the paper uses 0.9).
+        max_sequences, max_tokens: per sampled forward pass, measure the first sequences of the
+            batch, cropped to the first tokens (exact for causal attention).
+        modules: which modules to watch (None: every attention module; names, globs, predicate).
+        strategy: "auto", "intercept" or "adapter" (see :func:`attn_probe.capture`).
+        per_head: log per-head scalars as well as per-layer ones.
+        images_every: write pictures on sampled steps that are multiples of this (default
+            ``10 * every``); 0 disables pictures.
+        heatmaps: layer -> heads whose attention heatmaps are drawn (default: first and last
+            layer, heads 0-3); see :class:`~attn_probe.writers.TensorBoardWriter`.
+        rule: when a head and a layer count as lazy (collapsed).
+        on_collapse: ``fn(layer_summary, step, snapshot)`` called once when a layer turns lazy.
+        history: keep every snapshot in :attr:`history` (pictures' samples are not kept).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        log_dir: str | None = None,
+        writer=None,
+        every: int = 100,
+        tau: float = 0.9,
+        max_sequences: int = 1,
+        max_tokens: int = 256,
+        modules: ModuleSelector = None,
+        strategy: str = "auto",
+        per_head: bool = True,
+        images_every: int | None = None,
+        heatmaps: Mapping[str | int, Sequence[int]] | None = None,
+        heatmap_tokens: int = 64,
+        rule: CollapseRule = CollapseRule(),
+        on_collapse: CollapseCallback | None = None,
+        history: bool = True,
+    ) -> None:
+        if not isinstance(every, int) or every < 1:
+            raise ValueError(f"every must be a positive int (sample every k-th step), got {every!r}")
+        if not 0 < tau <= 1:
+            raise ValueError(f"tau must be in (0, 1], got {tau!r}")
+        for name, value in (("max_sequences", max_sequences), ("max_tokens", max_tokens)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if log_dir is not None and writer is not None:
+            raise ValueError("pass log_dir (the probe makes a SummaryWriter) or writer, not both")
+        self.model, self.every, self.tau = model, every, float(tau)
+        self.images_every = 10 * every if images_every is None else int(images_every)
+        self.rule, self.on_collapse, self.keep_history = rule, on_collapse, history
+        self.heatmap_tokens = heatmap_tokens
+        self.sites = plan_sites(model, modules, strategy)
+        self._recorder = Recorder(
+            self.sites, self._measure, max_sequences=max_sequences, max_tokens=max_tokens,
+            strict=False,
+        )
+        self._accumulator = HeadAccumulator()
+        self._samples: dict[str, Tensor] = {}
+        self._writer_args = dict(
+            writer=writer, log_dir=log_dir, per_head=per_head, heatmap_heads=heatmaps,
+            max_heatmap_tokens=heatmap_tokens,
+        )
+        self._writer = None
+        self._eager: contextlib.ExitStack | None = None  # force_eager while sampling
+        self._next = 0  # the step the coming forward passes belong to
+        self._lazy: set[str] = set()
+        self._warned_nonfinite = False
+        self.history: list[Snapshot] = []
+        self.last: Snapshot | None = None
+
+    # lifecycle ---------------------------------------------------------------------------
+    def attach(self, step: int | None = None) -> "AttentionProbe":
+        """Install the hooks (and the writer, on process 0). Idempotent.
+
+        ``step``: the number of the step the coming forward passes belong to (default: where
+        the counter stands, 0 for a new probe), e.g. the global step when resuming a run.
+        """
+        if step is not None:
+            self._next = int(step)
+        if self._recorder.attached:
+            self._arm_for(self._next)
+            return self
+        if self._writer is None and distributed.is_main_process() and (
+            self._writer_args["writer"] is not None or self._writer_args["log_dir"] is not None
+        ):
+            from .writers import TensorBoardWriter
+
+            self._writer = TensorBoardWriter(**self._writer_args)
+        self._recorder.attach()
+        self._arm_for(self._next)
+        return self
+
+    def detach(self, *, collective: bool = True) -> None:
+        """Log what was measured and not yet logged, remove every hook, flush and close.
+
+        Under torch.distributed every process must call it (it joins the reduction of an open
+        sampled step); pass ``collective=False`` after an exception, when other processes may
+        never get there: the open step is then logged from this process's sequences alone.
+        """
+        collective = collective and distributed.is_distributed()
+        try:
+            if self._recorder.armed and (self._accumulator or collective):
+                self._publish(self._next, reduce=collective)
+        finally:
+            self._recorder.detach()
+            self._leave_eager()
+            if self._writer is not None:
+                self._writer.close()
+                self._writer = None
+
+    @property
+    def attached(self) -> bool:
+        return self._recorder.attached
+
+    def __enter__(self) -> "AttentionProbe":
+        return self.attach()
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        # After an exception other processes may not reach a collective: log locally only.
+        self.detach(collective=exc_type is None)
+
+    # the schedule ------------------------------------------------------------------------
+    def is_sampled(self, step: int) -> bool:
+        return step % self.every == 0
+
+    def step(self, global_step: int | None = None) -> Snapshot | None:
+        """Close the current step (log what it measured) and open the next one.
+
+        ``global_step``: the number of the step being closed, if you count steps yourself;
+        the next step is then ``global_step + 1``. Returns the step's snapshot, if sampled.
+        """
+        current = self._next if global_step is None else int(global_step)
+        snapshot = None
+        if self._recorder.armed:  # the same on every process: the schedule decides it
+            snapshot = self._publish(current, reduce=True)
+        self._next = current + 1
+        self._arm_for(self._next)
+        return snapshot
+
+    def _arm_for(self, step: int) -> None:
+        if not self._recorder.attached:
+            return
+        if self.is_sampled(step):
+            self._recorder.arm()
+            if self._eager is None and hasattr(torch.compiler, "set_stance"):
+                self._eager = contextlib.ExitStack()
+                self._eager.enter_context(torch.compiler.set_stance("force_eager"))
+        else:
+            self._recorder.disarm()
+            self._leave_eager()
+
+    def _leave_eager(self) -> None:
+        if self._eager is not None:
+            self._eager.close()
+            self._eager = None
+
+    def _images_due(self, step: int) -> bool:
+        return self.images_every > 0 and step % self.images_every == 0
+
+    # measuring ---------------------------------------------------------------------------
+    def _measure(self, name: str, attention: Tensor) -> None:
+        """Sink of the hooks: one module's attention (B, H, T, T) at a sampled step."""
+        try:
+            self._accumulator.update(name, head_metrics(attention, self.tau))
+            if self._images_due(self._next) and self._writer is not None:
+                t = self.heatmap_tokens
+                self._samples[name] = attention[0, :, :t, :t].float().cpu()
+        except Exception as error:  # measuring must never stop training
+            warnings.warn(f"attn_probe: could not measure {name!r}: {error}", stacklevel=2)
+
+    def _publish(self, step: int, *, reduce: bool) -> Snapshot | None:
+        self._recorder.disarm()
+        if reduce and distributed.is_distributed():
+            self._accumulator.reduce(distributed.all_gather_object)
+        layers = self._accumulator.compute([s.name for s in self.sites], self.rule)
+        samples, self._samples = self._samples, {}
+        self._accumulator.reset()
+        if not layers:
+            return None
+        snapshot = Snapshot(step=step, tau=self.tau, layers=layers, samples=samples)
+        self.last = snapshot
+        if self.keep_history:
+            self.history.append(Snapshot(step=step, tau=self.tau, layers=layers))
+        if not distributed.is_main_process():
+            return snapshot
+        if self._writer is not None:
+            self._writer.write(snapshot, images=self._images_due(step) and bool(samples))
+            self._writer.flush()
+        self._check(snapshot)
+        return snapshot
+
+    def _check(self, snapshot: Snapshot) -> None:
+        if snapshot.has_nonfinite and not self._warned_nonfinite:
+            self._warned_nonfinite = True
+            bad = [l.name for l in snapshot.layers if l.nonfinite.sum()]
+            warnings.warn(
+                f"attn_probe: step {snapshot.step}: attention with NaN or Inf entries in "
+                f"{', '.join(bad)}; those sequences are left out of the figures and counted "
+                "under nonfinite/<layer>",
+                stacklevel=3,
+            )
+        for layer in snapshot.layers:
+            if layer.is_lazy and layer.name not in self._lazy:
+                self._lazy.add(layer.name)
+                warnings.warn(
+                    f"attn_probe: layer {layer.name} ({layer.tag}) collapsed at step "
+                    f"{snapshot.step}: max rank@{self.tau:g} {layer.reduce('rank', 'max'):.2f}, "
+                    f"max columns@{self.tau:g} {layer.reduce('columns', 'max'):.2f}, "
+                    f"{layer.lazy_share:.0%} of heads lazy",
+                    stacklevel=3,
+                )
+                if self.on_collapse is not None:
+                    self.on_collapse(layer, snapshot.step, snapshot)
+
+    @property
+    def lazy_layers(self) -> list[str]:
+        """Layers that have turned lazy so far."""
+        return [s.name for s in self.sites if s.name in self._lazy]

@@ -1,0 +1,347 @@
+"""AttentionProbe end to end: schedule, values read back from event files, invariance, failures."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from torch import nn
+
+import attn_probe
+from attn_probe.gpt import GPT, GPTConfig
+from attn_probe.stats import CollapseRule
+
+TAU = 0.9
+
+
+# ---------------------------------------------------------------------------- references
+def reference_rank(a: torch.Tensor, tau: float = TAU) -> int:
+    s2 = torch.linalg.svdvals(a.double()) ** 2
+    c = s2.cumsum(0)
+    return int(torch.searchsorted(c, tau * c[-1]) + 1)
+
+
+def reference_columns(a: torch.Tensor, tau: float = TAU) -> int:
+    m = (a.double() ** 2).sum(-2).sort(descending=True).values
+    c = m.cumsum(0)
+    return int(torch.searchsorted(c, tau * c[-1]) + 1)
+
+
+class ReferenceRecorder:
+    """Rebuilds each GPT layer's attention in float64 from its input and c_attn weights,
+    with plain hooks and an explicit masked softmax (independent of attn_probe.capture)."""
+
+    def __init__(self, model: GPT, max_sequences: int, max_tokens: int):
+        self.calls: list[dict[int, torch.Tensor]] = []
+        self._current: dict[int, torch.Tensor] | None = None
+        self.handles = [
+            block.attn.register_forward_pre_hook(self._hook(i, block.attn, max_sequences, max_tokens))
+            for i, block in enumerate(model.transformer.h)
+        ]
+
+    def _hook(self, index, attn, n, t):
+        def hook(module, args):
+            x = args[0][:n, :t].detach().double()
+            c = x.size(-1)
+            w, b = attn.c_attn.weight.double(), attn.c_attn.bias.double()
+            q = (x @ w[:c].T + b[:c]).view(x.size(0), -1, attn.n_head, c // attn.n_head).transpose(1, 2)
+            k = (x @ w[c:2 * c].T + b[c:2 * c]).view(x.size(0), -1, attn.n_head, c // attn.n_head).transpose(1, 2)
+            scores = q @ k.transpose(-1, -2) / math.sqrt(q.size(-1))
+            causal = torch.ones(scores.shape[-2:], dtype=torch.bool).tril()
+            a = scores.masked_fill(~causal, -math.inf).softmax(-1)
+            if index == 0:
+                self._current = {}
+                self.calls.append(self._current)
+            self._current[index] = a
+        return hook
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+
+
+def head_means(attention: torch.Tensor, fn) -> np.ndarray:
+    """(B, H, T, T) -> per-head mean over sequences of fn(matrix)."""
+    b, h = attention.shape[:2]
+    return np.array([[fn(attention[i, j]) for j in range(h)] for i in range(b)]).mean(0)
+
+
+def read_scalars(log_dir) -> EventAccumulator:
+    acc = EventAccumulator(str(log_dir), size_guidance={"scalars": 0, "images": 0, "tensors": 0})
+    acc.Reload()
+    return acc
+
+
+def small_gpt(seed=0, **kw) -> GPT:
+    torch.manual_seed(seed)
+    cfg = dict(vocab_size=64, block_size=24, n_layer=2, n_head=4, n_embd=32)
+    cfg.update(kw)
+    return GPT(GPTConfig(**cfg))
+
+
+def batches(n, b=4, t=24, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 64, (b, t + 1), generator=g) for _ in range(n)]
+
+
+def train(model, data, probe=None, *, accumulate=1, lr=0.05, autocast=False):
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    losses = []
+    for x in data:
+        for micro in x.chunk(accumulate):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                _, loss = model(micro[:, :-1], micro[:, 1:])
+            (loss / accumulate).backward()
+            losses.append(loss.detach().clone())
+        opt.step()
+        opt.zero_grad()
+        if probe is not None:
+            probe.step()
+    return losses
+
+
+# ------------------------------------------------------------------------------- values
+def test_logged_values_equal_independent_reference(tmp_path):
+    model = small_gpt()
+    data = batches(7)
+    ref = ReferenceRecorder(model, max_sequences=3, max_tokens=16)
+    with attn_probe.AttentionProbe(model, log_dir=tmp_path, every=3, max_sequences=3,
+                                   max_tokens=16, images_every=3) as probe:
+        train(model, data, probe)
+    ref.remove()
+    acc = read_scalars(tmp_path)
+    sampled = [0, 3, 6]
+    assert [e.step for e in acc.Scalars("rank90/max/L00")] == sampled
+    for step in sampled:
+        for layer in range(2):
+            a = ref.calls[step][layer]
+            rank = head_means(a, reference_rank)
+            cols = head_means(a, reference_columns)
+            got = {e.step: e.value for e in acc.Scalars(f"rank90/max/L{layer:02d}")}[step]
+            assert got == pytest.approx(rank.max(), abs=1e-6)
+            got = {e.step: e.value for e in acc.Scalars(f"columns90/mean/L{layer:02d}")}[step]
+            assert got == pytest.approx(cols.mean(), abs=1e-6)
+            for h in range(4):
+                got = {e.step: e.value for e in acc.Scalars(f"rank90/head/L{layer:02d}/H{h:02d}")}
+                assert got[step] == pytest.approx(rank[h], abs=1e-6)
+            entropy = -(a * torch.where(a > 0, a.log(), 0)).sum(-1).mean(-1).mean(0)
+            got = {e.step: e.value for e in acc.Scalars(f"entropy/mean/L{layer:02d}")}[step]
+            assert got == pytest.approx(entropy.mean().item(), abs=1e-5)
+            sink = a[..., 0].mean(-1).mean(0)
+            got = {e.step: e.value for e in acc.Scalars(f"sink/mean/L{layer:02d}")}[step]
+            assert got == pytest.approx(sink.mean().item(), abs=1e-5)
+    images = acc.Tags()["images"]
+    assert {"collapse_map/rank90", "profile/max_rank90"} <= set(images)
+    assert [e.step for e in acc.Images("collapse_map/rank90")] == sampled
+
+
+def test_gradient_accumulation_measures_first_forward_only(tmp_path):
+    model = small_gpt()
+    data = batches(2, b=8)
+    ref = ReferenceRecorder(model, max_sequences=2, max_tokens=24)
+    with attn_probe.AttentionProbe(model, every=1, max_sequences=2, max_tokens=24) as probe:
+        train(model, data, probe, accumulate=2)
+    ref.remove()
+    assert len(ref.calls) == 4  # two micro-batches per step
+    for step, snapshot in enumerate(probe.history):
+        first = head_means(ref.calls[2 * step][1], reference_rank)
+        np.testing.assert_allclose(snapshot.layers[1].heads["rank"], first)
+        assert snapshot.layers[1].sequences.tolist() == [2] * 4
+
+
+def test_global_step_and_schedule(tmp_path):
+    model = small_gpt()
+    with attn_probe.AttentionProbe(model, log_dir=tmp_path, every=5) as probe:
+        for step in range(100, 112):
+            model(torch.randint(0, 64, (2, 8)))
+            probe.step(step)
+    # sampled steps are the multiples of `every`; the first step is measured too
+    assert [s.step for s in probe.history] == [100, 105, 110]
+    assert [e.step for e in read_scalars(tmp_path).Scalars("rank90/max/L01")] == [100, 105, 110]
+
+
+def test_unsampled_steps_do_not_measure():
+    model = small_gpt()
+    calls = []
+    with attn_probe.AttentionProbe(model, every=4) as probe:
+        probe._recorder.sink = lambda name, a: calls.append(name)
+        for _ in range(8):
+            model(torch.randint(0, 64, (2, 8)))
+            probe.step()
+    assert calls == ["transformer.h.0.attn", "transformer.h.1.attn"] * 2
+
+
+# ---------------------------------------------------------------------------- invariance
+@pytest.mark.parametrize("mode", ["train", "eval", "no_grad", "bf16"])
+def test_losses_and_gradients_bitwise_identical(mode, tmp_path):
+    def run(with_probe):
+        model = small_gpt(seed=3, dropout=0.1)
+        model.train(mode == "train")
+        data = batches(3, seed=5)
+        torch.manual_seed(11)
+        grads, losses = [], []
+        probe = attn_probe.AttentionProbe(model, log_dir=tmp_path / str(with_probe), every=1,
+                                          images_every=2) if with_probe else None
+        if probe:
+            probe.attach()
+        try:
+            for x in data:
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=mode == "bf16"):
+                    if mode == "no_grad":
+                        with torch.no_grad():
+                            losses.append(model(x[:, :-1], x[:, 1:])[1])
+                    else:
+                        loss = model(x[:, :-1], x[:, 1:])[1]
+                        loss.backward()
+                        losses.append(loss.detach())
+                        grads.append([p.grad.clone() for p in model.parameters()])
+                        model.zero_grad()
+                if probe:
+                    probe.step()
+        finally:
+            if probe:
+                probe.detach()
+        return losses, grads
+
+    (l0, g0), (l1, g1) = run(False), run(True)
+    assert all(torch.equal(a, b) for a, b in zip(l0, l1))
+    assert all(torch.equal(a, b) for ga, gb in zip(g0, g1) for a, b in zip(ga, gb))
+
+
+def _no_hooks(model):
+    return all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+
+
+def test_no_hook_left_after_exit_also_when_training_raises(tmp_path):
+    model = small_gpt()
+    with pytest.raises(RuntimeError, match="boom"):
+        with attn_probe.AttentionProbe(model, log_dir=tmp_path, every=1) as probe:
+            assert not _no_hooks(model)
+            for step in range(3):
+                model(torch.randint(0, 64, (2, 8)))
+                probe.step()
+            model(torch.randint(0, 64, (2, 8)))  # step 3 measured, never closed
+            raise RuntimeError("boom")
+    assert _no_hooks(model)
+    assert torch._C._len_torch_function_stack() == 0
+    # everything measured was flushed, including the step the exception interrupted
+    assert [e.step for e in read_scalars(tmp_path).Scalars("rank90/max/L00")] == [0, 1, 2, 3]
+
+
+def test_forward_raising_inside_module_leaves_no_mode(tmp_path):
+    model = small_gpt()
+    with attn_probe.AttentionProbe(model, every=1):
+        with pytest.raises(ValueError, match="longer than block_size"):
+            model(torch.randint(0, 64, (1, 40)))
+        with pytest.raises(RuntimeError):
+            model.transformer.h[0].attn(torch.randn(2, 5, 7))  # wrong width inside the forward
+        assert torch._C._len_torch_function_stack() == 0
+    assert _no_hooks(model)
+
+
+# ---------------------------------------------------------------------- failures, collapse
+def test_nan_attention_is_flagged_not_a_crash(tmp_path):
+    model = small_gpt()
+    with torch.no_grad():
+        model.transformer.h[1].attn.c_attn.weight[0, 0] = float("nan")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with attn_probe.AttentionProbe(model, log_dir=tmp_path, every=1, max_sequences=2) as probe:
+            model(torch.randint(0, 64, (2, 8)))
+            probe.step()
+    assert any("NaN or Inf" in str(w.message) for w in caught)
+    acc = read_scalars(tmp_path)
+    assert [e.value for e in acc.Scalars("nonfinite/L01")] == [2.0]
+    assert "nonfinite/L00" not in acc.Tags()["scalars"]
+    assert math.isfinite(acc.Scalars("rank90/max/L00")[0].value)
+
+
+class SinkAttention(nn.Module):
+    """Every query attends to key 0 only: a lazy layer by construction."""
+
+    def __init__(self, collapsed: bool):
+        super().__init__()
+        self.collapsed = collapsed
+        self.proj = nn.Linear(8, 8)
+
+    def forward(self, x):
+        b, t, c = x.shape
+        q = k = v = self.proj(x).view(b, t, 2, 4).transpose(1, 2)
+        mask = torch.zeros(t, t, dtype=torch.bool)
+        mask[:, 0] = True
+        if not self.collapsed:
+            mask = torch.ones(t, t, dtype=torch.bool).tril()
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2).reshape(b, t, c)
+
+
+def test_collapse_warns_once_and_calls_back():
+    model = nn.Sequential(SinkAttention(collapsed=False), SinkAttention(collapsed=True))
+    seen = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with attn_probe.AttentionProbe(
+            model, every=1, on_collapse=lambda layer, step, snap: seen.append((layer.name, step)),
+            rule=CollapseRule(max_rank=1.0, max_columns=1.0),
+        ) as probe:
+            for _ in range(3):
+                model(torch.randn(2, 6, 8))
+                probe.step()
+    assert seen == [("1", 0)]
+    assert sum("collapsed" in str(w.message) for w in caught) == 1
+    assert probe.lazy_layers == ["1"]
+    assert probe.last.layers[1].heads["rank"].tolist() == [1.0, 1.0]
+    assert probe.last.layers[0].lazy_share == 0.0
+
+
+def test_bad_arguments_say_what_to_do():
+    model = small_gpt()
+    with pytest.raises(ValueError, match="every must be a positive int"):
+        attn_probe.AttentionProbe(model, every=0)
+    with pytest.raises(ValueError, match="tau must be in"):
+        attn_probe.AttentionProbe(model, tau=1.5)
+    with pytest.raises(ValueError, match="not both"):
+        attn_probe.AttentionProbe(model, log_dir="x", writer=object())
+    with pytest.raises(LookupError, match="searched for"):
+        attn_probe.AttentionProbe(nn.Sequential(nn.Linear(2, 2)))
+
+
+# ---------------------------------------------------------------------------- protocol
+def test_rank_profile_matches_reference():
+    model = small_gpt().eval()
+    data = [x[:, :-1] for x in batches(3, b=4)]
+    ref = ReferenceRecorder(model, max_sequences=4, max_tokens=24)
+    snapshot = attn_probe.rank_profile(model, data, n_sequences=10)
+    ref.remove()
+    for layer in range(2):
+        a = torch.cat([call[layer] for call in ref.calls])[:10]
+        np.testing.assert_allclose(snapshot.layers[layer].heads["rank"], head_means(a, reference_rank))
+        np.testing.assert_allclose(
+            snapshot.layers[layer].heads["columns"], head_means(a, reference_columns))
+        assert snapshot.layers[layer].sequences.tolist() == [10] * 4
+    np.testing.assert_allclose(
+        snapshot.max_rank_profile(), [l.heads["rank"].max() for l in snapshot.layers])
+
+
+# ------------------------------------------------------------------------- torch.compile
+def test_compiled_model_trains_correctly_with_probe(tmp_path):
+    torch._dynamo.reset()
+    model = small_gpt(seed=4)
+    eager_twin = small_gpt(seed=4)
+    compiled = torch.compile(model)
+    data = batches(4, seed=9)
+    ref = ReferenceRecorder(model, max_sequences=1, max_tokens=24)
+    with attn_probe.AttentionProbe(model, log_dir=tmp_path, every=2) as probe:
+        losses = train(compiled, data, probe)
+    ref.remove()
+    twin_losses = train(eager_twin, data)
+    torch.testing.assert_close(torch.stack(losses), torch.stack(twin_losses), rtol=1e-4, atol=1e-5)
+    assert [s.step for s in probe.history] == [0, 2]
+    # hooks traced into the compiled graph fire on every step; the probe's stay quiet there
+    for snapshot in probe.history:
+        expected = head_means(ref.calls[snapshot.step][0][:1], reference_rank)
+        np.testing.assert_allclose(snapshot.layers[0].heads["rank"], expected)
