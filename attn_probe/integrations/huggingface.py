@@ -1,0 +1,143 @@
+"""AttentionProbe for the Hugging Face ``transformers.Trainer``.
+
+>>> from transformers import Trainer, TrainingArguments
+>>> from attn_probe.integrations.huggingface import AttentionProbeCallback
+>>> args = TrainingArguments(output_dir="out", logging_steps=50, max_steps=1000)
+>>> probe_cb = AttentionProbeCallback(max_sequences=2, max_tokens=256)
+>>> trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=[probe_cb])
+>>> trainer.train()          # rank90/max/L00, ... in out/attn_probe at steps 50, 100, ...
+>>> probe_cb.probe.history   # the snapshots, also after training
+
+Needs ``transformers`` (``pip install "attn_probe[hf]"``); without it, importing this module
+works but using :class:`AttentionProbeCallback` raises ``ImportError``.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from ..probe import AttentionProbe
+
+_INSTALL = 'the Hugging Face callback needs transformers: pip install "attn_probe[hf]"'
+
+try:
+    from transformers import TrainerCallback as _TrainerCallback
+except ImportError as _error:  # the module stays importable; the callback says what is missing
+    _TrainerCallback = None
+    _IMPORT_ERROR: ImportError | None = _error
+else:
+    _IMPORT_ERROR = None
+
+__all__ = ["AttentionProbeCallback", "default_log_dir"]
+
+
+def default_log_dir(args: Any) -> str:
+    """Where the callback logs when given neither ``log_dir`` nor ``writer``.
+
+    ``args.logging_dir`` where ``TrainingArguments`` still has one (transformers 4), else the
+    ``TENSORBOARD_LOGGING_DIR`` environment variable (the directory of transformers' own
+    TensorBoard callback, when set), else ``<output_dir>/attn_probe``.
+    """
+    logging_dir = getattr(args, "logging_dir", None)
+    if logging_dir:
+        return str(logging_dir)
+    env = os.environ.get("TENSORBOARD_LOGGING_DIR")
+    if env:
+        return os.path.expanduser(env)
+    return os.path.join(getattr(args, "output_dir", None) or ".", "attn_probe")
+
+
+if _TrainerCallback is not None:
+
+    class AttentionProbeCallback(_TrainerCallback):
+        """Runs an :class:`~attn_probe.AttentionProbe` on the ``Trainer``'s model.
+
+        Args:
+            model: the module to watch (default: the ``model`` the Trainer hands to callbacks).
+            **probe_kwargs: passed to :class:`~attn_probe.AttentionProbe`. Defaults:
+                ``log_dir`` from :func:`default_log_dir` (unless ``writer`` is given) and
+                ``every`` = the Trainer's ``logging_steps`` (in steps, also when given as a
+                fraction of the run).
+
+        Steps are numbered as the Trainer numbers them: optimizer step ``N`` (1-based) is the
+        ``N``-th update, and the Trainer logs its loss at ``global_step == N``. The probe
+        samples the steps ``N`` that are multiples of ``every`` (with the default ``every``
+        exactly the steps the Trainer logs), measures the *first* forward pass of step ``N``
+        (its first micro-batch under gradient accumulation, with the weights left by update
+        ``N - 1``) and logs it at step ``N``.
+
+        The step that is open is closed at the start of the next one (``on_step_begin``) and
+        the last one on ``on_train_end``: evaluation and checkpointing run between
+        ``on_step_end`` and the next ``on_step_begin``, so their forward passes fall into a
+        step whose measurement is already done and are never taken for training. For the same
+        reason the hooks are installed at the first step, after ``eval_on_start``. The
+        :class:`~attn_probe.AttentionProbe` is :attr:`probe` (made on ``on_train_begin``);
+        its hooks are removed on ``on_train_end``.
+
+        Under DDP or FSDP every process runs the callback; each measures its own sequences,
+        the figures are the mean over all processes and process 0 writes them.
+
+        Example::
+
+            from attn_probe.integrations.huggingface import AttentionProbeCallback
+
+            trainer = Trainer(
+                model=model,
+                args=TrainingArguments(output_dir="out", logging_steps=50),
+                train_dataset=train_dataset,
+                callbacks=[AttentionProbeCallback(max_sequences=2, max_tokens=256)],
+            )
+            trainer.train()  # then: tensorboard --logdir out/attn_probe
+        """
+
+        def __init__(self, model: Any = None, **probe_kwargs: Any) -> None:
+            self.model = model
+            self.probe_kwargs = probe_kwargs
+            self.probe: AttentionProbe | None = None
+            self._open: int | None = None  # the step the coming forward passes belong to
+
+        def on_train_begin(self, args, state, control, model=None, **kwargs):
+            target = self.model if self.model is not None else model
+            if target is None:
+                raise ValueError(
+                    "AttentionProbeCallback: no model to watch (the Trainer passed none); "
+                    "give one with AttentionProbeCallback(model=...)"
+                )
+            if self.probe is not None:
+                self.probe.detach()
+            options = dict(self.probe_kwargs)
+            if options.get("writer") is None and options.get("log_dir") is None:
+                options.pop("writer", None)
+                options["log_dir"] = default_log_dir(args)
+            if "every" not in options:
+                every = getattr(state, "logging_steps", None) or args.logging_steps
+                options["every"] = max(1, int(every))
+            self.probe = AttentionProbe(target, **options)
+            self._open = None
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            if self.probe is None:
+                return
+            self._open = state.global_step + 1
+            if not self.probe.attached:
+                self.probe.attach(step=self._open)
+            else:
+                # global_step updates are done: close the step they belong to, open the next.
+                self.probe.step(state.global_step)
+
+        def on_train_end(self, args, state, control, **kwargs):
+            if self.probe is None:
+                return
+            if self._open is not None:
+                # Close the last step on every process before removing the hooks.
+                self.probe.step(self._open)
+                self._open = None
+            self.probe.detach()
+
+else:
+
+    def __getattr__(name: str) -> Any:
+        if name == "AttentionProbeCallback":
+            raise ImportError(f"{_INSTALL} ({_IMPORT_ERROR})")
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

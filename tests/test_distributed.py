@@ -1,0 +1,485 @@
+"""The probe in a real two-process run (gloo, CPU): DDP, a process that measures nothing, FSDP2.
+
+Two worker processes are started with torchrun's environment (``MASTER_ADDR``, ``MASTER_PORT``,
+``RANK``, ``WORLD_SIZE``); this file is their program (see ``worker`` at the bottom). They train
+a small GPT and save, on every sampled step, the token sequences the step's first forward pass
+was fed and the weights it ran with. The test process then rebuilds those attention matrices
+itself, in float64 with an explicit softmax, computes rank@0.9 and columns@0.9 with the float64
+reference (``svdvals`` / sorted column masses, ``cumsum``, ``searchsorted + 1``), averages over
+the sequences of both processes and compares with what process 0 wrote to TensorBoard.
+
+All scenarios run in one launch (starting Python with torch twice costs most of the time); each
+scenario records its outcome, so one failing scenario shows up in its own test.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+import time
+import traceback
+import warnings
+from contextlib import nullcontext
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # the workers run this file as a script
+    sys.path.insert(0, str(ROOT))
+
+from attn_probe import AttentionProbe  # noqa: E402
+from attn_probe.gpt import GPT, GPTConfig  # noqa: E402
+
+WORLD = 2
+CONFIG = dict(vocab_size=64, block_size=32, n_layer=2, n_head=4, n_embd=32)
+EVERY, STEPS, ACCUM = 2, 6, 2  # sampled steps 0, 2, 4; two micro-batches per step
+BATCH, LENGTH = 3, 24  # fed per micro-batch; the probe measures 2 sequences x 16 tokens
+PROBE = dict(every=EVERY, max_sequences=2, max_tokens=16, images_every=0)
+TAU = 0.9
+TOL = 1e-9
+LAUNCH_TIMEOUT = 120  # seconds for the whole launch: a deadlock fails instead of hanging
+
+
+# ------------------------------------------------------------------------------------ model
+
+
+def make_model() -> GPT:
+    """The same weights on every process. q and k are scaled up so that heads differ."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**CONFIG))
+    with torch.no_grad():
+        for block in model.transformer.h:
+            block.attn.c_attn.weight.mul_(20.0)
+    return model
+
+
+def batch_for(scenario: str, rank: int, step: int, micro: int) -> torch.Tensor:
+    """Different data on every process, step and micro-batch: (BATCH, LENGTH + 1) tokens."""
+    seed = 1000 * (1 + ["ddp", "skip", "fsdp", "fsdp_adapter", "detach"].index(scenario))
+    seed += 100 * rank + 10 * step + micro
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, CONFIG["vocab_size"], (BATCH, LENGTH + 1), generator=generator)
+
+
+# --------------------------------------------------------------------------------- reference
+
+
+def reference_attention(state: dict, tokens: torch.Tensor) -> list[torch.Tensor]:
+    """Each layer's (B, H, T, T) attention of ``tokens``, in float64 with an explicit softmax."""
+    model = GPT(GPTConfig(**CONFIG)).double()
+    model.load_state_dict({k: v.double() for k, v in state.items()})
+    model.eval()
+    heads = CONFIG["n_head"]
+    out = []
+    with torch.no_grad():
+        b, t = tokens.shape
+        x = model.transformer.wte(tokens) + model.transformer.wpe(torch.arange(t))
+        for block in model.transformer.h:
+            h = block.ln_1(x)
+            q, k, v = block.attn.c_attn(h).split(CONFIG["n_embd"], dim=2)
+            q, k, v = (z.view(b, t, heads, -1).transpose(1, 2) for z in (q, k, v))
+            scores = q @ k.transpose(-2, -1) / math.sqrt(q.size(-1))
+            causal = torch.ones(t, t, dtype=torch.bool).tril()
+            a = torch.softmax(scores.masked_fill(~causal, -math.inf), dim=-1)
+            out.append(a)
+            y = (a @ v).transpose(1, 2).reshape(b, t, -1)
+            x = x + block.attn.c_proj(y)
+            x = x + block.mlp(block.ln_2(x))
+    return out
+
+
+def tau_count(energies: torch.Tensor, tau: float = TAU) -> tuple[int, float]:
+    """Reference count and how far (relative to the total) the decision is from the threshold."""
+    c = energies.cumsum(0)
+    threshold = tau * c[-1]
+    k = int(torch.searchsorted(c, threshold)) + 1
+    gap = float((c[k - 1] - threshold).abs())
+    if k >= 2:
+        gap = min(gap, float((threshold - c[k - 2]).abs()))
+    return k, gap / float(c[-1])
+
+
+def reference_metrics(attention: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Per sequence and head rank@tau and columns@tau (float64 reference), and the closest gap."""
+    b, h = attention.shape[:2]
+    rank = torch.zeros(b, h, dtype=torch.float64)
+    columns = torch.zeros(b, h, dtype=torch.float64)
+    closest = math.inf
+    for i in range(b):
+        for j in range(h):
+            a = attention[i, j].double()
+            k, gap_r = tau_count(torch.linalg.svdvals(a) ** 2)
+            c, gap_c = tau_count((a**2).sum(-2).sort(descending=True).values)
+            rank[i, j], columns[i, j] = k, c
+            closest = min(closest, gap_r, gap_c)
+    return rank, columns, closest
+
+
+def expected(folder: Path, step: int, ranks) -> dict:
+    """Mean over the measured sequences of ``ranks`` at ``step``, per layer and head."""
+    per_layer: dict[int, list] = {}
+    closest = math.inf
+    for rank in ranks:
+        saved = torch.load(folder / f"rank{rank}_step{step}.pt")
+        tokens = saved["tokens"][: PROBE["max_sequences"], : PROBE["max_tokens"]]
+        for layer, a in enumerate(reference_attention(saved["state"], tokens)):
+            r, c, gap = reference_metrics(a)
+            closest = min(closest, gap)
+            per_layer.setdefault(layer, []).append((r, c))
+    result = {}
+    for layer, parts in per_layer.items():
+        rank = torch.cat([r for r, _ in parts]).mean(0)
+        columns = torch.cat([c for _, c in parts]).mean(0)
+        count = sum(len(r) for r, _ in parts)
+        result[layer] = {"rank": rank, "columns": columns, "sequences": count}
+    result["closest"] = closest
+    return result
+
+
+def read_scalars(log_dir: Path) -> dict[str, dict[int, float]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(log_dir), size_guidance={"scalars": 0})
+    acc.Reload()
+    return {
+        tag: {event.step: event.value for event in acc.Scalars(tag)}
+        for tag in acc.Tags()["scalars"]
+    }
+
+
+def compare(scalars: dict, want: dict, step: int) -> float:
+    """Assert logged == reference for every layer and head at ``step``; return the worst error."""
+    worst = 0.0
+    for layer in range(CONFIG["n_layer"]):
+        tag = f"L{layer:02d}"
+        for metric, prefix in (("rank", "rank90"), ("columns", "columns90")):
+            values = want[layer][metric]
+            pairs = [(f"{prefix}/max/{tag}", float(values.max())),
+                     (f"{prefix}/mean/{tag}", float(values.mean())),
+                     (f"{prefix}/min/{tag}", float(values.min()))]
+            pairs += [(f"{prefix}/head/{tag}/H{h:02d}", float(values[h]))
+                      for h in range(len(values))]
+            for name, value in pairs:
+                got = scalars[name][step]
+                worst = max(worst, abs(got - value))
+                assert abs(got - value) <= TOL, (name, step, got, value)
+    return worst
+
+
+# ----------------------------------------------------------------------------------- launch
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(out: Path) -> list[str]:
+    """Run both workers to the end (or kill them at the timeout); return their output."""
+    port = free_port()
+    procs, logs = [], []
+    for rank in range(WORLD):
+        env = dict(
+            os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+            WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(WORLD),
+            OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(
+                p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p
+            ),
+        )
+        log = open(out / f"worker{rank}.log", "w")
+        logs.append(log)
+        procs.append(subprocess.Popen(
+            [sys.executable, str(Path(__file__).resolve()), "worker", str(out)],
+            env=env, stdout=log, stderr=subprocess.STDOUT,
+        ))
+    deadline = time.monotonic() + LAUNCH_TIMEOUT
+    timed_out = False
+    try:
+        for proc in procs:
+            try:
+                proc.wait(timeout=max(deadline - time.monotonic(), 1.0))
+            except subprocess.TimeoutExpired:
+                timed_out = True
+                break
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        for log in logs:
+            log.close()
+    text = [(out / f"worker{rank}.log").read_text() for rank in range(WORLD)]
+    tails = "\n".join(t[-3000:] for t in text)
+    assert not timed_out, f"workers still running after {LAUNCH_TIMEOUT} s (deadlock?)\n{tails}"
+    return text
+
+
+# --------------------------------------------------------------------------------- the tests
+
+pytestmark = pytest.mark.skipif(
+    not (dist.is_available() and dist.is_gloo_available()),
+    reason="torch.distributed with the gloo backend is not available",
+)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("distributed")
+    started = time.monotonic()
+    logs = launch(out)
+    files = [out / f"status_rank{r}.json" for r in range(WORLD)]
+    status = [json.loads(f.read_text()) if f.exists() else {} for f in files]
+    print(f"two-process launch: {time.monotonic() - started:.1f} s")
+    return {"out": out, "status": status, "logs": logs}
+
+
+def require(run: dict, scenario: str) -> Path:
+    for rank, status in enumerate(run["status"]):
+        if status.get(scenario) != "ok":
+            pytest.fail(
+                f"scenario {scenario!r} failed on rank {rank}: {status.get(scenario)}\n"
+                + run["logs"][rank][-3000:]
+            )
+    return run["out"] / scenario
+
+
+def history(folder: Path, rank: int) -> dict:
+    data = json.loads((folder / f"history_rank{rank}.json").read_text())
+    return {int(k): v for k, v in data.items()}
+
+
+def test_ddp_logs_mean_over_both_processes(run):
+    folder = require(run, "ddp")
+    scalars = read_scalars(folder / "rank0" / "tb")
+    sampled = list(range(0, STEPS, EVERY))
+    assert sorted(scalars["rank90/max/L00"]) == sampled
+    worst, closest, distinct = 0.0, math.inf, set()
+    for step in sampled:
+        want = expected(folder, step, ranks=range(WORLD))
+        closest = min(closest, want["closest"])
+        worst = max(worst, compare(scalars, want, step))
+        for layer in range(CONFIG["n_layer"]):
+            distinct.update(want[layer]["rank"].tolist())
+            assert want[layer]["sequences"] == WORLD * PROBE["max_sequences"]
+    # the figures are not trivially equal across heads, layers and steps
+    assert len(distinct) > 3, distinct
+    print(f"ddp: worst |logged - reference| {worst:.3g}; closest reference decision "
+          f"{closest:.3g} of the energy from the threshold; {len(distinct)} distinct means")
+    # every process ends with the same reduced figures
+    h0, h1 = history(folder, 0), history(folder, 1)
+    assert h0 == h1 and sorted(h0) == sampled
+    counts = {s for layers in h0.values() for layer in layers for s in layer["sequences"]}
+    assert counts == {WORLD * PROBE["max_sequences"]}
+
+
+def test_only_process_zero_writes(run):
+    folder = require(run, "ddp")
+    files = list((folder / "rank0" / "tb").glob("events.out.tfevents.*"))
+    assert len(files) == 1
+    assert not (folder / "rank1").exists() or not any((folder / "rank1").rglob("*"))
+
+
+def test_process_without_forward_on_a_sampled_step(run):
+    """Rank 1 skips every forward of step 2: no deadlock, step 2 is rank 0's mean only."""
+    folder = require(run, "skip")
+    scalars = read_scalars(folder / "rank0" / "tb")
+    assert sorted(scalars["rank90/max/L00"]) == [0, 2, 4]
+    for step in (0, 2, 4):
+        ranks = [0] if step == 2 else range(WORLD)
+        want = expected(folder, step, ranks=ranks)
+        compare(scalars, want, step)
+    h0, h1 = history(folder, 0), history(folder, 1)
+    assert h0 == h1
+    for step, layers in h0.items():
+        n = PROBE["max_sequences"] * (1 if step == 2 else WORLD)
+        assert all(s == n for layer in layers for s in layer["sequences"]), (step, layers)
+
+
+def _fsdp_or_skip(run, scenario: str) -> Path:
+    for rank, status in enumerate(run["status"]):
+        message = status.get(scenario, "not run").splitlines()[0]
+        if "unsupported:" in message:
+            pytest.skip(f"FSDP2 on CPU/gloo: {message}")
+    return require(run, scenario)
+
+
+def test_fsdp2_interception_matches_unsharded_reference(run):
+    folder = _fsdp_or_skip(run, "fsdp")
+    scalars = read_scalars(folder / "rank0" / "tb")
+    assert sorted(scalars["rank90/max/L00"]) == [0, 2]
+    for step in (0, 2):
+        compare(scalars, expected(folder, step, ranks=range(WORLD)), step)
+    assert history(folder, 0) == history(folder, 1)
+
+
+def test_fsdp2_adapter_in_forward_pre_hook(run):
+    """Adapters run in the module's forward pre-hook, after FSDP2 has all-gathered."""
+    folder = _fsdp_or_skip(run, "fsdp_adapter")
+    scalars = read_scalars(folder / "rank0" / "tb")
+    assert sorted(scalars["rank90/max/L00"]) == [0]
+    compare(scalars, expected(folder, 0, ranks=range(WORLD)), 0)
+
+
+def test_detach_closes_last_step_when_a_process_measured_nothing(run):
+    folder = require(run, "detach")
+    scalars = read_scalars(folder / "rank0" / "tb")
+    assert sorted(scalars["rank90/max/L00"]) == [0, 2, 4]
+    compare(scalars, expected(folder, 4, ranks=[0]), 4)
+
+
+# ----------------------------------------------------------------------------------- worker
+
+
+def _save_step(folder: Path, rank: int, step: int, tokens: torch.Tensor, state: dict) -> None:
+    state = {k: v.detach().clone() for k, v in state.items()}
+    torch.save({"tokens": tokens.clone(), "state": state}, folder / f"rank{rank}_step{step}.pt")
+
+
+def _save_history(folder: Path, rank: int, probe: AttentionProbe) -> None:
+    data = {
+        s.step: [
+            {"name": layer.name, "rank": layer.heads["rank"].tolist(),
+             "columns": layer.heads["columns"].tolist(), "sequences": layer.sequences.tolist()}
+            for layer in s.layers
+        ]
+        for s in probe.history
+    }
+    (folder / f"history_rank{rank}.json").write_text(json.dumps(data))
+
+
+def _train(scenario: str, folder: Path, rank: int, model, probed, optimizer, steps: int,
+           skip: set[int] = frozenset(), close_last: bool = True, state=None) -> AttentionProbe:
+    """``steps`` optimizer steps of ACCUM micro-batches; the probe watches ``probed``."""
+    state = state or (lambda: model.state_dict())
+    accum_ctx = getattr(probed, "no_sync", None)
+    with AttentionProbe(probed, log_dir=str(folder / f"rank{rank}" / "tb"), **PROBE) as probe:
+        for step in range(steps):
+            batches = [batch_for(scenario, rank, step, m) for m in range(ACCUM)]
+            if step % EVERY == 0:
+                snapshot = state()  # a collective under FSDP: every process takes it
+                _save_step(folder, rank, step, batches[0][:, :-1], snapshot)
+            if step not in skip:
+                for m, batch in enumerate(batches):
+                    last = m == ACCUM - 1
+                    with (nullcontext() if last or accum_ctx is None else accum_ctx()):
+                        _, loss = probed(batch[:, :-1], batch[:, 1:])
+                        (loss / ACCUM).backward()
+                if optimizer is not None:
+                    optimizer.step()
+                    optimizer.zero_grad()
+            if close_last or step < steps - 1:
+                probe.step()
+    return probe
+
+
+def worker(out: Path) -> None:
+    from torch.nn.parallel import DistributedDataParallel
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", timeout=timedelta(seconds=60))
+    rank = dist.get_rank()
+    status: dict[str, str] = {}
+
+    def record(name: str, fn) -> None:
+        folder = out / name
+        folder.mkdir(exist_ok=True)
+        started = time.monotonic()
+        try:
+            fn(folder)
+            status[name] = "ok"
+        except Exception as error:  # recorded for the test to report
+            status[name] = f"{type(error).__name__}: {error}\n{traceback.format_exc()}"
+        (out / f"status_rank{rank}.json").write_text(json.dumps(status))
+        print(f"rank {rank}: {name} ({time.monotonic() - started:.1f} s): "
+              f"{status[name].splitlines()[0]}", flush=True)
+
+    def ddp(folder: Path) -> None:
+        model = make_model()
+        wrapped = DistributedDataParallel(model)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        probe = _train("ddp", folder, rank, model, wrapped, optimizer, STEPS)
+        _save_history(folder, rank, probe)
+
+    def skip(folder: Path) -> None:
+        # No gradient synchronisation: a DDP backward would wait for the idle process.
+        model = make_model()
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        probe = _train("skip", folder, rank, model, model, optimizer, STEPS,
+                       skip={2} if rank == 1 else set())
+        _save_history(folder, rank, probe)
+
+    def sharded(unit: str):
+        """The GPT under FSDP2: one unit per block (or per attention module), and the root."""
+        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.tensor import DTensor
+
+        model = make_model()
+        try:  # FSDP2 itself on this platform, without the probe
+            for block in model.transformer.h:
+                fully_shard(block.attn if unit == "attn" else block)
+            fully_shard(model)
+            tokens = batch_for("fsdp", rank, 99, 0)
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*returned a view tensor.*")
+                model(tokens[:, :-1], tokens[:, 1:])[1].backward()
+            model.zero_grad(set_to_none=True)
+        except Exception as error:
+            raise RuntimeError(f"unsupported: {type(error).__name__}: {error}") from error
+        assert isinstance(model.transformer.h[0].attn.c_attn.weight, DTensor)
+
+        def full_state() -> dict:
+            return {k: v.full_tensor() if isinstance(v, DTensor) else v
+                    for k, v in model.state_dict().items()}
+
+        return model, full_state
+
+    def fsdp(folder: Path) -> None:
+        model, full_state = sharded("block")
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        probe = _train("fsdp", folder, rank, model, model, optimizer, 4, state=full_state)
+        _save_history(folder, rank, probe)
+
+    def fsdp_adapter(folder: Path) -> None:
+        # The attention modules are FSDP units themselves: FSDP2's pre-forward all-gather runs
+        # before the probe's pre-hook, where the adapter reads the weights.
+        model, full_state = sharded("attn")
+        batch = batch_for("fsdp_adapter", rank, 0, 0)
+        snapshot = full_state()
+        _save_step(folder, rank, 0, batch[:, :-1], snapshot)
+        probe = AttentionProbe(model, log_dir=str(folder / f"rank{rank}" / "tb"),
+                               strategy="adapter", **PROBE)
+        with probe, warnings.catch_warnings():
+            # FSDP2 on an attention module notes that the module returns a view: harmless here
+            warnings.filterwarnings("ignore", message=".*returned a view tensor.*")
+            _, loss = model(batch[:, :-1], batch[:, 1:])
+            loss.backward()
+            probe.step()
+        assert all(s.strategy.startswith("adapter:") for s in probe.sites)
+
+    def detach(folder: Path) -> None:
+        # Steps 0..4; rank 1 feeds nothing on step 4, which is closed by leaving the block.
+        model = make_model()
+        _train("detach", folder, rank, model, model, None, 5,
+               skip={4} if rank == 1 else set(), close_last=False)
+
+    record("ddp", ddp)
+    record("skip", skip)
+    record("fsdp", fsdp)
+    record("fsdp_adapter", fsdp_adapter)
+    record("detach", detach)  # last: a failure here may leave the process group unusable
+    sys.stdout.flush()
+    # A broken group (see the detach scenario) can make the orderly shutdown wait: leave now.
+    os._exit(0)
+
+
+if __name__ == "__main__" and len(sys.argv) == 3 and sys.argv[1] == "worker":
+    worker(Path(sys.argv[2]))
