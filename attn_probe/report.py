@@ -1,0 +1,91 @@
+"""A Snapshot as tables: per-layer and per-head rows, a terminal table, CSV and JSON files."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+from .stats import METRICS, Snapshot
+
+
+def layer_rows(snapshot: Snapshot) -> list[dict]:
+    """One row per layer: MaxRank (max over heads of the per-head mean rank@tau) and friends."""
+    return [
+        {
+            "layer": layer.tag,
+            "module": layer.name,
+            "heads": layer.num_heads,
+            "sequences": int(layer.sequences.max(initial=0)),
+            "max_rank": layer.reduce("rank", "max"),
+            "mean_rank": layer.reduce("rank", "mean"),
+            "min_rank": layer.reduce("rank", "min"),
+            "max_columns": layer.reduce("columns", "max"),
+            "mean_columns": layer.reduce("columns", "mean"),
+            "entropy": layer.reduce("entropy", "mean"),
+            "sink": layer.reduce("sink", "mean"),
+            "lazy_share": layer.lazy_share,
+            "lazy": layer.is_lazy,
+        }
+        for layer in snapshot.layers
+    ]
+
+
+def head_rows(snapshot: Snapshot) -> list[dict]:
+    """One row per (layer, head): the per-head means over sequences."""
+    return [
+        {
+            "layer": layer.tag,
+            "module": layer.name,
+            "head": h,
+            "sequences": int(layer.sequences[h]),
+            **{metric: float(layer.heads[metric][h]) for metric in METRICS},
+            "lazy": bool(layer.lazy[h]),
+        }
+        for layer in snapshot.layers
+        for h in range(layer.num_heads)
+    ]
+
+
+def format_table(snapshot: Snapshot) -> str:
+    """The per-layer table printed at the end of a run."""
+    p = round(snapshot.tau * 100)
+    header = (f"{'layer':<6} {'module':<34} {'max rank' + str(p):>10} {'mean rank':>9} "
+              f"{'max cols' + str(p):>10} {'entropy':>8} {'sink':>6} {'lazy heads':>10}")
+    lines = [header, "-" * len(header)]
+    for row in layer_rows(snapshot):
+        module = row["module"] if len(row["module"]) <= 34 else "…" + row["module"][-33:]
+        lines.append(
+            f"{row['layer']:<6} {module:<34} {row['max_rank']:>10.2f} {row['mean_rank']:>9.2f} "
+            f"{row['max_columns']:>10.2f} {row['entropy']:>8.3f} {row['sink']:>6.3f} "
+            f"{row['lazy_share']:>10.0%}" + ("  LAZY" if row["lazy"] else "")
+        )
+    return "\n".join(lines)
+
+
+def _clean(value):
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
+def write_tables(snapshot: Snapshot, out: str | Path) -> list[Path]:
+    """``layers.csv``, ``heads.csv`` and ``profile.json`` in ``out``; returns their paths."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name, rows in (("layers.csv", layer_rows(snapshot)), ("heads.csv", head_rows(snapshot))):
+        with open(out / name, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+        written.append(out / name)
+    document = {
+        "tau": snapshot.tau,
+        "max_rank_profile": [_clean(float(v)) for v in snapshot.max_rank_profile()],
+        "lazy_layers": [layer.name for layer in snapshot.layers if layer.is_lazy],
+        "layers": [{k: _clean(v) for k, v in row.items()} for row in layer_rows(snapshot)],
+        "heads": [{k: _clean(v) for k, v in row.items()} for row in head_rows(snapshot)],
+    }
+    (out / "profile.json").write_text(json.dumps(document, indent=2))
+    written.append(out / "profile.json")
+    return written
