@@ -45,7 +45,7 @@ def builtin_corpus(max_bytes: int = 2_000_000) -> torch.Tensor:
 @dataclass
 class DemoConfig:
     logdir: str = "runs/demo"
-    steps: int = 600
+    steps: int = 400
     batch_size: int = 16
     block_size: int = 128
     n_layer: int = 6

@@ -230,7 +230,7 @@ def collapse_map_for(snapshot: "Snapshot", metric: str = "rank", **kwargs: Any) 
         kwargs["vmin"] = min(1.0, float(finite.min())) if finite.size else 1.0
     kwargs.setdefault("layer_labels", [layer.tag for layer in snapshot.layers])
     kwargs.setdefault("title", f"mean {label} per head, step {snapshot.step}")
-    kwargs.setdefault("colorbar_label", f"{label} (lower = more collapsed)" if metric in names
+    kwargs.setdefault("colorbar_label", f"{label}\n(lower = more collapsed)" if metric in names
                       else label)
     return collapse_map(values, **kwargs)
 

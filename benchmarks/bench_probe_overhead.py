@@ -33,6 +33,25 @@ def peak_bytes(device: str) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def idle_hook_microseconds(model: torch.nn.Module, calls: int = 20000) -> float:
+    """Cost of one unarmed probe hook call: a hooked identity module against a bare one."""
+    bare, hooked = torch.nn.Identity(), torch.nn.Identity()
+    probe = AttentionProbe(model, every=10**9)  # plans sites on the real model
+    site = probe.sites[0]
+    recorder = probe._recorder
+    hooked.register_forward_pre_hook(lambda m, a, k: recorder._pre(site, a, k), with_kwargs=True)
+    hooked.register_forward_hook(lambda m, a, k, o: recorder._post(site, o), with_kwargs=True,
+                                 always_call=True)
+    x = torch.zeros(1)
+    best = {}
+    for name, module in (("bare", bare), ("hooked", hooked)) * 3:
+        start = time.perf_counter()
+        for _ in range(calls):
+            module(x)
+        best[name] = min(best.get(name, float("inf")), time.perf_counter() - start)
+    return max(0.0, best["hooked"] - best["bare"]) / calls / 2 * 1e6
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--layers", type=int, default=12)
@@ -98,6 +117,7 @@ def main() -> int:
         times["sampled + pictures"].append(probed(True, pictures=True))
     probe.detach()
 
+    hook_us = idle_hook_microseconds(model)
     med = {k: statistics.median(v[-args.rounds:]) for k, v in times.items()}
     plain = med["plain"]
     print(f"model: {args.layers} layers, {args.heads} heads, width {args.width}, T={args.tokens}, "
@@ -106,13 +126,19 @@ def main() -> int:
     print(f"{'step kind':<24} {'median s':>9} {'ratio to plain':>15}")
     for kind, value in med.items():
         print(f"{kind:<24} {value:>9.3f} {value / plain:>15.3f}")
-    extra_sampled = med["sampled (defaults)"] - plain
-    extra_pictures = med["sampled + pictures"] - med["sampled (defaults)"]
-    extra_idle = med["attached, not sampled"] - plain
+    spread = (max(times["plain"]) - min(times["plain"])) / plain
+    print(f"spread of plain steps (max - min) / median: {spread:.1%} (differences below this "
+          "are noise)")
+    # Unsampled steps: the idle hooks' cost, timed directly (whole-step differences are noise).
+    idle = hook_us * 1e-6 * 2 * len(probe.sites)  # forward hooks; backward has none
+    extra_sampled = max(0.0, med["sampled (defaults)"] - plain)
+    extra_pictures = max(0.0, med["sampled + pictures"] - med["sampled (defaults)"])
+    print(f"idle hooks: {hook_us:.2f} us per hook call, {idle * 1e3:.3f} ms per step "
+          f"({len(probe.sites)} modules) = {idle / plain:.4%} of a plain step")
     # every=100 with the defaults: 1 sampled step per 100, pictures every 10th sampled step
-    amortised = (extra_idle * 99 + extra_sampled + extra_pictures / 10) / 100
-    print(f"amortised overhead at every=100 (pictures every 1000 steps): {amortised / plain:+.3%} "
-          f"of a plain step")
+    amortised = (idle * 99 + extra_sampled + extra_pictures / 10) / 100
+    print(f"amortised overhead at every=100 (pictures every 1000 steps, negative differences "
+          f"counted as 0): {amortised / plain:.3%} of a plain step")
     plain_mem, extra_mem = plain_peak - base_peak, max(0, sampled_peak - plain_peak)
     print(f"peak memory of a plain step: {plain_mem / 2**20:.0f} MiB; extra peak of a sampled "
           f"step: {extra_mem / 2**20:.1f} MiB = {extra_mem / max(plain_mem, 1):.2%}")
