@@ -26,13 +26,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from reference import FIXTURE, FIXTURE_MISSING, reference_counts
 
 REPO = Path(__file__).resolve().parents[1]
-FIXTURE = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "stories260K.bin"
-FIXTURE_SKIP = (
-    "../shared/fixtures/stories260K.bin not found; the run on the trained llama2.c model happens "
-    "where ../shared is present"
-)
 TAU = 0.9
 TOL = 1e-9
 SHARD_MAGIC = 20240520
@@ -129,24 +125,12 @@ SAMPLED_N, SAMPLED_T = 4, 16
 
 def rank_reference(attention: torch.Tensor, tau: float = TAU) -> torch.Tensor:
     """(B, H, T, T) attention -> (B, H) rank@tau, float64, one matrix at a time."""
-    out = torch.empty(attention.shape[:2], dtype=torch.float64)
-    for b in range(attention.shape[0]):
-        for h in range(attention.shape[1]):
-            s2 = torch.linalg.svdvals(attention[b, h].double()) ** 2
-            c = s2.cumsum(0)
-            out[b, h] = int(torch.searchsorted(c, tau * c[-1])) + 1
-    return out
+    return reference_counts(attention, tau)[0]
 
 
 def columns_reference(attention: torch.Tensor, tau: float = TAU) -> torch.Tensor:
     """(B, H, T, T) attention -> (B, H) columns@tau: fewest keys holding tau of ||A||_F^2."""
-    out = torch.empty(attention.shape[:2], dtype=torch.float64)
-    for b in range(attention.shape[0]):
-        for h in range(attention.shape[1]):
-            m = (attention[b, h].double() ** 2).sum(0).sort(descending=True).values
-            c = m.cumsum(0)
-            out[b, h] = int(torch.searchsorted(c, tau * c[-1])) + 1
-    return out
+    return reference_counts(attention, tau)[1]
 
 
 def write_shard(path: Path, tokens: np.ndarray, magic: int = SHARD_MAGIC, version: int = 1) -> None:
@@ -544,7 +528,7 @@ def test_model_errors_in_process(work, in_process):
 
 def test_stories260k(work, in_process):
     if not FIXTURE.is_file():
-        pytest.skip(FIXTURE_SKIP)
+        pytest.skip(FIXTURE_MISSING)
     if work["transformers"] is None:
         pytest.skip("transformers not installed")
     from attn_probe.llama2c import load_llama2c, mean_next_token_loss

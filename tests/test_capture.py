@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 import warnings
-from pathlib import Path
 
 import pytest
 import torch
@@ -25,6 +24,7 @@ from attn_probe.capture import (
     register_adapter,
 )
 from attn_probe.capture.adapters import find_adapter
+from reference import FIXTURE, FIXTURE_MISSING, no_hooks_left
 
 try:
     import transformers
@@ -32,7 +32,6 @@ except ImportError:  # the Hugging Face tests skip; the rest run
     transformers = None
 
 TOL = 1e-5
-FIXTURE = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "stories260K.bin"
 
 
 def max_error(got: torch.Tensor, want: torch.Tensor) -> float:
@@ -53,12 +52,7 @@ def assert_close_all(captured: dict, reference, label: str) -> float:
     return err
 
 
-def no_hooks_left(model: nn.Module) -> bool:
-    """No hook, no wrapped forward and no torch function mode left behind."""
-    return all(
-        not m._forward_hooks and not m._forward_pre_hooks and "forward" not in m.__dict__
-        for m in model.modules()
-    ) and torch._C._len_torch_function_stack() == 0
+
 
 
 # --- Hugging Face models -------------------------------------------------------------------
@@ -660,7 +654,7 @@ def test_transformer_encoder_nested_fast_path():
 # --- the real trained model ------------------------------------------------------------------
 
 
-@pytest.mark.skipif(not FIXTURE.exists(), reason=f"fixture model not found at {FIXTURE}")
+@pytest.mark.skipif(not FIXTURE.exists(), reason=FIXTURE_MISSING)
 def test_stories260k_matches_eager():
     pytest.importorskip("transformers")
     from attn_probe.llama2c import load_llama2c, sample_tokens

@@ -36,6 +36,7 @@ if str(ROOT) not in sys.path:  # the workers run this file as a script
     sys.path.insert(0, str(ROOT))
 
 from attn_probe import AttentionProbe  # noqa: E402
+from reference import read_scalars, reference_counts  # noqa: E402
 from attn_probe.gpt import GPT, GPTConfig  # noqa: E402
 
 WORLD = 2
@@ -96,33 +97,6 @@ def reference_attention(state: dict, tokens: torch.Tensor) -> list[torch.Tensor]
     return out
 
 
-def tau_count(energies: torch.Tensor, tau: float = TAU) -> tuple[int, float]:
-    """Reference count and how far (relative to the total) the decision is from the threshold."""
-    c = energies.cumsum(0)
-    threshold = tau * c[-1]
-    k = int(torch.searchsorted(c, threshold)) + 1
-    gap = float((c[k - 1] - threshold).abs())
-    if k >= 2:
-        gap = min(gap, float((threshold - c[k - 2]).abs()))
-    return k, gap / float(c[-1])
-
-
-def reference_metrics(attention: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """Per sequence and head rank@tau and columns@tau (float64 reference), and the closest gap."""
-    b, h = attention.shape[:2]
-    rank = torch.zeros(b, h, dtype=torch.float64)
-    columns = torch.zeros(b, h, dtype=torch.float64)
-    closest = math.inf
-    for i in range(b):
-        for j in range(h):
-            a = attention[i, j].double()
-            k, gap_r = tau_count(torch.linalg.svdvals(a) ** 2)
-            c, gap_c = tau_count((a**2).sum(-2).sort(descending=True).values)
-            rank[i, j], columns[i, j] = k, c
-            closest = min(closest, gap_r, gap_c)
-    return rank, columns, closest
-
-
 def expected(folder: Path, step: int, ranks) -> dict:
     """Mean over the measured sequences of ``ranks`` at ``step``, per layer and head."""
     per_layer: dict[int, list] = {}
@@ -131,7 +105,7 @@ def expected(folder: Path, step: int, ranks) -> dict:
         saved = torch.load(folder / f"rank{rank}_step{step}.pt")
         tokens = saved["tokens"][: PROBE["max_sequences"], : PROBE["max_tokens"]]
         for layer, a in enumerate(reference_attention(saved["state"], tokens)):
-            r, c, gap = reference_metrics(a)
+            r, c, gap = reference_counts(a)
             closest = min(closest, gap)
             per_layer.setdefault(layer, []).append((r, c))
     result = {}
@@ -142,17 +116,6 @@ def expected(folder: Path, step: int, ranks) -> dict:
         result[layer] = {"rank": rank, "columns": columns, "sequences": count}
     result["closest"] = closest
     return result
-
-
-def read_scalars(log_dir: Path) -> dict[str, dict[int, float]]:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    acc = EventAccumulator(str(log_dir), size_guidance={"scalars": 0})
-    acc.Reload()
-    return {
-        tag: {event.step: event.value for event in acc.Scalars(tag)}
-        for tag in acc.Tags()["scalars"]
-    }
 
 
 def compare(scalars: dict, want: dict, step: int) -> float:

@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from attn_probe.gpt import GPT, GPTConfig
+from reference import no_hooks_left, read_scalars, reference_counts
 
 ROOT = Path(__file__).resolve().parents[1]
 TAU = 0.9
@@ -29,46 +30,15 @@ MAX_SEQUENCES, MAX_TOKENS = 2, 16
 # ------------------------------------------------------------------------------- reference
 
 
-def tau_count(energies: torch.Tensor) -> tuple[int, float]:
-    c = energies.cumsum(0)
-    threshold = TAU * c[-1]
-    k = int(torch.searchsorted(c, threshold)) + 1
-    gap = float((c[k - 1] - threshold).abs())
-    if k >= 2:
-        gap = min(gap, float((threshold - c[k - 2]).abs()))
-    return k, gap / float(c[-1])
-
-
 def head_means(attentions) -> tuple[dict[int, dict[str, torch.Tensor]], float]:
     """Per layer: per-head mean over the measured sequences of rank@tau and columns@tau."""
     out, closest = {}, math.inf
     for layer, attention in enumerate(attentions):
-        a = attention[:MAX_SEQUENCES, :, :MAX_TOKENS, :MAX_TOKENS].double()
-        ranks = torch.zeros(a.shape[:2], dtype=torch.float64)
-        columns = torch.zeros(a.shape[:2], dtype=torch.float64)
-        for i in range(a.shape[0]):
-            for h in range(a.shape[1]):
-                ranks[i, h], gap_r = tau_count(torch.linalg.svdvals(a[i, h]) ** 2)
-                masses = (a[i, h] ** 2).sum(-2).sort(descending=True).values
-                columns[i, h], gap_c = tau_count(masses)
-                closest = min(closest, gap_r, gap_c)
+        a = attention[:MAX_SEQUENCES, :, :MAX_TOKENS, :MAX_TOKENS]
+        ranks, columns, gap = reference_counts(a, TAU)
+        closest = min(closest, gap)
         out[layer] = {"rank": ranks.mean(0), "columns": columns.mean(0)}
     return out, closest
-
-
-def read_scalars(log_dir: Path) -> dict[str, dict[int, float]]:
-    """Every scalar of every event file under ``log_dir``: tag -> step -> value."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    scalars: dict[str, dict[int, float]] = {}
-    files = sorted(log_dir.rglob("events.out.tfevents.*"))
-    assert files, f"no event file under {log_dir}"
-    for path in files:
-        acc = EventAccumulator(str(path), size_guidance={"scalars": 0})
-        acc.Reload()
-        for tag in acc.Tags()["scalars"]:
-            scalars.setdefault(tag, {}).update({e.step: e.value for e in acc.Scalars(tag)})
-    return scalars
 
 
 def check_against_reference(scalars, want, step: int, layers: int) -> float:
@@ -86,10 +56,6 @@ def check_against_reference(scalars, want, step: int, layers: int) -> float:
                 worst = max(worst, abs(got - value))
                 assert abs(got - value) <= TOL, (name, step, got, value)
     return worst
-
-
-def no_hooks_left(model: torch.nn.Module) -> bool:
-    return all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
 
 
 def random_tokens(n: int, length: int, vocab: int, seed: int) -> torch.Tensor:

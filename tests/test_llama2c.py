@@ -17,13 +17,9 @@ import pytest
 import torch
 
 from attn_probe.llama2c import load_llama2c, mean_next_token_loss, sample_tokens
+from reference import FIXTURE, FIXTURE_MISSING
 
-FIXTURE = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "stories260K.bin"
 FIXTURE_SHA256 = "9414d5a285453a7eab631713d171753232c978f6f97654211469aff8be93c8d6"
-SKIP_REASON = (
-    "../shared/fixtures/stories260K.bin not found; tests that need the trained fixture model run "
-    "where ../shared is present"
-)
 
 
 # --------------------------------------------------------------------------------------------
@@ -43,7 +39,7 @@ def _single_thread():
 @pytest.fixture(scope="module")
 def fixture_path() -> Path:
     if not FIXTURE.is_file():
-        pytest.skip(SKIP_REASON)
+        pytest.skip(FIXTURE_MISSING)
     return FIXTURE
 
 

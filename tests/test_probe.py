@@ -15,23 +15,11 @@ from torch import nn
 import attn_probe
 from attn_probe.gpt import GPT, GPTConfig
 from attn_probe.stats import CollapseRule
+from reference import no_hooks_left, reference_columns, reference_rank
 
-TAU = 0.9
 
 
 # ---------------------------------------------------------------------------- references
-def reference_rank(a: torch.Tensor, tau: float = TAU) -> int:
-    s2 = torch.linalg.svdvals(a.double()) ** 2
-    c = s2.cumsum(0)
-    return int(torch.searchsorted(c, tau * c[-1]) + 1)
-
-
-def reference_columns(a: torch.Tensor, tau: float = TAU) -> int:
-    m = (a.double() ** 2).sum(-2).sort(descending=True).values
-    c = m.cumsum(0)
-    return int(torch.searchsorted(c, tau * c[-1]) + 1)
-
-
 class ReferenceRecorder:
     """Rebuilds each GPT layer's attention in float64 from its input and c_attn weights,
     with plain hooks and an explicit masked softmax (independent of attn_probe.capture)."""
@@ -213,21 +201,17 @@ def test_losses_and_gradients_bitwise_identical(mode, tmp_path):
     assert all(torch.equal(a, b) for ga, gb in zip(g0, g1) for a, b in zip(ga, gb))
 
 
-def _no_hooks(model):
-    return all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
-
-
 def test_no_hook_left_after_exit_also_when_training_raises(tmp_path):
     model = small_gpt()
     with pytest.raises(RuntimeError, match="boom"):
         with attn_probe.AttentionProbe(model, log_dir=tmp_path, every=1) as probe:
-            assert not _no_hooks(model)
+            assert not no_hooks_left(model)
             for step in range(3):
                 model(torch.randint(0, 64, (2, 8)))
                 probe.step()
             model(torch.randint(0, 64, (2, 8)))  # step 3 measured, never closed
             raise RuntimeError("boom")
-    assert _no_hooks(model)
+    assert no_hooks_left(model)
     assert torch._C._len_torch_function_stack() == 0
     # everything measured was flushed, including the step the exception interrupted
     assert [e.step for e in read_scalars(tmp_path).Scalars("rank90/max/L00")] == [0, 1, 2, 3]
@@ -241,7 +225,7 @@ def test_forward_raising_inside_module_leaves_no_mode(tmp_path):
         with pytest.raises(RuntimeError):
             model.transformer.h[0].attn(torch.randn(2, 5, 7))  # wrong width inside the forward
         assert torch._C._len_torch_function_stack() == 0
-    assert _no_hooks(model)
+    assert no_hooks_left(model)
 
 
 # ---------------------------------------------------------------------- failures, collapse
