@@ -83,3 +83,23 @@ def no_hooks_left(model: torch.nn.Module) -> bool:
         not m._forward_hooks and not m._forward_pre_hooks and "forward" not in m.__dict__
         for m in model.modules()
     ) and torch._C._len_torch_function_stack() == 0
+
+
+def assert_logged(scalars: dict, want: dict, step: int, layers: int, tol: float) -> float:
+    """Every logged rank/columns figure (max, mean, min over heads and per head) of each layer at
+    ``step`` equals the reference ``want[layer][metric]`` (per-head values); returns the worst
+    absolute difference."""
+    worst = 0.0
+    for layer in range(layers):
+        tag = f"L{layer:02d}"
+        for metric, prefix in (("rank", "rank90"), ("columns", "columns90")):
+            values = want[layer][metric]
+            pairs = [(f"{prefix}/{how}/{tag}", float(getattr(values, how)()))
+                     for how in ("max", "mean", "min")]
+            pairs += [(f"{prefix}/head/{tag}/H{h:02d}", float(values[h]))
+                      for h in range(len(values))]
+            for name, value in pairs:
+                got = scalars[name][step]
+                worst = max(worst, abs(got - value))
+                assert abs(got - value) <= tol, (name, step, got, value)
+    return worst

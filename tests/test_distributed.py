@@ -36,7 +36,7 @@ if str(ROOT) not in sys.path:  # the workers run this file as a script
     sys.path.insert(0, str(ROOT))
 
 from attn_probe import AttentionProbe  # noqa: E402
-from reference import read_scalars, reference_counts  # noqa: E402
+from reference import assert_logged, read_scalars, reference_counts  # noqa: E402
 from attn_probe.gpt import GPT, GPTConfig  # noqa: E402
 
 WORLD = 2
@@ -120,21 +120,7 @@ def expected(folder: Path, step: int, ranks) -> dict:
 
 def compare(scalars: dict, want: dict, step: int) -> float:
     """Assert logged == reference for every layer and head at ``step``; return the worst error."""
-    worst = 0.0
-    for layer in range(CONFIG["n_layer"]):
-        tag = f"L{layer:02d}"
-        for metric, prefix in (("rank", "rank90"), ("columns", "columns90")):
-            values = want[layer][metric]
-            pairs = [(f"{prefix}/max/{tag}", float(values.max())),
-                     (f"{prefix}/mean/{tag}", float(values.mean())),
-                     (f"{prefix}/min/{tag}", float(values.min()))]
-            pairs += [(f"{prefix}/head/{tag}/H{h:02d}", float(values[h]))
-                      for h in range(len(values))]
-            for name, value in pairs:
-                got = scalars[name][step]
-                worst = max(worst, abs(got - value))
-                assert abs(got - value) <= TOL, (name, step, got, value)
-    return worst
+    return assert_logged(scalars, want, step, CONFIG["n_layer"], TOL)
 
 
 # ----------------------------------------------------------------------------------- launch

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from attn_probe.gpt import GPT, GPTConfig
-from reference import no_hooks_left, read_scalars, reference_counts
+from reference import assert_logged, no_hooks_left, read_scalars, reference_counts
 
 ROOT = Path(__file__).resolve().parents[1]
 TAU = 0.9
@@ -42,20 +42,7 @@ def head_means(attentions) -> tuple[dict[int, dict[str, torch.Tensor]], float]:
 
 
 def check_against_reference(scalars, want, step: int, layers: int) -> float:
-    worst = 0.0
-    for layer in range(layers):
-        tag = f"L{layer:02d}"
-        for metric, prefix in (("rank", "rank90"), ("columns", "columns90")):
-            values = want[layer][metric]
-            pairs = [(f"{prefix}/max/{tag}", float(values.max())),
-                     (f"{prefix}/mean/{tag}", float(values.mean()))]
-            pairs += [(f"{prefix}/head/{tag}/H{h:02d}", float(values[h]))
-                      for h in range(len(values))]
-            for name, value in pairs:
-                got = scalars[name][step]
-                worst = max(worst, abs(got - value))
-                assert abs(got - value) <= TOL, (name, step, got, value)
-    return worst
+    return assert_logged(scalars, want, step, layers, TOL)
 
 
 def random_tokens(n: int, length: int, vocab: int, seed: int) -> torch.Tensor:
