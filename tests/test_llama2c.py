@@ -27,13 +27,7 @@ FIXTURE_SHA256 = "9414d5a285453a7eab631713d171753232c978f6f97654211469aff8be93c8
 # --------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _single_thread():
-    # The model is tiny: intra-op threads only add overhead, badly so on a busy machine.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")

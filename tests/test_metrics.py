@@ -23,13 +23,7 @@ from attn_probe.metrics import (
 )
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _single_thread():
-    """The matrices here are small: intra-op threads only add synchronisation overhead."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 # --------------------------------------------------------------------------------------------
