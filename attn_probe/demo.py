@@ -39,7 +39,7 @@ def builtin_corpus(max_bytes: int = 2_000_000) -> torch.Tensor:
             total += len(data)
     if total < 10_000:
         raise RuntimeError(f"could not read the Python standard library's source under {stdlib}")
-    return torch.frombuffer(bytearray(b"\n".join(chunks)), dtype=torch.uint8).clone()
+    return torch.frombuffer(bytearray(b"\n".join(chunks)[:max_bytes]), dtype=torch.uint8).clone()
 
 
 @dataclass

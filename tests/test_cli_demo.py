@@ -1,0 +1,47 @@
+"""`attn-probe demo` end to end in a subprocess: it trains, prints its tables and the
+TensorBoard command, and leaves event files with every expected tag and step."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from attn_probe.demo import builtin_corpus
+
+
+def test_builtin_corpus_is_python_source():
+    data = builtin_corpus(max_bytes=200_000)
+    text = bytes(data.tolist()).decode("utf-8", errors="replace")
+    assert len(data) == 200_000 and "def " in text and "import " in text
+
+
+def test_demo_subprocess_writes_readable_logs(tmp_path):
+    done = subprocess.run(
+        [sys.executable, "-m", "attn_probe.cli", "demo", "--steps", "6", "--every", "2",
+         "--images-every", "4", "--layers", "2", "--batch-size", "4", "--logdir", "tb"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "tensorboard --logdir tb" in done.stdout
+    assert "attention at step 0:" in done.stdout and "attention at step 4:" in done.stdout
+    assert "6/6" in done.stderr  # the progress bar reached the end
+
+    acc = EventAccumulator(str(tmp_path / "tb"), size_guidance={"scalars": 0, "images": 0})
+    acc.Reload()
+    steps = lambda tag: [e.step for e in acc.Scalars(tag)]  # noqa: E731
+    assert steps("train/loss") == list(range(6))
+    for layer in ("L00", "L01"):
+        assert steps(f"rank90/max/{layer}") == [0, 2, 4]
+        heads = [acc.Scalars(f"rank90/head/{layer}/H{h:02d}") for h in range(4)]
+        for i, event in enumerate(acc.Scalars(f"rank90/max/{layer}")):
+            assert event.value == pytest.approx(max(h[i].value for h in heads))
+    assert [e.step for e in acc.Images("collapse_map/rank90")] == [0, 4]
+    image = acc.Images("profile/max_rank90")[0]
+    path = tmp_path / "profile.png"
+    path.write_bytes(image.encoded_image_string)
+    with Image.open(path) as png:
+        assert png.format == "PNG" and png.size == (image.width, image.height)
