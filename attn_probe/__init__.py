@@ -8,13 +8,22 @@ Collapses", arXiv 2404.08634) and log it to TensorBoard.
         for batch in loader:
             loss = step(model, batch)
             probe.step()
+
+Data flows one way (docs/architecture.md): model → :mod:`.attention` (per-head A) →
+:mod:`.metrics` (per-head numbers) → :mod:`.aggregate` (sums and counts) → :mod:`.snapshot`
+(layer summaries) → :mod:`.outputs` (TensorBoard, figures, tables). :mod:`.probe` drives it
+during training, :mod:`.protocol` on a model at rest; :mod:`.integrations`, :mod:`.cli` and
+:mod:`.models` are built on top.
 """
 
-from .capture import Capture, CaptureError, capture, register_adapter
+from typing import Any
+
+from ._compat import MOVED_MODULES, install_moved_modules
+from .attention import CaptureError, register_adapter
 from .metrics import columns_at, dominant_column, head_metrics, rank_at, row_entropy, sink_mass
 from .probe import AttentionProbe
-from .profile import rank_profile
-from .stats import CollapseRule, LayerSummary, Snapshot
+from .protocol import Capture, capture, rank_profile
+from .snapshot import CollapseRule, LayerSummary, Snapshot
 
 __version__ = "0.1.0"
 
@@ -35,3 +44,15 @@ __all__ = [
     "row_entropy",
     "sink_mass",
 ]
+
+install_moved_modules()
+
+
+def __getattr__(name: str) -> Any:
+    """``attn_probe.plots`` and the other old module names of :data:`MOVED_MODULES`."""
+    import sys
+
+    old = f"{__name__}.{name}"
+    if old in MOVED_MODULES:
+        return sys.modules[old]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

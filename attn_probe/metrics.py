@@ -68,6 +68,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .options import check_tau
+
 __all__ = [
     "rank_at",
     "columns_at",
@@ -95,16 +97,6 @@ _HUGE = 2.0**400
 # --------------------------------------------------------------------------------------------
 # Input handling
 # --------------------------------------------------------------------------------------------
-
-
-def _check_tau(tau: Any) -> float:
-    try:
-        t = float(tau)
-    except (TypeError, ValueError, RuntimeError):
-        raise ValueError(f"tau must be a number in (0, 1], got {tau!r}") from None
-    if not (0.0 < t <= 1.0):  # also rejects NaN
-        raise ValueError(f"tau must be in (0, 1], got {tau!r}")
-    return t
 
 
 def _margin(n: int) -> float:
@@ -481,7 +473,7 @@ def rank_at(A: Tensor, tau: float = 0.9) -> Tensor:
     sits within rounding distance of the threshold are recomputed with the reference.
     Non-finite matrix: -1; all-zero or empty matrix: 0.
     """
-    tau = _check_tau(tau)
+    tau = check_tau(tau)
     with _quiet(A):
         batch = _Batch(A, spectral=True)
         return batch.shaped(_rank_flat(batch, tau))
@@ -494,7 +486,7 @@ def columns_at(A: Tensor, tau: float = 0.9) -> Tensor:
     prefix whose sum reaches ``tau`` of the total, identical to the float64 reference.
     Non-finite matrix: -1; all-zero or empty matrix: 0.
     """
-    tau = _check_tau(tau)
+    tau = check_tau(tau)
     with _quiet(A):
         batch = _Batch(A, spectral=True)
         return batch.shaped(_columns_flat(batch, tau))
@@ -538,7 +530,7 @@ def head_metrics(A: Tensor, tau: float = 0.9) -> dict[str, Tensor]:
     Same values as the individual functions; the float64 copy, the column masses and the row
     mask are computed once and shared.
     """
-    tau = _check_tau(tau)
+    tau = check_tau(tau)
     with _quiet(A):
         batch = _Batch(A, spectral=True)
         return {

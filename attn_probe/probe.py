@@ -12,9 +12,9 @@ step (gradient accumulation, evaluation, activation recomputation) are not. The 
 logged at step ``s`` when ``step()`` closes it, so it lines up with the loss of that step. On
 other steps every hook returns at once.
 
-Data flow: hooks (:mod:`.capture`) -> attention A -> :func:`.metrics.head_metrics` ->
-:class:`.stats.HeadAccumulator` (sums and counts, reduced across processes) -> :class:`Snapshot`
--> writers and the collapse callback.
+Data flow: hooks (:mod:`.attention`) -> attention A -> :func:`.metrics.head_metrics` ->
+:class:`.aggregate.HeadAccumulator` (sums and counts, reduced across processes) ->
+:class:`.snapshot.Snapshot` -> :mod:`.outputs` and the collapse callback.
 
 ``torch.compile``: hooks cannot see inside a compiled graph, so on sampled steps the probe sets
 ``torch.compiler.set_stance("force_eager")`` until the step closes: the sampled step runs
@@ -30,11 +30,12 @@ from typing import Callable, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from . import distributed
-from .capture import ModuleSelector, plan_sites
-from .capture.recorder import Recorder
+from . import aggregate
+from .aggregate import HeadAccumulator
+from .attention import ModuleSelector, Recorder, plan_sites
 from .metrics import head_metrics
-from .stats import CollapseRule, HeadAccumulator, LayerSummary, Snapshot
+from .options import check_count, check_tau
+from .snapshot import CollapseRule, LayerSummary, Snapshot
 
 CollapseCallback = Callable[[LayerSummary, int, Snapshot], None]
 
@@ -56,7 +57,8 @@ class AttentionProbe:
         images_every: write pictures on sampled steps that are multiples of this (default
             ``10 * every``); 0 disables pictures.
         heatmaps: layer -> heads whose attention heatmaps are drawn (default: first and last
-            layer, heads 0-3); see :class:`~attn_probe.writers.TensorBoardWriter`.
+            layer, heads 0-3); see :class:`~attn_probe.outputs.TensorBoardWriter`.
+        heatmap_tokens: heatmaps show at most this many first queries and keys.
         rule: when a head and a layer count as lazy (collapsed).
         on_collapse: ``fn(layer_summary, step, snapshot)`` called once when a layer turns lazy.
         history: keep every snapshot in :attr:`history` (pictures' samples are not kept).
@@ -82,13 +84,11 @@ class AttentionProbe:
         on_collapse: CollapseCallback | None = None,
         history: bool = True,
     ) -> None:
-        if not isinstance(every, int) or every < 1:
-            raise ValueError(f"every must be a positive int (sample every k-th step), got {every!r}")
-        if not 0 < tau <= 1:
-            raise ValueError(f"tau must be in (0, 1], got {tau!r}")
-        for name, value in (("max_sequences", max_sequences), ("max_tokens", max_tokens)):
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        check_count("every", every)
+        tau = check_tau(tau)
+        check_count("max_sequences", max_sequences)
+        check_count("max_tokens", max_tokens)
+        check_count("heatmap_tokens", heatmap_tokens)
         if log_dir is not None and writer is not None:
             raise ValueError("pass log_dir (the probe makes a SummaryWriter) or writer, not both")
         self.model, self.every, self.tau = model, every, float(tau)
@@ -103,8 +103,8 @@ class AttentionProbe:
         self._accumulator = HeadAccumulator()
         self._samples: dict[str, Tensor] = {}
         self._writer_args = dict(
-            writer=writer, log_dir=log_dir, per_head=per_head, heatmap_heads=heatmaps,
-            max_heatmap_tokens=heatmap_tokens,
+            writer=writer, log_dir=log_dir, per_head=per_head, heatmaps=heatmaps,
+            heatmap_tokens=heatmap_tokens,
         )
         self._writer = None
         self._eager: contextlib.ExitStack | None = None  # force_eager while sampling
@@ -126,10 +126,10 @@ class AttentionProbe:
         if self._recorder.attached:
             self._arm_for(self._next)
             return self
-        if self._writer is None and distributed.is_main_process() and (
+        if self._writer is None and aggregate.is_main_process() and (
             self._writer_args["writer"] is not None or self._writer_args["log_dir"] is not None
         ):
-            from .writers import TensorBoardWriter
+            from .outputs import TensorBoardWriter
 
             self._writer = TensorBoardWriter(**self._writer_args)
         self._recorder.attach()
@@ -143,7 +143,7 @@ class AttentionProbe:
         sampled step); pass ``collective=False`` after an exception, when other processes may
         never get there: the open step is then logged from this process's sequences alone.
         """
-        collective = collective and distributed.is_distributed()
+        collective = collective and aggregate.is_distributed()
         try:
             if self._recorder.armed and (self._accumulator or collective):
                 self._publish(self._next, reduce=collective)
@@ -216,8 +216,8 @@ class AttentionProbe:
 
     def _publish(self, step: int, *, reduce: bool) -> Snapshot | None:
         self._recorder.disarm()
-        if reduce and distributed.is_distributed():
-            self._accumulator.reduce(distributed.all_gather_object)
+        if reduce and aggregate.is_distributed():
+            self._accumulator.reduce(aggregate.all_gather_object)
         layers = self._accumulator.compute([s.name for s in self.sites], self.rule)
         samples, self._samples = self._samples, {}
         self._accumulator.reset()
@@ -227,7 +227,7 @@ class AttentionProbe:
         self.last = snapshot
         if self.keep_history:
             self.history.append(Snapshot(step=step, tau=self.tau, layers=layers))
-        if not distributed.is_main_process():
+        if not aggregate.is_main_process():
             return snapshot
         if self._writer is not None:
             self._writer.write(snapshot, images=self._images_due(step) and bool(samples))

@@ -24,7 +24,7 @@ import time
 import torch
 
 from attn_probe import AttentionProbe
-from attn_probe.gpt import GPT, GPTConfig
+from attn_probe.models.gpt import GPT, GPTConfig
 
 
 def peak_bytes(device: str) -> int:

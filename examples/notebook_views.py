@@ -13,13 +13,13 @@ from pathlib import Path
 import torch
 
 import attn_probe
-from attn_probe import plots
-from attn_probe.report import format_table
+from attn_probe.outputs import figures as plots
+from attn_probe.outputs.tables import format_table
 
 
 def small_trained_gpt(steps: int):
-    from attn_probe.demo import builtin_corpus
-    from attn_probe.gpt import GPT, GPTConfig
+    from attn_probe.models.corpus import builtin_corpus
+    from attn_probe.models.gpt import GPT, GPTConfig
 
     torch.manual_seed(0)
     data = builtin_corpus().long()
@@ -40,7 +40,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--llama2c", help="a llama2.c checkpoint to study instead of a small GPT")
     parser.add_argument("--steps", type=int, default=200, help="training steps of the small GPT")
-    parser.add_argument("--n", type=int, default=100, help="sequences (the paper: 100)")
+    parser.add_argument("--sequences", type=int, default=100, help="sequences (the paper: 100)")
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--layer", type=int, default=-1, help="layer for the per-head views")
     parser.add_argument("--out", default="views")
@@ -49,17 +49,18 @@ def main(argv=None):
     out.mkdir(parents=True, exist_ok=True)
 
     if args.llama2c:
-        from attn_probe.llama2c import load_llama2c, sample_tokens
+        from attn_probe.models.llama2c import load_llama2c
+        from attn_probe.models.sampling import sample_tokens
 
         model = load_llama2c(args.llama2c)
-        sequences = sample_tokens(model, args.n, args.tokens,
+        sequences = sample_tokens(model, args.sequences, args.tokens,
                                   generator=torch.Generator().manual_seed(0))
     else:
         model, sequences = small_trained_gpt(args.steps)
-    sequences = sequences[: args.n, : args.tokens]
+    sequences = sequences[: args.sequences, : args.tokens]
 
     # MaxRank over layers: per-head rank@0.9 averaged over N sequences, max over heads
-    snapshot = attn_probe.rank_profile(model, sequences.split(10), n_sequences=args.n)
+    snapshot = attn_probe.rank_profile(model, sequences.split(10), max_sequences=args.sequences)
     print(format_table(snapshot))
     layer = snapshot.layers[args.layer]
 

@@ -3,7 +3,7 @@
 The model is a small Llama built from a config (no download); swap in
 ``AutoModelForCausalLM.from_pretrained(...)`` for your own. Needs ``pip install "attn_probe[hf]"``.
 
-    python examples/train_huggingface.py --steps 200 --logdir runs/hf-llama
+    python examples/train_huggingface.py --steps 200 --log-dir runs/hf-llama
 """
 
 import argparse
@@ -11,7 +11,7 @@ import argparse
 import torch
 
 import attn_probe
-from attn_probe.demo import builtin_corpus
+from attn_probe.models.corpus import builtin_corpus
 
 
 def main(argv=None):
@@ -21,7 +21,7 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--every", type=int, default=20)
     parser.add_argument("--tokens", type=int, default=64)
-    parser.add_argument("--logdir", default="runs/hf-llama")
+    parser.add_argument("--log-dir", default="runs/hf-llama")
     args = parser.parse_args(argv)
 
     torch.manual_seed(0)
@@ -32,7 +32,7 @@ def main(argv=None):
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     data = builtin_corpus().long()
 
-    with attn_probe.AttentionProbe(model, log_dir=args.logdir, every=args.every) as probe:
+    with attn_probe.AttentionProbe(model, log_dir=args.log_dir, every=args.every) as probe:
         for step in range(args.steps):
             ix = torch.randint(len(data) - args.tokens, (8,))
             input_ids = torch.stack([data[i : i + args.tokens] for i in ix])
@@ -44,7 +44,7 @@ def main(argv=None):
             if step % args.every == 0:
                 print(f"step {step:4d}  loss {loss.item():.3f}  "
                       f"MaxRank {probe.last.max_rank_profile().round(2).tolist()}")
-    print(f"logs in {args.logdir}: tensorboard --logdir {args.logdir}")
+    print(f"logs in {args.log_dir}: tensorboard --logdir {args.log_dir}")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """A plain PyTorch training loop (nanoGPT-style model) with the probe attached.
 
-    python examples/train_nanogpt.py --steps 300 --logdir runs/nanogpt
-    tensorboard --logdir runs/nanogpt
+    python examples/train_nanogpt.py --steps 300 --log-dir runs/nanogpt
+    tensorboard --log-dir runs/nanogpt
 """
 
 import argparse
@@ -9,8 +9,8 @@ import argparse
 import torch
 
 import attn_probe
-from attn_probe.demo import builtin_corpus
-from attn_probe.gpt import GPT, GPTConfig
+from attn_probe.models.corpus import builtin_corpus
+from attn_probe.models.gpt import GPT, GPTConfig
 
 
 def main(argv=None):
@@ -20,7 +20,7 @@ def main(argv=None):
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--block-size", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--logdir", default="runs/nanogpt")
+    parser.add_argument("--log-dir", default="runs/nanogpt")
     args = parser.parse_args(argv)
 
     torch.manual_seed(0)
@@ -28,7 +28,7 @@ def main(argv=None):
     model = GPT(GPTConfig(block_size=args.block_size, n_layer=args.layers, n_head=4, n_embd=128))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
 
-    with attn_probe.AttentionProbe(model, log_dir=args.logdir, every=args.every,
+    with attn_probe.AttentionProbe(model, log_dir=args.log_dir, every=args.every,
                                    max_sequences=2) as probe:
         for step in range(args.steps):
             ix = torch.randint(len(data) - args.block_size - 1, (args.batch_size,))
@@ -41,7 +41,7 @@ def main(argv=None):
             if step % args.every == 0:
                 print(f"step {step:5d}  loss {loss.item():.3f}  "
                       f"max rank90 per layer {probe.last.max_rank_profile().round(2).tolist()}")
-    print(f"logs in {args.logdir}: tensorboard --logdir {args.logdir}")
+    print(f"logs in {args.log_dir}: tensorboard --logdir {args.log_dir}")
 
 
 if __name__ == "__main__":

@@ -103,3 +103,15 @@ def assert_logged(scalars: dict, want: dict, step: int, layers: int, tol: float)
                 worst = max(worst, abs(got - value))
                 assert abs(got - value) <= tol, (name, step, got, value)
     return worst
+
+
+@torch.no_grad()
+def mean_next_token_loss(model: torch.nn.Module, tokens: torch.Tensor) -> float:
+    """Mean cross-entropy (nats) of a Hugging Face causal LM predicting ``tokens[:, 1:]`` from
+    ``tokens[:, :-1]``: tells a correctly loaded model (low loss on its own samples) apart."""
+    if tokens.dim() != 2 or tokens.shape[1] < 2:
+        raise ValueError(f"tokens must have shape (batch, length >= 2), got {tuple(tokens.shape)}")
+    logits = model(input_ids=tokens[:, :-1].long(), use_cache=False).logits.float()
+    loss = torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1).long())
+    return float(loss)

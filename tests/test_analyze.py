@@ -278,7 +278,7 @@ def work(tmp_path_factory):
     (root / "model.txt").write_text("not a model\n")
 
     factory = f"{HELPERS}:make_model"
-    start("factory_shard", factory, "--data", str(shard), "--n", str(SHARD_N),
+    start("factory_shard", factory, "--data", str(shard), "--sequences", str(SHARD_N),
           "--tokens", str(SHARD_T), "--batch-size", "2")
     start("missing", str(root / "no_such_model"))
     start("no_attention", f"{HELPERS}:make_mlp")
@@ -312,8 +312,8 @@ def work(tmp_path_factory):
         text = root / "stories.txt"
         text.write_text("\n".join(lines) + "\n")
         llama_ids = torch.tensor([vocab[w] for w in words[: LLAMA_N * LLAMA_T]])
-        start("llama_text", str(llama_dir), "--data", str(text), "--n", str(LLAMA_N),
-              "--tokens", str(LLAMA_T), "--batch-size", "4", "--heads", "0:0-1,-1:*")
+        start("llama_text", str(llama_dir), "--data", str(text), "--sequences", str(LLAMA_N),
+              "--tokens", str(LLAMA_T), "--batch-size", "4", "--heatmaps", "0:0-1,-1:*")
 
     yield {
         "root": root, "runs": runs, "llama_dir": llama_dir, "llama_ids": llama_ids,
@@ -436,7 +436,7 @@ def test_errors_are_one_line(work, in_process):
         ([str(root / "model.txt")], ["unknown model format", ".txt"]),
         ([factory, "--data", str(root / "bad_magic.bin")], ["magic number 12345", "20240520"]),
     ]:
-        status, _, err = in_process(*args, "--n", "2", "--tokens", "8",
+        status, _, err = in_process(*args, "--sequences", "2", "--tokens", "8",
                                     "--out", str(root / "nope"))
         assert status == 2, err
         lines = err.strip().splitlines()
@@ -448,7 +448,7 @@ def test_errors_are_one_line(work, in_process):
 
 def test_factory_sampled(work, in_process):
     out_dir = work["root"] / "out_sampled"
-    status, out, err = in_process(f"{HELPERS}:make_model", "--n", str(SAMPLED_N),
+    status, out, err = in_process(f"{HELPERS}:make_model", "--sequences", str(SAMPLED_N),
                                   "--tokens", str(SAMPLED_T), "--seed", "3",
                                   "--out", str(out_dir))
     assert status == 0, err
@@ -464,7 +464,7 @@ def test_factory_sampled(work, in_process):
 
 def test_factory_without_logits_uses_random_ids(work, in_process):
     out_dir = work["root"] / "out_random"
-    status, out, err = in_process(f"{HELPERS}:make_encoder", "--n", "3", "--tokens", "12",
+    status, out, err = in_process(f"{HELPERS}:make_encoder", "--sequences", "3", "--tokens", "12",
                                   "--out", str(out_dir))
     assert status == 0, err
     assert "warning" in err and "random token ids" in err, err
@@ -476,11 +476,11 @@ def test_factory_without_logits_uses_random_ids(work, in_process):
 @pytest.mark.parametrize(
     "args, needles",
     [
-        (["--heads", "0:x"], ["--heads", "0:x"]),
-        (["--heads", "0"], ["LAYER:HEADS"]),
-        (["--heads", "0:9"], ["head 9 out of range", "4 heads"]),
-        (["--heads", "L07:0"], ["no layer L07"]),
-        (["--heads", "5:0"], ["layer 5 out of range"]),
+        (["--heatmaps", "0:x"], ["--heatmaps", "0:x"]),
+        (["--heatmaps", "0"], ["LAYER:HEADS"]),
+        (["--heatmaps", "0:9"], ["head 9 out of range", "4 heads"]),
+        (["--heatmaps", "L07:0"], ["no layer L07"]),
+        (["--heatmaps", "5:0"], ["layer 5 out of range"]),
         (["--tokens", "65"], ["context of 64 tokens"]),
         (["--data", "stories_missing.txt"], ["--data", "no such file"]),
         (["--data", "model.txt"], ["needs a tokenizer"]),
@@ -494,7 +494,7 @@ def test_usage_errors_in_process(work, in_process, args, needles):
     write_shard(root / "short.bin", np.arange(10))
     with open(root / "short.bin", "ab") as f:
         f.write(b"\0\0")  # one token more than the header says
-    status, out, err = in_process(f"{HELPERS}:make_model", "--n", "2", "--tokens", "8", *args,
+    status, out, err = in_process(f"{HELPERS}:make_model", "--sequences", "2", "--tokens", "8", *args,
                                   "--out", str(root / "nope"))
     assert status == 2
     lines = err.strip().splitlines()
@@ -519,7 +519,7 @@ def test_model_errors_in_process(work, in_process):
             (bare / name).write_bytes((work["llama_dir"] / name).read_bytes())
         cases.append(([str(bare), "--data", str(root / "stories.txt")], "has no tokenizer"))
     for args, needle in cases:
-        status, _, err = in_process(*args, "--n", "2", "--tokens", "8",
+        status, _, err = in_process(*args, "--sequences", "2", "--tokens", "8",
                                     "--out", str(root / "nope"))
         assert status == 2 and len(err.strip().splitlines()) == 1, err
         assert needle in err, err
@@ -531,10 +531,11 @@ def test_stories260k(work, in_process):
         pytest.skip(FIXTURE_MISSING)
     if work["transformers"] is None:
         pytest.skip("transformers not installed")
-    from attn_probe.llama2c import load_llama2c, mean_next_token_loss
+    from attn_probe.models.llama2c import load_llama2c
+    from reference import mean_next_token_loss
 
     out_dir = work["root"] / "out_stories"
-    status, out, err = in_process(str(FIXTURE), "--n", "8", "--tokens", "64",
+    status, out, err = in_process(str(FIXTURE), "--sequences", "8", "--tokens", "64",
                                   "--out", str(out_dir))
     assert status == 0, err
     layers = read_csv(out_dir / "layers.csv")
@@ -555,10 +556,12 @@ def test_stories260k(work, in_process):
 
 
 def test_heads_spec_and_summary_line():
-    from attn_probe.analyze import _lazy_line, _most_collapsed, parse_heads, resolve_heads
-    from attn_probe.cli import UsageError
+    from attn_probe.cli.analyze import _lazy_line, _most_collapsed
+    from attn_probe.cli.heads import parse_heads, resolve_heads
+    from attn_probe.cli.console import UsageError
     from attn_probe.metrics import head_metrics
-    from attn_probe.stats import HeadAccumulator, Snapshot
+    from attn_probe.aggregate import HeadAccumulator
+    from attn_probe.snapshot import Snapshot
 
     names = ["m.0.attn", "m.1.attn", "m.2.attn"]
     heads = {name: 4 for name in names}

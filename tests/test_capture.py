@@ -16,14 +16,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from attn_probe.capture import (
+from attn_probe import capture
+from attn_probe.attention import (
     CaptureError,
     attention_probabilities,
-    capture,
     find_attention_modules,
     register_adapter,
 )
-from attn_probe.capture.adapters import find_adapter
+from attn_probe.attention.adapters import find_adapter
 from reference import FIXTURE, FIXTURE_MISSING, no_hooks_left
 
 try:
@@ -657,7 +657,8 @@ def test_transformer_encoder_nested_fast_path():
 @pytest.mark.skipif(not FIXTURE.exists(), reason=FIXTURE_MISSING)
 def test_stories260k_matches_eager():
     pytest.importorskip("transformers")
-    from attn_probe.llama2c import load_llama2c, sample_tokens
+    from attn_probe.models.llama2c import load_llama2c
+    from attn_probe.models.sampling import sample_tokens
 
     model = load_llama2c(FIXTURE, attn_implementation="sdpa")
     eager = load_llama2c(FIXTURE, attn_implementation="eager")

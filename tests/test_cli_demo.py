@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from attn_probe.demo import builtin_corpus
+from attn_probe.models.corpus import builtin_corpus
 
 
 def test_builtin_corpus_is_python_source():

@@ -37,7 +37,7 @@ if str(ROOT) not in sys.path:  # the workers run this file as a script
 
 from attn_probe import AttentionProbe  # noqa: E402
 from reference import assert_logged, read_scalars, reference_counts  # noqa: E402
-from attn_probe.gpt import GPT, GPTConfig  # noqa: E402
+from attn_probe.models.gpt import GPT, GPTConfig  # noqa: E402
 
 WORLD = 2
 CONFIG = dict(vocab_size=64, block_size=32, n_layer=2, n_head=4, n_embd=32)
@@ -297,7 +297,7 @@ def _save_history(folder: Path, rank: int, probe: AttentionProbe) -> None:
     data = {
         s.step: [
             {"name": layer.name, "rank": layer.heads["rank"].tolist(),
-             "columns": layer.heads["columns"].tolist(), "sequences": layer.sequences.tolist()}
+             "columns": layer.heads["columns"].tolist(), "sequences": layer.counts.tolist()}
             for layer in s.layers
         ]
         for s in probe.history

@@ -30,7 +30,7 @@ def scalar_steps(logdir: Path, tag: str) -> list[int]:
 
 def test_train_nanogpt(tmp_path):
     out = run("train_nanogpt.py", "--steps", "6", "--every", "3", "--layers", "2",
-              "--block-size", "16", "--batch-size", "4", "--logdir", "tb", cwd=tmp_path)
+              "--block-size", "16", "--batch-size", "4", "--log-dir", "tb", cwd=tmp_path)
     assert "max rank90 per layer" in out
     assert scalar_steps(tmp_path / "tb", "rank90/max/L01") == [0, 3]
 
@@ -38,12 +38,12 @@ def test_train_nanogpt(tmp_path):
 def test_train_huggingface(tmp_path):
     pytest.importorskip("transformers")
     run("train_huggingface.py", "--steps", "4", "--every", "2", "--tokens", "16",
-        "--logdir", "tb", cwd=tmp_path)
+        "--log-dir", "tb", cwd=tmp_path)
     assert scalar_steps(tmp_path / "tb", "rank90/max/L03") == [0, 2]
 
 
 def test_notebook_views(tmp_path):
-    out = run("notebook_views.py", "--steps", "3", "--n", "12", "--tokens", "16",
+    out = run("notebook_views.py", "--steps", "3", "--sequences", "12", "--tokens", "16",
               "--layer", "1", "--out", "views", cwd=tmp_path)
     assert "L03" in out
     for name in ("max_rank_profile.png", "collapse_map.png", "head_profiles_L01.png",

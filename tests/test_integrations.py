@@ -18,7 +18,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from attn_probe.gpt import GPT, GPTConfig
+from attn_probe.models.gpt import GPT, GPTConfig
 from reference import assert_logged, no_hooks_left, read_scalars, reference_counts
 
 ROOT = Path(__file__).resolve().parents[1]

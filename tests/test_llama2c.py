@@ -16,7 +16,9 @@ import numpy as np
 import pytest
 import torch
 
-from attn_probe.llama2c import load_llama2c, mean_next_token_loss, sample_tokens
+from attn_probe.models.llama2c import load_llama2c
+from attn_probe.models.sampling import sample_tokens
+from reference import mean_next_token_loss
 from reference import FIXTURE, FIXTURE_MISSING
 
 FIXTURE_SHA256 = "9414d5a285453a7eab631713d171753232c978f6f97654211469aff8be93c8d6"

@@ -11,8 +11,9 @@ import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from attn_probe import plots
-from attn_probe.stats import HeadAccumulator, Snapshot
+from attn_probe.outputs import figures as plots
+from attn_probe.aggregate import HeadAccumulator
+from attn_probe.snapshot import Snapshot
 
 
 def image_axes(fig: Figure):

@@ -13,8 +13,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from torch import nn
 
 import attn_probe
-from attn_probe.gpt import GPT, GPTConfig
-from attn_probe.stats import CollapseRule
+from attn_probe.models.gpt import GPT, GPTConfig
+from attn_probe.snapshot import CollapseRule
 from reference import no_hooks_left, reference_columns, reference_rank
 
 
@@ -139,7 +139,7 @@ def test_gradient_accumulation_measures_first_forward_only(tmp_path):
     for step, snapshot in enumerate(probe.history):
         first = head_means(ref.calls[2 * step][1], reference_rank)
         np.testing.assert_allclose(snapshot.layers[1].heads["rank"], first)
-        assert snapshot.layers[1].sequences.tolist() == [2] * 4
+        assert snapshot.layers[1].counts.tolist() == [2] * 4
 
 
 def test_global_step_and_schedule(tmp_path):
@@ -157,7 +157,7 @@ def test_unsampled_steps_do_not_measure():
     model = small_gpt()
     calls = []
     with attn_probe.AttentionProbe(model, every=4) as probe:
-        probe._recorder.sink = lambda name, a: calls.append(name)
+        probe._recorder.on_attention = lambda name, a: calls.append(name)
         for _ in range(8):
             model(torch.randint(0, 64, (2, 8)))
             probe.step()
@@ -299,14 +299,14 @@ def test_rank_profile_matches_reference():
     model = small_gpt().eval()
     data = [x[:, :-1] for x in batches(3, b=4)]
     ref = ReferenceRecorder(model, max_sequences=4, max_tokens=24)
-    snapshot = attn_probe.rank_profile(model, data, n_sequences=10)
+    snapshot = attn_probe.rank_profile(model, data, max_sequences=10)
     ref.remove()
     for layer in range(2):
         a = torch.cat([call[layer] for call in ref.calls])[:10]
         np.testing.assert_allclose(snapshot.layers[layer].heads["rank"], head_means(a, reference_rank))
         np.testing.assert_allclose(
             snapshot.layers[layer].heads["columns"], head_means(a, reference_columns))
-        assert snapshot.layers[layer].sequences.tolist() == [10] * 4
+        assert snapshot.layers[layer].counts.tolist() == [10] * 4
     np.testing.assert_allclose(
         snapshot.max_rank_profile(), [l.heads["rank"].max() for l in snapshot.layers])
 

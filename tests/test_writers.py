@@ -17,9 +17,10 @@ from tensorboard.compat.proto import event_pb2
 from tensorboard.plugins.custom_scalar import layout_pb2
 from torch.utils.tensorboard import SummaryWriter
 
-from attn_probe import plots
-from attn_probe.stats import HeadAccumulator, Snapshot
-from attn_probe.writers import TensorBoardWriter
+from attn_probe.outputs import figures as plots
+from attn_probe.aggregate import HeadAccumulator
+from attn_probe.snapshot import Snapshot
+from attn_probe.outputs import TensorBoardWriter
 
 NAMES = ("encoder.0.attn", "encoder.1.attn", "encoder.2.attn", "encoder.3.attn")
 HEADS = 4
@@ -289,7 +290,7 @@ def test_per_head_off(run, tmp_path):
 
 def test_tau_sets_tag_percent(tmp_path):
     snapshots, _ = build_run(seed=1, tau=0.8)
-    with TensorBoardWriter(log_dir=str(tmp_path), per_head=False, heatmap_heads={}) as writer:
+    with TensorBoardWriter(log_dir=str(tmp_path), per_head=False, heatmaps={}) as writer:
         writer.write(snapshots[0])
     tags = load(tmp_path).Tags()
     assert "rank80/max/L00" in tags["scalars"] and "columns80/min/L03" in tags["scalars"]
@@ -381,8 +382,8 @@ def test_heatmap_choice_and_crop(run, tmp_path, monkeypatch):
 
     monkeypatch.setattr(plots, "attention_heatmaps", spy)
     choice = {"encoder.2.attn": [1, 99], "L00": [3], -1: [0, 2], "not.a.layer": [0], 1: [0]}
-    with TensorBoardWriter(log_dir=str(tmp_path), heatmap_heads=choice,
-                           max_heatmap_tokens=16) as writer:
+    with TensorBoardWriter(log_dir=str(tmp_path), heatmaps=choice,
+                           heatmap_tokens=16) as writer:
         writer.write(snapshot)
     # layer 1 has no sample; head 99 does not exist; unknown names are skipped
     assert set(load(tmp_path).Tags()["images"]) == {
@@ -397,7 +398,7 @@ def test_images_off_and_no_heatmaps(run, tmp_path):
     with TensorBoardWriter(log_dir=str(tmp_path / "off")) as writer:
         writer.write(snapshots[0], images=False)
     assert load(tmp_path / "off").Tags()["images"] == []
-    with TensorBoardWriter(log_dir=str(tmp_path / "none"), heatmap_heads={}) as writer:
+    with TensorBoardWriter(log_dir=str(tmp_path / "none"), heatmaps={}) as writer:
         writer.write(snapshots[0])
     assert set(load(tmp_path / "none").Tags()["images"]) == {
         "collapse_map/rank90", "profile/max_rank90"}
@@ -420,7 +421,7 @@ def test_user_writer_is_flushed_not_closed(run, tmp_path):
 
 def test_owned_writer_closed_and_complete(run, tmp_path):
     snapshots, expected = run
-    writer = TensorBoardWriter(log_dir=str(tmp_path), per_head=False, heatmap_heads={})
+    writer = TensorBoardWriter(log_dir=str(tmp_path), per_head=False, heatmaps={})
     for snapshot in snapshots:
         writer.write(snapshot, images=False)
     writer.close()

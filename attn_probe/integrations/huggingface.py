@@ -17,17 +17,11 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from ..probe import AttentionProbe
+from .base import ProbeCallback, optional_base
 
-_INSTALL = 'the Hugging Face callback needs transformers: pip install "attn_probe[hf]"'
-
-try:
-    from transformers import TrainerCallback as _TrainerCallback
-except ImportError as _error:  # the module stays importable; the callback says what is missing
-    _TrainerCallback = None
-    _IMPORT_ERROR: ImportError | None = _error
-else:
-    _IMPORT_ERROR = None
+_TrainerCallback, __getattr__ = optional_base(
+    "transformers", "TrainerCallback", label="Hugging Face", extra="hf"
+)
 
 __all__ = ["AttentionProbeCallback", "default_log_dir"]
 
@@ -50,7 +44,7 @@ def default_log_dir(args: Any) -> str:
 
 if _TrainerCallback is not None:
 
-    class AttentionProbeCallback(_TrainerCallback):
+    class AttentionProbeCallback(ProbeCallback, _TrainerCallback):
         """Runs an :class:`~attn_probe.AttentionProbe` on the ``Trainer``'s model.
 
         Args:
@@ -91,30 +85,16 @@ if _TrainerCallback is not None:
             trainer.train()  # then: tensorboard --logdir out/attn_probe
         """
 
-        def __init__(self, model: Any = None, **probe_kwargs: Any) -> None:
-            self.model = model
-            self.probe_kwargs = probe_kwargs
-            self.probe: AttentionProbe | None = None
-            self._open: int | None = None  # the step the coming forward passes belong to
-
         def on_train_begin(self, args, state, control, model=None, **kwargs):
-            target = self.model if self.model is not None else model
-            if target is None:
+            if self.model is None and model is None:
                 raise ValueError(
                     "AttentionProbeCallback: no model to watch (the Trainer passed none); "
                     "give one with AttentionProbeCallback(model=...)"
                 )
-            if self.probe is not None:
-                self.probe.detach()
-            options = dict(self.probe_kwargs)
-            if options.get("writer") is None and options.get("log_dir") is None:
-                options.pop("writer", None)
-                options["log_dir"] = default_log_dir(args)
-            if "every" not in options:
-                every = getattr(state, "logging_steps", None) or args.logging_steps
-                options["every"] = max(1, int(every))
-            self.probe = AttentionProbe(target, **options)
-            self._open = None
+            self._make_probe(
+                model, lambda: default_log_dir(args),
+                lambda: getattr(state, "logging_steps", None) or args.logging_steps,
+            )
 
         def on_step_begin(self, args, state, control, **kwargs):
             if self.probe is None:
@@ -127,17 +107,4 @@ if _TrainerCallback is not None:
                 self.probe.step(state.global_step)
 
         def on_train_end(self, args, state, control, **kwargs):
-            if self.probe is None:
-                return
-            if self._open is not None:
-                # Close the last step on every process before removing the hooks.
-                self.probe.step(self._open)
-                self._open = None
-            self.probe.detach()
-
-else:
-
-    def __getattr__(name: str) -> Any:
-        if name == "AttentionProbeCallback":
-            raise ImportError(f"{_INSTALL} ({_IMPORT_ERROR})")
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+            self._finish()

@@ -16,17 +16,11 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from ..probe import AttentionProbe
+from .base import ProbeCallback, optional_base
 
-_INSTALL = 'the Lightning callback needs lightning: pip install "attn_probe[lightning]"'
-
-try:
-    from lightning.pytorch import Callback as _Callback
-except ImportError as _error:  # the module stays importable; the callback says what is missing
-    _Callback = None
-    _IMPORT_ERROR: ImportError | None = _error
-else:
-    _IMPORT_ERROR = None
+_Callback, __getattr__ = optional_base(
+    "lightning.pytorch", "Callback", label="Lightning", extra="lightning"
+)
 
 __all__ = ["AttentionProbeCallback", "default_log_dir"]
 
@@ -48,7 +42,7 @@ def default_log_dir(trainer: Any) -> str:
 
 if _Callback is not None:
 
-    class AttentionProbeCallback(_Callback):
+    class AttentionProbeCallback(ProbeCallback, _Callback):
         """Runs an :class:`~attn_probe.AttentionProbe` on the ``LightningModule``.
 
         Args:
@@ -87,26 +81,10 @@ if _Callback is not None:
             # then: tensorboard --logdir lightning_logs
         """
 
-        def __init__(self, model: Any = None, **probe_kwargs: Any) -> None:
-            super().__init__()
-            self.model = model
-            self.probe_kwargs = probe_kwargs
-            self.probe: AttentionProbe | None = None
-            self._open: int | None = None  # the step the coming forward passes belong to
-
         # lifecycle -------------------------------------------------------------------
         def on_fit_start(self, trainer, pl_module) -> None:
-            if self.probe is not None:
-                self.probe.detach()
-            options = dict(self.probe_kwargs)
-            if options.get("writer") is None and options.get("log_dir") is None:
-                options.pop("writer", None)
-                options["log_dir"] = default_log_dir(trainer)
-            if "every" not in options:
-                options["every"] = int(trainer.log_every_n_steps) or 100
-            target = self.model if self.model is not None else pl_module
-            self.probe = AttentionProbe(target, **options)
-            self._open = None
+            self._make_probe(pl_module, lambda: default_log_dir(trainer),
+                             lambda: int(trainer.log_every_n_steps) or 100)
 
         def on_train_start(self, trainer, pl_module) -> None:
             if self.probe is None:
@@ -136,19 +114,3 @@ if _Callback is not None:
             self._open = None
             # Other processes may never get here: log locally, no collective.
             self.probe.detach(collective=False)
-
-        def _finish(self) -> None:
-            if self.probe is None:
-                return
-            if self._open is not None:
-                # Close the last step on every process before removing the hooks.
-                self.probe.step(self._open)
-                self._open = None
-            self.probe.detach()
-
-else:
-
-    def __getattr__(name: str) -> Any:
-        if name == "AttentionProbeCallback":
-            raise ImportError(f"{_INSTALL} ({_IMPORT_ERROR})")
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -10,6 +10,21 @@ class UsageError(Exception):
     """Bad input from the command line: printed as one line, exit status 2."""
 
 
+def one_line(text: object) -> str:
+    """``text`` with every run of whitespace (newlines too) made one space."""
+    return " ".join(str(text).split())
+
+
+def import_transformers(purpose: str):
+    """``transformers``, or a :class:`UsageError` saying that ``purpose`` needs it."""
+    from ..models._optional import import_transformers as load
+
+    try:
+        return load(purpose)
+    except ImportError as error:
+        raise UsageError(str(error)) from None
+
+
 class Progress:
     """A one-line progress bar on stderr (redrawn in place on a terminal, sparse otherwise)."""
 

@@ -1,4 +1,4 @@
-"""TensorBoard output of :class:`~attn_probe.stats.Snapshot` objects.
+"""TensorBoard output of :class:`~attn_probe.snapshot.Snapshot` objects.
 
 Scalar tags, with ``P = round(tau * 100)`` (e.g. ``90``) and ``Lxx``/``Hyy`` the layer and
 head numbers::
@@ -18,15 +18,16 @@ heatmaps per chosen layer, ``attention/Lxx``. Everything is logged at ``snapshot
 
 from __future__ import annotations
 
-import math
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
-from .. import plots
+from ..options import check_count
+from ..snapshot import DEFAULT_HEATMAP_HEADS, default_heatmaps, finite, percent
+from . import figures
 
 if TYPE_CHECKING:
     from torch.utils.tensorboard import SummaryWriter
 
-    from ..stats import LayerSummary, Snapshot
+    from ..snapshot import LayerSummary, Snapshot
 
 __all__ = ["TensorBoardWriter", "LAYOUT_CATEGORY"]
 
@@ -35,11 +36,6 @@ LAYOUT_CATEGORY = "attn_probe"
 
 _REDUCED = ("max", "mean", "min")  # reductions over heads logged for rank and columns
 _MEAN_ONLY = ("entropy", "sink", "first_key_dominant")
-_DEFAULT_HEATMAP_HEADS = (0, 1, 2, 3)
-
-
-def _finite(value: float) -> bool:
-    return not (math.isnan(value) or math.isinf(value))
 
 
 class TensorBoardWriter:
@@ -52,11 +48,11 @@ class TensorBoardWriter:
         log_dir: directory of the writer made when ``writer`` is ``None`` (``None``: the
             ``SummaryWriter`` default, ``runs/...``).
         per_head: also log ``rank{P}/head/Lxx/Hyy`` and ``columns{P}/head/Lxx/Hyy``.
-        heatmap_heads: which attention heatmaps to draw: layer (module name, tag ``"L07"``,
-            monitored-layer index, or a negative position among the snapshot's layers, ``-1``
-            for the last) -> head numbers. Default: the first and last layer, heads 0 to 3.
-            An empty mapping draws none.
-        max_heatmap_tokens: heatmaps show at most this many first queries and keys.
+        heatmaps: which attention heatmaps to draw: layer (anything
+            :func:`~attn_probe.snapshot.find_layer` takes: module name, tag ``"L07"``, index,
+            ``-1`` for the last) -> head numbers (None: heads 0 to 3). Default: the first and
+            last layer, heads 0 to 3. An empty mapping draws none.
+        heatmap_tokens: heatmaps show at most this many first queries and keys.
         custom_scalars: write the custom-scalars layout with the first snapshot. TensorBoard
             keeps one layout per run, so turn this off if you write your own into ``writer``.
     """
@@ -67,14 +63,13 @@ class TensorBoardWriter:
         *,
         log_dir: str | None = None,
         per_head: bool = True,
-        heatmap_heads: Mapping[str | int, Sequence[int]] | None = None,
-        max_heatmap_tokens: int = 64,
+        heatmaps: Mapping[str | int, Sequence[int] | None] | None = None,
+        heatmap_tokens: int = 64,
         custom_scalars: bool = True,
     ) -> None:
         if writer is not None and log_dir is not None:
             raise ValueError("pass either a SummaryWriter or a log_dir, not both")
-        if max_heatmap_tokens < 1:
-            raise ValueError(f"max_heatmap_tokens must be >= 1, got {max_heatmap_tokens}")
+        check_count("heatmap_tokens", heatmap_tokens)
         self._owns_writer = writer is None
         if writer is None:
             from torch.utils.tensorboard import SummaryWriter
@@ -82,8 +77,8 @@ class TensorBoardWriter:
             writer = SummaryWriter(log_dir=log_dir)
         self.writer = writer
         self.per_head = per_head
-        self.heatmap_heads = None if heatmap_heads is None else dict(heatmap_heads)
-        self.max_heatmap_tokens = int(max_heatmap_tokens)
+        self.heatmaps = None if heatmaps is None else dict(heatmaps)
+        self.heatmap_tokens = int(heatmap_tokens)
         self._layout_written = not custom_scalars
         self._closed = False
 
@@ -102,24 +97,24 @@ class TensorBoardWriter:
             self._write_images(snapshot)
 
     def _scalar(self, tag: str, value: float, step: int) -> None:
-        if _finite(value):
+        if finite(value):
             self.writer.add_scalar(tag, value, global_step=step)
 
     def _write_layer(self, snapshot: "Snapshot", layer: "LayerSummary") -> None:
-        step, percent, tag = snapshot.step, _percent(snapshot.tau), layer.tag
+        step, p, tag = snapshot.step, percent(snapshot.tau), layer.tag
         for metric in ("rank", "columns"):
             for how in _REDUCED:
-                self._scalar(f"{metric}{percent}/{how}/{tag}", layer.reduce(metric, how), step)
+                self._scalar(f"{metric}{p}/{how}/{tag}", layer.reduce(metric, how), step)
         for metric in _MEAN_ONLY:
             self._scalar(f"{metric}/mean/{tag}", layer.reduce(metric, "mean"), step)
         self._scalar(f"lazy_share/{tag}", layer.lazy_share, step)
         if self.per_head:
             for head in range(layer.num_heads):
-                if layer.sequences[head] <= 0:
+                if not layer.has_data[head]:
                     continue
                 for metric in ("rank", "columns"):
                     self._scalar(
-                        f"{metric}{percent}/head/{tag}/H{head:02d}",
+                        f"{metric}{p}/head/{tag}/H{head:02d}",
                         float(layer.heads[metric][head]),
                         step,
                     )
@@ -130,11 +125,10 @@ class TensorBoardWriter:
             self.writer.add_scalar(f"nonfinite/{tag}", nonfinite, global_step=step)
 
     def _write_images(self, snapshot: "Snapshot") -> None:
-        step, percent = snapshot.step, _percent(snapshot.tau)
-        if any((layer.sequences > 0).any() for layer in snapshot.layers):
-            self._image(f"collapse_map/rank{percent}", plots.collapse_map_for(snapshot, "rank"),
-                        step)
-            self._image(f"profile/max_rank{percent}", plots.max_rank_profile_for(snapshot), step)
+        step, p = snapshot.step, percent(snapshot.tau)
+        if snapshot.has_data:
+            self._image(f"collapse_map/rank{p}", figures.collapse_map_for(snapshot, "rank"), step)
+            self._image(f"profile/max_rank{p}", figures.max_rank_profile_for(snapshot), step)
         for layer, heads in self._heatmap_choice(snapshot):
             attention = snapshot.samples[layer.name]
             available = [h for h in heads if 0 <= h < attention.shape[0]]
@@ -142,35 +136,35 @@ class TensorBoardWriter:
                 continue
             total = int(attention.shape[-1])
             crop = ""
-            if total > self.max_heatmap_tokens:
-                crop = f", first {self.max_heatmap_tokens} of {total} tokens"
-            figure = plots.attention_heatmaps(
+            if total > self.heatmap_tokens:
+                crop = f", first {self.heatmap_tokens} of {total} tokens"
+            figure = figures.attention_heatmaps(
                 attention,
                 heads=available,
-                max_tokens=self.max_heatmap_tokens,
+                tokens=self.heatmap_tokens,
                 title=f"{layer.tag} {layer.name}, step {step}{crop}",
             )
             self._image(f"attention/{layer.tag}", figure, step)
 
     def _image(self, tag: str, figure: Any, step: int) -> None:
-        self.writer.add_image(tag, plots.figure_to_array(figure), global_step=step,
+        self.writer.add_image(tag, figures.figure_to_array(figure), global_step=step,
                               dataformats="HWC")
 
     def _heatmap_choice(self, snapshot: "Snapshot") -> list[tuple["LayerSummary", list[int]]]:
         """(layer, heads) pairs to draw, in layer order, for layers that have a sample."""
         layers = [layer for layer in snapshot.layers if layer.name in snapshot.samples]
-        if not layers:
-            return []
-        if self.heatmap_heads is None:
-            chosen = {layers[0].name: list(_DEFAULT_HEATMAP_HEADS),
-                      layers[-1].name: list(_DEFAULT_HEATMAP_HEADS)}
+        if self.heatmaps is None:
+            chosen = default_heatmaps(layers)
         else:
             chosen = {}
-            for key, heads in self.heatmap_heads.items():
-                layer = _match_layer(snapshot.layers, key)
-                if layer is None or layer.name not in snapshot.samples:
+            for key, heads in self.heatmaps.items():
+                try:
+                    layer = snapshot.layer(key)
+                except KeyError:
                     continue  # not measured at this step
-                heads = list(_DEFAULT_HEATMAP_HEADS) if heads is None else [int(h) for h in heads]
+                if layer.name not in snapshot.samples:
+                    continue
+                heads = DEFAULT_HEATMAP_HEADS if heads is None else [int(h) for h in heads]
                 merged = chosen.setdefault(layer.name, [])
                 merged.extend(h for h in heads if h not in merged)
         return [(layer, chosen[layer.name]) for layer in layers if layer.name in chosen]
@@ -179,9 +173,9 @@ class TensorBoardWriter:
 
     def layout(self, snapshot: "Snapshot") -> dict[str, dict[str, list[Any]]]:
         """The custom-scalars layout written with the first snapshot."""
-        percent = _percent(snapshot.tau)
+        p = percent(snapshot.tau)
         charts: dict[str, list[Any]] = {}
-        for metric in (f"rank{percent}", f"columns{percent}"):
+        for metric in (f"rank{p}", f"columns{p}"):
             for how in _REDUCED:
                 charts[f"{metric} {how} over heads"] = ["Multiline", [rf"{metric}/{how}/L\d+"]]
         for metric in _MEAN_ONLY:
@@ -191,8 +185,8 @@ class TensorBoardWriter:
         layout = {LAYOUT_CATEGORY: charts}
         if self.per_head and snapshot.layers:
             layout[f"{LAYOUT_CATEGORY} per head"] = {
-                f"{metric}{percent} {layer.tag}": [
-                    "Multiline", [rf"{metric}{percent}/head/{layer.tag}/H\d+"]
+                f"{metric}{p} {layer.tag}": [
+                    "Multiline", [rf"{metric}{p}/head/{layer.tag}/H\d+"]
                 ]
                 for layer in snapshot.layers
                 for metric in ("rank", "columns")
@@ -227,22 +221,3 @@ class TensorBoardWriter:
             f"per_head={self.per_head}, "
             f"owns_writer={self._owns_writer})"
         )
-
-
-def _percent(tau: float) -> int:
-    return int(round(tau * 100))
-
-
-def _match_layer(layers: Sequence["LayerSummary"], key: str | int) -> "LayerSummary | None":
-    if isinstance(key, str):
-        for layer in layers:
-            if key in (layer.name, layer.tag):
-                return layer
-        return None
-    key = int(key)
-    if key < 0:
-        return layers[key] if -len(layers) <= key else None
-    for layer in layers:
-        if layer.index == key:
-            return layer
-    return None

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import csv
 import json
-import math
 from pathlib import Path
 
-from .stats import METRICS, Snapshot
+from ..snapshot import METRICS, Snapshot, finite, percent
 
 
 def layer_rows(snapshot: Snapshot) -> list[dict]:
@@ -17,7 +16,7 @@ def layer_rows(snapshot: Snapshot) -> list[dict]:
             "layer": layer.tag,
             "module": layer.name,
             "heads": layer.num_heads,
-            "sequences": int(layer.sequences.max(initial=0)),
+            "sequences": layer.sequences,
             "max_rank": layer.reduce("rank", "max"),
             "mean_rank": layer.reduce("rank", "mean"),
             "min_rank": layer.reduce("rank", "min"),
@@ -39,7 +38,7 @@ def head_rows(snapshot: Snapshot) -> list[dict]:
             "layer": layer.tag,
             "module": layer.name,
             "head": h,
-            "sequences": int(layer.sequences[h]),
+            "sequences": int(layer.counts[h]),
             **{metric: float(layer.heads[metric][h]) for metric in METRICS},
             "lazy": bool(layer.lazy[h]),
         }
@@ -50,7 +49,7 @@ def head_rows(snapshot: Snapshot) -> list[dict]:
 
 def format_table(snapshot: Snapshot) -> str:
     """The per-layer table printed at the end of a run."""
-    p = round(snapshot.tau * 100)
+    p = percent(snapshot.tau)
     header = (f"{'layer':<6} {'module':<34} {'max rank' + str(p):>10} {'mean rank':>9} "
               f"{'max cols' + str(p):>10} {'entropy':>8} {'sink':>6} {'lazy heads':>10}")
     lines = [header, "-" * len(header)]
@@ -65,7 +64,7 @@ def format_table(snapshot: Snapshot) -> str:
 
 
 def _clean(value):
-    return None if isinstance(value, float) and not math.isfinite(value) else value
+    return None if isinstance(value, float) and not finite(value) else value
 
 
 def write_tables(snapshot: Snapshot, out: str | Path) -> list[Path]:

@@ -4,7 +4,7 @@ Every function builds a :class:`matplotlib.figure.Figure` directly (Agg canvas, 
 global figure registry), so it is safe in training processes, threads and notebooks alike: the
 figure is garbage collected like any other object. The functions take plain arrays; the
 ``*_for`` variants are thin conveniences that pull the arrays out of a
-:class:`~attn_probe.stats.Snapshot`.
+:class:`~attn_probe.snapshot.Snapshot`.
 
 Use :func:`figure_to_array` to turn a figure into an ``(height, width, 3)`` uint8 image, e.g. for
 ``SummaryWriter.add_image(..., dataformats="HWC")``. In a notebook a returned figure displays
@@ -22,8 +22,11 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from .._compat import renamed
+from ..snapshot import percent
+
 if TYPE_CHECKING:
-    from .stats import LayerSummary, Snapshot
+    from ..snapshot import Snapshot
 
 __all__ = [
     "attention_heatmaps",
@@ -77,10 +80,6 @@ def _as_numpy(values: Any, dtype: Any = np.float64) -> np.ndarray:
     return np.array(values, dtype=dtype)
 
 
-def _percent(tau: float) -> int:
-    return int(round(tau * 100))
-
-
 def _cmap(name: str):
     return matplotlib.colormaps[name].with_extremes(bad=_NAN_COLOUR)
 
@@ -110,19 +109,9 @@ def _layer_matrix(snapshot: "Snapshot", metric: str) -> np.ndarray:
     values = np.full((len(snapshot.layers), heads), np.nan)
     for row, layer in enumerate(snapshot.layers):
         per_head = np.asarray(layer.heads[metric], dtype=np.float64).copy()
-        per_head[np.asarray(layer.sequences) <= 0] = np.nan
+        per_head[~layer.has_data] = np.nan
         values[row, : per_head.shape[0]] = per_head
     return values
-
-
-def _find_layer(snapshot: "Snapshot", layer: "str | int") -> "LayerSummary":
-    for summary in snapshot.layers:
-        if layer in (summary.name, summary.tag) or (
-            isinstance(layer, int) and not isinstance(layer, bool) and layer == summary.index
-        ):
-            return summary
-    known = ", ".join(f"{s.tag} ({s.name})" for s in snapshot.layers) or "none"
-    raise KeyError(f"no layer {layer!r} in the snapshot of step {snapshot.step}; layers: {known}")
 
 
 # ----------------------------------------------------------------------------------- figures
@@ -221,8 +210,8 @@ def collapse_map_for(snapshot: "Snapshot", metric: str = "rank", **kwargs: Any) 
     Rank and columns are at least 1, so their colour scale starts at 1 unless ``vmin`` is given.
     Keyword arguments go to :func:`collapse_map`.
     """
-    percent = _percent(snapshot.tau)
-    names = {"rank": f"rank@{percent}%", "columns": f"columns@{percent}%"}
+    pct = percent(snapshot.tau)
+    names = {"rank": f"rank@{pct}%", "columns": f"columns@{pct}%"}
     label = names.get(metric, metric)
     values = _layer_matrix(snapshot, metric)
     if metric in ("rank", "columns") and "vmin" not in kwargs:
@@ -252,7 +241,7 @@ def max_rank_profile(
         layer_labels = [f"L{i:02d}" for i in range(layers)]
     if len(layer_labels) != layers:
         raise ValueError(f"got {len(layer_labels)} layer labels for {layers} layers")
-    percent = _percent(tau)
+    pct = percent(tau)
 
     ticks = _label_ticks(layers, 48)
     rotate = len(ticks) > 12
@@ -263,7 +252,7 @@ def max_rank_profile(
     ax = _axes_at(fig, 0.7, bottom, width - 0.85, 2.4)
     x = np.arange(layers)
     ax.plot(x, max_rank, marker="o", markersize=4, linewidth=1.5, color="#3b528b",
-            label=f"MaxRank@{percent}%")
+            label=f"MaxRank@{pct}%")
     ax.axhline(1.0, color="#b2182b", linewidth=0.8, linestyle=":", label="rank 1 (collapsed)")
     finite = max_rank[np.isfinite(max_rank)]
     top = float(finite.max()) if finite.size else 1.0
@@ -274,24 +263,24 @@ def max_rank_profile(
     ax.set_xticks(ticks, [layer_labels[i] for i in ticks], fontsize=8, rotation=90 if rotate else 0)
     ax.tick_params(axis="y", labelsize=8)
     ax.set_xlabel("layer", fontsize=9)
-    ax.set_ylabel(f"max over heads of rank@{percent}%", fontsize=9)
+    ax.set_ylabel(f"max over heads of rank@{pct}%", fontsize=9)
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=8, loc="best", frameon=False)
     if not finite.size:
         ax.text(0.5, 0.7, "no data", transform=ax.transAxes, ha="center", va="center",
                 color="grey")
-    ax.set_title(title or f"MaxRank@{percent}% per layer", fontsize=10)
+    ax.set_title(title or f"MaxRank@{pct}% per layer", fontsize=10)
     return fig
 
 
 def max_rank_profile_for(snapshot: "Snapshot", *, title: str | None = None) -> Figure:
     """:func:`max_rank_profile` of a snapshot."""
-    percent = _percent(snapshot.tau)
+    pct = percent(snapshot.tau)
     return max_rank_profile(
         snapshot.max_rank_profile(),
         layer_labels=[layer.tag for layer in snapshot.layers],
         tau=snapshot.tau,
-        title=title or f"MaxRank@{percent}% per layer, step {snapshot.step}",
+        title=title or f"MaxRank@{pct}% per layer, step {snapshot.step}",
     )
 
 
@@ -312,7 +301,7 @@ def head_profiles(
     if rank.shape != columns.shape:
         raise ValueError(f"rank {rank.shape} and columns {columns.shape} differ in head count")
     heads = rank.shape[0]
-    percent = _percent(tau)
+    pct = percent(tau)
 
     rotate = heads > 12
     width = _clamp(2.2 + 0.38 * heads, 4.5, _MAX_WIDTH)
@@ -321,9 +310,9 @@ def head_profiles(
     ax = _axes_at(fig, 0.7, bottom, width - 0.85, 2.2)
     x = np.arange(heads)
     width = 0.4
-    ax.bar(x - width / 2, np.nan_to_num(rank, nan=0.0), width, label=f"rank@{percent}%",
+    ax.bar(x - width / 2, np.nan_to_num(rank, nan=0.0), width, label=f"rank@{pct}%",
            color="#3b528b")
-    ax.bar(x + width / 2, np.nan_to_num(columns, nan=0.0), width, label=f"columns@{percent}%",
+    ax.bar(x + width / 2, np.nan_to_num(columns, nan=0.0), width, label=f"columns@{pct}%",
            color="#5ec962")
     ax.axhline(1.0, color="#b2182b", linewidth=0.8, linestyle=":")
     finite = np.concatenate([rank[np.isfinite(rank)], columns[np.isfinite(columns)]])
@@ -352,8 +341,8 @@ def head_profiles(
 def head_profiles_for(snapshot: "Snapshot", layer: "str | int", *,
                       title: str | None = None) -> Figure:
     """:func:`head_profiles` of one layer of a snapshot (by name, tag ``"L07"`` or index)."""
-    summary = _find_layer(snapshot, layer)
-    has_data = np.asarray(summary.sequences) > 0
+    summary = snapshot.layer(layer)
+    has_data = summary.has_data
     rank = np.where(has_data, summary.heads["rank"], np.nan)
     columns = np.where(has_data, summary.heads["columns"], np.nan)
     return head_profiles(
@@ -372,13 +361,15 @@ def attention_heatmaps(
     title: str | None = None,
     max_cols: int = 4,
     shared_scale: bool = False,
-    max_tokens: int | None = None,
+    tokens: int | None = None,
     cmap: str = "magma",
+    max_tokens: int | None = None,
 ) -> Figure:
     """Grid of per-head heatmaps of attention probabilities: key on x, query on y.
 
     ``attention`` is ``(H, T, T)`` (or ``(T, T)`` for one head), a tensor or an array.
-    ``heads`` picks heads (default: all); ``max_tokens`` crops to the first queries and keys.
+    ``heads`` picks heads (default: all); ``tokens`` crops to the first queries and keys
+    (``max_tokens`` is its deprecated name).
     Each head gets its own colour scale from 0 and a colour bar, or, with ``shared_scale``,
     one scale and one colour bar for all.
     """
@@ -388,8 +379,10 @@ def attention_heatmaps(
     if attention.ndim != 3 or attention.shape[1] != attention.shape[2]:
         raise ValueError(f"expected (heads, T, T) attention, got shape {attention.shape}")
     if max_tokens is not None:
-        attention = attention[:, :max_tokens, :max_tokens]
-    num_heads, tokens = attention.shape[:2]
+        tokens = renamed("max_tokens", "tokens", max_tokens)
+    if tokens is not None:
+        attention = attention[:, :tokens, :tokens]
+    num_heads = attention.shape[0]
     heads = list(range(num_heads)) if heads is None else [int(h) for h in heads]
     if not heads:
         raise ValueError("no heads to draw")

@@ -10,11 +10,11 @@ from .console import Progress, UsageError
 
 
 def _demo(args: argparse.Namespace) -> int:
+    from ..outputs.tables import format_table
     from .demo import DemoConfig, run_demo
-    from .report import format_table
 
     config = DemoConfig(
-        logdir=args.logdir, steps=args.steps, every=args.every, batch_size=args.batch_size,
+        log_dir=args.log_dir, steps=args.steps, every=args.every, batch_size=args.batch_size,
         n_layer=args.layers, images_every=args.images_every, seed=args.seed,
     )
     print(f"attn-probe demo: a {config.n_layer}-layer GPT learns Python's own source code; "
@@ -26,8 +26,8 @@ def _demo(args: argparse.Namespace) -> int:
           f"{result.losses[0]:.2f} -> {result.losses[-1]:.2f}")
     print(f"\nattention at step {first.step}:\n{format_table(first)}")
     print(f"\nattention at step {last.step}:\n{format_table(last)}")
-    print(f"\nTensorBoard logs in {result.logdir}. See them with:\n"
-          f"  tensorboard --logdir {result.logdir}")
+    print(f"\nTensorBoard logs in {result.log_dir}. See them with:\n"
+          f"  tensorboard --logdir {result.log_dir}")
     return 0
 
 
@@ -39,7 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     demo = commands.add_parser("demo", help="train a small GPT on built-in text with the probe on")
-    demo.add_argument("--logdir", default="runs/demo", help="TensorBoard directory (runs/demo)")
+    demo.add_argument("--log-dir", "--logdir", dest="log_dir", default="runs/demo",
+                      help="TensorBoard directory (%(default)s)")
     demo.add_argument("--steps", type=int, default=DEMO_DEFAULTS["steps"],
                       help="training steps (%(default)s)")
     demo.add_argument("--every", type=int, default=DEMO_DEFAULTS["every"],

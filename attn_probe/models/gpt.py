@@ -98,7 +98,9 @@ class GPT(nn.Module):
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
-    def forward(self, idx: Tensor, targets: Tensor | None = None):
+    def forward(self, idx: Tensor, targets: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        """``(logits, loss)``: the loss is the mean cross-entropy against ``targets``, or None
+        without them (as in nanoGPT)."""
         b, t = idx.shape
         if t > self.config.block_size:
             raise ValueError(f"sequence of {t} tokens is longer than block_size {self.config.block_size}")
@@ -108,6 +110,6 @@ class GPT(nn.Module):
             x = block(x)
         logits = self.lm_head(self.transformer.ln_f(x))
         if targets is None:
-            return logits
+            return logits, None
         loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
         return logits, loss

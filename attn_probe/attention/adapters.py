@@ -3,7 +3,7 @@
 An adapter is ``fn(module, args, kwargs, *, max_sequences, max_tokens) -> Tensor (B, H, T, T)``,
 called with the positional and keyword arguments of the module's forward before it runs. It
 recomputes q and k the way the module does and hands them to
-:func:`~attn_probe.capture.rebuild.attention_probabilities`. Adapters serve modules whose
+:func:`~attn_probe.attention.rebuild.attention_probabilities`. Adapters serve modules whose
 kernel cannot be intercepted (``flex_attention``, fused or custom kernels) or would be disturbed
 by interception (``nn.MultiheadAttention``'s fused fast path).
 
@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Protocol
 
@@ -61,21 +62,49 @@ class AdapterEntry:
 _USER_ADAPTERS: dict[type, Adapter] = {}
 
 
-def register_adapter(module_class: type, fn: Adapter) -> None:
+class AdapterHandle:
+    """Returned by :func:`register_adapter`; :meth:`remove` takes the registration back (like
+    PyTorch's ``RemovableHandle``), also as a context manager."""
+
+    def __init__(self, module_class: type, fn: Adapter) -> None:
+        self.module_class, self.fn = module_class, fn
+
+    def remove(self) -> None:
+        if _USER_ADAPTERS.get(self.module_class) is self.fn:
+            del _USER_ADAPTERS[self.module_class]
+
+    def __enter__(self) -> "AdapterHandle":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+
+def register_adapter(module_class: type, fn: Adapter, *, replace: bool = False) -> AdapterHandle:
     """Rebuild attention for every ``module_class`` instance with ``fn``.
 
     Registered adapters take precedence over interception and over the built-in adapters, and
-    such modules are found by discovery without further configuration. Register ``None`` to
-    remove an adapter.
+    such modules are found by discovery without further configuration. A class has at most one
+    adapter: registering a second raises ``ValueError`` unless ``replace=True``. Returns a
+    handle whose ``remove()`` unregisters it (registering ``None`` for that is deprecated).
     """
     if not isinstance(module_class, type) or not issubclass(module_class, nn.Module):
         raise TypeError(f"register_adapter expects an nn.Module subclass, got {module_class!r}")
     if fn is None:
+        warnings.warn("register_adapter(cls, None) is deprecated: call remove() on the handle "
+                      "that register_adapter returned", DeprecationWarning, stacklevel=2)
         _USER_ADAPTERS.pop(module_class, None)
-        return
+        return AdapterHandle(module_class, None)
     if not callable(fn):
         raise TypeError(f"adapter for {module_class.__name__} must be callable, got {fn!r}")
+    if module_class in _USER_ADAPTERS and not replace:
+        raise ValueError(
+            f"{module_class.__name__} already has an adapter "
+            f"({getattr(_USER_ADAPTERS[module_class], '__name__', 'registered earlier')}); "
+            "pass replace=True to replace it, or remove() the handle of the first"
+        )
     _USER_ADAPTERS[module_class] = fn
+    return AdapterHandle(module_class, fn)
 
 
 def _argument(module: nn.Module, args: tuple, kwargs: dict, name: str, default: Any = None):

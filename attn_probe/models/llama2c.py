@@ -46,12 +46,13 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
+
+from ._optional import import_transformers
 
 if TYPE_CHECKING:  # pragma: no cover
     from transformers import LlamaForCausalLM
 
-__all__ = ["load_llama2c", "sample_tokens", "mean_next_token_loss"]
+__all__ = ["load_llama2c"]
 
 _HEADER = struct.Struct("<7i")
 _FLOAT_BYTES = 4
@@ -196,17 +197,6 @@ def _interleaved_to_half_split(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     )
 
 
-def _import_transformers() -> Any:
-    try:
-        import transformers
-    except ImportError as exc:  # pragma: no cover - exercised with transformers hidden
-        raise ImportError(
-            "Loading llama2.c checkpoints needs Hugging Face transformers: "
-            'pip install "attn_probe[hf]"'
-        ) from exc
-    return transformers
-
-
 def _build_config(transformers: Any, header: _Header, attn_implementation: str) -> Any:
     LlamaConfig = transformers.LlamaConfig
     kwargs: dict[str, Any] = dict(
@@ -260,7 +250,7 @@ def load_llama2c(
         ValueError: the file is truncated, has trailing data, or its header is inconsistent.
         ImportError: transformers is not installed.
     """
-    transformers = _import_transformers()
+    transformers = import_transformers("loading llama2.c checkpoints")
     header, arrays = _read_llama2c_arrays(path)
     config = _build_config(transformers, header, attn_implementation)
 
@@ -298,85 +288,3 @@ def load_llama2c(
     model = model.to(dtype=dtype)
     model.eval()
     return model
-
-
-def _cache_kwarg(model: torch.nn.Module) -> str | None:
-    """Name of the forward argument that takes a KV cache, if any."""
-    params = inspect.signature(model.forward).parameters
-    for name in ("cache", "past_key_values"):
-        if name in params:
-            return name
-    return None
-
-
-def _output_cache(out: Any) -> Any:
-    for name in ("cache", "past_key_values"):
-        value = getattr(out, name, None)
-        if value is not None:
-            return value
-    return None
-
-
-def _model_device(model: torch.nn.Module) -> torch.device:
-    try:
-        return next(model.parameters()).device
-    except StopIteration:  # pragma: no cover
-        return torch.device("cpu")
-
-
-@torch.no_grad()
-def sample_tokens(
-    model: torch.nn.Module,
-    n_sequences: int,
-    length: int,
-    *,
-    generator: torch.Generator | None = None,
-    temperature: float = 1.0,
-    bos: int = _BOS_ID,
-) -> torch.LongTensor:
-    """Ancestral sampling of ``n_sequences`` token sequences, each starting with ``bos``.
-
-    Returns a ``(n_sequences, length)`` LongTensor on the model's device whose first column is
-    ``bos``. Sampling is deterministic for a given ``generator`` state (the generator must live on
-    the model's device). ``temperature == 0`` picks the most likely token (greedy decoding).
-    """
-    if n_sequences < 1:
-        raise ValueError(f"n_sequences must be >= 1, got {n_sequences}")
-    if length < 1:
-        raise ValueError(f"length must be >= 1, got {length}")
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
-    max_len = getattr(getattr(model, "config", None), "max_position_embeddings", None)
-    if max_len is not None and length > max_len:
-        raise ValueError(f"length {length} exceeds the model's context of {max_len} tokens")
-
-    device = _model_device(model)
-    tokens = torch.full((n_sequences, length), bos, dtype=torch.long, device=device)
-    cache_name = _cache_kwarg(model)
-    cache = None
-    for pos in range(1, length):
-        if cache_name is not None and cache is not None:
-            out = model(input_ids=tokens[:, pos - 1 : pos], use_cache=True, **{cache_name: cache})
-        else:
-            out = model(input_ids=tokens[:, :pos], use_cache=cache_name is not None)
-        if cache_name is not None:
-            cache = _output_cache(out)
-        logits = out.logits[:, -1, :].float()
-        if temperature == 0:
-            nxt = logits.argmax(dim=-1)
-        else:
-            probs = torch.softmax(logits / temperature, dim=-1)
-            nxt = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-        tokens[:, pos] = nxt
-    return tokens
-
-
-@torch.no_grad()
-def mean_next_token_loss(model: torch.nn.Module, tokens: torch.Tensor) -> float:
-    """Mean cross-entropy (nats) of predicting ``tokens[:, 1:]`` from ``tokens[:, :-1]``."""
-    if tokens.dim() != 2 or tokens.shape[1] < 2:
-        raise ValueError(f"tokens must have shape (batch, length >= 2), got {tuple(tokens.shape)}")
-    tokens = tokens.to(device=_model_device(model), dtype=torch.long)
-    logits = model(input_ids=tokens[:, :-1], use_cache=False).logits.float()
-    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1))
-    return float(loss)

@@ -31,55 +31,13 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 from torch.utils.hooks import RemovableHandle
 
-from .adapters import AdapterEntry, find_adapter
+from .adapters import find_adapter
 from .rebuild import attention_probabilities
+from .sites import CaptureError, Site
 
 _SDPA = F.scaled_dot_product_attention
 _SOFTMAX = (F.softmax, torch.softmax, Tensor.softmax)
 _SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale")
-
-STRATEGIES = ("auto", "intercept", "adapter")
-
-
-class CaptureError(RuntimeError):
-    """A monitored module's attention could not be rebuilt."""
-
-
-@dataclass
-class Site:
-    name: str
-    module: nn.Module
-    intercept: bool  #: watch the forward's kernel calls (else: run the adapter before it)
-    adapter: AdapterEntry | None  #: the adapter, or the fallback when interception sees nothing
-
-    @property
-    def wraps_forward(self) -> bool:
-        """Served from a wrapper around the instance's forward rather than from hooks."""
-        return not self.intercept and self.adapter.hookless
-
-    @property
-    def strategy(self) -> str:
-        if not self.intercept:
-            return f"adapter:{self.adapter.name}"
-        return "intercept" + (f" (fallback adapter:{self.adapter.name})" if self.adapter else "")
-
-
-def plan_site(name: str, module: nn.Module, strategy: str = "auto") -> Site:
-    """Choose how ``module``'s attention is rebuilt."""
-    if strategy not in STRATEGIES:
-        raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
-    entry = find_adapter(module)
-    if strategy == "adapter":
-        if entry is None:
-            raise CaptureError(
-                f"no adapter for module {name!r} ({type(module).__name__}); register one with "
-                "attn_probe.register_adapter or use strategy='intercept'"
-            )
-        return Site(name, module, intercept=False, adapter=entry)
-    if strategy == "intercept":
-        return Site(name, module, intercept=True, adapter=None)
-    return Site(name, module, intercept=not (entry and entry.primary), adapter=entry)
-
 
 @dataclass
 class _Frame:
@@ -115,18 +73,18 @@ class _Interceptor(TorchFunctionMode):
 
 
 class Recorder:
-    """Owns the hooks on the sites; calls ``sink(name, A)`` once per site per armed pass."""
+    """Owns the hooks on the sites; calls ``on_attention(name, A)`` once per site per armed pass."""
 
     def __init__(
         self,
         sites: list[Site],
-        sink: Callable[[str, Tensor], None],
+        on_attention: Callable[[str, Tensor], None],
         *,
         max_sequences: int | None = None,
         max_tokens: int | None = None,
         strict: bool = True,
     ) -> None:
-        self.sites, self.sink = sites, sink
+        self.sites, self.on_attention = sites, on_attention
         self.max_sequences, self.max_tokens, self.strict = max_sequences, max_tokens, strict
         self.armed = False
         self.calls: dict[str, int] = {}
@@ -262,7 +220,7 @@ class Recorder:
                 self._warned.add(site.name)
                 warnings.warn(f"attn_probe: not measuring {site.name!r}: {error}", stacklevel=3)
             return
-        self.sink(site.name, attention)
+        self.on_attention(site.name, attention)
 
 
 class _ForwardWrapper:
@@ -308,7 +266,7 @@ def _no_kernel_call(site: Site) -> CaptureError:
     return CaptureError(
         f"module {site.name!r} ({cls}) made no call to scaled_dot_product_attention or softmax "
         "that could be intercepted, and no adapter serves it. Register one: "
-        f"attn_probe.register_adapter({cls}, fn) (see attn_probe.capture.adapters), or leave "
+        f"attn_probe.register_adapter({cls}, fn) (see attn_probe.attention.adapters), or leave "
         "it out with modules=..."
     )
 

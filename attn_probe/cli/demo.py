@@ -1,50 +1,25 @@
 """The built-in demo: a small GPT learns Python's own source code while the probe watches.
 
 No download: the corpus is the source of modules of the Python standard library that runs the
-demo, read as bytes (vocabulary 256). The model is :class:`attn_probe.gpt.GPT`.
+demo, read as bytes (vocabulary 256). The model is :class:`attn_probe.models.gpt.GPT`.
 """
 
 from __future__ import annotations
 
-import sysconfig
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable
 
 import torch
 
-from .gpt import GPT, GPTConfig
-from .probe import AttentionProbe
-from .stats import Snapshot
-
-#: Standard-library modules whose source makes the corpus (all ship with every CPython).
-CORPUS_MODULES = (
-    "textwrap", "argparse", "inspect", "dataclasses", "functools", "fractions", "statistics",
-    "difflib", "string", "shutil", "pathlib", "calendar", "enum", "typing", "heapq", "bisect",
-)
-
-
-def builtin_corpus(max_bytes: int = 2_000_000) -> torch.Tensor:
-    """Bytes of Python standard-library source, as a uint8 tensor (no download)."""
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    chunks, total = [], 0
-    for name in CORPUS_MODULES:
-        path = stdlib / f"{name}.py"
-        if not path.is_file():
-            path = stdlib / name / "__init__.py"
-        if path.is_file() and total < max_bytes:
-            data = path.read_bytes()[: max_bytes - total]
-            chunks.append(data)
-            total += len(data)
-    if total < 10_000:
-        raise RuntimeError(f"could not read the Python standard library's source under {stdlib}")
-    return torch.frombuffer(bytearray(b"\n".join(chunks)[:max_bytes]), dtype=torch.uint8).clone()
-
+from ..models.corpus import builtin_corpus
+from ..models.gpt import GPT, GPTConfig
+from ..probe import AttentionProbe
+from ..snapshot import Snapshot
 
 @dataclass
 class DemoConfig:
-    logdir: str = "runs/demo"
+    log_dir: str = "runs/demo"
     steps: int = 400
     batch_size: int = 16
     block_size: int = 128
@@ -61,7 +36,7 @@ class DemoConfig:
 
 @dataclass
 class DemoResult:
-    logdir: str
+    log_dir: str
     losses: list[float]
     snapshots: list[Snapshot]
     seconds: float
@@ -70,7 +45,7 @@ class DemoResult:
 def run_demo(
     config: DemoConfig, progress: Callable[[int, int, float], None] | None = None
 ) -> DemoResult:
-    """Train ``config.steps`` steps with an :class:`AttentionProbe` attached; log to ``logdir``."""
+    """Train ``config.steps`` steps with an :class:`AttentionProbe` attached; log to ``log_dir``."""
     from torch.utils.tensorboard import SummaryWriter
 
     if config.threads:
@@ -88,7 +63,7 @@ def run_demo(
     generator = torch.Generator().manual_seed(config.seed)
     losses: list[float] = []
     start = time.perf_counter()
-    with SummaryWriter(config.logdir) as writer, AttentionProbe(
+    with SummaryWriter(config.log_dir) as writer, AttentionProbe(
         model, writer=writer, every=config.every, images_every=config.images_every,
         max_sequences=config.max_sequences, max_tokens=config.block_size,
     ) as probe:
@@ -107,4 +82,4 @@ def run_demo(
             probe.step(step)
             if progress is not None:
                 progress(step + 1, config.steps, losses[-1])
-    return DemoResult(config.logdir, losses, probe.history, time.perf_counter() - start)
+    return DemoResult(config.log_dir, losses, probe.history, time.perf_counter() - start)

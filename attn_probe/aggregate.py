@@ -1,0 +1,152 @@
+"""Sums and counts: per-sequence head metrics merged over passes and processes into layer figures.
+
+State is kept the torchmetrics way: each state is declared once, in :data:`STATES`, with the
+reduction that merges two of them, so adding the sequences of another forward pass and adding
+another process's sequences are one mechanism (:meth:`HeadAccumulator.merge`), and
+:meth:`HeadAccumulator.compute` divides once. The torch.distributed facts the probe needs (who
+writes, gathering every process's state) live here too, safe to call without a process group.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterable, Mapping
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from .snapshot import METRICS, CollapseRule, LayerSummary
+
+#: Each state of one layer: (name, dtype, reduction). ``sums``: (H, len(METRICS)) sums of the
+#: per-sequence figures; ``counts``: (H,) finite sequences; ``nonfinite``: (H,) sequences whose
+#: attention had NaN or Inf entries.
+STATES: tuple[tuple[str, type, Callable[[np.ndarray, np.ndarray], np.ndarray]], ...] = (
+    ("sums", np.float64, np.add),
+    ("counts", np.int64, np.add),
+    ("nonfinite", np.int64, np.add),
+)
+
+State = Mapping[str, Mapping[str, np.ndarray]]  # layer -> state name -> array
+
+
+class HeadAccumulator:
+    """Per-layer sums and counts of per-sequence head metrics.
+
+    ``update`` adds a batch of per-sequence metrics, ``merge`` adds another accumulator's state
+    (another forward pass, another process), ``compute`` divides once, ``reset`` empties.
+    """
+
+    def __init__(self) -> None:
+        self._layers: dict[str, dict[str, np.ndarray]] = {}
+
+    def __bool__(self) -> bool:
+        return bool(self._layers)
+
+    def update(self, layer: str, metrics: Mapping[str, torch.Tensor]) -> None:
+        """Add per-sequence metrics of one layer: each value is a (B, H) tensor.
+
+        Sequences whose attention held NaN or Inf (``rank == -1``) are counted as non-finite
+        and kept out of the means.
+        """
+        rank = metrics["rank"]
+        if rank.dim() != 2:
+            raise ValueError(f"expected (sequences, heads) metrics, got shape {tuple(rank.shape)}")
+        finite = rank >= 0
+        per_sequence = {
+            "rank": rank,
+            "columns": metrics["columns"],
+            "entropy": metrics["entropy"],
+            "sink": metrics["sink"],
+            "first_key_dominant": metrics["dominant"] == 0,
+        }
+        values = torch.stack([per_sequence[m].double() for m in METRICS], dim=-1)
+        values = torch.where(finite.unsqueeze(-1), values, torch.zeros_like(values))
+        self.merge({layer: {
+            "sums": values.sum(0).cpu().numpy(),
+            "counts": finite.sum(0).cpu().numpy().astype(np.int64),
+            "nonfinite": (~finite).sum(0).cpu().numpy().astype(np.int64),
+        }})
+
+    def state(self) -> dict[str, dict[str, np.ndarray]]:
+        """A picklable copy of the state, for reduction across processes."""
+        return {layer: {name: s.copy() for name, s in states.items()}
+                for layer, states in self._layers.items()}
+
+    def merge(self, state: State) -> None:
+        """Combine another state into this one, each array by its declared reduction."""
+        for layer, part in state.items():
+            mine = self._layers.get(layer)
+            if mine is None:
+                self._layers[layer] = {name: np.array(part[name], dtype=dtype)
+                                       for name, dtype, _ in STATES}
+                continue
+            if mine["counts"].shape != part["counts"].shape:
+                raise ValueError(
+                    f"layer {layer!r}: cannot merge {part['counts'].shape[0]} heads into "
+                    f"{mine['counts'].shape[0]}; every process must probe the same model"
+                )
+            for name, _, reduction in STATES:
+                mine[name] = reduction(mine[name], part[name])
+
+    def reduce(self, all_gather: Callable[[object], Iterable[object]]) -> None:
+        """Replace the state by the combination over processes.
+
+        ``all_gather`` takes this process's picklable state and returns every process's (e.g.
+        :func:`all_gather_object`). A process with nothing measured contributes an empty state,
+        so no process waits on a collective the others skip.
+        """
+        states = list(all_gather(self.state()))
+        self.reset()
+        for state in states:
+            self.merge(state)
+
+    def compute(
+        self, order: Iterable[str], rule: CollapseRule = CollapseRule()
+    ) -> tuple[LayerSummary, ...]:
+        """Per-head means and lazy flags for each layer in ``order`` that has any data."""
+        summaries = []
+        for index, name in enumerate(order):
+            if name not in self._layers:
+                continue
+            state = self._layers[name]
+            counts = state["counts"]
+            with np.errstate(invalid="ignore", divide="ignore"):
+                means = state["sums"] / counts[:, None]
+            means[counts == 0] = np.nan
+            heads = {metric: means[:, i] for i, metric in enumerate(METRICS)}
+            summaries.append(LayerSummary(
+                name=name, index=index, heads=heads, counts=counts.copy(),
+                nonfinite=state["nonfinite"].copy(),
+                lazy=rule.lazy_heads(heads["rank"], heads["columns"]), rule=rule,
+            ))
+        return tuple(summaries)
+
+    def reset(self) -> None:
+        self._layers.clear()
+
+
+# ------------------------------------------------------------------------ torch.distributed
+
+
+def is_distributed() -> bool:
+    """True inside an initialised process group of more than one process."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def is_main_process() -> bool:
+    """Process 0 writes files; every process measures."""
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def all_gather_object(obj: object) -> list[object]:
+    """Every process's ``obj`` (just ``[obj]`` without a process group).
+
+    A collective over the default group: every process must call it, the same number of times.
+    With NCCL the objects travel through the current CUDA device, so each process must have
+    called ``torch.cuda.set_device(local_rank)`` first (as torchrun scripts do).
+    """
+    if not is_distributed():
+        return [obj]
+    gathered: list[object] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered

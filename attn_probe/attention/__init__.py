@@ -1,0 +1,26 @@
+"""Model → per-head attention A: discovery, interception, adapters, rebuild.
+
+The first stage of the data flow. :func:`plan_sites` finds a model's attention modules
+(:mod:`.discovery`) and picks how each is served (:mod:`.sites`); :class:`Recorder` hooks them
+(:mod:`.recorder`) and rebuilds each head's attention matrix from exactly what the kernel was
+given (:mod:`.rebuild`), or from the module's own weights where the kernel cannot be seen
+(:mod:`.adapters`). Nothing here knows about metrics or outputs: the recorder hands each matrix
+to a callback.
+"""
+
+from .adapters import register_adapter
+from .discovery import ModuleSelector, find_attention_modules
+from .rebuild import attention_probabilities
+from .recorder import Recorder
+from .sites import CaptureError, Site, plan_sites
+
+__all__ = [
+    "CaptureError",
+    "ModuleSelector",
+    "Recorder",
+    "Site",
+    "attention_probabilities",
+    "find_attention_modules",
+    "plan_sites",
+    "register_adapter",
+]

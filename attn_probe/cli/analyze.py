@@ -1,0 +1,260 @@
+"""``attn-probe analyze``: the protocol of "When Attention Collapses" on an existing model.
+
+The paper (arXiv 2404.08634) feeds N = 100 sequences of T = 100 tokens to a trained model,
+averages every head's rank@0.9 over the sequences and reports, per layer, the largest of its
+heads' averages (MaxRank). This module is the orchestration: it reads the options, loads the
+model (:mod:`.loading`) and the tokens (:mod:`.tokens`), runs
+:func:`attn_probe.rank_profile` and writes the tables, pictures and TensorBoard logs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+
+from ..models.sampling import model_device
+from ..snapshot import percent
+from .console import Progress, UsageError, one_line
+from .heads import parse_heads, resolve_heads
+from .loading import LoadedModel, load_model
+from .tokens import check_tokens, load_tokens
+
+__all__ = ["add_arguments", "run_analyze"]
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _tau(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}") from None
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {value}")
+    return value
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``attn-probe analyze``."""
+    parser.description = (
+        "Measure attention collapse of an existing model the way the paper 'When Attention "
+        "Collapses' does: every head's rank@tau averaged over N sequences of T tokens, and "
+        "MaxRank (the largest head average) per layer."
+    )
+    parser.add_argument(
+        "model", metavar="MODEL",
+        help="a Hugging Face model directory (save_pretrained layout), a llama2.c checkpoint "
+             "(.bin), or package.module:factory, a callable importable from the current "
+             "directory or sys.path that returns a torch.nn.Module",
+    )
+    parser.add_argument(
+        "--data", metavar="PATH",
+        help="a text file (tokenized with the model directory's tokenizer) or a modded-nanogpt "
+             "token shard (.bin); cut into consecutive sequences of --tokens tokens. "
+             "Default: sequences sampled from the model itself, starting at its BOS token",
+    )
+    parser.add_argument("--sequences", "--n", type=_positive_int, default=100,
+                        help="number of sequences, the paper's N (%(default)s)")
+    parser.add_argument("--tokens", type=_positive_int, default=100,
+                        help="tokens per sequence (%(default)s)")
+    parser.add_argument("--tau", type=_tau, default=0.9,
+                        help="energy / mass threshold of rank@tau and columns@tau (%(default)s)")
+    parser.add_argument("--out", metavar="DIR",
+                        help="output directory (default: runs/analyze/<model name>); the files "
+                             "of an earlier analysis there are replaced")
+    parser.add_argument(
+        "--heatmaps", "--heads", metavar="L:H,...",
+        help="attention heatmaps to draw: comma-separated LAYER:HEADS items; LAYER is a layer "
+             "number (negative counts from the end) or a tag like L07, HEADS a head number, a "
+             "range 0-3 or * for all (write --heatmaps=-1:0 when it starts with a minus). "
+             "Default: first and last layer, heads 0-3",
+    )
+    parser.add_argument("--batch-size", type=_positive_int, default=8,
+                        help="sequences per forward pass (%(default)s)")
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help="allow a Hugging Face model directory to run its own Python code")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the sampled or random token ids (%(default)s)")
+    parser.add_argument("--device", default="cpu",
+                        help="torch device to run the model on (%(default)s)")
+
+
+def _lazy_line(snapshot: Any) -> str:
+    lazy = [layer for layer in snapshot.layers if layer.is_lazy]
+    if lazy:
+        return "lazy layers: " + ", ".join(f"{layer.tag} ({layer.name})" for layer in lazy)
+    rule = snapshot.layers[0].rule if snapshot.layers else None
+    pct = percent(snapshot.tau)
+    if rule is None:
+        return f"no lazy layer at tau={snapshot.tau:g}"
+    share = ("all heads" if rule.min_lazy_share >= 1
+             else f"at least {rule.min_lazy_share:.0%} of the heads")
+    return (f"no lazy layer at tau={snapshot.tau:g} under rule: {share} with mean "
+            f"rank@{pct} <= {rule.max_rank:g} and columns@{pct} <= {rule.max_columns:g}")
+
+
+def _most_collapsed(snapshot: Any) -> Any | None:
+    """The layer with the smallest MaxRank (ties: smallest mean rank, then the deeper one)."""
+    best, best_key = None, None
+    for layer in snapshot.layers:
+        max_rank, mean_rank = layer.reduce("rank", "max"), layer.reduce("rank", "mean")
+        if not math.isfinite(max_rank):
+            continue
+        key = (max_rank, mean_rank, -layer.index)
+        if best_key is None or key < best_key:
+            best, best_key = layer, key
+    return best
+
+
+def _batches(tokens: torch.Tensor, batch_size: int, loaded: LoadedModel,
+             device: torch.device) -> Iterator[Any]:
+    for start in range(0, tokens.shape[0], batch_size):
+        yield loaded.inputs(tokens[start : start + batch_size].to(device))
+
+
+def _save(figure: Any, path: Path, written: list[Path]) -> None:
+    figure.savefig(path)
+    written.append(path)
+
+
+def _analyze(args: argparse.Namespace) -> int:
+    from ..attention import CaptureError, plan_sites
+    from ..protocol import capture, rank_profile
+
+    def warn(message: str) -> None:
+        print(f"attn-probe analyze: warning: {message}", file=sys.stderr, flush=True)
+
+    choices = parse_heads(args.heatmaps) if args.heatmaps is not None else None
+    loaded = load_model(args.model, trust_remote_code=args.trust_remote_code,
+                        device=args.device, warn=warn)
+    if loaded.context is not None and args.tokens > loaded.context:
+        raise UsageError(
+            f"--tokens {args.tokens} is longer than the model's context of {loaded.context} tokens"
+        )
+    out = Path(args.out) if args.out else Path("runs") / "analyze" / loaded.name
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} exists and is not a directory")
+    device = model_device(loaded.model)
+
+    # Find the attention modules and their head counts on a two-token input before anything
+    # slow happens, so that a model without attention or a bad --heatmaps fails at once.
+    try:
+        monitored = [site.name for site in plan_sites(loaded.model)]
+    except (LookupError, CaptureError) as error:  # LookupError: no attention module found
+        raise UsageError(one_line(error)) from None
+    probe = torch.full((1, min(2, args.tokens)), loaded.bos, dtype=torch.long, device=device)
+    try:
+        with capture(loaded.model, max_sequences=1) as cap:
+            with torch.no_grad():
+                loaded(probe)
+            heads_per_layer = {name: int(a.shape[1]) for name, a in cap.attention.items()}
+    except CaptureError as error:
+        raise UsageError(one_line(error)) from None
+    except Exception as error:  # noqa: BLE001 - the model does not take token ids
+        raise UsageError(
+            f"calling the model on a (1, {probe.shape[1]}) tensor of token ids failed: "
+            f"{type(error).__name__}: {one_line(error)}"
+        ) from None
+    if not heads_per_layer:
+        raise UsageError(
+            f"{loaded.description}: attention modules were found but none ran on token ids"
+        )
+    heatmaps = resolve_heads(choices, monitored, heads_per_layer)
+
+    params = sum(p.numel() for p in loaded.model.parameters())
+    print(f"attn-probe analyze: {loaded.description}: {len(monitored)} attention layers, "
+          f"{params:,} parameters", flush=True)
+    torch.manual_seed(args.seed)
+    tokens, source = load_tokens(args, loaded, warn)
+    check_tokens(tokens, loaded, source)
+    n, length = tokens.shape
+    print(f"data: {source}: {n} sequences of {length} tokens; tau = {args.tau:g}", flush=True)
+
+    bar = Progress("measuring")
+    try:
+        snapshot = rank_profile(
+            loaded.model, _batches(tokens, args.batch_size, loaded, device), max_sequences=n,
+            tau=args.tau, samples=True, on_batch=lambda done: bar(done, n),
+        )
+    except CaptureError as error:
+        raise UsageError(one_line(error)) from None
+    samples = snapshot.samples
+    if not snapshot.layers:
+        raise UsageError("no attention was recorded: the model's attention modules never ran")
+
+    from ..outputs import TensorBoardWriter, figures
+    from ..outputs.tables import format_table, write_tables
+
+    out.mkdir(parents=True, exist_ok=True)
+    # Pictures and event files of an earlier run here would be mistaken for this one's.
+    for stale in [*out.glob("heatmaps_L*.png"), *out.glob("head_profiles_L*.png"),
+                  *(out / "tb").glob("events.out.tfevents.*")]:
+        stale.unlink()
+    written = list(write_tables(snapshot, out))
+    np.save(out / "tokens.npy", tokens.numpy())
+    written.append(out / "tokens.npy")
+
+    pct = percent(args.tau)
+    short = loaded.name if len(loaded.name) <= 28 else loaded.name[:27] + "…"
+    _save(figures.max_rank_profile_for(
+        snapshot, title=f"{short}: MaxRank@{pct}%, {n} seqs x {length} tokens"),
+        out / "max_rank_profile.png", written)
+    _save(figures.collapse_map_for(snapshot, "rank", title=f"{short}: mean rank@{pct}%",
+                                 colorbar_label=f"rank@{pct}%"),
+          out / "collapse_map.png", written)
+    tags = {layer.name: layer.tag for layer in snapshot.layers}
+    for name, heads in heatmaps.items():
+        if not heads or name not in samples:
+            continue
+        figure = figures.attention_heatmaps(
+            samples[name], heads=heads,
+            title=f"{tags[name]} {name}: attention of sequence 0 ({length} tokens)",
+        )
+        _save(figure, out / f"heatmaps_{tags[name]}.png", written)
+    collapsed = _most_collapsed(snapshot)
+    if collapsed is not None:
+        _save(figures.head_profiles_for(
+            snapshot, collapsed.name,
+            title=f"{collapsed.tag} {collapsed.name} (smallest MaxRank): per-head means"),
+            out / f"head_profiles_{collapsed.tag}.png", written)
+
+    with TensorBoardWriter(log_dir=str(out / "tb"), heatmaps=heatmaps,
+                           heatmap_tokens=min(length, 128)) as writer:
+        writer.write(snapshot, images=True)
+
+    print()
+    print(format_table(snapshot))
+    profile = ", ".join(
+        f"{layer.tag} {value:.2f}" for layer, value in zip(snapshot.layers,
+                                                          snapshot.max_rank_profile())
+    )
+    print(f"\nMaxRank@{pct}: {profile}")
+    print(_lazy_line(snapshot))
+    print(f"\nwrote {out}: {', '.join(p.name for p in written)}")
+    print(f"TensorBoard logs in {out / 'tb'}; see them with:\n  tensorboard --logdir {out / 'tb'}")
+    return 0
+
+
+def run_analyze(args: argparse.Namespace) -> int:
+    """Entry point of ``attn-probe analyze``: problems with the input become one-line errors."""
+    try:
+        return _analyze(args)
+    except FileNotFoundError as error:
+        raise UsageError(one_line(error)) from None
+    except LookupError as error:
+        if type(error) is LookupError:  # discovery's "no attention module" and friends
+            raise UsageError(one_line(error)) from None
+        raise

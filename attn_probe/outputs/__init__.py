@@ -1,0 +1,13 @@
+"""Snapshot → what a person sees: TensorBoard scalars and images, matplotlib figures, tables.
+
+The last stage of the data flow: everything here reads :class:`~attn_probe.snapshot.Snapshot`
+objects (or plain arrays) and does no torch maths.
+
+* :mod:`.tensorboard` — :class:`TensorBoardWriter`, the tags and the custom-scalars layout;
+* :mod:`.figures` — matplotlib figures (collapse map, MaxRank profile, heatmaps, head profiles);
+* :mod:`.tables` — per-layer and per-head rows, the terminal table, CSV and JSON files.
+"""
+
+from .tensorboard import TensorBoardWriter
+
+__all__ = ["TensorBoardWriter"]

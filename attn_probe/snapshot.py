@@ -1,0 +1,182 @@
+"""The data model: collapse rules, one layer's figures, everything measured at one step.
+
+:class:`LayerSummary` holds one attention module's per-head figures at one step and
+:class:`Snapshot` all layers of that step; they are what :mod:`attn_probe.aggregate` computes and
+what outputs, callbacks and users read. :func:`find_layer` is the one way to name a layer (module
+name, tag ``"L07"``, index, or a negative position from the end) and :func:`percent` the one way
+to write tau in tags and titles.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Mapping, Protocol, Sequence, TypeVar
+
+import numpy as np
+import torch
+
+#: Per-head figures, averaged over sequences. ``first_key_dominant`` is the share of sequences in
+#: which key 0 is the column with the most squared mass (the attention sink dominates).
+METRICS = ("rank", "columns", "entropy", "sink", "first_key_dominant")
+
+#: Heads drawn by default in attention heatmaps, in the first and the last layer.
+DEFAULT_HEATMAP_HEADS = (0, 1, 2, 3)
+
+
+def percent(tau: float) -> int:
+    """tau as the whole percentage used in tags and titles (0.9 -> 90)."""
+    return int(round(tau * 100))
+
+
+def layer_tag(index: int) -> str:
+    """The tag of the ``index``-th monitored layer: ``L07``."""
+    return f"L{index:02d}"
+
+
+@dataclass(frozen=True)
+class CollapseRule:
+    """When a head, and a layer, count as lazy (collapsed).
+
+    A head is lazy when its mean rank@tau is at most ``max_rank`` and its mean columns@tau is at
+    most ``max_columns``: every query attends to (nearly) the same single key, as in the deep
+    layers of the paper "When Attention Collapses". A layer is lazy when at least
+    ``min_lazy_share`` of its heads are lazy (default: all of them).
+    """
+
+    max_rank: float = 1.5
+    max_columns: float = 1.5
+    min_lazy_share: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.max_rank < 1 or self.max_columns < 1:
+            raise ValueError(
+                f"CollapseRule thresholds must be >= 1 (got max_rank={self.max_rank}, "
+                f"max_columns={self.max_columns}): rank and columns are at least 1"
+            )
+        if not 0 < self.min_lazy_share <= 1:
+            raise ValueError(
+                f"CollapseRule.min_lazy_share must be in (0, 1], got {self.min_lazy_share}"
+            )
+
+    def lazy_heads(self, rank: np.ndarray, columns: np.ndarray) -> np.ndarray:
+        with np.errstate(invalid="ignore"):
+            return (rank <= self.max_rank) & (columns <= self.max_columns)
+
+
+@dataclass(frozen=True)
+class LayerSummary:
+    """One attention module's figures at one measured step."""
+
+    name: str  #: module name, as in ``model.named_modules()``
+    index: int  #: position among the monitored modules (the ``L07`` in tag names)
+    heads: Mapping[str, np.ndarray]  #: metric -> (H,) mean over sequences (NaN: no data)
+    counts: np.ndarray  #: (H,) sequences with finite attention that went into each head's means
+    nonfinite: np.ndarray  #: (H,) sequences whose attention had NaN or Inf entries
+    lazy: np.ndarray  #: (H,) bool, per the collapse rule
+    rule: CollapseRule = field(default_factory=CollapseRule)
+
+    @property
+    def num_heads(self) -> int:
+        return int(self.counts.shape[0])
+
+    @property
+    def sequences(self) -> int:
+        """Sequences measured: the most any head got (heads differ only on NaN attention)."""
+        return int(self.counts.max(initial=0))
+
+    @property
+    def has_data(self) -> np.ndarray:
+        """(H,) bool: heads with at least one finite sequence."""
+        return self.counts > 0
+
+    @property
+    def tag(self) -> str:
+        return layer_tag(self.index)
+
+    def reduce(self, metric: str, how: str) -> float:
+        """``max``, ``mean`` or ``min`` over heads of a per-head metric (NaN if no head has data)."""
+        values = self.heads[metric][self.has_data]
+        if values.size == 0:
+            return float("nan")
+        return float({"max": np.max, "mean": np.mean, "min": np.min}[how](values))
+
+    @property
+    def lazy_share(self) -> float:
+        has_data = self.has_data
+        return float(self.lazy[has_data].mean()) if has_data.any() else float("nan")
+
+    @property
+    def is_lazy(self) -> bool:
+        share = self.lazy_share
+        return bool(share == share and share >= self.rule.min_lazy_share)
+
+
+class _Layer(Protocol):
+    name: str
+    index: int
+
+
+L = TypeVar("L", bound=_Layer)
+
+
+def find_layer(layers: Sequence[L], key: str | int) -> L:
+    """The layer that ``key`` names among ``layers`` (objects with ``name`` and ``index``).
+
+    ``key``: a module name, a tag (``"L07"``, ``"l7"``), a monitored-layer index (``7``), or a
+    negative position counted from the end of ``layers`` (``-1``: the last). ``KeyError``
+    listing the layers when none matches.
+    """
+    if isinstance(key, str):
+        tag = key[1:] if key[:1] in ("L", "l") and key[1:].isdigit() else None
+        for layer in layers:
+            if key == layer.name or (tag is not None and int(tag) == layer.index):
+                return layer
+    elif isinstance(key, (int, np.integer)) and not isinstance(key, bool):
+        if key < 0 and -len(layers) <= key:
+            return layers[key]
+        for layer in layers:
+            if layer.index == key:
+                return layer
+    known = ", ".join(f"{layer_tag(layer.index)} ({layer.name})" for layer in layers) or "none"
+    raise KeyError(f"no layer {key!r}; the layers are: {known}")
+
+
+def default_heatmaps(layers: Sequence[_Layer]) -> dict[str, list[int]]:
+    """Layer name -> heads drawn when the user chose none: the first and the last layer, heads
+    ``DEFAULT_HEATMAP_HEADS``."""
+    if not layers:
+        return {}
+    return {layer.name: list(DEFAULT_HEATMAP_HEADS) for layer in (layers[0], layers[-1])}
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """Everything measured at one step: the input of outputs, rules and callbacks."""
+
+    step: int
+    tau: float
+    layers: tuple[LayerSummary, ...]
+    #: layer name -> (H, T, T) float32 CPU attention of the first measured sequence (for heatmaps)
+    samples: Mapping[str, torch.Tensor] = field(default_factory=dict)
+
+    def layer(self, key: str | int) -> LayerSummary:
+        """The layer named by ``key`` (see :func:`find_layer`)."""
+        return find_layer(self.layers, key)
+
+    def max_rank_profile(self) -> np.ndarray:
+        """MaxRank per layer: the largest per-head mean rank@tau (the paper's profile)."""
+        return np.array([layer.reduce("rank", "max") for layer in self.layers])
+
+    @property
+    def has_data(self) -> bool:
+        return any(layer.has_data.any() for layer in self.layers)
+
+    @property
+    def has_nonfinite(self) -> bool:
+        return any(layer.nonfinite.sum() > 0 for layer in self.layers)
+
+
+def finite(value: float) -> bool:
+    """Not NaN and not infinite (figures that are not are left out of outputs)."""
+    return math.isfinite(value)
