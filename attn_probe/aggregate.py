@@ -15,16 +15,22 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .snapshot import METRICS, CollapseRule, LayerSummary
+from .snapshot import FIGURES, CollapseRule, LayerSummary
 
-#: Each state of one layer: (name, dtype, reduction). ``sums``: (H, len(METRICS)) sums of the
-#: per-sequence figures; ``counts``: (H,) finite sequences; ``nonfinite``: (H,) sequences whose
-#: attention had NaN or Inf entries.
+MEANS = tuple(f for f, (_, how) in FIGURES.items() if how == "mean")
+MAXIMA = tuple(f for f, (_, how) in FIGURES.items() if how == "max")
+
+#: Each state of one layer: (name, dtype, reduction). ``sums``: (H, len(MEANS)) sums of the
+#: figures averaged over sequences; ``maxima``: (H, len(MAXIMA)) largest values of the others;
+#: ``counts``: (H, 2) finite sequences behind the crop and the full-context figures;
+#: ``nonfinite``: (H,) sequences whose attention had NaN or Inf entries.
 STATES: tuple[tuple[str, type, Callable[[np.ndarray, np.ndarray], np.ndarray]], ...] = (
     ("sums", np.float64, np.add),
+    ("maxima", np.float64, np.maximum),
     ("counts", np.int64, np.add),
     ("nonfinite", np.int64, np.add),
 )
+_GROUPS = ("crop", "full")
 
 State = Mapping[str, Mapping[str, np.ndarray]]  # layer -> state name -> array
 
@@ -43,28 +49,37 @@ class HeadAccumulator:
         return bool(self._layers)
 
     def update(self, layer: str, metrics: Mapping[str, torch.Tensor]) -> None:
-        """Add per-sequence metrics of one layer: each value is a (B, H) tensor.
+        """Add per-sequence figures of one layer: each value is a (B, H) tensor.
 
-        Sequences whose attention held NaN or Inf (``rank == -1``) are counted as non-finite
-        and kept out of the means.
+        ``metrics`` holds what :func:`~attn_probe.metrics.head_metrics` returns and, where the
+        capture saw q and k, what :func:`~attn_probe.full_context.full_context_metrics`
+        returns. Sequences whose attention held NaN or Inf (``rank == -1``) are counted as
+        non-finite and kept out of the figures.
         """
         rank = metrics["rank"]
         if rank.dim() != 2:
             raise ValueError(f"expected (sequences, heads) metrics, got shape {tuple(rank.shape)}")
-        finite = rank >= 0
-        per_sequence = {
-            "rank": rank,
-            "columns": metrics["columns"],
-            "entropy": metrics["entropy"],
-            "sink": metrics["sink"],
-            "first_key_dominant": metrics["dominant"] == 0,
-        }
-        values = torch.stack([per_sequence[m].double() for m in METRICS], dim=-1)
-        values = torch.where(finite.unsqueeze(-1), values, torch.zeros_like(values))
+        per_sequence = dict(metrics, first_key_dominant=metrics["dominant"] == 0)
+        finite = {"crop": rank >= 0, "full": torch.zeros_like(rank, dtype=torch.bool)}
+        if "columns_full" in metrics:
+            finite["full"] = metrics["columns_full"] >= 0
+            per_sequence["first_key_dominant_full"] = metrics["dominant_full"] == 0
+
+        def stacked(names: tuple[str, ...], empty: float) -> torch.Tensor:
+            columns = []
+            for name in names:
+                ok = finite[FIGURES[name][0]]
+                value = per_sequence.get(name)
+                value = torch.full_like(rank, empty, dtype=torch.float64) if value is None \
+                    else value.double()
+                columns.append(torch.where(ok, value, torch.full_like(value, empty)))
+            return torch.stack(columns, dim=-1)
+
         self.merge({layer: {
-            "sums": values.sum(0).cpu().numpy(),
-            "counts": finite.sum(0).cpu().numpy().astype(np.int64),
-            "nonfinite": (~finite).sum(0).cpu().numpy().astype(np.int64),
+            "sums": stacked(MEANS, 0.0).sum(0).cpu().numpy(),
+            "maxima": stacked(MAXIMA, -np.inf).amax(0).cpu().numpy(),
+            "counts": torch.stack([finite[g] for g in _GROUPS], -1).sum(0).cpu().numpy(),
+            "nonfinite": (~finite["crop"]).sum(0).cpu().numpy(),
         }})
 
     def state(self) -> dict[str, dict[str, np.ndarray]]:
@@ -110,14 +125,20 @@ class HeadAccumulator:
                 continue
             state = self._layers[name]
             counts = state["counts"]
+            group = {g: counts[:, i] for i, g in enumerate(_GROUPS)}
+            heads = {}
             with np.errstate(invalid="ignore", divide="ignore"):
-                means = state["sums"] / counts[:, None]
-            means[counts == 0] = np.nan
-            heads = {metric: means[:, i] for i, metric in enumerate(METRICS)}
+                for i, figure in enumerate(MEANS):
+                    heads[figure] = state["sums"][:, i] / group[FIGURES[figure][0]]
+            for i, figure in enumerate(MAXIMA):
+                heads[figure] = state["maxima"][:, i].copy()
+            for figure, values in heads.items():
+                values[group[FIGURES[figure][0]] == 0] = np.nan
             summaries.append(LayerSummary(
-                name=name, index=index, heads=heads, counts=counts.copy(),
+                name=name, index=index, heads=heads, counts=group["crop"].copy(),
                 nonfinite=state["nonfinite"].copy(),
                 lazy=rule.lazy_heads(heads["rank"], heads["columns"]), rule=rule,
+                full_counts=group["full"].copy(),
             ))
         return tuple(summaries)
 

@@ -24,6 +24,7 @@ eagerly, every other step runs the compiled code untouched.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import warnings
 from typing import Callable, Mapping, Sequence
 
@@ -32,12 +33,16 @@ from torch import Tensor, nn
 
 from . import aggregate
 from .aggregate import HeadAccumulator
-from .attention import ModuleSelector, Recorder, plan_sites
+from .attention import ModuleSelector, Observed, Recorder, plan_sites, probabilities
+from .full_context import DEFAULT_MEMORY_BUDGET, full_context_metrics
 from .metrics import head_metrics
 from .options import check_count, check_tau
-from .snapshot import CollapseRule, LayerSummary, Snapshot
+from ._compat import renamed
+from .alerts import AlertMonitor, AlertRules
+from .snapshot import Alert, CollapseRule, LayerSummary, Snapshot
 
-CollapseCallback = Callable[[LayerSummary, int, Snapshot], None]
+AlertCallback = Callable[[Alert, Snapshot], None]
+CollapseCallback = Callable[[LayerSummary, int, Snapshot], None]  # deprecated
 
 
 class AttentionProbe:
@@ -49,8 +54,12 @@ class AttentionProbe:
         writer: or log into your own ``SummaryWriter`` (flushed, never closed, by the probe).
         every: sample steps 0, every, 2·every, ...
         tau: energy / mass share for rank@tau and columns@tau (the paper uses 0.9).
-        max_sequences, max_tokens: per sampled forward pass, measure the first sequences of the
-            batch, cropped to the first tokens (exact for causal attention).
+        max_sequences: per sampled forward pass, measure the first sequences of the batch.
+        max_tokens: rank@tau and the other figures of the attention matrix use its first
+            ``max_tokens`` queries (and keys, where the crop is exact: causal attention); the
+            ``*_full`` figures and ``max_logit`` cover every token of the measured sequences,
+            streamed in bounded memory without the matrix.
+        memory_budget: bytes of extra working memory the full-context pass may use per module.
         modules: which modules to watch (None: every attention module; names, globs, predicate).
         strategy: "auto", "intercept" or "adapter" (see :func:`attn_probe.capture`).
         per_head: log per-head scalars as well as per-layer ones.
@@ -59,9 +68,16 @@ class AttentionProbe:
         heatmaps: layer -> heads whose attention heatmaps are drawn (default: first and last
             layer, heads 0-3); see :class:`~attn_probe.outputs.TensorBoardWriter`.
         heatmap_tokens: heatmaps show at most this many first queries and keys.
-        rule: when a head and a layer count as lazy (collapsed).
-        on_collapse: ``fn(layer_summary, step, snapshot)`` called once when a layer turns lazy.
+        alerts: the rule of each kind of collapse (:class:`~attn_probe.alerts.AlertRules`:
+            ``lazy``, ``entropy``, ``logit``, ``sink``; ``None`` turns a kind off).
+        on_alert: ``fn(alert, snapshot)`` called for every new
+            :class:`~attn_probe.snapshot.Alert`, on every process (decided from the figures
+            reduced over all processes, so every process sees the same alerts at the same step).
+        logit_cap: a QK-Clip threshold τ to watch (a dry run: nothing in the model changes):
+            also log each head's factor ``min(1, τ / max_logit)`` and the share of heads above τ.
         history: keep every snapshot in :attr:`history` (pictures' samples are not kept).
+        rule, on_collapse: deprecated; ``alerts=AlertRules(lazy=rule)`` and ``on_alert`` (lazy
+            alerts) replace them.
     """
 
     def __init__(
@@ -74,27 +90,42 @@ class AttentionProbe:
         tau: float = 0.9,
         max_sequences: int = 1,
         max_tokens: int = 256,
+        memory_budget: int = DEFAULT_MEMORY_BUDGET,
         modules: ModuleSelector = None,
         strategy: str = "auto",
         per_head: bool = True,
         images_every: int | None = None,
         heatmaps: Mapping[str | int, Sequence[int]] | None = None,
         heatmap_tokens: int = 64,
-        rule: CollapseRule = CollapseRule(),
-        on_collapse: CollapseCallback | None = None,
+        alerts: AlertRules = AlertRules(),
+        on_alert: AlertCallback | None = None,
+        logit_cap: float | None = None,
         history: bool = True,
+        rule: CollapseRule | None = None,
+        on_collapse: CollapseCallback | None = None,
     ) -> None:
         check_count("every", every)
         tau = check_tau(tau)
         check_count("max_sequences", max_sequences)
         check_count("max_tokens", max_tokens)
+        check_count("memory_budget", memory_budget)
         check_count("heatmap_tokens", heatmap_tokens)
         if log_dir is not None and writer is not None:
             raise ValueError("pass log_dir (the probe makes a SummaryWriter) or writer, not both")
+        if logit_cap is not None and not logit_cap > 0:
+            raise ValueError(f"logit_cap must be a positive number or None, got {logit_cap!r}")
+        if rule is not None:
+            alerts = dataclasses.replace(alerts, lazy=renamed("rule", "alerts", rule))
+        if on_collapse is not None:
+            renamed("on_collapse", "on_alert", on_collapse)
         self.model, self.every, self.tau = model, every, float(tau)
         self.images_every = 10 * every if images_every is None else int(images_every)
-        self.rule, self.on_collapse, self.keep_history = rule, on_collapse, history
+        self.rules, self.on_alert, self.keep_history = alerts, on_alert, history
+        self.rule = alerts.lazy or CollapseRule()
+        self.on_collapse = on_collapse
+        self._monitor = AlertMonitor(alerts)
         self.heatmap_tokens = heatmap_tokens
+        self.max_tokens, self.memory_budget = max_tokens, memory_budget
         self.sites = plan_sites(model, modules, strategy)
         self._recorder = Recorder(
             self.sites, self._measure, max_sequences=max_sequences, max_tokens=max_tokens,
@@ -104,12 +135,12 @@ class AttentionProbe:
         self._samples: dict[str, Tensor] = {}
         self._writer_args = dict(
             writer=writer, log_dir=log_dir, per_head=per_head, heatmaps=heatmaps,
-            heatmap_tokens=heatmap_tokens,
+            heatmap_tokens=heatmap_tokens, logit_cap=logit_cap,
         )
         self._writer = None
         self._eager: contextlib.ExitStack | None = None  # force_eager while sampling
         self._next = 0  # the step the coming forward passes belong to
-        self._lazy: set[str] = set()
+        self._warned: set[tuple[str, str]] = set()  # (kind, layer) warned about
         self._warned_nonfinite = False
         self.history: list[Snapshot] = []
         self.last: Snapshot | None = None
@@ -204,10 +235,13 @@ class AttentionProbe:
         return self.images_every > 0 and step % self.images_every == 0
 
     # measuring ---------------------------------------------------------------------------
-    def _measure(self, name: str, attention: Tensor) -> None:
-        """Sink of the hooks: one module's attention (B, H, T, T) at a sampled step."""
+    def _measure(self, name: str, observed: Observed) -> None:
+        """Where the hooks deliver: one module's attention at a sampled step."""
         try:
-            self._accumulator.update(name, head_metrics(attention, self.tau))
+            attention = probabilities(observed, self.max_tokens)
+            figures = head_metrics(attention, self.tau)
+            figures.update(full_context_metrics(observed, self.tau, self.memory_budget))
+            self._accumulator.update(name, figures)
             if self._images_due(self._next) and self._writer is not None:
                 t = self.heatmap_tokens
                 self._samples[name] = attention[0, :, :t, :t].float().cpu()
@@ -224,18 +258,24 @@ class AttentionProbe:
         if not layers:
             return None
         snapshot = Snapshot(step=step, tau=self.tau, layers=layers, samples=samples)
+        # Every process holds the reduced figures: every process decides the same alerts.
+        snapshot = dataclasses.replace(snapshot, alerts=tuple(self._monitor.update(snapshot)))
         self.last = snapshot
         if self.keep_history:
-            self.history.append(Snapshot(step=step, tau=self.tau, layers=layers))
-        if not aggregate.is_main_process():
-            return snapshot
-        if self._writer is not None:
-            self._writer.write(snapshot, images=self._images_due(step) and bool(samples))
-            self._writer.flush()
-        self._check(snapshot)
+            self.history.append(dataclasses.replace(snapshot, samples={}))
+        if aggregate.is_main_process():
+            if self._writer is not None:
+                self._writer.write(snapshot, images=self._images_due(step) and bool(samples))
+                self._writer.flush()
+            self._warn(snapshot)
+        for alert in snapshot.alerts:
+            if self.on_alert is not None:
+                self.on_alert(alert, snapshot)
+            if alert.kind == "lazy" and self.on_collapse is not None:
+                self.on_collapse(snapshot.layer(alert.layer), snapshot.step, snapshot)
         return snapshot
 
-    def _check(self, snapshot: Snapshot) -> None:
+    def _warn(self, snapshot: Snapshot) -> None:
         if snapshot.has_nonfinite and not self._warned_nonfinite:
             self._warned_nonfinite = True
             bad = [l.name for l in snapshot.layers if l.nonfinite.sum()]
@@ -243,22 +283,20 @@ class AttentionProbe:
                 f"attn_probe: step {snapshot.step}: attention with NaN or Inf entries in "
                 f"{', '.join(bad)}; those sequences are left out of the figures and counted "
                 "under nonfinite/<layer>",
-                stacklevel=3,
+                stacklevel=4,
             )
-        for layer in snapshot.layers:
-            if layer.is_lazy and layer.name not in self._lazy:
-                self._lazy.add(layer.name)
-                warnings.warn(
-                    f"attn_probe: layer {layer.name} ({layer.tag}) collapsed at step "
-                    f"{snapshot.step}: max rank@{self.tau:g} {layer.reduce('rank', 'max'):.2f}, "
-                    f"max columns@{self.tau:g} {layer.reduce('columns', 'max'):.2f}, "
-                    f"{layer.lazy_share:.0%} of heads lazy",
-                    stacklevel=3,
-                )
-                if self.on_collapse is not None:
-                    self.on_collapse(layer, snapshot.step, snapshot)
+        for alert in snapshot.alerts:
+            if (alert.kind, alert.layer) not in self._warned:
+                self._warned.add((alert.kind, alert.layer))
+                warnings.warn(f"attn_probe: {alert.message}", stacklevel=4)
+
+    @property
+    def alerts(self) -> list[Alert]:
+        """Every alert fired so far, in order."""
+        return list(self._monitor.fired)
 
     @property
     def lazy_layers(self) -> list[str]:
         """Layers that have turned lazy so far."""
-        return [s.name for s in self.sites if s.name in self._lazy]
+        lazy = {alert.layer for alert in self._monitor.fired if alert.kind == "lazy"}
+        return [s.name for s in self.sites if s.name in lazy]

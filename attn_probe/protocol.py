@@ -20,7 +20,10 @@ from torch import Tensor, nn
 
 from ._compat import renamed
 from .aggregate import HeadAccumulator
-from .attention import ModuleSelector, Recorder, plan_sites
+from .attention import (
+    AttentionInputs, ModuleSelector, Observed, Recorder, plan_sites, probabilities,
+)
+from .full_context import DEFAULT_MEMORY_BUDGET, full_context_metrics
 from .metrics import head_metrics
 from .options import check_count, check_tau
 from .snapshot import CollapseRule, Snapshot
@@ -43,15 +46,29 @@ class Capture:
         max_sequences: int | None = None,
         max_tokens: int | None = None,
         strategy: str = "auto",
+        memory_budget: int = DEFAULT_MEMORY_BUDGET,
     ) -> None:
         check_count("max_sequences", max_sequences, optional=True)
         check_count("max_tokens", max_tokens, optional=True)
+        check_count("memory_budget", memory_budget)
         self.sites = plan_sites(model, modules, strategy)
+        self.max_tokens, self.memory_budget = max_tokens, memory_budget
         self._attention: dict[str, Tensor] = {}
+        self._observed: dict[str, Observed] = {}
         self._recorder = Recorder(
-            self.sites, self._attention.__setitem__,
-            max_sequences=max_sequences, max_tokens=max_tokens, strict=True,
+            self.sites, self._record, max_sequences=max_sequences, max_tokens=max_tokens,
+            strict=True,
         )
+
+    def _record(self, name: str, observed: Observed) -> None:
+        self._attention[name] = probabilities(observed, self.max_tokens)
+        if isinstance(observed, AttentionInputs):  # keep q and k as they were at this call
+            observed = AttentionInputs(
+                observed.query.clone(), observed.key.clone(),
+                None if observed.attn_mask is None else observed.attn_mask.clone(),
+                observed.is_causal, observed.scale,
+            )
+        self._observed[name] = observed
 
     @property
     def modules(self) -> list[str]:
@@ -68,13 +85,18 @@ class Capture:
         return dict(self._recorder.calls)
 
     def metrics(self, tau: float = 0.9) -> dict[str, dict[str, Tensor]]:
-        """Module name -> {"rank", "columns", "entropy", "sink", "dominant"}: (B, H) tensors."""
+        """Module name -> figure -> (B, H) tensor: ``rank``, ``columns``, ``entropy``, ``sink``,
+        ``dominant`` of the (cropped) matrix, and, where the capture saw q and k (or an eager
+        softmax's scores), the full-sequence ``*_full`` figures and ``max_logit``
+        (see :mod:`attn_probe.full_context`)."""
         tau = check_tau(tau)
-        return {name: head_metrics(a, tau) for name, a in self.attention.items()}
+        return {name: _figures(a, self._observed[name], tau, self.memory_budget)
+                for name, a in self.attention.items()}
 
     def reset(self) -> None:
         """Forget what was recorded; the next forward call of each module is recorded."""
         self._attention.clear()
+        self._observed.clear()
         self._recorder.arm()
 
     def __enter__(self) -> "Capture":
@@ -96,6 +118,7 @@ def capture(
     max_sequences: int | None = None,
     max_tokens: int | None = None,
     strategy: str = "auto",
+    memory_budget: int = DEFAULT_MEMORY_BUDGET,
 ) -> Capture:
     """Record the attention probabilities of ``model``'s attention modules.
 
@@ -103,12 +126,21 @@ def capture(
     ``fn(name, module)``. ``max_sequences`` / ``max_tokens`` bound what is materialised per
     forward pass (for causal attention the first T tokens give exactly the attention of that
     prefix). ``strategy``: "auto" (interception, adapters where interception cannot see the
-    kernel), "intercept" or "adapter" to force one.
+    kernel), "intercept" or "adapter" to force one. ``memory_budget``: bytes the streaming
+    full-context pass of :meth:`Capture.metrics` may use per module.
     """
     return Capture(
         model, modules=modules, max_sequences=max_sequences, max_tokens=max_tokens,
-        strategy=strategy,
+        strategy=strategy, memory_budget=memory_budget,
     )
+
+
+def _figures(attention: Tensor, observed: Observed, tau: float,
+             memory_budget: int) -> dict[str, Tensor]:
+    """Every per-head figure of one module and pass: the matrix's and the full sequence's."""
+    figures = head_metrics(attention, tau)
+    figures.update(full_context_metrics(observed, tau, memory_budget))
+    return figures
 
 
 def _call(model: nn.Module, batch: Any) -> Any:
@@ -138,6 +170,7 @@ def rank_profile(
     strategy: str = "auto",
     rule: CollapseRule = CollapseRule(),
     samples: bool = False,
+    memory_budget: int = DEFAULT_MEMORY_BUDGET,
     on_batch: Callable[[int], None] | None = None,
     n_sequences: int | None = None,
 ) -> Snapshot:
@@ -148,7 +181,9 @@ def rank_profile(
     dict (``model(**x)``), batch first. Batches are consumed until ``max_sequences`` sequences
     have been measured; runs under ``torch.no_grad`` and leaves the model's mode as it is. The
     result is a :class:`~attn_probe.snapshot.Snapshot`: ``snapshot.layers[i].heads["rank"]`` is
-    layer i's per-head average, ``snapshot.max_rank_profile()`` the MaxRank per layer. With
+    layer i's per-head average, ``snapshot.max_rank_profile()`` the MaxRank per layer; the
+    ``*_full`` figures and ``max_logit`` cover every token of each sequence even when
+    ``max_tokens`` crops the matrices. With
     ``samples=True`` it keeps each layer's attention of the first sequence in
     ``snapshot.samples`` (for heatmaps). ``on_batch(n)`` is called with the sequences measured
     so far (for a progress bar). ``n_sequences`` is the deprecated name of ``max_sequences``.
@@ -160,14 +195,16 @@ def rank_profile(
     accumulator = HeadAccumulator()
     kept: dict[str, Tensor] = {}
     measured = 0
-    with capture(model, modules=modules, max_tokens=max_tokens, strategy=strategy) as cap:
+    with capture(model, modules=modules, max_tokens=max_tokens, strategy=strategy,
+                 memory_budget=memory_budget) as cap:
         for batch in batches:
             take = min(_batch_size(batch), max_sequences - measured)
             cap.reset()
             with torch.no_grad():
                 _call(model, batch)
+            for name, figures in cap.metrics(tau).items():
+                accumulator.update(name, {k: v[:take] for k, v in figures.items()})
             for name, attention in cap.attention.items():
-                accumulator.update(name, head_metrics(attention[:take], tau))
                 if samples and name not in kept:
                     kept[name] = attention[0].float().cpu()
             measured += take

@@ -1,4 +1,4 @@
-"""The data model: collapse rules, one layer's figures, everything measured at one step.
+"""The data model: collapse rules, one layer's figures, alerts, everything measured at one step.
 
 :class:`LayerSummary` holds one attention module's per-head figures at one step and
 :class:`Snapshot` all layers of that step; they are what :mod:`attn_probe.aggregate` computes and
@@ -16,9 +16,31 @@ from typing import Mapping, Protocol, Sequence, TypeVar
 import numpy as np
 import torch
 
-#: Per-head figures, averaged over sequences. ``first_key_dominant`` is the share of sequences in
-#: which key 0 is the column with the most squared mass (the attention sink dominates).
-METRICS = ("rank", "columns", "entropy", "sink", "first_key_dominant")
+#: Per-head figures: name -> (the tokens they are computed over, how sequences combine).
+#: ``"crop"``: the attention matrix of the first ``max_tokens`` tokens (rank@tau needs the whole
+#: matrix); ``"full"``: every token of the measured sequence, streamed without the matrix. The
+#: ``_full`` suffix marks the second, so a tag always says which tokens it covers;
+#: ``max_logit`` (the largest scaled pre-softmax score) exists over the full sequence only.
+#: ``first_key_dominant`` is the share of sequences in which key 0 is the column with the most
+#: squared mass; ``entropy_norm_full`` divides each query's entropy by the log of the number of
+#: keys it may see (1: uniform); ``sink_logit_full`` is the mass a learned sink logit takes;
+#: ``tokens_full`` the number of query tokens measured.
+FIGURES: dict[str, tuple[str, str]] = {
+    "rank": ("crop", "mean"),
+    "columns": ("crop", "mean"),
+    "entropy": ("crop", "mean"),
+    "sink": ("crop", "mean"),
+    "first_key_dominant": ("crop", "mean"),
+    "columns_full": ("full", "mean"),
+    "entropy_full": ("full", "mean"),
+    "entropy_norm_full": ("full", "mean"),
+    "sink_full": ("full", "mean"),
+    "sink_logit_full": ("full", "mean"),
+    "first_key_dominant_full": ("full", "mean"),
+    "tokens_full": ("full", "mean"),
+    "max_logit": ("full", "max"),
+}
+METRICS = tuple(FIGURES)
 
 #: Heads drawn by default in attention heatmaps, in the first and the last layer.
 DEFAULT_HEATMAP_HEADS = (0, 1, 2, 3)
@@ -70,11 +92,13 @@ class LayerSummary:
 
     name: str  #: module name, as in ``model.named_modules()``
     index: int  #: position among the monitored modules (the ``L07`` in tag names)
-    heads: Mapping[str, np.ndarray]  #: metric -> (H,) mean over sequences (NaN: no data)
-    counts: np.ndarray  #: (H,) sequences with finite attention that went into each head's means
+    heads: Mapping[str, np.ndarray]  #: figure -> (H,) over sequences (NaN: no data)
+    counts: np.ndarray  #: (H,) sequences with finite attention in each head's crop figures
     nonfinite: np.ndarray  #: (H,) sequences whose attention had NaN or Inf entries
     lazy: np.ndarray  #: (H,) bool, per the collapse rule
     rule: CollapseRule = field(default_factory=CollapseRule)
+    #: (H,) sequences in each head's full-context figures (0 where the capture saw no q and k)
+    full_counts: np.ndarray | None = None
 
     @property
     def num_heads(self) -> int:
@@ -94,12 +118,27 @@ class LayerSummary:
     def tag(self) -> str:
         return layer_tag(self.index)
 
+    def counts_of(self, figure: str) -> np.ndarray:
+        """(H,) sequences behind ``figure`` of each head."""
+        if FIGURES[figure][0] == "full":
+            return self.full_counts if self.full_counts is not None else 0 * self.counts
+        return self.counts
+
     def reduce(self, metric: str, how: str) -> float:
-        """``max``, ``mean`` or ``min`` over heads of a per-head metric (NaN if no head has data)."""
-        values = self.heads[metric][self.has_data]
+        """``max``, ``mean`` or ``min`` over heads of a per-head figure (NaN if no head has
+        data)."""
+        values = self.heads[metric][self.counts_of(metric) > 0]
         if values.size == 0:
             return float("nan")
         return float({"max": np.max, "mean": np.mean, "min": np.min}[how](values))
+
+    def qk_clip(self, cap: float) -> np.ndarray:
+        """(H,) QK-Clip factors ``min(1, cap / max_logit)`` (Kimi K2): how much each head's q
+        and k would be scaled by a clip at ``cap`` (NaN where a head has no max logit)."""
+        logit = self.heads["max_logit"]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return np.where(np.isfinite(logit), np.minimum(1.0, cap / np.maximum(logit, 0)),
+                            np.nan)
 
     @property
     def lazy_share(self) -> float:
@@ -110,6 +149,23 @@ class LayerSummary:
     def is_lazy(self) -> bool:
         share = self.lazy_share
         return bool(share == share and share >= self.rule.min_lazy_share)
+
+
+@dataclass(frozen=True)
+class Alert:
+    """One kind of collapse seen in one layer at one step."""
+
+    kind: str  #: "lazy", "entropy", "logit" or "sink" (see :mod:`attn_probe.alerts`)
+    layer: str  #: module name
+    tag: str  #: ``L07``
+    heads: tuple[int, ...]  #: the heads involved
+    step: int
+    value: float  #: the figure that crossed the threshold
+    threshold: float
+    message: str  #: one line for people
+
+    def __str__(self) -> str:
+        return self.message
 
 
 class _Layer(Protocol):
@@ -159,6 +215,8 @@ class Snapshot:
     layers: tuple[LayerSummary, ...]
     #: layer name -> (H, T, T) float32 CPU attention of the first measured sequence (for heatmaps)
     samples: Mapping[str, torch.Tensor] = field(default_factory=dict)
+    #: the alerts that fired at this step (see :mod:`attn_probe.alerts`)
+    alerts: tuple[Alert, ...] = ()
 
     def layer(self, key: str | int) -> LayerSummary:
         """The layer named by ``key`` (see :func:`find_layer`)."""

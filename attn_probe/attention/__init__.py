@@ -10,17 +10,21 @@ to a callback.
 
 from .adapters import register_adapter
 from .discovery import ModuleSelector, find_attention_modules
-from .rebuild import attention_probabilities
-from .recorder import Recorder
+from .rebuild import AttentionInputs, AttentionScores, attention_probabilities, probabilities
+from .recorder import Observed, Recorder
 from .sites import CaptureError, Site, plan_sites
 
 __all__ = [
+    "AttentionInputs",
+    "AttentionScores",
     "CaptureError",
     "ModuleSelector",
+    "Observed",
     "Recorder",
     "Site",
     "attention_probabilities",
     "find_attention_modules",
     "plan_sites",
+    "probabilities",
     "register_adapter",
 ]

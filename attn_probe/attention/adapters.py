@@ -1,21 +1,24 @@
-"""Adapters: rebuild A from a module's input and its own weights.
+"""Adapters: rebuild what a module's attention kernel gets from its input and its own weights.
 
-An adapter is ``fn(module, args, kwargs, *, max_sequences, max_tokens) -> Tensor (B, H, T, T)``,
-called with the positional and keyword arguments of the module's forward before it runs. It
-recomputes q and k the way the module does and hands them to
-:func:`~attn_probe.attention.rebuild.attention_probabilities`. Adapters serve modules whose
+An adapter is ``fn(module, args, kwargs, *, max_sequences, max_tokens)``, called with the
+positional and keyword arguments of the module's forward before it runs. It recomputes q and k
+the way the module does and returns them as an
+:class:`~attn_probe.attention.rebuild.AttentionInputs` for the first ``max_sequences`` sequences
+and every token (the full-context statistics stream over the whole sequence; the matrix is
+cropped to ``max_tokens`` later). An adapter may also return the probabilities A (B, H, T, S)
+itself, e.g. from :func:`~attn_probe.attention.rebuild.attention_probabilities` with
+``max_tokens``: then only the figures of the matrix are measured. Adapters serve modules whose
 kernel cannot be intercepted (``flex_attention``, fused or custom kernels) or would be disturbed
 by interception (``nn.MultiheadAttention``'s fused fast path).
 
 Register your own with :func:`register_adapter`::
 
     def my_adapter(module, args, kwargs, *, max_sequences, max_tokens):
-        x = args[0] if args else kwargs["x"]                     # (B, T, C)
+        x = (args[0] if args else kwargs["x"])[:max_sequences]       # (B, T, C)
         B, T, _ = x.shape
         q = module.wq(x).view(B, T, module.n_heads, -1).transpose(1, 2)
         k = module.wk(x).view(B, T, module.n_heads, -1).transpose(1, 2)
-        return attention_probabilities(q, k, is_causal=True,
-                                       max_sequences=max_sequences, max_tokens=max_tokens)
+        return AttentionInputs(q, k, is_causal=True)
 
     attn_probe.register_adapter(MyAttention, my_adapter)
 """
@@ -32,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .rebuild import attention_probabilities
+from .rebuild import AttentionInputs
 
 
 class Adapter(Protocol):
@@ -44,7 +47,7 @@ class Adapter(Protocol):
         *,
         max_sequences: int | None,
         max_tokens: int | None,
-    ) -> Tensor: ...
+    ) -> AttentionInputs | Tensor: ...
 
 
 @dataclass(frozen=True)
@@ -129,14 +132,14 @@ def _is_nanogpt(module: nn.Module) -> bool:
     return isinstance(getattr(module, "c_attn", None), nn.Linear) and hasattr(module, "n_head")
 
 
-def nanogpt_adapter(module, args, kwargs, *, max_sequences, max_tokens) -> Tensor:
-    x = _first_tensor(args, kwargs)[:max_sequences, :max_tokens]
+def nanogpt_adapter(module, args, kwargs, *, max_sequences, max_tokens) -> AttentionInputs:
+    x = _first_tensor(args, kwargs)[:max_sequences]
     b, t, c = x.shape
     heads = module.n_head
     weight, bias = module.c_attn.weight[: 2 * c], module.c_attn.bias
     qk = F.linear(x, weight, None if bias is None else bias[: 2 * c])
     q, k = qk.view(b, t, 2, heads, c // heads).permute(2, 0, 3, 1, 4)
-    return attention_probabilities(q, k, is_causal=True)
+    return AttentionInputs(q, k, is_causal=True)
 
 
 # modded-nanogpt: merged (4 or 3, H*D, dim) parameter, q/k RMS norm, rotary, flex_attention.
@@ -152,18 +155,24 @@ def _is_merged_qkv(module: nn.Module) -> bool:
     return _merged_weight(module) is not None
 
 
-def merged_qkv_adapter(module, args, kwargs, *, max_sequences, max_tokens) -> Tensor:
+def merged_qkv_adapter(module, args, kwargs, *, max_sequences, max_tokens) -> AttentionInputs:
     """q, k from ``qkvo_w[0:2]``, RMS-normed over the head dim, rotated by ``module.rotary``.
 
     The mask comes from a ``BlockMask`` argument of the forward, materialised as
-    ``flex_attention`` applies it (see :func:`block_mask_elements`); without one, attention is
-    taken to be causal. The scale is ``module.attn_scale`` when the module has one, else
-    1/sqrt(head_dim).
+    ``flex_attention`` applies it (see :func:`block_mask_elements`) on the first ``max_tokens``
+    tokens (a boolean matrix per head: the whole sequence would cost T² per head); without
+    one, attention is taken to be causal over the whole sequence. The scale is
+    ``module.attn_scale`` when the module has one, else 1/sqrt(head_dim).
     """
     from torch.nn.attention.flex_attention import BlockMask
 
     weight = _merged_weight(module)
-    x = _first_tensor(args, kwargs)[:max_sequences, :max_tokens]
+    block_mask = next(
+        (v for v in (*args, *kwargs.values()) if isinstance(v, BlockMask)), None
+    )
+    x = _first_tensor(args, kwargs)[:max_sequences]
+    if block_mask is not None:
+        x = x[:, :max_tokens]
     b, t, _ = x.shape
     heads = int(getattr(module, "num_heads", getattr(module, "n_head", 0)))
     if heads <= 0:
@@ -175,13 +184,10 @@ def merged_qkv_adapter(module, args, kwargs, *, max_sequences, max_tokens) -> Te
         q, k = rotary(q), rotary(k)
     q, k = q.transpose(1, 2), k.transpose(1, 2)
     scale = getattr(module, "attn_scale", None)
-    block_mask = next(
-        (v for v in (*args, *kwargs.values()) if isinstance(v, BlockMask)), None
-    )
     if block_mask is None:
-        return attention_probabilities(q, k, is_causal=True, scale=scale)
+        return AttentionInputs(q, k, is_causal=True, scale=scale)
     mask = block_mask_elements(block_mask, b, heads, t).to(x.device)
-    return attention_probabilities(q, k, attn_mask=mask, scale=scale)
+    return AttentionInputs(q, k, attn_mask=mask, scale=scale)
 
 
 def block_mask_elements(block_mask, batch: int, heads: int, length: int) -> Tensor:
@@ -225,7 +231,7 @@ def block_mask_elements(block_mask, batch: int, heads: int, length: int) -> Tens
 # torch.nn.MultiheadAttention, including its fused fast path (which interception cannot see).
 def multihead_attention_adapter(
     module: nn.MultiheadAttention, args, kwargs, *, max_sequences, max_tokens
-) -> Tensor:
+) -> AttentionInputs:
     if module.bias_k is not None or module.add_zero_attn:
         raise NotImplementedError(
             "nn.MultiheadAttention with add_bias_kv or add_zero_attn is not supported; "
@@ -236,12 +242,10 @@ def multihead_attention_adapter(
     attn_mask = _argument(module, args, kwargs, "attn_mask")
     padding = _argument(module, args, kwargs, "key_padding_mask")
     is_causal = bool(_argument(module, args, kwargs, "is_causal", False))
-    return _mha_probabilities(
-        module, query, key, attn_mask, padding, is_causal, max_sequences, max_tokens
-    )
+    return _mha_inputs(module, query, key, attn_mask, padding, is_causal, max_sequences)
 
 
-def _mha_probabilities(
+def _mha_inputs(
     module: nn.MultiheadAttention,
     query: Tensor,
     key: Tensor,
@@ -249,8 +253,7 @@ def _mha_probabilities(
     padding: Tensor | None,
     is_causal: bool,
     max_sequences: int | None,
-    max_tokens: int | None,
-) -> Tensor:
+) -> AttentionInputs:
     if query.dim() == 2:  # unbatched (L, E)
         query, key = query.unsqueeze(0), key.unsqueeze(0)
         padding = None if padding is None else padding.unsqueeze(0)
@@ -277,8 +280,8 @@ def _mha_probabilities(
         pad = _additive(padding[:n], q.dtype).view(n, 1, 1, -1)
         mask = pad if mask is None else mask + pad
     if is_causal and mask is None:
-        return attention_probabilities(q, k, is_causal=True, max_tokens=max_tokens)
-    return attention_probabilities(q, k, attn_mask=mask, max_tokens=max_tokens)
+        return AttentionInputs(q, k, is_causal=True)
+    return AttentionInputs(q, k, attn_mask=mask)
 
 
 def _additive(mask: Tensor, dtype: torch.dtype) -> Tensor:
@@ -294,7 +297,7 @@ def _additive(mask: Tensor, dtype: torch.dtype) -> Tensor:
 # hook is attached to the layer or any of its submodules, hence ``hookless``.
 def encoder_layer_adapter(
     module: nn.TransformerEncoderLayer, args, kwargs, *, max_sequences, max_tokens
-) -> Tensor:
+) -> AttentionInputs:
     src = _argument(module, args, kwargs, "src")
     mask = _argument(module, args, kwargs, "src_mask")
     padding = _argument(module, args, kwargs, "src_key_padding_mask")
@@ -306,9 +309,7 @@ def encoder_layer_adapter(
         src = src.to_padded_tensor(0.0)
         padding = torch.arange(src.size(1), device=src.device) >= lengths.unsqueeze(1)
     x = module.norm1(src) if module.norm_first else src
-    return _mha_probabilities(
-        module.self_attn, x, x, mask, padding, is_causal, max_sequences, max_tokens
-    )
+    return _mha_inputs(module.self_attn, x, x, mask, padding, is_causal, max_sequences)
 
 
 BUILTIN_ADAPTERS: tuple[AdapterEntry, ...] = (

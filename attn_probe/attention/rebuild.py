@@ -1,23 +1,98 @@
-"""Attention probabilities from the query and key a kernel was given.
+"""What an attention kernel was given, and the attention probabilities rebuilt from it.
 
 Every capture strategy ends here: interception hands over the arguments of
-``scaled_dot_product_attention``, adapters recompute q and k from a module's weights. This file
-turns (q, k, mask) into A = softmax(q·kᵀ·scale + mask) exactly as the kernel defines it, for the
-sampled sequences and tokens only.
+``scaled_dot_product_attention``, adapters recompute q and k from a module's weights. Both become
+an :class:`AttentionInputs` (q, k, mask, causality, scale of the measured sequences, over the
+whole sequence), and :func:`attention_probabilities` turns them into A = softmax(q·kᵀ·scale +
+mask) exactly as the kernel defines it, for the sampled sequences and tokens only. An eager
+softmax that interception sees has materialised its scores already: they travel as
+:class:`AttentionScores`.
 
-Cropping to ``max_tokens`` keeps the first T queries and the first T keys. When the mask stops
-those queries from seeing any later key (causal attention, sliding windows, left-aligned padding)
-the cropped matrix is exactly the attention matrix of the T-token prefix. Otherwise
-(bidirectional attention) the rows are still the model's true probabilities over *all* keys,
-restricted to the first T columns, so they may sum to less than 1.
+Cropping to ``max_tokens`` keeps the first T queries. When the mask stops those queries from
+seeing any later key (causal attention, sliding windows, left-aligned padding) it keeps the first
+T keys too, and the cropped matrix is exactly the attention matrix of the T-token prefix.
+Otherwise (bidirectional and cross attention) it keeps *every* key: the matrix is T × S and each
+row is the query's whole distribution, summing to 1; the metrics take rectangular matrices.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+
+
+@dataclass(frozen=True)
+class AttentionInputs:
+    """The arguments of one attention kernel call, for the measured sequences only.
+
+    ``query`` (B, H, L, E), ``key`` (B, H_kv, S, E), ``attn_mask`` broadcastable to
+    (B, H, L, S) (boolean, True = may attend, or additive), ``is_causal`` (top-left aligned) and
+    ``scale`` (None: 1/sqrt(E)), as :func:`torch.nn.functional.scaled_dot_product_attention`
+    takes them. Tensors are detached views of the model's own, never copies.
+    """
+
+    query: Tensor
+    key: Tensor
+    attn_mask: Tensor | None = None
+    is_causal: bool = False
+    scale: float | None = None
+
+    @classmethod
+    def of(cls, query: Tensor, key: Tensor, *, attn_mask: Tensor | None = None,
+           is_causal: bool = False, scale: float | None = None,
+           max_sequences: int | None = None) -> "AttentionInputs":
+        """The first ``max_sequences`` sequences of a kernel call's arguments (3-d (B, L, E)
+        inputs are one head)."""
+        if query.dim() == 3:
+            query, key = query.unsqueeze(1), key.unsqueeze(1)
+            if attn_mask is not None and attn_mask.dim() == 3:
+                attn_mask = attn_mask.unsqueeze(1)
+        if query.dim() != 4 or key.dim() != 4:
+            raise ValueError(
+                f"expected query (B, H, L, E) and key (B, H_kv, S, E), got "
+                f"{tuple(query.shape)} and {tuple(key.shape)}"
+            )
+        n = query.size(0) if max_sequences is None else min(query.size(0), max_sequences)
+        if attn_mask is not None:
+            attn_mask = _take_sequences(_as_4d(attn_mask.detach()), n)
+        return cls(_take_sequences(query.detach(), n), _take_sequences(key.detach(), n),
+                   attn_mask, bool(is_causal), scale)
+
+    def probabilities(self, max_tokens: int | None = None) -> Tensor:
+        """A (B, H, T, S) in float32, cropped to the first ``max_tokens`` tokens."""
+        return attention_probabilities(
+            self.query, self.key, attn_mask=self.attn_mask, is_causal=self.is_causal,
+            scale=self.scale, max_tokens=max_tokens,
+        )
+
+
+@dataclass(frozen=True)
+class AttentionScores:
+    """An eager attention's own pre-softmax scores and probabilities (B, H, L, S), for the
+    measured sequences: where the model materialised them, nothing needs rebuilding."""
+
+    scores: Tensor
+    probs: Tensor
+
+    def probabilities(self, max_tokens: int | None = None) -> Tensor:
+        """A (B, H, T, T') in float32, cropped to the first ``max_tokens`` tokens; a query whose
+        every key is masked (NaN out of softmax) becomes a row of zeros."""
+        t = max_tokens
+        attention = self.probs[:, :, :t, :t].to(torch.float32, copy=True)
+        blocked = torch.isneginf(self.scores[:, :, :t]).all(dim=-1, keepdim=True)
+        return attention.masked_fill_(blocked, 0.0)
+
+
+def probabilities(observed: "AttentionInputs | AttentionScores | Tensor",
+                  max_tokens: int | None = None) -> Tensor:
+    """A (B, H, T, S) float32 from whatever the recorder observed (a user adapter may hand
+    over A itself, already cropped)."""
+    if isinstance(observed, Tensor):
+        return observed
+    return observed.probabilities(max_tokens)
 
 
 def _as_4d(mask: Tensor) -> Tensor:
@@ -58,8 +133,9 @@ def attention_probabilities(
     ``key`` (B, H_kv, S, E) with H a multiple of H_kv (grouped-query heads are expanded to the
     query heads), ``attn_mask`` broadcastable to (B, H, L, S), boolean (True = may attend) or
     additive, ``is_causal`` aligned to the top-left corner, ``scale`` defaulting to 1/sqrt(E).
-    Only the first ``max_sequences`` sequences and ``max_tokens`` tokens are materialised.
-    Queries that may attend to no key at all get a row of zeros, not NaN.
+    Only the first ``max_sequences`` sequences and ``max_tokens`` queries are materialised, and
+    keys beyond the first ``max_tokens`` only where those queries can see them (see the module
+    docstring). Queries that may attend to no key at all get a row of zeros, not NaN.
     """
     if query.dim() == 3:  # (B, L, E): one head; a (B, L, S) mask is per sequence
         query, key = query.unsqueeze(1), key.unsqueeze(1)
@@ -76,7 +152,6 @@ def attention_probabilities(
         raise ValueError(f"{heads} query heads cannot share {kv_heads} key heads evenly")
     length, keys = query.size(2), key.size(2)
     t = length if max_tokens is None else min(length, max_tokens)
-    s_out = keys if max_tokens is None else min(keys, max_tokens)
 
     with torch.no_grad(), torch.autocast(query.device.type, enabled=False):
         q = _take_sequences(query.detach(), n)[:, :, :t].float()
@@ -87,7 +162,7 @@ def attention_probabilities(
         if is_causal:
             causal = torch.ones(t, keys, dtype=torch.bool, device=q.device).tril()
             mask = causal if mask is None else _combine(mask, causal)
-        s = keys if _sees_beyond(mask, t, keys) else min(keys, max(t, s_out))
+        s = keys if _sees_beyond(mask, t, keys) else min(keys, t)
         k = k[:, :, :s].float()
         if kv_heads != heads:
             k = k.repeat_interleave(heads // kv_heads, dim=1)
@@ -101,7 +176,7 @@ def attention_probabilities(
                 scores.add_(mask.float())
         blocked = torch.isneginf(scores).all(dim=-1, keepdim=True)
         probs = torch.softmax(scores, dim=-1).masked_fill_(blocked, 0.0)
-        return probs[..., :s_out]
+        return probs
 
 
 def _combine(mask: Tensor, causal: Tensor) -> Tensor:

@@ -32,7 +32,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils.hooks import RemovableHandle
 
 from .adapters import find_adapter
-from .rebuild import attention_probabilities
+from .rebuild import AttentionInputs, AttentionScores
 from .sites import CaptureError, Site
 
 _SDPA = F.scaled_dot_product_attention
@@ -72,13 +72,19 @@ class _Interceptor(TorchFunctionMode):
         return out
 
 
+#: What the recorder hands on for one site and pass: the kernel's inputs, an eager softmax's own
+#: scores and probabilities, or the probabilities a user adapter returned.
+Observed = AttentionInputs | AttentionScores | Tensor
+
+
 class Recorder:
-    """Owns the hooks on the sites; calls ``on_attention(name, A)`` once per site per armed pass."""
+    """Owns the hooks on the sites; calls ``on_attention(name, observed)`` once per site per
+    armed pass, with the :data:`Observed` attention of the first ``max_sequences`` sequences."""
 
     def __init__(
         self,
         sites: list[Site],
-        on_attention: Callable[[str, Tensor], None],
+        on_attention: Callable[[str, Observed], None],
         *,
         max_sequences: int | None = None,
         max_tokens: int | None = None,
@@ -175,7 +181,7 @@ class Recorder:
             self._deliver(site, lambda: _raise(_no_kernel_call(site)))
 
     # rebuilding --------------------------------------------------------------------------
-    def _adapt(self, site: Site, args: tuple, kwargs: dict) -> Tensor:
+    def _adapt(self, site: Site, args: tuple, kwargs: dict) -> Observed:
         # Under the caller's autocast, as the module's own projections run: q and k come out in
         # the precision the model used (rebuild then works in float32).
         with torch.no_grad():
@@ -184,34 +190,34 @@ class Recorder:
                 max_sequences=self.max_sequences, max_tokens=self.max_tokens,
             )
 
-    def _from_call(self, func, args: tuple, kwargs: dict, out: Any) -> Tensor | None:
+    def _from_call(self, func, args: tuple, kwargs: dict, out: Any) -> Observed | None:
+        n = self.max_sequences
         if func is _SDPA:
             bound = dict(zip(_SDPA_ARGS, args), **kwargs)
-            return attention_probabilities(
-                bound["query"], bound["key"],
-                attn_mask=bound.get("attn_mask"), is_causal=bool(bound.get("is_causal", False)),
-                scale=bound.get("scale"),
-                max_sequences=self.max_sequences, max_tokens=self.max_tokens,
+            return AttentionInputs.of(
+                bound["query"], bound["key"], attn_mask=bound.get("attn_mask"),
+                is_causal=bool(bound.get("is_causal", False)), scale=bound.get("scale"),
+                max_sequences=n,
             )
         scores = args[0] if args else kwargs.get("input")
         dim = args[1] if len(args) > 1 else kwargs.get("dim")
         if not isinstance(out, Tensor) or scores.dim() != 4 or dim not in (-1, 3):
             return None  # a softmax that is not over attention scores
-        n, t = self.max_sequences, self.max_tokens
-        attention = out.detach()[:n, :, :t, :t].to(torch.float32, copy=True)
-        # A query whose every key is masked comes out of softmax as NaN: report it as zeros.
-        # (NaN from NaN scores stays NaN, to be flagged.)
-        blocked = torch.isneginf(scores.detach()[:n, :, :t]).all(dim=-1, keepdim=True)
-        return attention.masked_fill_(blocked, 0.0)
+        return AttentionScores(scores.detach()[:n], out.detach()[:n])
 
-    def _deliver(self, site: Site, make: Callable[[], Tensor]) -> None:
+    def _deliver(self, site: Site, make: Callable[[], Observed]) -> None:
         self._done.add(site.name)
         try:
-            attention = make()
-            if attention.dim() != 4:
+            observed = make()
+            if isinstance(observed, Tensor) and observed.dim() != 4:
                 raise CaptureError(
-                    f"rebuilt attention of {site.name!r} has shape {tuple(attention.shape)}, "
+                    f"rebuilt attention of {site.name!r} has shape {tuple(observed.shape)}, "
                     "expected (B, H, T, S)"
+                )
+            if not isinstance(observed, (AttentionInputs, AttentionScores, Tensor)):
+                raise CaptureError(
+                    f"the adapter of {site.name!r} returned {type(observed).__name__}; an "
+                    "adapter returns AttentionInputs or the probabilities (B, H, T, S)"
                 )
         except Exception as error:
             if self.strict:
@@ -220,7 +226,7 @@ class Recorder:
                 self._warned.add(site.name)
                 warnings.warn(f"attn_probe: not measuring {site.name!r}: {error}", stacklevel=3)
             return
-        self.on_attention(site.name, attention)
+        self.on_attention(site.name, observed)
 
 
 class _ForwardWrapper:

@@ -1,7 +1,8 @@
 """A compact nanoGPT-style GPT: the model of the built-in demo, the benchmarks and the examples.
 
 Written the nanoGPT way (one file, config as a dataclass): pre-norm blocks, causal self-attention
-through ``scaled_dot_product_attention``, GELU MLP, weight-tied output layer.
+through ``scaled_dot_product_attention`` (optionally with QK-norm), GELU MLP, weight-tied output
+layer.
 """
 
 from __future__ import annotations
@@ -23,6 +24,9 @@ class GPTConfig:
     n_embd: int = 128
     dropout: float = 0.0
     bias: bool = True
+    #: layer-normalise q and k per head before the dot product (QK-norm, Dehghani et al. 2023):
+    #: keeps attention logits bounded, the standard fix for logit growth
+    qk_norm: bool = False
 
 
 class CausalSelfAttention(nn.Module):
@@ -33,11 +37,16 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
         self.n_head, self.n_embd, self.dropout = config.n_head, config.n_embd, config.dropout
+        head_dim = config.n_embd // config.n_head
+        self.q_norm = nn.LayerNorm(head_dim) if config.qk_norm else None
+        self.k_norm = nn.LayerNorm(head_dim) if config.qk_norm else None
 
     def forward(self, x: Tensor) -> Tensor:
         b, t, c = x.shape
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
         q, k, v = (z.view(b, t, self.n_head, c // self.n_head).transpose(1, 2) for z in (q, k, v))
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         y = F.scaled_dot_product_attention(
             q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True
         )

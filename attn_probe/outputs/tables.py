@@ -10,7 +10,9 @@ from ..snapshot import METRICS, Snapshot, finite, percent
 
 
 def layer_rows(snapshot: Snapshot) -> list[dict]:
-    """One row per layer: MaxRank (max over heads of the per-head mean rank@tau) and friends."""
+    """One row per layer: MaxRank (max over heads of the per-head mean rank@tau) and friends;
+    names ending in ``_full`` (and ``max_logit``) cover every token of the sequences, the others
+    the matrix of the first ``max_tokens`` tokens."""
     return [
         {
             "layer": layer.tag,
@@ -24,6 +26,12 @@ def layer_rows(snapshot: Snapshot) -> list[dict]:
             "mean_columns": layer.reduce("columns", "mean"),
             "entropy": layer.reduce("entropy", "mean"),
             "sink": layer.reduce("sink", "mean"),
+            "max_logit": layer.reduce("max_logit", "max"),
+            "tokens_full": layer.reduce("tokens_full", "max"),
+            "max_columns_full": layer.reduce("columns_full", "max"),
+            "entropy_full": layer.reduce("entropy_full", "mean"),
+            "entropy_norm_full": layer.reduce("entropy_norm_full", "mean"),
+            "sink_full": layer.reduce("sink_full", "mean"),
             "lazy_share": layer.lazy_share,
             "lazy": layer.is_lazy,
         }
@@ -50,16 +58,23 @@ def head_rows(snapshot: Snapshot) -> list[dict]:
 def format_table(snapshot: Snapshot) -> str:
     """The per-layer table printed at the end of a run."""
     p = percent(snapshot.tau)
-    header = (f"{'layer':<6} {'module':<34} {'max rank' + str(p):>10} {'mean rank':>9} "
-              f"{'max cols' + str(p):>10} {'entropy':>8} {'sink':>6} {'lazy heads':>10}")
+    header = (f"{'layer':<6} {'module':<30} {'max rank' + str(p):>10} {'mean rank':>9} "
+              f"{'max cols' + str(p):>10} {'entropy':>8} {'sink':>6} {'max logit':>9} "
+              f"{'lazy heads':>10}")
     lines = [header, "-" * len(header)]
-    for row in layer_rows(snapshot):
-        module = row["module"] if len(row["module"]) <= 34 else "…" + row["module"][-33:]
+    rows = layer_rows(snapshot)
+    for row in rows:
+        module = row["module"] if len(row["module"]) <= 30 else "…" + row["module"][-29:]
         lines.append(
-            f"{row['layer']:<6} {module:<34} {row['max_rank']:>10.2f} {row['mean_rank']:>9.2f} "
+            f"{row['layer']:<6} {module:<30} {row['max_rank']:>10.2f} {row['mean_rank']:>9.2f} "
             f"{row['max_columns']:>10.2f} {row['entropy']:>8.3f} {row['sink']:>6.3f} "
-            f"{row['lazy_share']:>10.0%}" + ("  LAZY" if row["lazy"] else "")
+            f"{row['max_logit']:>9.1f} {row['lazy_share']:>10.0%}"
+            + ("  LAZY" if row["lazy"] else "")
         )
+    tokens = {row["tokens_full"] for row in rows if finite(row["tokens_full"])}
+    if tokens:
+        lines.append(f"rank, cols, entropy, sink: the matrix of the first tokens; max logit: all "
+                     f"{', '.join(f'{t:.0f}' for t in sorted(tokens))} tokens")
     return "\n".join(lines)
 
 

@@ -1,14 +1,23 @@
 """TensorBoard output of :class:`~attn_probe.snapshot.Snapshot` objects.
 
 Scalar tags, with ``P = round(tau * 100)`` (e.g. ``90``) and ``Lxx``/``Hyy`` the layer and
-head numbers::
+head numbers (:data:`SERIES` lists them; the reduction is over heads)::
 
-    rank{P}/max/Lxx  rank{P}/mean/Lxx  rank{P}/min/Lxx        reductions over heads
-    columns{P}/max/Lxx  columns{P}/mean/Lxx  columns{P}/min/Lxx
+    rank{P}/max/Lxx  rank{P}/mean/Lxx  rank{P}/min/Lxx        the matrix of the first
+    columns{P}/max/Lxx  columns{P}/mean/Lxx  columns{P}/min/Lxx      max_tokens tokens
     entropy/mean/Lxx  sink/mean/Lxx  first_key_dominant/mean/Lxx
+    max_logit/max/Lxx                                          every token of the sequence
+    columns{P}_full/max/Lxx  columns{P}_full/mean/Lxx
+    entropy_full/mean/Lxx  entropy_full/min/Lxx  entropy_norm_full/mean/Lxx  ...min/Lxx
+    sink_full/mean/Lxx  first_key_dominant_full/mean/Lxx  tokens_full/max/Lxx
+    sink_logit_full/mean/Lxx                                   only when not zero
     lazy_share/Lxx                                             share of lazy heads
-    rank{P}/head/Lxx/Hyy  columns{P}/head/Lxx/Hyy             with per_head=True
+    rank{P}/head/Lxx/Hyy  columns{P}/head/Lxx/Hyy  max_logit/head/Lxx/Hyy   per_head=True
     nonfinite/Lxx                                              only when not zero
+    alert/{kind}/Lxx                the figure that fired an alert, at its step (a marker)
+    qk_clip/share_above/Lxx  qk_clip/gamma/Lxx/Hyy             with logit_cap (a dry run)
+
+Alerts are also written as text, one entry per step that has any, under the tag ``alerts``.
 
 Tags sharing a first component share a TensorBoard card, so each card shows every layer. A
 custom-scalars layout (category ``attn_probe``) adds one multi-line chart per metric and
@@ -19,6 +28,8 @@ heatmaps per chosen layer, ``attention/Lxx``. Everything is logged at ``snapshot
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
+
+import numpy as np
 
 from ..options import check_count
 from ..snapshot import DEFAULT_HEATMAP_HEADS, default_heatmaps, finite, percent
@@ -34,8 +45,25 @@ __all__ = ["TensorBoardWriter", "LAYOUT_CATEGORY"]
 #: Category of the custom-scalars layout.
 LAYOUT_CATEGORY = "attn_probe"
 
-_REDUCED = ("max", "mean", "min")  # reductions over heads logged for rank and columns
-_MEAN_ONLY = ("entropy", "sink", "first_key_dominant")
+#: Per-layer scalars: (tag name, figure, reductions over heads, logged only when not zero).
+#: ``{P}`` stands for the percentage of tau.
+SERIES: tuple[tuple[str, str, tuple[str, ...], bool], ...] = (
+    ("rank{P}", "rank", ("max", "mean", "min"), False),
+    ("columns{P}", "columns", ("max", "mean", "min"), False),
+    ("entropy", "entropy", ("mean",), False),
+    ("sink", "sink", ("mean",), False),
+    ("first_key_dominant", "first_key_dominant", ("mean",), False),
+    ("max_logit", "max_logit", ("max",), False),
+    ("columns{P}_full", "columns_full", ("max", "mean"), False),
+    ("entropy_full", "entropy_full", ("mean", "min"), False),
+    ("entropy_norm_full", "entropy_norm_full", ("mean", "min"), False),
+    ("sink_full", "sink_full", ("mean",), False),
+    ("first_key_dominant_full", "first_key_dominant_full", ("mean",), False),
+    ("tokens_full", "tokens_full", ("max",), False),
+    ("sink_logit_full", "sink_logit_full", ("mean",), True),
+)
+#: Figures also logged per head with ``per_head=True``.
+PER_HEAD = (("rank{P}", "rank"), ("columns{P}", "columns"), ("max_logit", "max_logit"))
 
 
 class TensorBoardWriter:
@@ -55,6 +83,8 @@ class TensorBoardWriter:
         heatmap_tokens: heatmaps show at most this many first queries and keys.
         custom_scalars: write the custom-scalars layout with the first snapshot. TensorBoard
             keeps one layout per run, so turn this off if you write your own into ``writer``.
+        logit_cap: log the QK-Clip view at this threshold: each head's factor
+            ``min(1, cap / max_logit)`` and the share of heads above the cap.
     """
 
     def __init__(
@@ -66,6 +96,7 @@ class TensorBoardWriter:
         heatmaps: Mapping[str | int, Sequence[int] | None] | None = None,
         heatmap_tokens: int = 64,
         custom_scalars: bool = True,
+        logit_cap: float | None = None,
     ) -> None:
         if writer is not None and log_dir is not None:
             raise ValueError("pass either a SummaryWriter or a log_dir, not both")
@@ -79,6 +110,7 @@ class TensorBoardWriter:
         self.per_head = per_head
         self.heatmaps = None if heatmaps is None else dict(heatmaps)
         self.heatmap_tokens = int(heatmap_tokens)
+        self.logit_cap = logit_cap
         self._layout_written = not custom_scalars
         self._closed = False
 
@@ -93,6 +125,7 @@ class TensorBoardWriter:
             self._layout_written = True
         for layer in snapshot.layers:
             self._write_layer(snapshot, layer)
+        self._write_alerts(snapshot)
         if images:
             self._write_images(snapshot)
 
@@ -102,27 +135,39 @@ class TensorBoardWriter:
 
     def _write_layer(self, snapshot: "Snapshot", layer: "LayerSummary") -> None:
         step, p, tag = snapshot.step, percent(snapshot.tau), layer.tag
-        for metric in ("rank", "columns"):
-            for how in _REDUCED:
-                self._scalar(f"{metric}{p}/{how}/{tag}", layer.reduce(metric, how), step)
-        for metric in _MEAN_ONLY:
-            self._scalar(f"{metric}/mean/{tag}", layer.reduce(metric, "mean"), step)
+        for name, figure, reductions, sparse in SERIES:
+            for how in reductions:
+                value = layer.reduce(figure, how)
+                if not (sparse and value == 0):
+                    self._scalar(f"{name.format(P=p)}/{how}/{tag}", value, step)
         self._scalar(f"lazy_share/{tag}", layer.lazy_share, step)
         if self.per_head:
-            for head in range(layer.num_heads):
-                if not layer.has_data[head]:
-                    continue
-                for metric in ("rank", "columns"):
-                    self._scalar(
-                        f"{metric}{p}/head/{tag}/H{head:02d}",
-                        float(layer.heads[metric][head]),
-                        step,
-                    )
+            for name, figure in PER_HEAD:
+                counts = layer.counts_of(figure)
+                for head in range(layer.num_heads):
+                    if counts[head] > 0:
+                        self._scalar(f"{name.format(P=p)}/head/{tag}/H{head:02d}",
+                                     float(layer.heads[figure][head]), step)
+        if self.logit_cap is not None:
+            gamma = layer.qk_clip(self.logit_cap)
+            known = np.isfinite(gamma)
+            if known.any():
+                self._scalar(f"qk_clip/share_above/{tag}", float((gamma[known] < 1).mean()), step)
+            if self.per_head:
+                for head in np.flatnonzero(known):
+                    self._scalar(f"qk_clip/gamma/{tag}/H{head:02d}", float(gamma[head]), step)
         # Sequences with NaN/Inf attention: per head counts, the worst head is reported (a
         # non-finite input usually poisons every head of the layer alike).
         nonfinite = int(max(layer.nonfinite.max(initial=0), 0))
         if nonfinite:
             self.writer.add_scalar(f"nonfinite/{tag}", nonfinite, global_step=step)
+
+    def _write_alerts(self, snapshot: "Snapshot") -> None:
+        for alert in snapshot.alerts:
+            self._scalar(f"alert/{alert.kind}/{alert.tag}", alert.value, snapshot.step)
+        if snapshot.alerts:
+            text = "\n".join(f"- **{alert.kind}** {alert.message}" for alert in snapshot.alerts)
+            self.writer.add_text("alerts", text, global_step=snapshot.step)
 
     def _write_images(self, snapshot: "Snapshot") -> None:
         step, p = snapshot.step, percent(snapshot.tau)
@@ -172,24 +217,27 @@ class TensorBoardWriter:
     # ------------------------------------------------------------------------------- layout
 
     def layout(self, snapshot: "Snapshot") -> dict[str, dict[str, list[Any]]]:
-        """The custom-scalars layout written with the first snapshot."""
+        """The custom-scalars layout written with the first snapshot: one multi-line chart per
+        series and reduction, every layer in it."""
         p = percent(snapshot.tau)
         charts: dict[str, list[Any]] = {}
-        for metric in (f"rank{p}", f"columns{p}"):
-            for how in _REDUCED:
-                charts[f"{metric} {how} over heads"] = ["Multiline", [rf"{metric}/{how}/L\d+"]]
-        for metric in _MEAN_ONLY:
-            charts[f"{metric} mean over heads"] = ["Multiline", [rf"{metric}/mean/L\d+"]]
+        for name, _, reductions, _ in SERIES:
+            name = name.format(P=p)
+            for how in reductions:
+                charts[f"{name} {how} over heads"] = ["Multiline", [rf"{name}/{how}/L\d+"]]
         charts["lazy_share"] = ["Multiline", [r"lazy_share/L\d+"]]
+        charts["alerts"] = ["Multiline", [r"alert/\w+/L\d+"]]
+        if self.logit_cap is not None:
+            charts["qk_clip share above cap"] = ["Multiline", [r"qk_clip/share_above/L\d+"]]
         charts["nonfinite"] = ["Multiline", [r"nonfinite/L\d+"]]
         layout = {LAYOUT_CATEGORY: charts}
         if self.per_head and snapshot.layers:
             layout[f"{LAYOUT_CATEGORY} per head"] = {
-                f"{metric}{p} {layer.tag}": [
-                    "Multiline", [rf"{metric}{p}/head/{layer.tag}/H\d+"]
+                f"{name.format(P=p)} {layer.tag}": [
+                    "Multiline", [rf"{name.format(P=p)}/head/{layer.tag}/H\d+"]
                 ]
                 for layer in snapshot.layers
-                for metric in ("rank", "columns")
+                for name, _ in PER_HEAD
             }
         return layout
 

@@ -1,0 +1,530 @@
+"""Full-sequence attention statistics in one streaming pass, without the ``T x T`` matrix.
+
+``full_context_stats`` takes what a ``scaled_dot_product_attention`` call receives (query, key,
+mask, causality, scale) and returns per ``(sequence, head)`` figures over *every* query and key
+of the sequence, holding only a block of query rows at a time.
+
+Math
+----
+For a block of query rows the pass forms the scores ``S = (scale * q) k^T + mask`` over the
+keys the block may see, then, per row ``i`` (``j`` runs over the keys the row may attend to):
+
+* ``m_i = max_j S_ij`` and ``S'_ij = S_ij - m_i`` (so ``exp`` never overflows),
+* ``P_ij = exp(S'_ij)``, ``z_i = sum_j P_ij``, ``lse_i = m_i + log z_i``,
+  ``A_ij = P_ij / z_i = exp(S_ij - lse_i)``,
+* entropy ``H_i = -sum_j A_ij log A_ij = log z_i - (sum_j P_ij S'_ij) / z_i`` (nats),
+* sink ``A_i0``, the attention on key 0,
+* column squared masses ``m_j += sum_i A_ij^2 = sum_i P_ij^2 / z_i^2`` (a matrix-vector
+  product of the squared block with the weights ``1 / z_i^2``).
+
+After the last block: ``columns`` is the fewest columns whose sorted masses reach ``tau`` of
+``sum_j m_j``, ``dominant`` is ``argmax_j m_j`` (ties: lowest index; ``dominant == 0`` is
+first-key dominance), ``max_logit`` the largest allowed score, and the per-row figures are
+averaged over the measured rows.  ``entropy_norm`` is the mean of ``H_i / log n_i`` over rows
+with ``n_i >= 2`` allowed keys (``H_i / log 1`` is undefined; a row with one key has entropy
+0 anyway), so heads can be compared across lengths and masks: 1 is uniform attention.
+
+Learned sink logits (``sink_logits``, one per head) add a column with score ``s_h`` that takes
+probability mass but is no key: ``z_i`` includes ``exp(s_h - m'_i)`` with the shift
+``m'_i = max(m_i, s_h)``, the attention over real keys sums to ``1 - sink_logit_mass``, the
+entropy is that of the full distribution over the ``n_i + 1`` outcomes (keys and the sink
+column), and ``entropy_norm`` divides by ``log(n_i + 1)``.  The sink column takes no part in
+``max_logit``, ``sink``, the column masses, ``columns`` or ``dominant``.
+
+Memory
+------
+The pass holds, besides its inputs: a float64 copy of the keys of one chunk of heads
+(``heads_chunk * S * E * 8`` bytes), two float64 score buffers of ``block * S`` per head of
+the chunk (scores and their exponentials), the float64 query block, for masks other than plain
+causality one boolean ``block * S`` matrix per mask head (plus small temporaries of that size),
+and ``O(H * S)`` float64 column masses; a few vectors of length ``block`` per head.  The block
+size and the head chunk are chosen so that all of this fits ``memory_budget`` (the block never
+goes below one row nor the chunk below one key head, so a budget below what one row needs is
+exceeded by that minimum).  With ``is_causal`` a block only computes the keys its last query
+can see, and the triangle is masked on the block's diagonal part only; no ``(L, S)`` mask is
+ever built.  A user ``attn_mask`` is sliced to the block's rows, never expanded.
+
+Exactness
+---------
+All arithmetic is float64 (``q`` and ``k`` are cast; accumulators are float64), under
+``torch.no_grad()`` with autocast disabled.  The float figures agree with a float64 reference
+on the materialised matrix (``softmax(q.double() @ k.double().T * scale + mask)``) to about
+``1e-13`` relative in practice; only the order of summation differs.  The integer figures are
+the reference's decisions (sorted masses, cumulative sum, ``searchsorted(c, tau * c[-1]) + 1``;
+argmax) applied to column masses that differ from the reference's by rounding only.  A
+decision whose prefix sum lies within rounding distance of the threshold (closer than
+``attn_probe.metrics._margin(S)`` times the total, ``1e-9`` for ``S`` up to several
+thousand) can go either way between two float64 summation orders; without the matrix there
+is nothing to recompute it from, so such a head may differ by one from the reference (exact
+ties in ``dominant`` likewise).  Random and trained heads almost never come that close.
+
+Masks, padding and edge cases (training must never crash)
+----------------------------------------------------------
+* ``attn_mask``: bool (True = may attend) or additive float; the softmax sees
+  ``score + mask``, ``max_logit`` includes the mask's value, and only entries where the mask
+  is finite are allowed (``-inf`` is masked).  With ``is_causal`` too, both apply (SDPA itself
+  refuses that combination).  Causality is top-left aligned: query ``i`` sees keys ``j <= i``.
+* ``key_padding`` (``(B, S)``, True = real token): padded keys are masked, and for
+  self-attention (``L == S``) padded queries are left out of every figure.  Key indices count
+  real keys only: ``sink`` is the attention on the first real key and ``dominant`` is the
+  column's position among the real keys, so a left- or right-padded sequence gives the figures
+  of the same sequence run unpadded.
+* A query row with no allowed key (fully masked, padded, or before the first real key under
+  causality) is not measured: it is left out of every figure and of ``tokens``.  A
+  ``(sequence, head)`` without any measured row has ``entropy``, ``entropy_norm``, ``sink``,
+  ``sink_logit_mass`` 0, ``max_logit`` ``-inf``, ``columns`` 0, ``dominant`` -1, ``tokens`` 0.
+* Non-finite scores in a measured row (NaN/Inf in ``q``, ``k`` or ``sink_logits``) make that
+  ``(sequence, head)``'s float figures NaN and its integer figures (``tokens`` included) -1;
+  the other heads are unaffected.  Scores that the masks exclude are overwritten, so garbage in
+  padded positions is harmless.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .metrics import _count_from_descending, _margin, _quiet
+from .options import check_count, check_tau
+
+__all__ = ["DEFAULT_MEMORY_BUDGET", "block_rows", "full_context_metrics", "full_context_stats"]
+
+#: Default bytes of working memory for one streaming pass.
+DEFAULT_MEMORY_BUDGET = 64 * 2**20
+
+_F64 = torch.float64
+# Masked scores are overwritten with this finite value: exp(_NEG - m) == 0 and, unlike -inf,
+# 0 * _NEG == 0, so masked entries drop out of every sum without producing NaN.
+_NEG = torch.finfo(_F64).min
+# Bytes held per score entry: the float64 scores and their float64 exponentials.
+_SCORE_BYTES = 16
+# Bytes per mask entry (per mask head) while a general mask is built: the boolean matrix and
+# one temporary of the same size.
+_MASK_BYTES = 2
+# Float64 vectors of block length alive at once per head (shift, sums, weights, ...).
+_ROW_VECTORS = 12
+# Float64 per-row figures kept for the whole sequence, per head (max, entropy, first, sink).
+_ROW_FIGURES = 5
+# Share of the budget (1 / _RESERVE) left for what the plan does not count: BLAS packing
+# buffers, allocator rounding, small temporaries.
+_RESERVE = 16
+# Upper bound on the two score buffers of a block: larger blocks do not fit the cache and are
+# slower, whatever the budget allows.
+_BLOCK_BYTES = 16 * 2**20
+
+
+def block_rows(heads: int, keys: int, budget: int, *, extra_per_row: int = 0) -> int:
+    """Query rows per block so that the block's working memory fits ``budget`` bytes (>= 1).
+
+    A block row holds two float64 score rows (scores and exponentials) for each of ``heads``
+    heads over ``keys`` keys, i.e. ``16 * heads * keys`` bytes, plus ``extra_per_row`` bytes
+    (the float64 query row, mask rows, per-row vectors).
+    """
+    per_row = _SCORE_BYTES * heads * keys + extra_per_row
+    return max(1, int(budget) // max(1, per_row))
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """Key heads per chunk and query rows per block."""
+
+    kv_chunk: int
+    rows: int
+
+
+def _plan(heads: int, kv_heads: int, length: int, keys: int, dim: int, mask_heads: int,
+          budget: int) -> _Plan:
+    """Key-head chunk and block rows: what the pass holds must fit ``budget``.
+
+    Fixed for the whole pass: the column masses and the per-row figures of all heads; per
+    chunk: the float64 key copy; per block row: the score rows of the chunk's heads, the query
+    row and ``mask_heads`` boolean mask rows.  The chunk is the largest one whose key copy
+    leaves at least half of the budget to the blocks.
+    """
+    group = heads // kv_heads
+    usable = budget - budget // _RESERVE
+    fixed = heads * (keys + _ROW_FIGURES * length) * 8
+    kv_chunk = kv_heads
+    while kv_chunk > 1 and fixed + kv_chunk * keys * dim * 8 > usable // 2:
+        kv_chunk = (kv_chunk + 1) // 2
+    chunk_heads = kv_chunk * group
+    left = usable - fixed - kv_chunk * keys * dim * 8
+    extra = chunk_heads * (dim + _ROW_VECTORS) * 8 + min(mask_heads, chunk_heads) * keys * _MASK_BYTES
+    rows = block_rows(chunk_heads, keys, min(left, _BLOCK_BYTES), extra_per_row=extra)
+    return _Plan(kv_chunk=kv_chunk, rows=min(rows, max(1, length)))
+
+
+def _as_4d(query: Tensor, key: Tensor,
+           attn_mask: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None]:
+    """``(B, H, L, E)`` query, ``(B, H_kv, S, E)`` key and a 4-d mask (or None).
+
+    Single-head inputs (``(B, L, E)`` query and ``(B, S, E)`` key) get a head axis; their mask
+    broadcasts to ``(B, L, S)``.
+    """
+    if query.dim() == 3 and key.dim() == 3:
+        query, key = query.unsqueeze(1), key.unsqueeze(1)
+        if attn_mask is not None and attn_mask.dim() == 3:
+            attn_mask = attn_mask.unsqueeze(1)
+    if query.dim() != 4 or key.dim() != 4:
+        raise ValueError(
+            "expected query (B, H, L, E) and key (B, H_kv, S, E), or (B, L, E) and (B, S, E); "
+            f"got {tuple(query.shape)} and {tuple(key.shape)}"
+        )
+    (b, h, length, e), (bk, hk, s, ek) = query.shape, key.shape
+    if bk != b or ek != e or hk == 0 or h % hk != 0:
+        raise ValueError(
+            f"key shape {tuple(key.shape)} does not fit query shape {tuple(query.shape)} "
+            "(same batch and feature size; query heads a multiple of key heads)"
+        )
+    if attn_mask is not None:
+        if attn_mask.dim() > 4:
+            raise ValueError(f"attn_mask has {attn_mask.dim()} dimensions; at most 4 expected")
+        attn_mask = attn_mask.reshape((1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape))
+        for size, full in zip(attn_mask.shape, (b, h, length, s)):
+            if size not in (1, full):
+                raise ValueError(
+                    f"attn_mask shape {tuple(attn_mask.shape)} does not broadcast to "
+                    f"{(b, h, length, s)}"
+                )
+    return query, key, attn_mask
+
+
+@dataclass(frozen=True)
+class _Span:
+    """What the blocks of sequence ``b`` cover: query rows ``[q_lo, q_hi)`` and keys
+    ``[k_lo, k_hi)`` (first to last real key); its key padding when real keys have gaps in
+    between (None otherwise); and whether the blocks need the general boolean mask (a user
+    mask, or such gaps)."""
+
+    b: int
+    q_lo: int
+    q_hi: int
+    k_lo: int
+    k_hi: int
+    padding: Tensor | None
+    general: bool
+
+
+class _Pass:
+    """One streaming pass: inputs, buffers, per-row figures and per ``(sequence, head)``
+    results.
+
+    Each block writes its rows' figures (maximum score, entropy, attention on the first key,
+    sink-logit mass, allowed-key count) into ``(H, L)`` arrays, and its squared column masses
+    into ``colmass``; the per-head means and decisions are taken once per sequence.
+    """
+
+    def __init__(self, query: Tensor, key: Tensor, attn_mask: Tensor | None, is_causal: bool,
+                 scale: float | None, sink_logits: Tensor | None, key_padding: Tensor | None,
+                 tau: float, max_sequences: int | None, memory_budget: int) -> None:
+        self.query, self.key, self.mask = _as_4d(query, key, attn_mask)
+        batch, self.heads, self.length, self.dim = self.query.shape
+        self.kv_heads, self.keys = self.key.shape[1], self.key.shape[2]
+        self.group = self.heads // self.kv_heads
+        self.causal = bool(is_causal)
+        self.scale = 1.0 / math.sqrt(self.dim) if scale is None else float(scale)
+        self.tau = tau
+        self.device = device = self.query.device
+        self.float_mask = self.mask is not None and self.mask.dtype != torch.bool
+        if key_padding is not None and tuple(key_padding.shape) != (batch, self.keys):
+            raise ValueError(
+                f"key_padding must have shape {(batch, self.keys)}, got {tuple(key_padding.shape)}"
+            )
+        self.key_padding = None if key_padding is None else key_padding.to(device, torch.bool)
+        self.sink_logits = None
+        if sink_logits is not None:
+            if tuple(sink_logits.shape) != (self.heads,):
+                raise ValueError(
+                    f"sink_logits must have shape {(self.heads,)}, got {tuple(sink_logits.shape)}"
+                )
+            self.sink_logits = sink_logits.detach().to(device, _F64)
+        self.sequences = batch if max_sequences is None else min(batch, max_sequences)
+
+        shape = (self.sequences, self.heads)
+        self.out = {
+            "entropy": torch.zeros(shape, dtype=_F64, device=device),
+            "entropy_norm": torch.zeros(shape, dtype=_F64, device=device),
+            "sink": torch.zeros(shape, dtype=_F64, device=device),
+            "sink_logit_mass": torch.zeros(shape, dtype=_F64, device=device),
+            "max_logit": torch.full(shape, -math.inf, dtype=_F64, device=device),
+            "columns": torch.zeros(shape, dtype=torch.int64, device=device),
+            "dominant": torch.full(shape, -1, dtype=torch.int64, device=device),
+            "tokens": torch.zeros(shape, dtype=torch.int64, device=device),
+        }
+        self.bad = torch.zeros(shape, dtype=torch.bool, device=device)
+
+        general = self.mask is not None or self.key_padding is not None
+        self.mask_heads = 1 if self.mask is None else self.mask.shape[1]
+        plan = _plan(self.heads, self.kv_heads, self.length, self.keys, self.dim,
+                     self.mask_heads if general else 0, memory_budget)
+        self.kv_chunk, self.rows = plan.kv_chunk, plan.rows
+        chunk_heads = self.kv_chunk * self.group
+        f64 = {"dtype": _F64, "device": device}
+        self.kbuf = torch.empty(self.kv_chunk * self.keys * self.dim, **f64)
+        self.qbuf = torch.empty(chunk_heads * self.rows * self.dim, **f64)
+        self.sbuf = torch.empty(chunk_heads * self.rows * self.keys, **f64)
+        self.pbuf = torch.empty_like(self.sbuf)
+        # Per-row figures of the current sequence; rows no block visits keep count 0.
+        self.row_max = torch.empty(self.heads, self.length, **f64)
+        self.row_entropy = torch.empty_like(self.row_max)
+        self.row_first = torch.empty_like(self.row_max)
+        self.row_sink = None if self.sink_logits is None else torch.empty_like(self.row_max)
+        self.row_count = torch.empty(self.mask_heads, self.length, dtype=torch.int64,
+                                     device=device)
+
+    # ----------------------------------------------------------------------------------------
+    # Sequence and block loops
+    # ----------------------------------------------------------------------------------------
+
+    def sequence(self, b: int) -> None:
+        """Every block of sequence ``b``, then its per-head figures."""
+        k_lo, k_hi, holes, padding = 0, self.keys, False, None
+        if self.key_padding is not None:
+            padding = self.key_padding[b]
+            real = padding.nonzero().squeeze(-1)
+            if real.numel() == 0:
+                return
+            k_lo, k_hi = int(real[0]), int(real[-1]) + 1
+            holes = real.numel() != k_hi - k_lo
+        q_lo, q_hi = 0, self.length
+        if padding is not None and self.length == self.keys:  # self-attention: padded queries
+            q_lo, q_hi = k_lo, k_hi
+        if self.causal:  # earlier queries see no real key
+            q_lo = max(q_lo, k_lo)
+        if q_lo >= q_hi or k_lo >= k_hi:
+            return
+        span = _Span(b, q_lo, q_hi, k_lo, k_hi, padding if holes else None,
+                     self.mask is not None or holes)
+        self.row_count.zero_()
+        colmass = torch.zeros(self.heads, k_hi - k_lo, dtype=_F64, device=self.device)
+        for c0 in range(0, self.kv_heads, self.kv_chunk):
+            c1 = min(c0 + self.kv_chunk, self.kv_heads)
+            keys = self.kbuf[: (c1 - c0) * (k_hi - k_lo) * self.dim]
+            keys = keys.view(c1 - c0, k_hi - k_lo, self.dim)
+            keys.copy_(self.key[b, c0:c1, k_lo:k_hi])
+            for r0 in range(span.q_lo, span.q_hi, self.rows):
+                r1 = min(r0 + self.rows, span.q_hi)
+                self._block(span, keys, c0 * self.group, c1 * self.group, r0, r1, colmass)
+        self._finish(span, colmass)
+
+    def _block(self, span: _Span, keys: Tensor, h0: int, h1: int, r0: int, r1: int,
+               colmass: Tensor) -> None:
+        """Query rows ``[r0, r1)`` of heads ``[h0, h1)``: their scores over the keys they may
+        see, their per-row figures, and their squared masses added to ``colmass``."""
+        n, hq, kv = r1 - r0, h1 - h0, keys.shape[0]
+        width = (min(r1, span.k_hi) if self.causal else span.k_hi) - span.k_lo
+        q = self.qbuf[: hq * n * self.dim].view(hq, n, self.dim)
+        q.copy_(self.query[span.b, h0:h1, r0:r1]).mul_(self.scale)
+        scores = self.sbuf[: hq * n * width].view(hq, n, width)
+        torch.matmul(q.view(kv, self.group * n, self.dim), keys[:, :width].mT,
+                     out=scores.view(kv, self.group * n, width))
+        if span.general:
+            count = self._mask_general(scores, span, h0, h1, r0, r1)
+        else:
+            count = self._mask_causal(scores, span, r0, r1)
+
+        m = scores.amax(dim=-1)  # (hq, n)
+        sink = None if self.sink_logits is None else self.sink_logits[h0:h1, None]
+        shift = m if sink is None else torch.maximum(m, sink)
+        scores.sub_(shift.unsqueeze(-1))
+        p = self.pbuf[: hq * n * width].view(hq, n, width)
+        torch.exp(scores, out=p)
+        z = p.sum(dim=-1)
+        dot = scores.mul_(p).sum(dim=-1)  # sum_j P_ij S'_ij
+        if sink is not None:
+            e = torch.exp(sink - shift)
+            z += e
+            dot += e * (sink - shift)
+        inv = z.reciprocal()
+        self.row_max[h0:h1, r0:r1] = m
+        self.row_entropy[h0:h1, r0:r1] = z.log_().sub_(dot.mul_(inv))
+        self.row_first[h0:h1, r0:r1] = p[..., 0] * inv
+        if sink is not None:
+            self.row_sink[h0:h1, r0:r1] = e * inv
+        if count is not None:
+            heads = slice(h0, h1) if count.shape[0] > 1 else slice(None)
+            self.row_count[heads, r0:r1] = count
+
+        weights = inv.mul_(inv)  # 1 / z^2
+        if span.general:  # rows without an allowed key are left out
+            weights.masked_fill_(count == 0, 0.0)
+        colmass[h0:h1, :width].unsqueeze(1).baddbmm_(weights.unsqueeze(1), p.mul_(p))
+
+    def _mask_causal(self, scores: Tensor, span: _Span, r0: int, r1: int) -> None:
+        """Causal triangle, if any, on the block's diagonal part (query ``i`` sees keys
+        ``k_lo .. i``).  The counts are set once per sequence (see ``_plain_counts``)."""
+        if not self.causal:
+            return None
+        width = scores.shape[-1]
+        c0 = r0 - span.k_lo + 1
+        if c0 < width:
+            rows = torch.arange(r0 - span.k_lo, r1 - span.k_lo, device=self.device)
+            cols = torch.arange(c0, width, device=self.device)
+            scores[..., c0:].masked_fill_(cols > rows[:, None], _NEG)
+        return None
+
+    def _mask_general(self, scores: Tensor, span: _Span, h0: int, h1: int, r0: int,
+                      r1: int) -> Tensor:
+        """User mask rows, key padding and causality combined into one boolean block; masked
+        scores are overwritten.  Returns the allowed-key counts ``(1 or hq, n)``."""
+        n, width, k_lo = r1 - r0, scores.shape[-1], span.k_lo
+        mask = self.mask
+        mask_heads = 1 if self.mask_heads == 1 else h1 - h0
+        allowed = torch.ones(mask_heads, n, width, dtype=torch.bool, device=self.device)
+        if mask is not None:
+            m = mask[span.b if mask.shape[0] > 1 else 0]
+            m = m[h0:h1] if m.shape[0] > 1 else m
+            m = m[:, r0:r1] if m.shape[1] > 1 else m
+            m = m[..., k_lo:k_lo + width] if m.shape[2] > 1 else m
+            if self.float_mask:
+                scores.add_(m)
+                allowed &= torch.isfinite(m)
+            else:
+                allowed &= m
+        if span.padding is not None:
+            allowed &= span.padding[k_lo:k_lo + width]
+            if self.length == self.keys:
+                allowed &= span.padding[r0:r1, None]
+        if self.causal:
+            c0 = r0 - k_lo + 1
+            if c0 < width:
+                rows = torch.arange(r0 - k_lo, r1 - k_lo, device=self.device)
+                cols = torch.arange(c0, width, device=self.device)
+                allowed[..., c0:] &= cols <= rows[:, None]
+        count = allowed.sum(dim=-1)
+        scores.masked_fill_(allowed.logical_not_(), _NEG)
+        return count
+
+    # ----------------------------------------------------------------------------------------
+    # Per-sequence figures and results
+    # ----------------------------------------------------------------------------------------
+
+    def _plain_counts(self, span: _Span) -> None:
+        """Allowed-key counts without a general mask: every key of the span, or under
+        causality ``i - k_lo + 1`` (at most all of them), for the rows the blocks visited."""
+        keys, rows = span.k_hi - span.k_lo, slice(span.q_lo, span.q_hi)
+        if self.causal:
+            visible = torch.arange(span.q_lo - span.k_lo + 1, span.q_hi - span.k_lo + 1,
+                                   device=self.device)
+            self.row_count[:, rows] = visible.clamp_(max=keys)
+        else:
+            self.row_count[:, rows] = keys
+
+    def _finish(self, span: _Span, colmass: Tensor) -> None:
+        """Per-head means over the measured rows, max logit, columns@tau and dominant column of
+        sequence ``span.b``."""
+        if not span.general:
+            self._plain_counts(span)
+        count = self.row_count
+        measured = count > 0  # (1 or H, L)
+        tokens = measured.sum(dim=-1).expand(self.heads)
+        rows = tokens.clamp_min(1).to(_F64)
+        out, b = self.out, span.b
+
+        def mean(values: Tensor, where: Tensor = measured) -> Tensor:
+            return torch.where(where, values, 0.0).sum(dim=-1)
+
+        entropy = self.row_entropy
+        out["tokens"][b] = tokens
+        out["entropy"][b] = mean(entropy) / rows
+        outcomes = (count if self.sink_logits is None else count + 1).to(_F64)
+        several = outcomes >= 2
+        norm_rows = several.sum(dim=-1).clamp_min(1).to(_F64)
+        out["entropy_norm"][b] = mean(entropy / outcomes.log(), several) / norm_rows
+        out["sink"][b] = mean(self.row_first) / rows
+        if self.row_sink is not None:
+            out["sink_logit_mass"][b] = mean(self.row_sink) / rows
+        out["max_logit"][b] = torch.where(measured, self.row_max, -math.inf).amax(dim=-1)
+        # A measured row whose maximum is not above the fill value, or whose entropy is not
+        # finite, saw NaN or infinite scores.
+        fine = (self.row_max > _NEG) & torch.isfinite(entropy)
+        self.bad[b] = (measured & ~fine).any(dim=-1)
+
+        total = colmass.sum(dim=-1)
+        masses = colmass.sort(dim=-1, descending=True).values
+        columns, _ = _count_from_descending(masses, self.tau, _margin(colmass.shape[-1]))
+        live = total > 0
+        out["columns"][b] = torch.where(live, columns, 0)
+        dominant = colmass.argmax(dim=-1)  # first maximal index on ties
+        if span.padding is not None:  # position among the real keys
+            dominant = (span.padding[span.k_lo:span.k_hi].cumsum(0) - 1)[dominant]
+        out["dominant"][b] = torch.where(live, dominant, -1)
+
+    def result(self) -> dict[str, Tensor]:
+        """The figures, with NaN (floats) and -1 (integers) for non-finite heads."""
+        return {
+            name: value.masked_fill(self.bad, math.nan if value.is_floating_point() else -1)
+            for name, value in self.out.items()
+        }
+
+
+def full_context_stats(
+    query: Tensor,
+    key: Tensor,
+    *,
+    attn_mask: Tensor | None = None,
+    is_causal: bool = False,
+    scale: float | None = None,
+    sink_logits: Tensor | None = None,
+    key_padding: Tensor | None = None,
+    tau: float = 0.9,
+    max_sequences: int | None = None,
+    memory_budget: int = DEFAULT_MEMORY_BUDGET,
+) -> dict[str, Tensor]:
+    """Full-sequence per ``(sequence, head)`` attention statistics, streamed over query blocks.
+
+    ``query`` ``(B, H, L, E)`` (or ``(B, L, E)``, one head), ``key`` ``(B, H_kv, S, E)`` with
+    ``H % H_kv == 0`` (grouped-query attention: query head ``h`` uses key head
+    ``h // (H // H_kv)``, as SDPA's ``enable_gqa``); ``attn_mask`` broadcastable to
+    ``(B, H, L, S)``, bool (True = may attend) or additive float; ``is_causal`` top-left
+    aligned; ``scale`` defaults to ``1 / sqrt(E)``; ``sink_logits`` ``(H,)`` learned per-head
+    sink logits; ``key_padding`` ``(B, S)`` bool, True = real token; ``max_sequences`` keeps
+    the first ``n`` sequences; ``memory_budget`` bounds the pass's working memory in bytes.
+
+    Returns tensors of shape ``(B', H)`` on the query's device: ``entropy``, ``entropy_norm``,
+    ``sink``, ``sink_logit_mass``, ``max_logit`` (float64), ``columns``, ``dominant``,
+    ``tokens`` (int64).  See the module docstring for definitions and edge cases.
+    """
+    tau = check_tau(tau)
+    check_count("max_sequences", max_sequences, optional=True)
+    with _quiet(query):
+        run = _Pass(query, key, attn_mask, is_causal, scale, sink_logits, key_padding, tau,
+                    max_sequences, memory_budget)
+        for b in range(run.sequences):
+            run.sequence(b)
+        return run.result()
+
+
+#: ``full_context_stats`` figures under the names the probe's aggregation uses.
+_PROBE_NAMES = {
+    "entropy": "entropy_full",
+    "entropy_norm": "entropy_norm_full",
+    "sink": "sink_full",
+    "sink_logit_mass": "sink_logit_full",
+    "max_logit": "max_logit",
+    "columns": "columns_full",
+    "dominant": "dominant_full",
+    "tokens": "tokens_full",
+}
+
+
+def full_context_metrics(observed: object, tau: float = 0.9,
+                         memory_budget: int = DEFAULT_MEMORY_BUDGET) -> dict[str, Tensor]:
+    """``full_context_stats`` of a recorded kernel call, under the probe's figure names.
+
+    ``observed`` is anything with the ``query``, ``key``, ``attn_mask``, ``is_causal`` and
+    ``scale`` of a ``scaled_dot_product_attention`` call (the capture's ``AttentionInputs``);
+    anything else (materialised scores or probabilities) carries no ``q``/``k`` and gives
+    ``{}``.
+    """
+    if not all(hasattr(observed, name) for name in ("query", "key", "is_causal")):
+        return {}
+    stats = full_context_stats(
+        observed.query, observed.key, attn_mask=getattr(observed, "attn_mask", None),
+        is_causal=observed.is_causal, scale=getattr(observed, "scale", None), tau=tau,
+        memory_budget=memory_budget,
+    )
+    return {_PROBE_NAMES[name]: value for name, value in stats.items()}

@@ -1,0 +1,193 @@
+"""Benchmark: streaming ``full_context_stats`` against the SDPA call it observes.
+
+Run ``python benchmarks/bench_full_context.py [--sizes 1024,4096,8192] [--repeats 5]
+[--threads 2] [--device cpu|cuda] [--budget-mib 64]``.
+
+For each length ``T`` (B=1, H=8, D=64, causal, float32 q/k/v) three sides see the same
+tensors:
+
+* ``stream``: ``full_context_stats(q, k, is_causal=True)`` with the given memory budget,
+* ``sdpa``: ``scaled_dot_product_attention(q, k, v, is_causal=True)``, the call being measured,
+* ``materialise``: ``softmax(q @ k^T * scale + causal_mask)`` in float32, the full matrix
+  (skipped where its estimated peak, three ``H x T x T`` float32 tensors, exceeds 6 GiB).
+
+Times are medians over ``--repeats`` runs that alternate between the sides, in this process.
+Extra peak memory is measured for each side in a fresh subprocess that has already allocated
+q, k, v and run the same side once at a different, small length (so the allocator, the thread
+pool and the BLAS library are warm): on the CPU, the growth of the resident set's high-water
+mark (``VmHWM``, reset through ``/proc/self/clear_refs``; where that is unavailable, the growth
+of ``ru_maxrss``) over the resident set before the call; on CUDA, the growth of
+``torch.cuda.max_memory_allocated`` over the memory allocated before the call.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+from attn_probe.full_context import full_context_stats
+
+HEADS, DIM = 8, 64
+WARM_LENGTH = 256
+MATERIALISE_LIMIT = 6 * 2**30
+SIDES = ("stream", "sdpa", "materialise")
+
+
+def inputs(length: int, device: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(length)
+    q, k, v = (torch.randn(1, HEADS, length, DIM, generator=gen) for _ in range(3))
+    return q.to(device), k.to(device), v.to(device)
+
+
+def materialise_bytes(length: int) -> int:
+    """Estimated peak of the materialising side: scores, masked scores and probabilities."""
+    return 3 * HEADS * length * length * 4
+
+
+def run_side(side: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+             budget: int) -> None:
+    with torch.no_grad():
+        if side == "stream":
+            full_context_stats(q, k, is_causal=True, memory_budget=budget)
+        elif side == "sdpa":
+            F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            length = q.shape[-2]
+            mask = torch.full((length, length), -math.inf, device=q.device).triu(1)
+            torch.softmax(q @ k.mT * (1.0 / math.sqrt(DIM)) + mask, dim=-1)
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def timed(side: str, tensors, budget: int, device: str) -> float:
+    sync(device)
+    start = time.perf_counter()
+    run_side(side, *tensors, budget)
+    sync(device)
+    return (time.perf_counter() - start) * 1e3
+
+
+# --------------------------------------------------------------------------------------------
+# Memory: one side in a fresh process
+# --------------------------------------------------------------------------------------------
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise KeyError(field)
+
+
+def _reset_high_water_mark() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as refs:
+            refs.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def child(side: str, length: int, device: str, threads: int, budget: int) -> None:
+    """Prints the side's extra peak memory in MiB as JSON (run in a fresh process)."""
+    torch.set_num_threads(threads)
+    run_side(side, *inputs(WARM_LENGTH, device), budget)  # warm-up at another length
+    tensors = inputs(length, device)
+    sync(device)
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        run_side(side, *tensors, budget)
+        sync(device)
+        extra = torch.cuda.max_memory_allocated() - before
+        method = "cuda max_memory_allocated"
+    elif _reset_high_water_mark():
+        before = _status_kib("VmRSS")
+        run_side(side, *tensors, budget)
+        extra = (_status_kib("VmHWM") - before) * 1024
+        method = "VmHWM - VmRSS"
+    else:
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        run_side(side, *tensors, budget)
+        extra = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024
+        method = "ru_maxrss growth"
+    print(json.dumps({"extra_mib": extra / 2**20, "method": method}))
+
+
+def extra_memory(side: str, length: int, args: argparse.Namespace) -> tuple[float, str]:
+    command = [sys.executable, __file__, "--child", side, "--sizes", str(length),
+               "--device", args.device, "--threads", str(args.threads),
+               "--budget-mib", str(args.budget_mib)]
+    done = subprocess.run(command, capture_output=True, text=True, check=True)
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    return result["extra_mib"], result["method"]
+
+
+# --------------------------------------------------------------------------------------------
+# Main
+# --------------------------------------------------------------------------------------------
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", default="1024,4096,8192")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--budget-mib", type=float, default=64.0)
+    parser.add_argument("--child", choices=SIDES, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    budget = int(args.budget_mib * 2**20)
+    sizes = [int(s) for s in args.sizes.split(",")]
+    if args.child:
+        child(args.child, sizes[0], args.device, args.threads, budget)
+        return
+
+    torch.set_num_threads(args.threads)
+    print(f"device {args.device}, threads {args.threads}, B=1 H={HEADS} D={DIM} causal float32, "
+          f"budget {args.budget_mib:g} MiB, median of {args.repeats} alternating repeats")
+    header = (f"{'T':>6} {'side':<12} {'time ms':>10} {'/ SDPA':>8} {'extra peak MiB':>15}")
+    print(header)
+    print("-" * len(header))
+    skipped = []
+    method = ""
+    for length in sizes:
+        sides = [s for s in SIDES
+                 if s != "materialise" or materialise_bytes(length) <= MATERIALISE_LIMIT]
+        if len(sides) < len(SIDES):
+            skipped.append(length)
+        tensors = inputs(length, args.device)
+        times = {side: [] for side in sides}
+        for side in sides:  # warm-up
+            run_side(side, *tensors, budget)
+        for r in range(args.repeats):
+            order = sides[r % len(sides):] + sides[: r % len(sides)]
+            for side in order:
+                times[side].append(timed(side, tensors, budget, args.device))
+        del tensors
+        medians = {side: statistics.median(ts) for side, ts in times.items()}
+        for side in sides:
+            extra, method = extra_memory(side, length, args)
+            ratio = medians[side] / medians["sdpa"]
+            print(f"{length:>6} {side:<12} {medians[side]:>10.1f} {ratio:>7.2f}x {extra:>15.1f}")
+    print(f"extra peak memory: {method}, fresh process per side, warmed up at T={WARM_LENGTH}")
+    for length in skipped:
+        print(f"materialise skipped at T={length}: estimated peak "
+              f"{materialise_bytes(length) / 2**30:.2f} GiB > {MATERIALISE_LIMIT / 2**30:g} GiB")
+
+
+if __name__ == "__main__":
+    main()
