@@ -19,7 +19,13 @@ import pytest
 import torch
 
 from attn_probe.models.gpt import GPT, GPTConfig
-from reference import assert_logged, no_hooks_left, read_scalars, reference_counts
+from reference import (
+    assert_logged,
+    gpt_attention,
+    no_hooks_left,
+    read_scalars,
+    reference_layer_means,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 TAU = 0.9
@@ -28,17 +34,6 @@ MAX_SEQUENCES, MAX_TOKENS = 2, 16
 
 
 # ------------------------------------------------------------------------------- reference
-
-
-def head_means(attentions) -> tuple[dict[int, dict[str, torch.Tensor]], float]:
-    """Per layer: per-head mean over the measured sequences of rank@tau and columns@tau."""
-    out, closest = {}, math.inf
-    for layer, attention in enumerate(attentions):
-        a = attention[:MAX_SEQUENCES, :, :MAX_TOKENS, :MAX_TOKENS]
-        ranks, columns, gap = reference_counts(a, TAU)
-        closest = min(closest, gap)
-        out[layer] = {"rank": ranks.mean(0), "columns": columns.mean(0)}
-    return out, closest
 
 
 def check_against_reference(scalars, want, step: int, layers: int) -> float:
@@ -117,7 +112,8 @@ def test_huggingface_trainer_logs_first_micro_batch_of_sampled_steps(tmp_path, m
         first = fed[(step - 1) * accumulation]  # the step's first micro-batch
         with torch.no_grad():
             attentions = eager(first, output_attentions=True).attentions
-        want, gap = head_means(attentions)
+        measured = [a[:MAX_SEQUENCES, :, :MAX_TOKENS, :MAX_TOKENS] for a in attentions]
+        want, gap = reference_layer_means(measured, TAU)
         closest = min(closest, gap)
         worst = max(worst, check_against_reference(scalars, want, step, config.n_layer))
     print(f"hf: worst |logged - reference| {worst:.3g}, closest decision {closest:.3g}")
@@ -127,27 +123,6 @@ def test_huggingface_trainer_logs_first_micro_batch_of_sampled_steps(tmp_path, m
 
 
 GPT_CONFIG = dict(vocab_size=64, block_size=32, n_layer=2, n_head=4, n_embd=32)
-
-
-def gpt_attention_float64(state: dict, tokens: torch.Tensor) -> list[torch.Tensor]:
-    """The nanoGPT model's attention in float64, with an explicit causal softmax."""
-    model = GPT(GPTConfig(**GPT_CONFIG)).double().eval()
-    model.load_state_dict({k: v.double() for k, v in state.items()})
-    b, t = tokens.shape
-    heads = GPT_CONFIG["n_head"]
-    out = []
-    with torch.no_grad():
-        x = model.transformer.wte(tokens) + model.transformer.wpe(torch.arange(t))
-        for block in model.transformer.h:
-            q, k, v = block.attn.c_attn(block.ln_1(x)).split(GPT_CONFIG["n_embd"], dim=2)
-            q, k, v = (z.view(b, t, heads, -1).transpose(1, 2) for z in (q, k, v))
-            scores = q @ k.transpose(-2, -1) / math.sqrt(q.size(-1))
-            causal = torch.ones(t, t, dtype=torch.bool).tril()
-            a = torch.softmax(scores.masked_fill(~causal, -math.inf), dim=-1)
-            out.append(a)
-            x = x + block.attn.c_proj((a @ v).transpose(1, 2).reshape(b, t, -1))
-            x = x + block.mlp(block.ln_2(x))
-    return out
 
 
 def lit_gpt_class(L, fail_at_step: int | None = None):
@@ -224,7 +199,10 @@ def test_lightning_trainer_logs_first_micro_batch_of_sampled_steps(tmp_path):
     worst, closest = 0.0, math.inf
     for step in (0, 2, 4):
         tokens, state = seen[step]
-        want, gap = head_means(gpt_attention_float64(state, tokens))
+        model = GPT(GPTConfig(**GPT_CONFIG)).eval()
+        model.load_state_dict(state)
+        want, gap = reference_layer_means(
+            gpt_attention(model, tokens, MAX_SEQUENCES, MAX_TOKENS), TAU)
         closest = min(closest, gap)
         worst = max(worst, check_against_reference(scalars, want, step, GPT_CONFIG["n_layer"]))
     print(f"lightning: worst |logged - reference| {worst:.3g}, closest decision {closest:.3g}")
