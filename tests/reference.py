@@ -49,6 +49,8 @@ def tau_count(energies: torch.Tensor, tau: float = TAU) -> tuple[int, float]:
     (``searchsorted(cumsum, tau * total) + 1``), and how far (relative to the total) that
     decision is from the threshold."""
     c = energies.detach().double().cumsum(0)
+    if not c[-1] > 0:
+        raise ValueError("the reference count needs a positive total energy")
     threshold = tau * c[-1]
     k = int(torch.searchsorted(c, threshold)) + 1
     gap = float((c[k - 1] - threshold).abs())

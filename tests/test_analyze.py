@@ -16,7 +16,6 @@ from __future__ import annotations
 import csv
 import importlib
 import json
-import math
 import os
 import subprocess
 import sys
@@ -26,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from reference import FIXTURE, FIXTURE_MISSING, reference_counts
+from reference import FIXTURE, FIXTURE_MISSING, causal_attention, reference_counts
 
 REPO = Path(__file__).resolve().parents[1]
 TAU = 0.9
@@ -121,16 +120,6 @@ SAMPLED_N, SAMPLED_T = 4, 16
 
 
 # ------------------------------------------------------------------------------------ helpers
-
-
-def rank_reference(attention: torch.Tensor, tau: float = TAU) -> torch.Tensor:
-    """(B, H, T, T) attention -> (B, H) rank@tau, float64, one matrix at a time."""
-    return reference_counts(attention, tau)[0]
-
-
-def columns_reference(attention: torch.Tensor, tau: float = TAU) -> torch.Tensor:
-    """(B, H, T, T) attention -> (B, H) columns@tau: fewest keys holding tau of ||A||_F^2."""
-    return reference_counts(attention, tau)[1]
 
 
 def write_shard(path: Path, tokens: np.ndarray, magic: int = SHARD_MAGIC, version: int = 1) -> None:
@@ -363,14 +352,9 @@ def factory_reference(root: Path, tokens: torch.Tensor, make: str = "make_model"
     with torch.no_grad():
         model(tokens)
     ranks, columns = {}, {}
-    t = tokens.shape[1]
-    causal = torch.ones(t, t, dtype=torch.bool).tril()
     for i, block in enumerate(blocks):
-        q, k = (z.double() for z in block.attn.kept)
-        scores = (q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
-        attention = scores.masked_fill(~causal, float("-inf")).softmax(-1)
-        ranks[f"blocks.{i}.attn"] = rank_reference(attention)
-        columns[f"blocks.{i}.attn"] = columns_reference(attention)
+        rank, column, _ = reference_counts(causal_attention(*block.attn.kept), TAU)
+        ranks[f"blocks.{i}.attn"], columns[f"blocks.{i}.attn"] = rank, column
     return ranks, columns
 
 
@@ -378,9 +362,9 @@ def hf_reference(model, tokens: torch.Tensor, names: list[str]):
     with torch.no_grad():
         attentions = model(input_ids=tokens, output_attentions=True, use_cache=False).attentions
     assert len(attentions) == len(names)
-    ranks = {name: rank_reference(a) for name, a in zip(names, attentions)}
-    columns = {name: columns_reference(a) for name, a in zip(names, attentions)}
-    return ranks, columns
+    counts = {name: reference_counts(a, TAU) for name, a in zip(names, attentions)}
+    return ({name: c[0] for name, c in counts.items()},
+            {name: c[1] for name, c in counts.items()})
 
 
 # ------------------------------------------------------------------------------------- tests

@@ -21,6 +21,7 @@ from attn_probe.outputs import figures as plots
 from attn_probe.aggregate import HeadAccumulator
 from attn_probe.snapshot import Snapshot
 from attn_probe.outputs import TensorBoardWriter
+from reference import reference_counts, reference_entropy_sink
 
 NAMES = ("encoder.0.attn", "encoder.1.attn", "encoder.2.attn", "encoder.3.attn")
 HEADS = 4
@@ -34,22 +35,17 @@ TOL = 1e-6
 
 
 def reference_metrics(attention: np.ndarray, tau: float = 0.9) -> dict[str, np.ndarray]:
-    """Per-head metrics of one sequence's (H, T, T) attention, computed here from scratch."""
-    out = {name: [] for name in ("rank", "columns", "entropy", "sink", "dominant")}
-    for head in attention.astype(np.float64):
-        energy = np.sort(np.linalg.svd(head, compute_uv=False) ** 2)[::-1]
-        out["rank"].append(int(np.searchsorted(np.cumsum(energy) / energy.sum(), tau - 1e-12)) + 1)
-        mass = (head**2).sum(0)
-        ordered = np.sort(mass)[::-1]
-        out["columns"].append(
-            int(np.searchsorted(np.cumsum(ordered) / ordered.sum(), tau - 1e-12)) + 1
-        )
-        with np.errstate(divide="ignore", invalid="ignore"):
-            logs = np.where(head > 0, np.log(head), 0.0)
-        out["entropy"].append(float(-(head * logs).sum(-1).mean()))
-        out["sink"].append(float(head[:, 0].mean()))
-        out["dominant"].append(int(np.argmax(mass)))
-    return {name: np.array(values) for name, values in out.items()}
+    """Per-head metrics of one sequence's (H, T, T) attention, from the tests' float64 reference."""
+    heads = torch.from_numpy(np.asarray(attention, dtype=np.float64))
+    rank, columns, _ = reference_counts(heads, tau)
+    entropy_sink = np.array([reference_entropy_sink(head) for head in heads])
+    return {
+        "rank": rank.numpy(),
+        "columns": columns.numpy(),
+        "entropy": entropy_sink[:, 0],
+        "sink": entropy_sink[:, 1],
+        "dominant": (heads**2).sum(-2).argmax(-1).numpy(),  # ties: the lowest index
+    }
 
 
 def constructed_attention(tokens: int = TOKENS) -> np.ndarray:
@@ -226,6 +222,8 @@ def image_log(run, tmp_path_factory):
 
 def test_reference_metrics_of_constructed_attention():
     known = reference_metrics(constructed_attention())
+    # every count is decided far from the threshold, so no tie rule could change it
+    assert reference_counts(torch.from_numpy(constructed_attention()))[2] > 1e-3
     # all-to-first-key is rank 1 on one column; identity needs 90% of its T equal directions
     assert known["rank"][0] == 1 and known["columns"][0] == 1
     assert known["rank"][1] == math.ceil(0.9 * TOKENS) == known["columns"][1]
