@@ -25,7 +25,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from reference import FIXTURE, FIXTURE_MISSING, causal_attention, reference_counts
+from reference import (
+    FIXTURE,
+    FIXTURE_MISSING,
+    causal_attention,
+    read_images,
+    reference_counts,
+    scalar_events,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 TAU = 0.9
@@ -208,19 +215,14 @@ def check_pictures(out_dir: Path, heatmap_tags: list[str]) -> None:
 
 
 def check_tensorboard(out_dir: Path, layers: int) -> None:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
     tb = out_dir / "tb"
-    assert list(tb.glob("events.out.tfevents.*")), list(tb.iterdir())
-    events = EventAccumulator(str(tb), size_guidance={"scalars": 0, "images": 0})
-    events.Reload()
-    scalars = set(events.Tags()["scalars"])
+    scalars = scalar_events(tb)
     rows = read_csv(out_dir / "layers.csv")
     for i in range(layers):
         assert f"rank90/max/L{i:02d}" in scalars, sorted(scalars)[:10]
-        (event,) = events.Scalars(f"rank90/max/L{i:02d}")
-        assert event.value == pytest.approx(float(rows[i]["max_rank"]), rel=1e-6)
-    images = set(events.Tags()["images"])
+        ((_, value),) = scalars[f"rank90/max/L{i:02d}"]
+        assert value == pytest.approx(float(rows[i]["max_rank"]), rel=1e-6)
+    images = set(read_images(tb))
     assert {"collapse_map/rank90", "profile/max_rank90", "attention/L00"} <= images, images
 
 
