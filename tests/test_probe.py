@@ -12,7 +12,6 @@ import torch.nn.functional as F
 from torch import nn
 
 import attn_probe
-from attn_probe.models.gpt import GPT, GPTConfig
 from attn_probe.snapshot import CollapseRule
 from reference import (
     GPTAttention,
@@ -25,19 +24,13 @@ from reference import (
     reference_layer_means,
     scalar_events,
 )
+from toy_models import small_gpt
 
 
 
 def rank_means(attention: torch.Tensor) -> np.ndarray:
     """(B, H, T, T) -> per-head mean over sequences of the reference rank@0.9."""
     return reference_counts(attention)[0].mean(0).numpy()
-
-
-def small_gpt(seed=0, **kw) -> GPT:
-    torch.manual_seed(seed)
-    cfg = dict(vocab_size=64, block_size=24, n_layer=2, n_head=4, n_embd=32)
-    cfg.update(kw)
-    return GPT(GPTConfig(**cfg))
 
 
 def batches(n, b=4, t=24, seed=1):
@@ -253,23 +246,6 @@ def test_bad_arguments_say_what_to_do():
         attn_probe.AttentionProbe(model, log_dir="x", writer=object())
     with pytest.raises(LookupError, match="searched for"):
         attn_probe.AttentionProbe(nn.Sequential(nn.Linear(2, 2)))
-
-
-# ---------------------------------------------------------------------------- protocol
-def test_rank_profile_matches_reference():
-    model = small_gpt().eval()
-    data = [x[:, :-1] for x in batches(3, b=4)]
-    with GPTAttention(model, max_sequences=4, max_tokens=24) as ref:
-        snapshot = attn_probe.rank_profile(model, data, max_sequences=10)
-    for layer in range(2):
-        a = torch.cat([call[layer] for call in ref.calls])[:10]
-        rank, columns, _ = reference_counts(a)
-        np.testing.assert_allclose(snapshot.layers[layer].heads["rank"], rank.mean(0).numpy())
-        np.testing.assert_allclose(snapshot.layers[layer].heads["columns"],
-                                   columns.mean(0).numpy())
-        assert snapshot.layers[layer].counts.tolist() == [10] * 4
-    np.testing.assert_allclose(
-        snapshot.max_rank_profile(), [l.heads["rank"].max() for l in snapshot.layers])
 
 
 # ------------------------------------------------------------------------- torch.compile

@@ -28,13 +28,13 @@ import torch
 from reference import (
     FIXTURE,
     FIXTURE_MISSING,
+    REPO,
     causal_attention,
     read_images,
     reference_counts,
     scalar_events,
 )
 
-REPO = Path(__file__).resolve().parents[1]
 TAU = 0.9
 TOL = 1e-9
 SHARD_MAGIC = 20240520

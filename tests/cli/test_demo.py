@@ -8,14 +8,8 @@ import sys
 
 import pytest
 from PIL import Image
-from attn_probe.models.corpus import builtin_corpus
+
 from reference import read_images, repo_env, scalar_events
-
-
-def test_builtin_corpus_is_python_source():
-    data = builtin_corpus(max_bytes=200_000)
-    text = bytes(data.tolist()).decode("utf-8", errors="replace")
-    assert len(data) == 200_000 and "def " in text and "import " in text
 
 
 def test_demo_subprocess_writes_readable_logs(tmp_path):
