@@ -92,3 +92,35 @@ def test_rank_profile_matches_reference():
     np.testing.assert_allclose(
         snapshot.max_rank_profile(), [l.heads["rank"].max() for l in snapshot.layers])
 
+
+def test_rank_profile_samples_keep_the_first_sequence():
+    model = small_gpt().eval()
+    first, second = gpt_batches(2, b=3, t=20, seed=5)
+    snapshot = attn_probe.rank_profile(model, [first, second], max_sequences=6, samples=True,
+                                       max_tokens=12)
+    names = [layer.name for layer in snapshot.layers]
+    assert list(snapshot.samples) == names == ["transformer.h.0.attn", "transformer.h.1.attn"]
+    with torch.no_grad(), capture(model, max_tokens=12) as cap:
+        model(first[:1])
+    for name in names:
+        sample = snapshot.samples[name]
+        assert sample.shape == (4, 12, 12) and sample.dtype == torch.float32
+        assert sample.device.type == "cpu"
+        torch.testing.assert_close(sample, cap.attention[name][0], rtol=0, atol=1e-6)
+    # kept from the first batch: the second batch's first sequence differs
+    with torch.no_grad(), capture(model, max_tokens=12) as cap:
+        model(second[:1])
+    assert not torch.allclose(snapshot.samples[names[0]], cap.attention[names[0]][0])
+    without = attn_probe.rank_profile(model, [first], max_sequences=3, max_tokens=12)
+    assert dict(without.samples) == {}
+
+
+def test_rank_profile_progress_stops_at_max_sequences_and_needs_batches():
+    model = small_gpt().eval()
+    seen = []
+    snapshot = attn_probe.rank_profile(model, gpt_batches(5, b=4, t=8), max_sequences=10,
+                                       on_batch=seen.append)
+    assert seen == [4, 8, 10]  # the third batch is measured in part, the rest not at all
+    assert all(layer.counts.tolist() == [10] * 4 for layer in snapshot.layers)
+    with pytest.raises(ValueError, match="no batches"):
+        attn_probe.rank_profile(model, [], max_sequences=10)
