@@ -281,8 +281,8 @@ def test_unservable_module_and_register_adapter():
             model(x)
     assert "'1'" in str(info.value) and "ExpAttention" in str(info.value)
     assert no_hooks_left(model)
+    handle = register_adapter(ExpAttention, exp_adapter)
     try:
-        register_adapter(ExpAttention, exp_adapter)
         assert find_adapter(model[1]) is not None
         with torch.no_grad(), capture(model) as cap:
             model(x)
@@ -292,7 +292,7 @@ def test_unservable_module_and_register_adapter():
         Renamed = type("Mixer", (ExpAttention,), {})
         assert [n for n, _ in find_attention_modules(nn.Sequential(Renamed()))] == ["0"]
     finally:
-        register_adapter(ExpAttention, None)
+        handle.remove()
     assert find_adapter(model[1]) is None
     with pytest.raises(CaptureError):
         with capture(model):
@@ -305,3 +305,29 @@ def test_register_adapter_rejects_bad_arguments():
     with pytest.raises(TypeError):
         register_adapter(ExpAttention, "not callable")
 
+
+def test_register_adapter_handle_and_replace():
+    module = ExpAttention()
+
+    def other_adapter(module, args, kwargs, *, max_sequences, max_tokens):
+        return exp_adapter(module, args, kwargs, max_sequences=max_sequences,
+                           max_tokens=max_tokens)
+
+    first = register_adapter(ExpAttention, exp_adapter)
+    try:
+        assert find_adapter(module).fn is exp_adapter
+        with pytest.raises(ValueError, match="replace=True"):
+            register_adapter(ExpAttention, other_adapter)
+        assert find_adapter(module).fn is exp_adapter  # the refused one changed nothing
+        second = register_adapter(ExpAttention, other_adapter, replace=True)
+        assert find_adapter(module).fn is other_adapter
+        first.remove()  # a replaced registration's handle leaves the new one alone
+        assert find_adapter(module).fn is other_adapter
+        second.remove()
+        assert find_adapter(module) is None
+        second.remove()  # idempotent
+        with register_adapter(ExpAttention, exp_adapter):
+            assert find_adapter(module).fn is exp_adapter
+        assert find_adapter(module) is None
+    finally:  # leave no registration behind, whatever failed
+        register_adapter(ExpAttention, exp_adapter, replace=True).remove()

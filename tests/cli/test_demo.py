@@ -15,7 +15,7 @@ from reference import read_images, repo_env, scalar_events
 def test_demo_subprocess_writes_readable_logs(tmp_path):
     done = subprocess.run(
         [sys.executable, "-m", "attn_probe.cli", "demo", "--steps", "6", "--every", "2",
-         "--images-every", "4", "--layers", "2", "--batch-size", "4", "--logdir", "tb"],
+         "--images-every", "4", "--layers", "2", "--batch-size", "4", "--log-dir", "tb"],
         cwd=tmp_path, env=repo_env(), capture_output=True, text=True, timeout=300,
     )
     assert done.returncode == 0, done.stderr[-3000:]
