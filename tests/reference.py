@@ -165,9 +165,12 @@ class GPTAttention:
             heads = module.n_head
             w = module.c_attn.weight.detach().double()
             bias = module.c_attn.bias
-            bias = torch.zeros(3 * c, dtype=torch.float64) if bias is None else bias.detach().double()
-            q = (x @ w[:c].T + bias[:c]).view(b, length, heads, c // heads).transpose(1, 2)
-            k = (x @ w[c:2 * c].T + bias[c:2 * c]).view(b, length, heads, c // heads).transpose(1, 2)
+            if bias is None:
+                bias = torch.zeros(3 * c, dtype=torch.float64)
+            bias = bias.detach().double()
+            shape = (b, length, heads, c // heads)
+            q = (x @ w[:c].T + bias[:c]).view(shape).transpose(1, 2)  # c_attn makes q, k, v
+            k = (x @ w[c:2 * c].T + bias[c:2 * c]).view(shape).transpose(1, 2)
             a = causal_attention(q, k)
             if index == 0:
                 self._current = {}

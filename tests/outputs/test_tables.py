@@ -97,8 +97,9 @@ def test_format_table():
         LayerSummary(name="model." * 10 + "attn", index=0,
                      heads={m: np.ones(1) for m in METRICS}, counts=np.ones(1, dtype=int),
                      nonfinite=np.zeros(1, dtype=int), lazy=np.ones(1, dtype=bool)),))
-    line = format_table(long).splitlines()[2]
-    assert "max rank80" in format_table(long) and "…" in line and line.split()[1].endswith(".attn")
+    table = format_table(long)
+    line = table.splitlines()[2]
+    assert "max rank80" in table and "…" in line and line.split()[1].endswith(".attn")
 
 
 def test_write_tables_read_back(tmp_path):
