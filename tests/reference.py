@@ -1,18 +1,29 @@
-"""Independent references and read-back helpers shared by the tests.
+"""The tests' one independent reference, and the helpers that read results back.
 
-The float64 reference is the notebook's procedure, one matrix at a time: singular values with
-``torch.linalg.svdvals`` (or sorted squared column masses), cumulative sum,
-``searchsorted(cumsum, tau * total) + 1``. Nothing here imports attn_probe.
+* the float64 reference count of the notebook, one matrix at a time: singular values with
+  ``torch.linalg.svdvals`` (or sorted squared column masses), cumulative sum,
+  ``k = searchsorted(cumsum, tau * total) + 1`` (:func:`tau_count` and the functions on it);
+* the float64 attention of the demo-style GPT (``attn_probe.models.gpt.GPT``), rebuilt from each
+  block's own ``c_attn`` weights in forward pre-hooks (:class:`GPTAttention`);
+* the one reader of TensorBoard event files (:func:`read_scalars` and friends).
+
+Nothing here imports attn_probe: models are passed in, and every figure is computed from
+scratch, so the tests compare the package with something it did not produce.
 """
 
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
+from typing import Iterator, NamedTuple, Sequence
 
 import torch
 
 TAU = 0.9
+
+#: The repository root (the checkout under test).
+REPO = Path(__file__).resolve().parents[1]
 
 #: The trained llama2.c model beside the repository (``../shared``); tests skip where absent.
 FIXTURE = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "stories260K.bin"
@@ -22,10 +33,24 @@ FIXTURE_MISSING = (
 )
 
 
+def repo_env(**extra: str) -> dict[str, str]:
+    """The environment for a subprocess that must import this checkout's attn_probe (not an
+    installed copy): the repository root first on ``PYTHONPATH``."""
+    env = dict(os.environ, **extra)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
+    return env
+
+
+# --------------------------------------------------------------------------- reference count
+
+
 def tau_count(energies: torch.Tensor, tau: float = TAU) -> tuple[int, float]:
-    """Smallest k whose descending ``energies`` prefix reaches tau of the total, and how far
-    (relative to the total) that decision is from the threshold."""
-    c = energies.cumsum(0)
+    """Smallest k whose descending ``energies`` prefix reaches tau of the total
+    (``searchsorted(cumsum, tau * total) + 1``), and how far (relative to the total) that
+    decision is from the threshold."""
+    c = energies.detach().double().cumsum(0)
+    if not c[-1] > 0:
+        raise ValueError("the reference count needs a positive total energy")
     threshold = tau * c[-1]
     k = int(torch.searchsorted(c, threshold)) + 1
     gap = float((c[k - 1] - threshold).abs())
@@ -34,47 +59,224 @@ def tau_count(energies: torch.Tensor, tau: float = TAU) -> tuple[int, float]:
     return k, gap / float(c[-1])
 
 
+def singular_energies(a: torch.Tensor) -> torch.Tensor:
+    """Squared singular values of one matrix, float64, descending."""
+    return torch.linalg.svdvals(a.detach().double()) ** 2
+
+
+def column_masses(a: torch.Tensor) -> torch.Tensor:
+    """Squared column masses of one matrix, float64, descending."""
+    return (a.detach().double() ** 2).sum(-2).sort(descending=True).values
+
+
 def reference_rank(a: torch.Tensor, tau: float = TAU) -> int:
     """rank@tau of one matrix: fewest singular values carrying tau of the energy."""
-    return tau_count(torch.linalg.svdvals(a.double()) ** 2, tau)[0]
+    return tau_count(singular_energies(a), tau)[0]
 
 
 def reference_columns(a: torch.Tensor, tau: float = TAU) -> int:
     """columns@tau of one matrix: fewest columns carrying tau of the squared mass."""
-    return tau_count((a.double() ** 2).sum(-2).sort(descending=True).values, tau)[0]
+    return tau_count(column_masses(a), tau)[0]
 
 
 def reference_counts(
     attention: torch.Tensor, tau: float = TAU
 ) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """(B, H, T, S) -> rank@tau and columns@tau per sequence and head (float64 tensors), and the
-    smallest relative distance of any decision from the threshold."""
-    b, h = attention.shape[:2]
-    rank = torch.zeros(b, h, dtype=torch.float64)
-    columns = torch.zeros(b, h, dtype=torch.float64)
+    """(..., T, S) -> rank@tau and columns@tau of every matrix (float64 tensors of the batch
+    shape ``attention.shape[:-2]``), and the smallest relative distance of any decision from
+    the threshold."""
+    batch = attention.shape[:-2]
+    flat = attention.reshape(-1, *attention.shape[-2:])
+    rank = torch.zeros(len(flat), dtype=torch.float64)
+    columns = torch.zeros(len(flat), dtype=torch.float64)
     closest = math.inf
-    for i in range(b):
-        for j in range(h):
-            a = attention[i, j].double()
-            rank[i, j], gap_r = tau_count(torch.linalg.svdvals(a) ** 2, tau)
-            columns[i, j], gap_c = tau_count((a**2).sum(-2).sort(descending=True).values, tau)
-            closest = min(closest, gap_r, gap_c)
-    return rank, columns, closest
+    for i, a in enumerate(flat):
+        rank[i], gap_r = tau_count(singular_energies(a), tau)
+        columns[i], gap_c = tau_count(column_masses(a), tau)
+        closest = min(closest, gap_r, gap_c)
+    return rank.reshape(batch), columns.reshape(batch), closest
+
+
+def reference_entropy_sink(a: torch.Tensor) -> tuple[float, float]:
+    """Mean row entropy (nats, ``0 log 0 = 0``) and mean attention to key 0 of one matrix, over
+    the rows that hold a distribution (positive sum); (0, 0) when no row does."""
+    a = a.detach().double()
+    entropies, sinks = [], []
+    for row in a:
+        if row.sum() > 0:
+            p = row[row > 0]
+            entropies.append(float(-(p * p.log()).sum()))
+            sinks.append(float(row[0]))
+    if not entropies:
+        return 0.0, 0.0
+    return sum(entropies) / len(entropies), sum(sinks) / len(sinks)
+
+
+def reference_layer_means(
+    attentions: Sequence[torch.Tensor], tau: float = TAU
+) -> tuple[list[dict[str, torch.Tensor]], float]:
+    """For each layer's (B, H, T, S) attention: per-head means over the B sequences of the
+    reference rank@tau and columns@tau (``{"rank", "columns"}``, (H,) float64), and the closest
+    distance of any decision from its threshold."""
+    out, closest = [], math.inf
+    for attention in attentions:
+        rank, columns, gap = reference_counts(attention, tau)
+        closest = min(closest, gap)
+        out.append({"rank": rank.mean(0), "columns": columns.mean(0)})
+    return out, closest
+
+
+# ------------------------------------------------------------------------ GPT attention
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """softmax(q kᵀ / sqrt(d)) with a causal mask, in float64: (..., T, D) -> (..., T, T)."""
+    q, k = q.detach().double(), k.detach().double()
+    scores = q @ k.transpose(-1, -2) / math.sqrt(q.size(-1))
+    causal = torch.ones(scores.shape[-2:], dtype=torch.bool).tril()
+    return scores.masked_fill(~causal, -math.inf).softmax(-1)
+
+
+class GPTAttention:
+    """Float64 attention of every block of a demo-style GPT (``model.transformer.h[i].attn``
+    with a ``c_attn`` Linear producing q, k, v and ``n_head`` heads; causal).
+
+    A forward pre-hook on each block's ``attn`` takes the input the module is given and its own
+    ``c_attn`` weights, and computes A with an explicit masked softmax in float64 (independent of
+    attn_probe's capture code). :attr:`calls` holds one entry per forward pass of the model (a
+    pass starts at block 0): layer index -> (B, H, T, T). ``max_sequences`` / ``max_tokens``
+    keep the first sequences and tokens, as the probe does. Use as a context manager, or call
+    :meth:`remove`.
+    """
+
+    def __init__(self, model: torch.nn.Module, max_sequences: int | None = None,
+                 max_tokens: int | None = None):
+        self.calls: list[dict[int, torch.Tensor]] = []
+        self._current: dict[int, torch.Tensor] | None = None
+        self.handles = [
+            block.attn.register_forward_pre_hook(self._hook(i, max_sequences, max_tokens))
+            for i, block in enumerate(model.transformer.h)
+        ]
+
+    def _hook(self, index: int, n: int | None, t: int | None):
+        def hook(module, args):
+            x = args[0][:n, :t].detach().double()
+            b, length, c = x.shape
+            heads = module.n_head
+            w = module.c_attn.weight.detach().double()
+            bias = module.c_attn.bias
+            if bias is None:
+                bias = torch.zeros(3 * c, dtype=torch.float64)
+            bias = bias.detach().double()
+            shape = (b, length, heads, c // heads)
+            q = (x @ w[:c].T + bias[:c]).view(shape).transpose(1, 2)  # c_attn makes q, k, v
+            k = (x @ w[c:2 * c].T + bias[c:2 * c]).view(shape).transpose(1, 2)
+            a = causal_attention(q, k)
+            if index == 0:
+                self._current = {}
+                self.calls.append(self._current)
+            self._current[index] = a
+        return hook
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+    def __enter__(self) -> "GPTAttention":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+
+def gpt_attention(model: torch.nn.Module, tokens: torch.Tensor, max_sequences: int | None = None,
+                  max_tokens: int | None = None) -> list[torch.Tensor]:
+    """Each block's float64 (B, H, T, T) attention in one forward pass of ``model`` on
+    ``tokens`` (see :class:`GPTAttention`)."""
+    with GPTAttention(model, max_sequences, max_tokens) as ref, torch.no_grad():
+        model(tokens)
+    (call,) = ref.calls
+    return [call[i] for i in range(len(call))]
+
+
+# --------------------------------------------------------------------------- event files
+
+
+def _event_files(log_dir: Path) -> list[Path]:
+    files = sorted(Path(log_dir).rglob("events.out.tfevents.*"))
+    assert files, f"no event file under {log_dir}"
+    return files
+
+
+def _accumulators(log_dir: Path, kind: str):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    for path in _event_files(log_dir):
+        acc = EventAccumulator(str(path), size_guidance={kind: 0})
+        acc.Reload()
+        yield acc
+
+
+def scalar_events(log_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar of every event file under ``log_dir``: tag -> [(step, value), ...] in the
+    order written (a value written twice at one step appears twice)."""
+    out: dict[str, list[tuple[int, float]]] = {}
+    for acc in _accumulators(log_dir, "scalars"):
+        for tag in acc.Tags()["scalars"]:
+            out.setdefault(tag, []).extend((e.step, e.value) for e in acc.Scalars(tag))
+    return out
 
 
 def read_scalars(log_dir: Path) -> dict[str, dict[int, float]]:
     """Every scalar of every event file under ``log_dir``: tag -> step -> value."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    return {tag: dict(events) for tag, events in scalar_events(log_dir).items()}
 
-    scalars: dict[str, dict[int, float]] = {}
-    files = sorted(Path(log_dir).rglob("events.out.tfevents.*"))
-    assert files, f"no event file under {log_dir}"
-    for path in files:
-        acc = EventAccumulator(str(path), size_guidance={"scalars": 0})
-        acc.Reload()
-        for tag in acc.Tags()["scalars"]:
-            scalars.setdefault(tag, {}).update({e.step: e.value for e in acc.Scalars(tag)})
-    return scalars
+
+class LoggedImage(NamedTuple):
+    step: int
+    png: bytes  #: the encoded image
+    width: int
+    height: int
+
+
+def read_images(log_dir: Path) -> dict[str, list[LoggedImage]]:
+    """Every image of every event file under ``log_dir``: tag -> images in the order written."""
+    out: dict[str, list[LoggedImage]] = {}
+    for acc in _accumulators(log_dir, "images"):
+        for tag in acc.Tags()["images"]:
+            out.setdefault(tag, []).extend(
+                LoggedImage(e.step, e.encoded_image_string, e.width, e.height)
+                for e in acc.Images(tag))
+    return out
+
+
+def read_events(log_dir: Path) -> Iterator:
+    """Every raw ``Event`` record of the event files under ``log_dir``, in file order."""
+    from tensorboard.backend.event_processing import event_file_loader
+    from tensorboard.compat.proto import event_pb2
+
+    for path in _event_files(log_dir):
+        for record in event_file_loader.RawEventFileLoader(str(path)).Load():
+            event = event_pb2.Event()
+            event.ParseFromString(record)
+            yield event
+
+
+def read_layouts(log_dir: Path) -> list[tuple[str, object]]:
+    """Every custom-scalars layout written under ``log_dir``: (tag, ``layout_pb2.Layout``)."""
+    from tensorboard.plugins.custom_scalar import layout_pb2
+
+    layouts = []
+    for event in read_events(log_dir):
+        for value in event.summary.value:
+            if value.metadata.plugin_data.plugin_name == "custom_scalars":
+                layout = layout_pb2.Layout()
+                layout.ParseFromString(value.tensor.string_val[0])
+                layouts.append((value.tag, layout))
+    return layouts
+
+
+# ------------------------------------------------------------------------------- helpers
 
 
 def no_hooks_left(model: torch.nn.Module) -> bool:
@@ -85,7 +287,7 @@ def no_hooks_left(model: torch.nn.Module) -> bool:
     ) and torch._C._len_torch_function_stack() == 0
 
 
-def assert_logged(scalars: dict, want: dict, step: int, layers: int, tol: float) -> float:
+def assert_logged(scalars: dict, want: Sequence, step: int, layers: int, tol: float) -> float:
     """Every logged rank/columns figure (max, mean, min over heads and per head) of each layer at
     ``step`` equals the reference ``want[layer][metric]`` (per-head values); returns the worst
     absolute difference."""

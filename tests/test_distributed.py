@@ -4,9 +4,10 @@ Two worker processes are started with torchrun's environment (``MASTER_ADDR``, `
 ``RANK``, ``WORLD_SIZE``); this file is their program (see ``worker`` at the bottom). They train
 a small GPT and save, on every sampled step, the token sequences the step's first forward pass
 was fed and the weights it ran with. The test process then rebuilds those attention matrices
-itself, in float64 with an explicit softmax, computes rank@0.9 and columns@0.9 with the float64
-reference (``svdvals`` / sorted column masses, ``cumsum``, ``searchsorted + 1``), averages over
-the sequences of both processes and compares with what process 0 wrote to TensorBoard.
+with the tests' float64 reference (``reference.GPTAttention``: explicit softmax from each block's
+own weights), computes rank@0.9 and columns@0.9 with the float64 reference count (``svdvals`` /
+sorted column masses, ``cumsum``, ``searchsorted + 1``), averages over the sequences of both
+processes and compares with what process 0 wrote to TensorBoard.
 
 All scenarios run in one launch (starting Python with torch twice costs most of the time); each
 scenario records its outcome, so one failing scenario shows up in its own test.
@@ -36,7 +37,12 @@ if str(ROOT) not in sys.path:  # the workers run this file as a script
     sys.path.insert(0, str(ROOT))
 
 from attn_probe import AttentionProbe  # noqa: E402
-from reference import assert_logged, read_scalars, reference_counts  # noqa: E402
+from reference import (  # noqa: E402
+    assert_logged,
+    gpt_attention,
+    read_scalars,
+    reference_layer_means,
+)
 from attn_probe.models.gpt import GPT, GPTConfig  # noqa: E402
 
 WORLD = 2
@@ -74,46 +80,25 @@ def batch_for(scenario: str, rank: int, step: int, micro: int) -> torch.Tensor:
 
 
 def reference_attention(state: dict, tokens: torch.Tensor) -> list[torch.Tensor]:
-    """Each layer's (B, H, T, T) attention of ``tokens``, in float64 with an explicit softmax."""
-    model = GPT(GPTConfig(**CONFIG)).double()
-    model.load_state_dict({k: v.double() for k, v in state.items()})
-    model.eval()
-    heads = CONFIG["n_head"]
-    out = []
-    with torch.no_grad():
-        b, t = tokens.shape
-        x = model.transformer.wte(tokens) + model.transformer.wpe(torch.arange(t))
-        for block in model.transformer.h:
-            h = block.ln_1(x)
-            q, k, v = block.attn.c_attn(h).split(CONFIG["n_embd"], dim=2)
-            q, k, v = (z.view(b, t, heads, -1).transpose(1, 2) for z in (q, k, v))
-            scores = q @ k.transpose(-2, -1) / math.sqrt(q.size(-1))
-            causal = torch.ones(t, t, dtype=torch.bool).tril()
-            a = torch.softmax(scores.masked_fill(~causal, -math.inf), dim=-1)
-            out.append(a)
-            y = (a @ v).transpose(1, 2).reshape(b, t, -1)
-            x = x + block.attn.c_proj(y)
-            x = x + block.mlp(block.ln_2(x))
-    return out
+    """Each layer's float64 (B, H, T, T) attention of the sequences and tokens the probe
+    measures of ``tokens``, from the weights ``state`` the step ran with."""
+    model = GPT(GPTConfig(**CONFIG)).eval()
+    model.load_state_dict(state)
+    return gpt_attention(model, tokens, PROBE["max_sequences"], PROBE["max_tokens"])
 
 
 def expected(folder: Path, step: int, ranks) -> dict:
     """Mean over the measured sequences of ``ranks`` at ``step``, per layer and head."""
-    per_layer: dict[int, list] = {}
-    closest = math.inf
+    per_layer: dict[int, list[torch.Tensor]] = {}
     for rank in ranks:
         saved = torch.load(folder / f"rank{rank}_step{step}.pt")
-        tokens = saved["tokens"][: PROBE["max_sequences"], : PROBE["max_tokens"]]
-        for layer, a in enumerate(reference_attention(saved["state"], tokens)):
-            r, c, gap = reference_counts(a)
-            closest = min(closest, gap)
-            per_layer.setdefault(layer, []).append((r, c))
-    result = {}
-    for layer, parts in per_layer.items():
-        rank = torch.cat([r for r, _ in parts]).mean(0)
-        columns = torch.cat([c for _, c in parts]).mean(0)
-        count = sum(len(r) for r, _ in parts)
-        result[layer] = {"rank": rank, "columns": columns, "sequences": count}
+        for layer, a in enumerate(reference_attention(saved["state"], saved["tokens"])):
+            per_layer.setdefault(layer, []).append(a)
+    attentions = [torch.cat(per_layer[layer]) for layer in sorted(per_layer)]
+    means, closest = reference_layer_means(attentions, TAU)
+    result: dict = {
+        layer: {**means[layer], "sequences": len(a)} for layer, a in enumerate(attentions)
+    }
     result["closest"] = closest
     return result
 

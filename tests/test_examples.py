@@ -8,24 +8,23 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+from reference import REPO, repo_env, scalar_events
+
+EXAMPLES = REPO / "examples"
 
 
 def run(script: str, *args: str, cwd: Path) -> str:
     done = subprocess.run(
-        [sys.executable, str(EXAMPLES / script), *args], cwd=cwd, capture_output=True,
-        text=True, timeout=300,
+        [sys.executable, str(EXAMPLES / script), *args], cwd=cwd, env=repo_env(),
+        capture_output=True, text=True, timeout=300,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     return done.stdout
 
 
-def scalar_steps(logdir: Path, tag: str) -> list[int]:
-    acc = EventAccumulator(str(logdir), size_guidance={"scalars": 0})
-    acc.Reload()
-    return [e.step for e in acc.Scalars(tag)]
+def scalar_steps(log_dir: Path, tag: str) -> list[int]:
+    return [step for step, _ in scalar_events(log_dir)[tag]]
 
 
 def test_train_nanogpt(tmp_path):

@@ -13,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from attn_probe import metrics
+from reference import reference_columns, reference_entropy_sink, reference_rank
 from attn_probe.metrics import (
     columns_at,
     dominant_column,
@@ -27,27 +28,22 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 # --------------------------------------------------------------------------------------------
-# float64 reference: one head at a time
+# float64 reference (tests/reference.py): one head at a time
 # --------------------------------------------------------------------------------------------
 
 
-def _ref_count(energies: torch.Tensor, tau: float) -> int:
-    c = energies.cumsum(0)
-    return int(torch.searchsorted(c, tau * c[-1])) + 1
+def per_matrix(reference, A: torch.Tensor, tau: float) -> torch.Tensor:
+    """``reference`` (one matrix -> int) over every matrix of A, in A's batch shape."""
+    flat = A.reshape(-1, *A.shape[-2:])
+    return torch.tensor([reference(a, tau) for a in flat], dtype=torch.int64).reshape(A.shape[:-2])
 
 
 def ref_rank(A: torch.Tensor, tau: float = 0.9) -> torch.Tensor:
-    flat = A.reshape(-1, *A.shape[-2:])
-    out = [_ref_count(torch.linalg.svdvals(a.double()) ** 2, tau) for a in flat]
-    return torch.tensor(out, dtype=torch.int64).reshape(A.shape[:-2])
+    return per_matrix(reference_rank, A, tau)
 
 
 def ref_columns(A: torch.Tensor, tau: float = 0.9) -> torch.Tensor:
-    flat = A.reshape(-1, *A.shape[-2:])
-    out = [
-        _ref_count((a.double() ** 2).sum(-2).sort(descending=True).values, tau) for a in flat
-    ]
-    return torch.tensor(out, dtype=torch.int64).reshape(A.shape[:-2])
+    return per_matrix(reference_columns, A, tau)
 
 
 def softmax_heads(heads: int, T: int, beta: float, causal: bool, seed: int,
@@ -473,19 +469,6 @@ def test_fallback_used_only_near_threshold(monkeypatch):
 # --------------------------------------------------------------------------------------------
 
 
-def direct_entropy_and_sink(a: torch.Tensor) -> tuple[float, float]:
-    a = a.double()
-    ents, sinks = [], []
-    for row in a:
-        if row.sum() > 0:
-            p = row[row > 0]
-            ents.append(float(-(p * p.log()).sum()))
-            sinks.append(float(row[0]))
-    if not ents:
-        return 0.0, 0.0
-    return sum(ents) / len(ents), sum(sinks) / len(sinks)
-
-
 @pytest.mark.parametrize("causal", [True, False])
 def test_entropy_and_sink_direct(causal):
     A = softmax_heads(5, 37, 2.0, causal, seed=9)
@@ -494,7 +477,7 @@ def test_entropy_and_sink_direct(causal):
     ent, sink = row_entropy(A), sink_mass(A)
     assert ent.dtype == torch.float64
     for h in range(5):
-        e, s = direct_entropy_and_sink(A[h])
+        e, s = reference_entropy_sink(A[h])
         assert float(ent[h]) == pytest.approx(e, rel=1e-12, abs=1e-15)
         assert float(sink[h]) == pytest.approx(s, rel=1e-12, abs=1e-15)
     # the uniform distribution over T keys has entropy log T

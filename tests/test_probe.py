@@ -9,67 +9,28 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
 
 import attn_probe
-from attn_probe.models.gpt import GPT, GPTConfig
 from attn_probe.snapshot import CollapseRule
-from reference import no_hooks_left, reference_columns, reference_rank
+from reference import (
+    GPTAttention,
+    assert_logged,
+    no_hooks_left,
+    read_images,
+    read_scalars,
+    reference_counts,
+    reference_entropy_sink,
+    reference_layer_means,
+    scalar_events,
+)
+from toy_models import small_gpt
 
 
 
-# ---------------------------------------------------------------------------- references
-class ReferenceRecorder:
-    """Rebuilds each GPT layer's attention in float64 from its input and c_attn weights,
-    with plain hooks and an explicit masked softmax (independent of attn_probe.capture)."""
-
-    def __init__(self, model: GPT, max_sequences: int, max_tokens: int):
-        self.calls: list[dict[int, torch.Tensor]] = []
-        self._current: dict[int, torch.Tensor] | None = None
-        self.handles = [
-            block.attn.register_forward_pre_hook(self._hook(i, block.attn, max_sequences, max_tokens))
-            for i, block in enumerate(model.transformer.h)
-        ]
-
-    def _hook(self, index, attn, n, t):
-        def hook(module, args):
-            x = args[0][:n, :t].detach().double()
-            c = x.size(-1)
-            w, b = attn.c_attn.weight.double(), attn.c_attn.bias.double()
-            q = (x @ w[:c].T + b[:c]).view(x.size(0), -1, attn.n_head, c // attn.n_head).transpose(1, 2)
-            k = (x @ w[c:2 * c].T + b[c:2 * c]).view(x.size(0), -1, attn.n_head, c // attn.n_head).transpose(1, 2)
-            scores = q @ k.transpose(-1, -2) / math.sqrt(q.size(-1))
-            causal = torch.ones(scores.shape[-2:], dtype=torch.bool).tril()
-            a = scores.masked_fill(~causal, -math.inf).softmax(-1)
-            if index == 0:
-                self._current = {}
-                self.calls.append(self._current)
-            self._current[index] = a
-        return hook
-
-    def remove(self):
-        for h in self.handles:
-            h.remove()
-
-
-def head_means(attention: torch.Tensor, fn) -> np.ndarray:
-    """(B, H, T, T) -> per-head mean over sequences of fn(matrix)."""
-    b, h = attention.shape[:2]
-    return np.array([[fn(attention[i, j]) for j in range(h)] for i in range(b)]).mean(0)
-
-
-def read_scalars(log_dir) -> EventAccumulator:
-    acc = EventAccumulator(str(log_dir), size_guidance={"scalars": 0, "images": 0, "tensors": 0})
-    acc.Reload()
-    return acc
-
-
-def small_gpt(seed=0, **kw) -> GPT:
-    torch.manual_seed(seed)
-    cfg = dict(vocab_size=64, block_size=24, n_layer=2, n_head=4, n_embd=32)
-    cfg.update(kw)
-    return GPT(GPTConfig(**cfg))
+def rank_means(attention: torch.Tensor) -> np.ndarray:
+    """(B, H, T, T) -> per-head mean over sequences of the reference rank@0.9."""
+    return reference_counts(attention)[0].mean(0).numpy()
 
 
 def batches(n, b=4, t=24, seed=1):
@@ -97,47 +58,39 @@ def train(model, data, probe=None, *, accumulate=1, lr=0.05, autocast=False):
 def test_logged_values_equal_independent_reference(tmp_path):
     model = small_gpt()
     data = batches(7)
-    ref = ReferenceRecorder(model, max_sequences=3, max_tokens=16)
-    with attn_probe.AttentionProbe(model, log_dir=tmp_path, every=3, max_sequences=3,
-                                   max_tokens=16, images_every=3) as probe:
-        train(model, data, probe)
-    ref.remove()
-    acc = read_scalars(tmp_path)
+    with GPTAttention(model, max_sequences=3, max_tokens=16) as ref:
+        with attn_probe.AttentionProbe(model, log_dir=tmp_path, every=3, max_sequences=3,
+                                       max_tokens=16, images_every=3) as probe:
+            train(model, data, probe)
     sampled = [0, 3, 6]
-    assert [e.step for e in acc.Scalars("rank90/max/L00")] == sampled
+    assert [step for step, _ in scalar_events(tmp_path)["rank90/max/L00"]] == sampled
+    scalars = read_scalars(tmp_path)
     for step in sampled:
-        for layer in range(2):
-            a = ref.calls[step][layer]
-            rank = head_means(a, reference_rank)
-            cols = head_means(a, reference_columns)
-            got = {e.step: e.value for e in acc.Scalars(f"rank90/max/L{layer:02d}")}[step]
-            assert got == pytest.approx(rank.max(), abs=1e-6)
-            got = {e.step: e.value for e in acc.Scalars(f"columns90/mean/L{layer:02d}")}[step]
-            assert got == pytest.approx(cols.mean(), abs=1e-6)
-            for h in range(4):
-                got = {e.step: e.value for e in acc.Scalars(f"rank90/head/L{layer:02d}/H{h:02d}")}
-                assert got[step] == pytest.approx(rank[h], abs=1e-6)
-            entropy = -(a * torch.where(a > 0, a.log(), 0)).sum(-1).mean(-1).mean(0)
-            got = {e.step: e.value for e in acc.Scalars(f"entropy/mean/L{layer:02d}")}[step]
-            assert got == pytest.approx(entropy.mean().item(), abs=1e-5)
-            sink = a[..., 0].mean(-1).mean(0)
-            got = {e.step: e.value for e in acc.Scalars(f"sink/mean/L{layer:02d}")}[step]
-            assert got == pytest.approx(sink.mean().item(), abs=1e-5)
-    images = acc.Tags()["images"]
+        attentions = [ref.calls[step][layer] for layer in range(2)]
+        # rank90 and columns90: max, mean, min over heads and every head
+        want, _ = reference_layer_means(attentions)
+        assert_logged(scalars, want, step, layers=2, tol=1e-6)
+        for layer, a in enumerate(attentions):
+            per_matrix = torch.tensor([[reference_entropy_sink(m) for m in seq] for seq in a])
+            entropy, sink = per_matrix.mean(0).mean(0).tolist()  # over sequences, then heads
+            got = scalars[f"entropy/mean/L{layer:02d}"][step]
+            assert got == pytest.approx(entropy, abs=1e-5)
+            got = scalars[f"sink/mean/L{layer:02d}"][step]
+            assert got == pytest.approx(sink, abs=1e-5)
+    images = read_images(tmp_path)
     assert {"collapse_map/rank90", "profile/max_rank90"} <= set(images)
-    assert [e.step for e in acc.Images("collapse_map/rank90")] == sampled
+    assert [image.step for image in images["collapse_map/rank90"]] == sampled
 
 
 def test_gradient_accumulation_measures_first_forward_only(tmp_path):
     model = small_gpt()
     data = batches(2, b=8)
-    ref = ReferenceRecorder(model, max_sequences=2, max_tokens=24)
-    with attn_probe.AttentionProbe(model, every=1, max_sequences=2, max_tokens=24) as probe:
-        train(model, data, probe, accumulate=2)
-    ref.remove()
+    with GPTAttention(model, max_sequences=2, max_tokens=24) as ref:
+        with attn_probe.AttentionProbe(model, every=1, max_sequences=2, max_tokens=24) as probe:
+            train(model, data, probe, accumulate=2)
     assert len(ref.calls) == 4  # two micro-batches per step
     for step, snapshot in enumerate(probe.history):
-        first = head_means(ref.calls[2 * step][1], reference_rank)
+        first = rank_means(ref.calls[2 * step][1])
         np.testing.assert_allclose(snapshot.layers[1].heads["rank"], first)
         assert snapshot.layers[1].counts.tolist() == [2] * 4
 
@@ -150,7 +103,8 @@ def test_global_step_and_schedule(tmp_path):
             probe.step(step)
     # sampled steps are the multiples of `every`; the first step is measured too
     assert [s.step for s in probe.history] == [100, 105, 110]
-    assert [e.step for e in read_scalars(tmp_path).Scalars("rank90/max/L01")] == [100, 105, 110]
+    steps = [step for step, _ in scalar_events(tmp_path)["rank90/max/L01"]]
+    assert steps == [100, 105, 110]
 
 
 def test_unsampled_steps_do_not_measure():
@@ -214,7 +168,7 @@ def test_no_hook_left_after_exit_also_when_training_raises(tmp_path):
     assert no_hooks_left(model)
     assert torch._C._len_torch_function_stack() == 0
     # everything measured was flushed, including the step the exception interrupted
-    assert [e.step for e in read_scalars(tmp_path).Scalars("rank90/max/L00")] == [0, 1, 2, 3]
+    assert [step for step, _ in scalar_events(tmp_path)["rank90/max/L00"]] == [0, 1, 2, 3]
 
 
 def test_forward_raising_inside_module_leaves_no_mode(tmp_path):
@@ -239,10 +193,10 @@ def test_nan_attention_is_flagged_not_a_crash(tmp_path):
             model(torch.randint(0, 64, (2, 8)))
             probe.step()
     assert any("NaN or Inf" in str(w.message) for w in caught)
-    acc = read_scalars(tmp_path)
-    assert [e.value for e in acc.Scalars("nonfinite/L01")] == [2.0]
-    assert "nonfinite/L00" not in acc.Tags()["scalars"]
-    assert math.isfinite(acc.Scalars("rank90/max/L00")[0].value)
+    scalars = scalar_events(tmp_path)
+    assert [value for _, value in scalars["nonfinite/L01"]] == [2.0]
+    assert "nonfinite/L00" not in scalars
+    assert math.isfinite(scalars["rank90/max/L00"][0][1])
 
 
 class SinkAttention(nn.Module):
@@ -294,23 +248,6 @@ def test_bad_arguments_say_what_to_do():
         attn_probe.AttentionProbe(nn.Sequential(nn.Linear(2, 2)))
 
 
-# ---------------------------------------------------------------------------- protocol
-def test_rank_profile_matches_reference():
-    model = small_gpt().eval()
-    data = [x[:, :-1] for x in batches(3, b=4)]
-    ref = ReferenceRecorder(model, max_sequences=4, max_tokens=24)
-    snapshot = attn_probe.rank_profile(model, data, max_sequences=10)
-    ref.remove()
-    for layer in range(2):
-        a = torch.cat([call[layer] for call in ref.calls])[:10]
-        np.testing.assert_allclose(snapshot.layers[layer].heads["rank"], head_means(a, reference_rank))
-        np.testing.assert_allclose(
-            snapshot.layers[layer].heads["columns"], head_means(a, reference_columns))
-        assert snapshot.layers[layer].counts.tolist() == [10] * 4
-    np.testing.assert_allclose(
-        snapshot.max_rank_profile(), [l.heads["rank"].max() for l in snapshot.layers])
-
-
 # ------------------------------------------------------------------------- torch.compile
 def test_compiled_model_trains_correctly_with_probe(tmp_path):
     torch._dynamo.reset()
@@ -318,14 +255,13 @@ def test_compiled_model_trains_correctly_with_probe(tmp_path):
     eager_twin = small_gpt(seed=4)
     compiled = torch.compile(model)
     data = batches(4, seed=9)
-    ref = ReferenceRecorder(model, max_sequences=1, max_tokens=24)
-    with attn_probe.AttentionProbe(model, log_dir=tmp_path, every=2) as probe:
-        losses = train(compiled, data, probe)
-    ref.remove()
+    with GPTAttention(model, max_sequences=1, max_tokens=24) as ref:
+        with attn_probe.AttentionProbe(model, log_dir=tmp_path, every=2) as probe:
+            losses = train(compiled, data, probe)
     twin_losses = train(eager_twin, data)
     torch.testing.assert_close(torch.stack(losses), torch.stack(twin_losses), rtol=1e-4, atol=1e-5)
     assert [s.step for s in probe.history] == [0, 2]
     # hooks traced into the compiled graph fire on every step; the probe's stay quiet there
     for snapshot in probe.history:
-        expected = head_means(ref.calls[snapshot.step][0][:1], reference_rank)
+        expected = rank_means(ref.calls[snapshot.step][0][:1])
         np.testing.assert_allclose(snapshot.layers[0].heads["rank"], expected)

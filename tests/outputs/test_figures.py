@@ -166,7 +166,7 @@ def test_attention_heatmaps_grid():
 
 def test_attention_heatmaps_subset_shared_scale_and_crop():
     attention = np.random.default_rng(0).dirichlet(np.ones(30), size=(4, 30))
-    fig = plots.attention_heatmaps(attention, heads=[3, 1], shared_scale=True, max_tokens=10)
+    fig = plots.attention_heatmaps(attention, heads=[3, 1], shared_scale=True, tokens=10)
     panels = image_axes(fig)
     assert [ax.get_title() for ax in panels] == ["H03", "H01"]
     assert len(fig.axes) == 3  # one shared colour bar

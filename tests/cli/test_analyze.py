@@ -16,7 +16,6 @@ from __future__ import annotations
 import csv
 import importlib
 import json
-import math
 import os
 import subprocess
 import sys
@@ -26,9 +25,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from reference import FIXTURE, FIXTURE_MISSING, reference_counts
+from reference import (
+    FIXTURE,
+    FIXTURE_MISSING,
+    REPO,
+    causal_attention,
+    read_images,
+    reference_counts,
+    scalar_events,
+)
 
-REPO = Path(__file__).resolve().parents[1]
 TAU = 0.9
 TOL = 1e-9
 SHARD_MAGIC = 20240520
@@ -123,16 +129,6 @@ SAMPLED_N, SAMPLED_T = 4, 16
 # ------------------------------------------------------------------------------------ helpers
 
 
-def rank_reference(attention: torch.Tensor, tau: float = TAU) -> torch.Tensor:
-    """(B, H, T, T) attention -> (B, H) rank@tau, float64, one matrix at a time."""
-    return reference_counts(attention, tau)[0]
-
-
-def columns_reference(attention: torch.Tensor, tau: float = TAU) -> torch.Tensor:
-    """(B, H, T, T) attention -> (B, H) columns@tau: fewest keys holding tau of ||A||_F^2."""
-    return reference_counts(attention, tau)[1]
-
-
 def write_shard(path: Path, tokens: np.ndarray, magic: int = SHARD_MAGIC, version: int = 1) -> None:
     header = np.zeros(256, dtype="<i4")
     header[:3] = (magic, version, tokens.size)
@@ -219,19 +215,14 @@ def check_pictures(out_dir: Path, heatmap_tags: list[str]) -> None:
 
 
 def check_tensorboard(out_dir: Path, layers: int) -> None:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
     tb = out_dir / "tb"
-    assert list(tb.glob("events.out.tfevents.*")), list(tb.iterdir())
-    events = EventAccumulator(str(tb), size_guidance={"scalars": 0, "images": 0})
-    events.Reload()
-    scalars = set(events.Tags()["scalars"])
+    scalars = scalar_events(tb)
     rows = read_csv(out_dir / "layers.csv")
     for i in range(layers):
         assert f"rank90/max/L{i:02d}" in scalars, sorted(scalars)[:10]
-        (event,) = events.Scalars(f"rank90/max/L{i:02d}")
-        assert event.value == pytest.approx(float(rows[i]["max_rank"]), rel=1e-6)
-    images = set(events.Tags()["images"])
+        ((_, value),) = scalars[f"rank90/max/L{i:02d}"]
+        assert value == pytest.approx(float(rows[i]["max_rank"]), rel=1e-6)
+    images = set(read_images(tb))
     assert {"collapse_map/rank90", "profile/max_rank90", "attention/L00"} <= images, images
 
 
@@ -363,14 +354,9 @@ def factory_reference(root: Path, tokens: torch.Tensor, make: str = "make_model"
     with torch.no_grad():
         model(tokens)
     ranks, columns = {}, {}
-    t = tokens.shape[1]
-    causal = torch.ones(t, t, dtype=torch.bool).tril()
     for i, block in enumerate(blocks):
-        q, k = (z.double() for z in block.attn.kept)
-        scores = (q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
-        attention = scores.masked_fill(~causal, float("-inf")).softmax(-1)
-        ranks[f"blocks.{i}.attn"] = rank_reference(attention)
-        columns[f"blocks.{i}.attn"] = columns_reference(attention)
+        rank, column, _ = reference_counts(causal_attention(*block.attn.kept), TAU)
+        ranks[f"blocks.{i}.attn"], columns[f"blocks.{i}.attn"] = rank, column
     return ranks, columns
 
 
@@ -378,9 +364,9 @@ def hf_reference(model, tokens: torch.Tensor, names: list[str]):
     with torch.no_grad():
         attentions = model(input_ids=tokens, output_attentions=True, use_cache=False).attentions
     assert len(attentions) == len(names)
-    ranks = {name: rank_reference(a) for name, a in zip(names, attentions)}
-    columns = {name: columns_reference(a) for name, a in zip(names, attentions)}
-    return ranks, columns
+    counts = {name: reference_counts(a, TAU) for name, a in zip(names, attentions)}
+    return ({name: c[0] for name, c in counts.items()},
+            {name: c[1] for name, c in counts.items()})
 
 
 # ------------------------------------------------------------------------------------- tests

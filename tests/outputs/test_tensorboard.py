@@ -5,28 +5,30 @@ from __future__ import annotations
 import io
 import math
 import re
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
-from tensorboard.backend.event_processing import event_file_loader
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-from tensorboard.compat.proto import event_pb2
-from tensorboard.plugins.custom_scalar import layout_pb2
 from torch.utils.tensorboard import SummaryWriter
 
 from attn_probe.outputs import figures as plots
 from attn_probe.aggregate import HeadAccumulator
 from attn_probe.snapshot import Snapshot
 from attn_probe.outputs import TensorBoardWriter
+from reference import (
+    read_events,
+    read_images,
+    read_layouts,
+    reference_counts,
+    reference_entropy_sink,
+    scalar_events,
+)
 
 NAMES = ("encoder.0.attn", "encoder.1.attn", "encoder.2.attn", "encoder.3.attn")
 HEADS = 4
 TOKENS = 8
 STEPS = (0, 50, 100)
-SIZE = {"scalars": 0, "images": 0, "tensors": 0}
 TOL = 1e-6
 
 
@@ -34,22 +36,17 @@ TOL = 1e-6
 
 
 def reference_metrics(attention: np.ndarray, tau: float = 0.9) -> dict[str, np.ndarray]:
-    """Per-head metrics of one sequence's (H, T, T) attention, computed here from scratch."""
-    out = {name: [] for name in ("rank", "columns", "entropy", "sink", "dominant")}
-    for head in attention.astype(np.float64):
-        energy = np.sort(np.linalg.svd(head, compute_uv=False) ** 2)[::-1]
-        out["rank"].append(int(np.searchsorted(np.cumsum(energy) / energy.sum(), tau - 1e-12)) + 1)
-        mass = (head**2).sum(0)
-        ordered = np.sort(mass)[::-1]
-        out["columns"].append(
-            int(np.searchsorted(np.cumsum(ordered) / ordered.sum(), tau - 1e-12)) + 1
-        )
-        with np.errstate(divide="ignore", invalid="ignore"):
-            logs = np.where(head > 0, np.log(head), 0.0)
-        out["entropy"].append(float(-(head * logs).sum(-1).mean()))
-        out["sink"].append(float(head[:, 0].mean()))
-        out["dominant"].append(int(np.argmax(mass)))
-    return {name: np.array(values) for name, values in out.items()}
+    """Per-head metrics of one sequence's (H, T, T) attention, from the tests' float64 reference."""
+    heads = torch.from_numpy(np.asarray(attention, dtype=np.float64))
+    rank, columns, _ = reference_counts(heads, tau)
+    entropy_sink = np.array([reference_entropy_sink(head) for head in heads])
+    return {
+        "rank": rank.numpy(),
+        "columns": columns.numpy(),
+        "entropy": entropy_sink[:, 0],
+        "sink": entropy_sink[:, 1],
+        "dominant": (heads**2).sum(-2).argmax(-1).numpy(),  # ties: the lowest index
+    }
 
 
 def constructed_attention(tokens: int = TOKENS) -> np.ndarray:
@@ -173,19 +170,8 @@ def expected_scalars(expected: list[dict], tau: float = 0.9, per_head: bool = Tr
     return out
 
 
-def load(path: Path) -> EventAccumulator:
-    accumulator = EventAccumulator(str(path), size_guidance=SIZE)
-    accumulator.Reload()
-    return accumulator
-
-
-def events(path: Path):
-    """Every Event of the event files under ``path``, read from the raw records."""
-    for file in sorted(path.glob("events.out.tfevents.*")):
-        for record in event_file_loader.RawEventFileLoader(str(file)).Load():
-            event = event_pb2.Event()
-            event.ParseFromString(record)
-            yield event
+def steps(events: list[tuple[int, float]]) -> list[int]:
+    return [step for step, _ in events]
 
 
 # ------------------------------------------------------------------------- shared run
@@ -198,18 +184,20 @@ def run():
 
 @pytest.fixture(scope="module")
 def scalar_log(run, tmp_path_factory):
-    """The three snapshots written without images, per_head on (owned writer)."""
+    """The three snapshots written without images, per_head on (owned writer):
+    (log dir, tag -> [(step, value), ...])."""
     snapshots, _ = run
     path = tmp_path_factory.mktemp("scalars")
     with TensorBoardWriter(log_dir=str(path)) as writer:
         for snapshot in snapshots:
             writer.write(snapshot, images=False)
-    return path, load(path)
+    return path, scalar_events(path)
 
 
 @pytest.fixture(scope="module")
 def image_log(run, tmp_path_factory):
-    """The first two snapshots written with images, into a user's SummaryWriter."""
+    """The first two snapshots written with images, into a user's SummaryWriter:
+    (log dir, tag -> images, tag -> [(step, value), ...])."""
     snapshots, _ = run
     path = tmp_path_factory.mktemp("images")
     user = SummaryWriter(log_dir=str(path))
@@ -218,7 +206,7 @@ def image_log(run, tmp_path_factory):
         writer.write(snapshot)
     writer.close()
     user.close()
-    return path, load(path)
+    return path, read_images(path), scalar_events(path)
 
 
 # --------------------------------------------------------------------------------- tests
@@ -226,6 +214,8 @@ def image_log(run, tmp_path_factory):
 
 def test_reference_metrics_of_constructed_attention():
     known = reference_metrics(constructed_attention())
+    # every count is decided far from the threshold, so no tie rule could change it
+    assert reference_counts(torch.from_numpy(constructed_attention()))[2] > 1e-3
     # all-to-first-key is rank 1 on one column; identity needs 90% of its T equal directions
     assert known["rank"][0] == 1 and known["columns"][0] == 1
     assert known["rank"][1] == math.ceil(0.9 * TOKENS) == known["columns"][1]
@@ -236,16 +226,15 @@ def test_scalar_tags_steps_and_values(run, scalar_log):
     _, expected = run
     _, log = scalar_log
     want = expected_scalars(expected)
-    assert set(log.Tags()["scalars"]) == set(want)
+    assert set(log) == set(want)
     for tag, by_step in want.items():
-        events = log.Scalars(tag)
-        assert [e.step for e in events] == sorted(by_step), tag
-        for event in events:
-            assert event.value == pytest.approx(by_step[event.step], abs=TOL), (tag, event.step)
+        assert steps(log[tag]) == sorted(by_step), tag
+        for step, value in log[tag]:
+            assert value == pytest.approx(by_step[step], abs=TOL), (tag, step)
 
 
 def test_expected_tag_names(scalar_log):
-    tags = set(scalar_log[1].Tags()["scalars"])
+    tags = set(scalar_log[1])
     for how in ("max", "mean", "min"):
         assert {f"rank90/{how}/L00", f"columns90/{how}/L03"} <= tags
     assert {
@@ -259,23 +248,22 @@ def test_expected_tag_names(scalar_log):
 def test_constructed_attention_layer_values(scalar_log):
     log = scalar_log[1]
     known = reference_metrics(constructed_attention())
-    assert [e.value for e in log.Scalars("rank90/min/L00")] == [1.0] * len(STEPS)
-    assert log.Scalars("rank90/max/L00")[0].value == known["rank"].max()
-    assert log.Scalars("rank90/head/L00/H01")[0].value == math.ceil(0.9 * TOKENS)
+    assert [value for _, value in log["rank90/min/L00"]] == [1.0] * len(STEPS)
+    assert log["rank90/max/L00"][0][1] == known["rank"].max()
+    assert log["rank90/head/L00/H01"][0][1] == math.ceil(0.9 * TOKENS)
     # only the all-to-first-key head is lazy: one head in four
-    assert log.Scalars("lazy_share/L00")[0].value == pytest.approx(0.25, abs=TOL)
-    assert log.Scalars("sink/mean/L00")[0].value == pytest.approx(known["sink"].mean(), abs=TOL)
+    assert log["lazy_share/L00"][0][1] == pytest.approx(0.25, abs=TOL)
+    assert log["sink/mean/L00"][0][1] == pytest.approx(known["sink"].mean(), abs=TOL)
 
 
 def test_layer_without_data_writes_only_nonfinite(scalar_log):
     log = scalar_log[1]
     # at the last step layer 1 had three sequences, all non-finite
-    assert [e.step for e in log.Scalars("rank90/max/L01")] == list(STEPS[:2])
-    assert [e.step for e in log.Scalars("lazy_share/L01")] == list(STEPS[:2])
-    nonfinite = log.Scalars("nonfinite/L01")
-    assert [(e.step, e.value) for e in nonfinite] == [(STEPS[2], 3.0)]
-    for tag in log.Tags()["scalars"]:
-        assert all(math.isfinite(e.value) for e in log.Scalars(tag)), tag
+    assert steps(log["rank90/max/L01"]) == list(STEPS[:2])
+    assert steps(log["lazy_share/L01"]) == list(STEPS[:2])
+    assert log["nonfinite/L01"] == [(STEPS[2], 3.0)]
+    for tag, events in log.items():
+        assert all(math.isfinite(value) for _, value in events), tag
 
 
 def test_per_head_off(run, tmp_path):
@@ -283,7 +271,7 @@ def test_per_head_off(run, tmp_path):
     with TensorBoardWriter(log_dir=str(tmp_path), per_head=False) as writer:
         for snapshot in snapshots:
             writer.write(snapshot, images=False)
-    tags = set(load(tmp_path).Tags()["scalars"])
+    tags = set(scalar_events(tmp_path))
     assert tags == set(expected_scalars(expected, per_head=False))
     assert not [tag for tag in tags if "/head/" in tag]
 
@@ -292,29 +280,23 @@ def test_tau_sets_tag_percent(tmp_path):
     snapshots, _ = build_run(seed=1, tau=0.8)
     with TensorBoardWriter(log_dir=str(tmp_path), per_head=False, heatmaps={}) as writer:
         writer.write(snapshots[0])
-    tags = load(tmp_path).Tags()
-    assert "rank80/max/L00" in tags["scalars"] and "columns80/min/L03" in tags["scalars"]
-    assert not [tag for tag in tags["scalars"] if tag.startswith("rank90")]
-    assert {"collapse_map/rank80", "profile/max_rank80"} <= set(tags["images"])
+    scalars, images = set(scalar_events(tmp_path)), set(read_images(tmp_path))
+    assert "rank80/max/L00" in scalars and "columns80/min/L03" in scalars
+    assert not [tag for tag in scalars if tag.startswith("rank90")]
+    assert {"collapse_map/rank80", "profile/max_rank80"} <= images
 
 
 def test_custom_scalars_layout_written_once(run, scalar_log):
     path, log = scalar_log
-    assert "custom_scalars__config__" in log.Tags()["tensors"]
-    configs = [
-        value
-        for event in events(path)
-        for value in event.summary.value
-        if value.metadata.plugin_data.plugin_name == "custom_scalars"
-    ]
-    assert len(configs) == 1  # three writes, one layout
-    layout = layout_pb2.Layout()
-    layout.ParseFromString(configs[0].tensor.string_val[0])
+    layouts = read_layouts(path)
+    assert len(layouts) == 1  # three writes, one layout
+    ((tag, layout),) = layouts
+    assert tag == "custom_scalars__config__"
     categories = {category.title: category for category in layout.category}
     assert "attn_probe" in categories
     charts = {chart.title: list(chart.multiline.tag) for chart in categories["attn_probe"].chart}
     assert charts["rank90 max over heads"] == [r"rank90/max/L\d+"]
-    scalar_tags = log.Tags()["scalars"]
+    scalar_tags = list(log)
     for metric in ("rank90", "columns90"):
         for how in ("max", "mean", "min"):
             (regex,) = charts[f"{metric} {how} over heads"]
@@ -332,14 +314,14 @@ def test_empty_snapshot_and_layout_off(tmp_path):
     with TensorBoardWriter(log_dir=str(tmp_path), custom_scalars=False) as writer:
         writer.write(Snapshot(step=1, tau=0.9, layers=()))
         assert "TensorBoardWriter" in repr(writer)
-    tags = load(tmp_path).Tags()
-    assert tags["scalars"] == [] and tags["images"] == [] and tags["tensors"] == []
+    # nothing at all was written: no scalar, image, tensor or layout
+    assert not [value for event in read_events(tmp_path) for value in event.summary.value]
 
 
 def test_images_tags_steps_and_png_shapes(run, image_log):
     snapshots, _ = run
-    _, log = image_log
-    images = set(log.Tags()["images"])
+    _, logged, scalars = image_log
+    images = set(logged)
     assert images == {"collapse_map/rank90", "profile/max_rank90", "attention/L00",
                       "attention/L03"}
     first = snapshots[0]
@@ -352,17 +334,16 @@ def test_images_tags_steps_and_png_shapes(run, image_log):
     }
     shapes["attention/L03"] = shapes["attention/L00"]
     for tag in images:
-        events = log.Images(tag)
-        assert [e.step for e in events] == list(STEPS[:2])
-        for event in events:
-            picture = Image.open(io.BytesIO(event.encoded_image_string))
+        assert [image.step for image in logged[tag]] == list(STEPS[:2])
+        for image in logged[tag]:
+            picture = Image.open(io.BytesIO(image.png))
             assert picture.format == "PNG"
             pixels = np.asarray(picture.convert("RGB"))
-            assert pixels.shape == shapes[tag] == (event.height, event.width, 3), tag
+            assert pixels.shape == shapes[tag] == (image.height, image.width, 3), tag
             assert pixels.std() > 0  # not a blank canvas
     # the user's writer got no per-head scalars (per_head=False) but all the rest
-    assert "rank90/max/L00" in log.Tags()["scalars"]
-    assert not [tag for tag in log.Tags()["scalars"] if "/head/" in tag]
+    assert "rank90/max/L00" in scalars
+    assert not [tag for tag in scalars if "/head/" in tag]
 
 
 def test_heatmap_choice_and_crop(run, tmp_path, monkeypatch):
@@ -386,7 +367,7 @@ def test_heatmap_choice_and_crop(run, tmp_path, monkeypatch):
                            heatmap_tokens=16) as writer:
         writer.write(snapshot)
     # layer 1 has no sample; head 99 does not exist; unknown names are skipped
-    assert set(load(tmp_path).Tags()["images"]) == {
+    assert set(read_images(tmp_path)) == {
         "collapse_map/rank90", "profile/max_rank90", "attention/L00", "attention/L02",
         "attention/L03",
     }
@@ -397,10 +378,10 @@ def test_images_off_and_no_heatmaps(run, tmp_path):
     snapshots, _ = run
     with TensorBoardWriter(log_dir=str(tmp_path / "off")) as writer:
         writer.write(snapshots[0], images=False)
-    assert load(tmp_path / "off").Tags()["images"] == []
+    assert read_images(tmp_path / "off") == {}
     with TensorBoardWriter(log_dir=str(tmp_path / "none"), heatmaps={}) as writer:
         writer.write(snapshots[0])
-    assert set(load(tmp_path / "none").Tags()["images"]) == {
+    assert set(read_images(tmp_path / "none")) == {
         "collapse_map/rank90", "profile/max_rank90"}
 
 
@@ -411,12 +392,11 @@ def test_user_writer_is_flushed_not_closed(run, tmp_path):
         writer.write(snapshots[0], images=False)
     assert user.file_writer is not None and user.all_writers is not None
     # flushed on close: readable while the user's writer is still open
-    assert "rank90/max/L00" in load(tmp_path).Tags()["scalars"]
+    assert "rank90/max/L00" in scalar_events(tmp_path)
     user.add_scalar("user/after", 1.5, 3)
     user.close()
     assert len(list(tmp_path.glob("events.out.tfevents.*"))) == 1  # never reopened
-    log = load(tmp_path)
-    assert [(e.step, e.value) for e in log.Scalars("user/after")] == [(3, 1.5)]
+    assert scalar_events(tmp_path)["user/after"] == [(3, 1.5)]
 
 
 def test_owned_writer_closed_and_complete(run, tmp_path):
@@ -429,10 +409,10 @@ def test_owned_writer_closed_and_complete(run, tmp_path):
     writer.close()  # idempotent
     with pytest.raises(RuntimeError):
         writer.write(snapshots[0])
-    log = load(tmp_path)
+    log = scalar_events(tmp_path)
     want = expected_scalars(expected, per_head=False)
-    assert set(log.Tags()["scalars"]) == set(want)
-    assert all(len(log.Scalars(tag)) == len(steps) for tag, steps in want.items())
+    assert set(log) == set(want)
+    assert all(len(log[tag]) == len(by_step) for tag, by_step in want.items())
 
 
 def test_writer_and_log_dir_exclusive(tmp_path):

@@ -1,0 +1,114 @@
+"""The Hugging Face Trainer callback in a real (tiny) training run.
+
+The run trains a few steps with gradient accumulation and with evaluation between steps. A
+recording callback keeps, for every optimizer step, the first micro-batch and the weights it ran
+with; the test rebuilds those attention matrices from the model's own eager attention, computes
+rank@0.9 and columns@0.9 with the float64 reference count and checks them against the event
+files, step for step. Evaluation batches must never be measured.
+"""
+
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from reference import assert_logged, no_hooks_left, read_scalars, reference_layer_means
+
+TAU = 0.9
+TOL = 1e-9
+MAX_SEQUENCES, MAX_TOKENS = 2, 16
+
+
+def check_against_reference(scalars, want, step: int, layers: int) -> float:
+    return assert_logged(scalars, want, step, layers, TOL)
+
+
+def random_tokens(n: int, length: int, vocab: int, seed: int) -> torch.Tensor:
+    return torch.randint(0, vocab, (n, length), generator=torch.Generator().manual_seed(seed))
+
+
+def test_huggingface_trainer_logs_first_micro_batch_of_sampled_steps(tmp_path, monkeypatch):
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("accelerate", reason="transformers.Trainer needs accelerate")
+    from attn_probe.integrations.huggingface import AttentionProbeCallback
+
+    monkeypatch.delenv("TENSORBOARD_LOGGING_DIR", raising=False)
+    config = transformers.GPT2Config(
+        n_layer=2, n_head=4, n_embd=32, vocab_size=97, n_positions=64, bos_token_id=0,
+        eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+    )
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel._from_config(config, attn_implementation="sdpa")
+    with torch.no_grad():  # larger q, k: heads of different ranks
+        for block in model.transformer.h:
+            block.attn.c_attn.weight[:, : 2 * config.n_embd].mul_(20.0)
+
+    train_length, eval_length = 20, 18
+    train = list(random_tokens(48, train_length, config.vocab_size, seed=1))
+    evaluation = list(random_tokens(3, eval_length, config.vocab_size, seed=2))
+    fed: list[torch.Tensor] = []  # training batches, in the order the Trainer consumed them
+
+    def collate(features):
+        batch = torch.stack(features)
+        if batch.shape[1] == train_length:
+            fed.append(batch.clone())
+        return {"input_ids": batch, "labels": batch}
+
+    weights: dict[int, dict] = {}
+
+    class Weights(transformers.TrainerCallback):
+        def on_step_begin(self, args, state, control, model=None, **kwargs):
+            weights[state.global_step + 1] = {
+                k: v.detach().clone() for k, v in model.state_dict().items()
+            }
+
+    accumulation = 2
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), max_steps=6, logging_steps=2, per_device_train_batch_size=3,
+        per_device_eval_batch_size=3, gradient_accumulation_steps=accumulation,
+        learning_rate=1e-2, report_to="none", use_cpu=True, save_strategy="no",
+        eval_strategy="steps", eval_steps=1, eval_on_start=True, disable_tqdm=True,
+        dataloader_num_workers=0, seed=0,
+    )
+    callback = AttentionProbeCallback(max_sequences=MAX_SEQUENCES, max_tokens=MAX_TOKENS)
+    trainer = transformers.Trainer(
+        model=model, args=args, train_dataset=train, eval_dataset=evaluation,
+        data_collator=collate, callbacks=[Weights(), callback],
+    )
+    trainer.train()
+
+    probe = callback.probe
+    assert probe.every == 2  # from logging_steps
+    assert no_hooks_left(model)
+    scalars = read_scalars(tmp_path / "attn_probe")
+    for tag in ("rank90/max/L00", "rank90/max/L01", "columns90/max/L01", "entropy/mean/L00"):
+        assert sorted(scalars[tag]) == [2, 4, 6], (tag, scalars[tag])
+    assert [s.step for s in probe.history] == [2, 4, 6]
+
+    eager = transformers.GPT2LMHeadModel._from_config(config, attn_implementation="eager").eval()
+    worst, closest = 0.0, math.inf
+    for step in (2, 4, 6):
+        eager.load_state_dict(weights[step])
+        first = fed[(step - 1) * accumulation]  # the step's first micro-batch
+        with torch.no_grad():
+            attentions = eager(first, output_attentions=True).attentions
+        measured = [a[:MAX_SEQUENCES, :, :MAX_TOKENS, :MAX_TOKENS] for a in attentions]
+        want, gap = reference_layer_means(measured, TAU)
+        closest = min(closest, gap)
+        worst = max(worst, check_against_reference(scalars, want, step, config.n_layer))
+    print(f"hf: worst |logged - reference| {worst:.3g}, closest decision {closest:.3g}")
+
+
+def test_huggingface_default_log_dir(tmp_path, monkeypatch):
+    pytest.importorskip("transformers")
+    from attn_probe.integrations.huggingface import default_log_dir
+
+    monkeypatch.delenv("TENSORBOARD_LOGGING_DIR", raising=False)
+    args = SimpleNamespace(output_dir=str(tmp_path))
+    assert default_log_dir(args) == str(tmp_path / "attn_probe")
+    assert default_log_dir(SimpleNamespace(output_dir="x", logging_dir="logs")) == "logs"
+    monkeypatch.setenv("TENSORBOARD_LOGGING_DIR", str(tmp_path / "tb"))
+    assert default_log_dir(SimpleNamespace(output_dir="x")) == str(tmp_path / "tb")

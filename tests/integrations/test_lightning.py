@@ -1,0 +1,154 @@
+"""The Lightning Trainer callback in a real (tiny) training run.
+
+The run trains a few steps with gradient accumulation and with validation between steps. A
+recording callback keeps, for every optimizer step, the first micro-batch and the weights it ran
+with; the test rebuilds those attention matrices with the tests' float64 reference
+(``reference.GPTAttention``), computes rank@0.9 and columns@0.9 with the float64 reference count
+and checks them against the event files, step for step. Validation batches must never be
+measured.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from attn_probe.models.gpt import GPT, GPTConfig
+from reference import (
+    assert_logged,
+    gpt_attention,
+    no_hooks_left,
+    read_scalars,
+    reference_layer_means,
+)
+
+TAU = 0.9
+TOL = 1e-9
+MAX_SEQUENCES, MAX_TOKENS = 2, 16
+GPT_CONFIG = dict(vocab_size=64, block_size=32, n_layer=2, n_head=4, n_embd=32)
+
+
+def check_against_reference(scalars, want, step: int, layers: int) -> float:
+    return assert_logged(scalars, want, step, layers, TOL)
+
+
+def random_tokens(n: int, length: int, vocab: int, seed: int) -> torch.Tensor:
+    return torch.randint(0, vocab, (n, length), generator=torch.Generator().manual_seed(seed))
+
+
+def lit_gpt_class(L, fail_at_step: int | None = None):
+    """A LightningModule around the nanoGPT model (raising on ``fail_at_step`` if given)."""
+
+    class LitGPT(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.gpt = GPT(GPTConfig(**GPT_CONFIG))
+            with torch.no_grad():
+                for block in self.gpt.transformer.h:
+                    block.attn.c_attn.weight.mul_(20.0)
+
+        def training_step(self, batch, batch_idx):
+            _, loss = self.gpt(batch[:, :-1], batch[:, 1:])
+            if self.trainer.global_step == fail_at_step:  # after the forward pass
+                raise RuntimeError("failing on purpose")
+            self.log("train_loss", loss)
+            return loss
+
+        def validation_step(self, batch, batch_idx):
+            _, loss = self.gpt(batch[:, :-1], batch[:, 1:])
+            self.log("val_loss", loss)
+
+        def configure_optimizers(self):
+            return torch.optim.AdamW(self.parameters(), lr=1e-2)
+
+    return LitGPT
+
+
+def test_lightning_trainer_logs_first_micro_batch_of_sampled_steps(tmp_path):
+    L = pytest.importorskip("lightning")
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    from attn_probe.integrations.lightning import AttentionProbeCallback
+
+    LitGPT = lit_gpt_class(L)
+
+    seen: dict[int, tuple[torch.Tensor, dict]] = {}
+
+    class Recorder(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if trainer.global_step not in seen:  # the step's first micro-batch
+                state = {k: v.detach().clone() for k, v in pl_module.gpt.state_dict().items()}
+                seen[trainer.global_step] = (batch[:, :-1].clone(), state)
+
+    train = torch.utils.data.DataLoader(
+        random_tokens(48, 21, GPT_CONFIG["vocab_size"], seed=3), batch_size=3
+    )
+    val = torch.utils.data.DataLoader(random_tokens(6, 21, GPT_CONFIG["vocab_size"], seed=4),
+                                      batch_size=3)
+    logger = TensorBoardLogger(save_dir=str(tmp_path), name="lightning_logs")
+    callback = AttentionProbeCallback(max_sequences=MAX_SEQUENCES, max_tokens=MAX_TOKENS)
+    trainer = L.Trainer(
+        accelerator="cpu", devices=1, max_steps=6, accumulate_grad_batches=2,
+        log_every_n_steps=2, logger=logger, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(tmp_path),
+        val_check_interval=2, limit_val_batches=1, num_sanity_val_steps=1,
+        callbacks=[Recorder(), callback],
+    )
+    module = LitGPT()
+    trainer.fit(module, train, val)
+
+    probe = callback.probe
+    assert probe.every == 2  # from log_every_n_steps
+    assert no_hooks_left(module)
+    log_dir = Path(logger.log_dir)  # the probe writes next to Lightning's own scalars
+    scalars = read_scalars(log_dir)
+    assert "train_loss" in scalars
+    for tag in ("rank90/max/L00", "rank90/max/L01", "columns90/max/L00", "sink/mean/L01"):
+        assert sorted(scalars[tag]) == [0, 2, 4], (tag, scalars[tag])
+
+    worst, closest = 0.0, math.inf
+    for step in (0, 2, 4):
+        tokens, state = seen[step]
+        model = GPT(GPTConfig(**GPT_CONFIG)).eval()
+        model.load_state_dict(state)
+        want, gap = reference_layer_means(
+            gpt_attention(model, tokens, MAX_SEQUENCES, MAX_TOKENS), TAU)
+        closest = min(closest, gap)
+        worst = max(worst, check_against_reference(scalars, want, step, GPT_CONFIG["n_layer"]))
+    print(f"lightning: worst |logged - reference| {worst:.3g}, closest decision {closest:.3g}")
+
+
+def test_lightning_exception_removes_hooks_and_keeps_what_was_measured(tmp_path):
+    L = pytest.importorskip("lightning")
+    from attn_probe.integrations.lightning import AttentionProbeCallback
+
+    module = lit_gpt_class(L, fail_at_step=4)()
+    callback = AttentionProbeCallback(every=2, max_sequences=MAX_SEQUENCES, max_tokens=MAX_TOKENS)
+    trainer = L.Trainer(
+        accelerator="cpu", devices=1, max_steps=6, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(tmp_path),
+        limit_val_batches=1, callbacks=[callback],
+    )
+    train = torch.utils.data.DataLoader(
+        random_tokens(24, 21, GPT_CONFIG["vocab_size"], seed=5), batch_size=3
+    )
+    with pytest.raises(RuntimeError, match="failing on purpose"):
+        trainer.fit(module, train, train)  # the sanity-check validation runs, unmeasured
+    assert no_hooks_left(module)
+    # step 4 was measured before the error: logged on the way out (locally, no collective)
+    assert [s.step for s in callback.probe.history] == [0, 2, 4]
+    # without a logger: <default_root_dir>/attn_probe
+    assert sorted(read_scalars(tmp_path / "attn_probe")["rank90/max/L00"]) == [0, 2, 4]
+
+
+def test_lightning_default_log_dir_without_logger(tmp_path):
+    pytest.importorskip("lightning")
+    from attn_probe.integrations.lightning import default_log_dir
+
+    trainer = SimpleNamespace(loggers=[], default_root_dir=str(tmp_path))
+    assert default_log_dir(trainer) == str(tmp_path / "attn_probe")

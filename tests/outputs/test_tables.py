@@ -1,0 +1,169 @@
+"""Tables (attn_probe.outputs.tables): per-layer and per-head rows, the terminal table, and the
+CSV and JSON files read back, for a Snapshot built by hand."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+
+import numpy as np
+import pytest
+
+from attn_probe.outputs.tables import format_table, head_rows, layer_rows, write_tables
+from attn_probe.snapshot import METRICS, CollapseRule, LayerSummary, Snapshot
+
+NAN = float("nan")
+
+# Per-head figures of three layers. Layer 1 is lazy (every head at rank 1 and one column);
+# head 1 of layer 2 never saw finite attention (NaN figures, no sequence).
+FIGURES = {
+    "blocks.0.attn": dict(rank=[3.5, 6.25, 2.0], columns=[4.0, 7.5, 2.5],
+                          entropy=[1.25, 2.5, 0.75], sink=[0.125, 0.25, 0.5],
+                          first_key_dominant=[0.0, 0.5, 1.0], counts=[4, 4, 4]),
+    "blocks.1.attn": dict(rank=[1.0, 1.25, 1.0], columns=[1.0, 1.0, 1.5],
+                          entropy=[0.0625, 0.125, 0.0], sink=[0.875, 0.75, 1.0],
+                          first_key_dominant=[1.0, 1.0, 1.0], counts=[4, 4, 4]),
+    "blocks.2.attn": dict(rank=[2.0, NAN, 1.0], columns=[3.0, NAN, 1.0],
+                          entropy=[0.5, NAN, 0.25], sink=[0.5, NAN, 0.25],
+                          first_key_dominant=[0.25, NAN, 0.5], counts=[4, 0, 4],
+                          nonfinite=[0, 4, 0]),
+}
+
+
+def by_hand() -> Snapshot:
+    rule = CollapseRule()
+    layers = []
+    for index, (name, f) in enumerate(FIGURES.items()):
+        heads = {m: np.array(f[m], dtype=float) for m in METRICS}
+        counts = np.array(f["counts"])
+        layers.append(LayerSummary(
+            name=name, index=index, heads=heads, counts=counts,
+            nonfinite=np.array(f.get("nonfinite", [0, 0, 0])),
+            lazy=rule.lazy_heads(heads["rank"], heads["columns"]), rule=rule))
+    return Snapshot(step=0, tau=0.9, layers=tuple(layers))
+
+
+def expected_layer(name: str) -> dict:
+    f = FIGURES[name]
+    has = np.array(f["counts"]) > 0
+    rank, columns = np.array(f["rank"])[has], np.array(f["columns"])[has]
+    lazy = (rank <= 1.5) & (columns <= 1.5)
+    return {
+        "max_rank": rank.max(), "mean_rank": rank.mean(), "min_rank": rank.min(),
+        "max_columns": columns.max(), "mean_columns": columns.mean(),
+        "entropy": np.array(f["entropy"])[has].mean(), "sink": np.array(f["sink"])[has].mean(),
+        "lazy_share": lazy.mean(), "sequences": max(f["counts"]),
+    }
+
+
+def test_layer_rows():
+    rows = layer_rows(by_hand())
+    assert [row["layer"] for row in rows] == ["L00", "L01", "L02"]
+    assert [row["module"] for row in rows] == list(FIGURES)
+    assert [row["heads"] for row in rows] == [3, 3, 3]
+    for row, name in zip(rows, FIGURES):
+        for key, value in expected_layer(name).items():
+            assert row[key] == pytest.approx(value), (name, key)
+    assert [row["lazy"] for row in rows] == [False, True, False]
+
+
+def test_head_rows():
+    rows = head_rows(by_hand())
+    assert len(rows) == 9
+    assert [(row["layer"], row["head"]) for row in rows[:4]] == [
+        ("L00", 0), ("L00", 1), ("L00", 2), ("L01", 0)]
+    for row in rows:
+        f = FIGURES[row["module"]]
+        h = row["head"]
+        assert row["sequences"] == f["counts"][h]
+        for metric in METRICS:
+            assert row[metric] == pytest.approx(f[metric][h], nan_ok=True), (row, metric)
+    assert [row["lazy"] for row in rows if row["layer"] == "L01"] == [True, True, True]
+    assert math.isnan(rows[7]["rank"]) and rows[7]["sequences"] == 0
+
+
+def test_format_table():
+    text = format_table(by_hand())
+    header, rule, *lines = text.splitlines()
+    assert "max rank90" in header and "max cols90" in header and "lazy heads" in header
+    assert set(rule) == {"-"} and len(rule) == len(header)
+    assert len(lines) == 3
+    assert lines[0].split()[:3] == ["L00", "blocks.0.attn", "6.25"]
+    assert lines[1].endswith("100%  LAZY")
+    assert "LAZY" not in lines[0] and "LAZY" not in lines[2]
+    assert lines[2].split()[2:4] == ["2.00", "1.50"]  # max and mean rank over the heads with data
+    long = Snapshot(step=0, tau=0.8, layers=(
+        LayerSummary(name="model." * 10 + "attn", index=0,
+                     heads={m: np.ones(1) for m in METRICS}, counts=np.ones(1, dtype=int),
+                     nonfinite=np.zeros(1, dtype=int), lazy=np.ones(1, dtype=bool)),))
+    table = format_table(long)
+    line = table.splitlines()[2]
+    assert "max rank80" in table and "…" in line and line.split()[1].endswith(".attn")
+
+
+def test_write_tables_read_back(tmp_path):
+    snapshot = by_hand()
+    written = write_tables(snapshot, tmp_path / "out")
+    assert [p.name for p in written] == ["layers.csv", "heads.csv", "profile.json"]
+
+    with open(tmp_path / "out" / "layers.csv", newline="") as f:
+        layers = list(csv.DictReader(f))
+    for row, name in zip(layers, FIGURES):
+        assert row["module"] == name
+        for key, value in expected_layer(name).items():
+            assert float(row[key]) == pytest.approx(value), (name, key)
+    assert [row["lazy"] for row in layers] == ["False", "True", "False"]
+
+    with open(tmp_path / "out" / "heads.csv", newline="") as f:
+        heads = list(csv.DictReader(f))
+    assert len(heads) == 9
+    for row in heads:
+        figures = FIGURES[row["module"]]
+        h = int(row["head"])
+        assert int(row["sequences"]) == figures["counts"][h]
+        for metric in METRICS:
+            assert float(row[metric]) == pytest.approx(figures[metric][h], nan_ok=True)
+
+    def no_nan(token):
+        raise AssertionError(f"{token} in JSON")
+
+    document = json.loads((tmp_path / "out" / "profile.json").read_text(),
+                          parse_constant=no_nan)  # strict JSON: NaN is written as null
+    assert document["tau"] == 0.9
+    assert document["max_rank_profile"] == [6.25, 1.25, 2.0]
+    assert document["lazy_layers"] == ["blocks.1.attn"]
+    assert [row["module"] for row in document["layers"]] == list(FIGURES)
+    for row, name in zip(document["layers"], FIGURES):
+        for key, value in expected_layer(name).items():
+            assert row[key] == pytest.approx(value), (name, key)
+    assert [row["lazy"] for row in document["layers"]] == [False, True, False]
+    missing = document["heads"][7]
+    assert (missing["module"], missing["head"]) == ("blocks.2.attn", 1)
+    assert all(missing[metric] is None for metric in METRICS)
+    assert missing["sequences"] == 0 and missing["lazy"] is False
+
+
+def test_json_writes_null_for_a_layer_without_data(tmp_path):
+    empty = LayerSummary(name="dead", index=0, heads={m: np.full(2, NAN) for m in METRICS},
+                         counts=np.zeros(2, dtype=int), nonfinite=np.full(2, 3),
+                         lazy=np.zeros(2, dtype=bool))
+    write_tables(Snapshot(step=0, tau=0.9, layers=(empty,)), tmp_path)
+    document = json.loads((tmp_path / "profile.json").read_text())
+    assert document["max_rank_profile"] == [None]
+    (row,) = document["layers"]
+    for key in ("max_rank", "mean_rank", "min_rank", "entropy", "sink", "lazy_share"):
+        assert row[key] is None, key
+    assert row["lazy"] is False and document["lazy_layers"] == []
+
+
+@pytest.mark.xfail(strict=True, raises=IndexError,
+                   reason="write_tables takes the CSV columns from the first row: no layer, no row")
+def test_write_tables_of_a_snapshot_without_layers(tmp_path):
+    # the data model allows a snapshot without layers, and format_table copes with it
+    empty = Snapshot(step=0, tau=0.9, layers=())
+    assert len(format_table(empty).splitlines()) == 2
+    write_tables(empty, tmp_path)
+    with open(tmp_path / "layers.csv", newline="") as f:
+        assert list(csv.DictReader(f)) == []
+    assert json.loads((tmp_path / "profile.json").read_text())["layers"] == []

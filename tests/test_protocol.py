@@ -1,0 +1,126 @@
+"""Offline measurement (attn_probe.protocol): capture() of the matrices of one pass, and
+rank_profile, the paper's N x T protocol, against the float64 reference."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import attn_probe
+from attn_probe import capture
+from attn_probe.attention import CaptureError
+from reference import GPTAttention, no_hooks_left, reference_counts
+from toy_models import assert_close_all, small_gpt, tokens
+
+
+# --- capture() -------------------------------------------------------------------------------
+
+
+def test_invalid_arguments(gpt2):
+    with pytest.raises(ValueError):
+        capture(gpt2[0], max_tokens=0)
+    with pytest.raises(ValueError):
+        capture(gpt2[0], strategy="magic")
+    with pytest.raises(TypeError):
+        capture("not a module")
+    with pytest.raises(CaptureError, match="no adapter"):
+        capture(gpt2[0], strategy="adapter")
+
+
+def test_first_call_recorded_calls_counted_reset_rearms(gpt2):
+    model, eager = gpt2
+    x1, x2 = tokens(seed=1), tokens(seed=2)
+    with torch.no_grad():
+        ref1 = eager(x1, output_attentions=True).attentions
+        ref2 = eager(x2, output_attentions=True).attentions
+    with torch.no_grad(), capture(model) as cap:
+        model(x1)
+        model(x2)
+        assert cap.calls == {"transformer.h.0.attn": 2, "transformer.h.1.attn": 2}
+        assert_close_all(cap.attention, ref1, "gpt2 first call")
+        cap.reset()
+        assert cap.attention == {}
+        model(x2)
+        assert cap.calls == {"transformer.h.0.attn": 3, "transformer.h.1.attn": 3}
+        assert_close_all(cap.attention, ref2, "gpt2 after reset")
+    assert no_hooks_left(model)
+    before = {n: a.clone() for n, a in cap.attention.items()}
+    with torch.no_grad():
+        model(x1)  # after the block: nothing recorded, nothing counted
+    assert cap.calls["transformer.h.0.attn"] == 3
+    assert all(torch.equal(before[n], a) for n, a in cap.attention.items())
+
+
+def test_capture_metrics(gpt2):
+    pytest.importorskip("attn_probe.metrics")
+    model = gpt2[0]
+    with torch.no_grad(), capture(model) as cap:
+        model(tokens())
+    from attn_probe.metrics import head_metrics
+
+    metrics = cap.metrics(tau=0.9)
+    assert list(metrics) == cap.modules
+    for name, per_head in metrics.items():
+        want = head_metrics(cap.attention[name], 0.9)
+        assert per_head.keys() == want.keys() >= {"rank", "columns", "entropy", "sink"}
+        for key, value in per_head.items():
+            assert value.shape == (3, 4)
+            torch.testing.assert_close(value, want[key], equal_nan=True)
+
+
+# --- rank_profile ----------------------------------------------------------------------------
+
+
+def gpt_batches(n: int, b: int = 4, t: int = 24, seed: int = 1) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 64, (b, t), generator=g) for _ in range(n)]
+
+
+def test_rank_profile_matches_reference():
+    model = small_gpt().eval()
+    data = gpt_batches(3, b=4)
+    with GPTAttention(model, max_sequences=4, max_tokens=24) as ref:
+        snapshot = attn_probe.rank_profile(model, data, max_sequences=10)
+    for layer in range(2):
+        a = torch.cat([call[layer] for call in ref.calls])[:10]
+        rank, columns, _ = reference_counts(a)
+        np.testing.assert_allclose(snapshot.layers[layer].heads["rank"], rank.mean(0).numpy())
+        np.testing.assert_allclose(snapshot.layers[layer].heads["columns"],
+                                   columns.mean(0).numpy())
+        assert snapshot.layers[layer].counts.tolist() == [10] * 4
+    np.testing.assert_allclose(
+        snapshot.max_rank_profile(), [l.heads["rank"].max() for l in snapshot.layers])
+
+
+def test_rank_profile_samples_keep_the_first_sequence():
+    model = small_gpt().eval()
+    first, second = gpt_batches(2, b=3, t=20, seed=5)
+    snapshot = attn_probe.rank_profile(model, [first, second], max_sequences=6, samples=True,
+                                       max_tokens=12)
+    names = [layer.name for layer in snapshot.layers]
+    assert list(snapshot.samples) == names == ["transformer.h.0.attn", "transformer.h.1.attn"]
+    with torch.no_grad(), capture(model, max_tokens=12) as cap:
+        model(first[:1])
+    for name in names:
+        sample = snapshot.samples[name]
+        assert sample.shape == (4, 12, 12) and sample.dtype == torch.float32
+        assert sample.device.type == "cpu"
+        torch.testing.assert_close(sample, cap.attention[name][0], rtol=0, atol=1e-6)
+    # kept from the first batch: the second batch's first sequence differs
+    with torch.no_grad(), capture(model, max_tokens=12) as cap:
+        model(second[:1])
+    assert not torch.allclose(snapshot.samples[names[0]], cap.attention[names[0]][0])
+    without = attn_probe.rank_profile(model, [first], max_sequences=3, max_tokens=12)
+    assert dict(without.samples) == {}
+
+
+def test_rank_profile_progress_stops_at_max_sequences_and_needs_batches():
+    model = small_gpt().eval()
+    seen = []
+    snapshot = attn_probe.rank_profile(model, gpt_batches(5, b=4, t=8), max_sequences=10,
+                                       on_batch=seen.append)
+    assert seen == [4, 8, 10]  # the third batch is measured in part, the rest not at all
+    assert all(layer.counts.tolist() == [10] * 4 for layer in snapshot.layers)
+    with pytest.raises(ValueError, match="no batches"):
+        attn_probe.rank_profile(model, [], max_sequences=10)
