@@ -4,7 +4,8 @@ Every module under attn_probe/ is parsed (nothing is imported) and every ``from 
 ``from attn_probe.x import`` and ``import attn_probe.x`` is collected, also inside functions and
 ``TYPE_CHECKING`` blocks. The layers below are the package's data flow as it stands, lowest first:
 option checks and compatibility shims at the bottom; the data model (snapshot) that aggregation
-and outputs share; model -> attention -> metrics -> aggregate -> outputs; probe and protocol
+and outputs share; model -> attention -> metrics (of the matrix, and of the whole sequence) ->
+aggregate -> alerts and outputs; probe and protocol
 drive those stages; integrations on the probe; models, used by the command line only; the
 command line; the package's own namespace. Modules of one layer may import each other.
 """
@@ -25,9 +26,9 @@ LAYERS = [
     ["options", "_compat"],
     ["snapshot"],
     ["attention"],
-    ["metrics"],
+    ["metrics", "full_context"],
     ["aggregate"],
-    ["outputs"],
+    ["alerts", "outputs"],
     ["probe", "protocol"],
     ["integrations"],
     ["models"],
