@@ -87,6 +87,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .attention.rebuild import AttentionInputs, AttentionScores, may_attend
 from .metrics import _count_from_descending, _margin, _quiet
 from .options import check_count, check_tau
 
@@ -106,7 +107,8 @@ _SCORE_BYTES = 16
 _MASK_BYTES = 2
 # Float64 vectors of block length alive at once per head (shift, sums, weights, ...).
 _ROW_VECTORS = 12
-# Float64 per-row figures kept for the whole sequence, per head (max, entropy, first, sink).
+# Per-row figures kept for the whole sequence, per head: maximum, entropy, attention on the
+# first key, sink-logit mass (float64) and allowed-key count (int64).
 _ROW_FIGURES = 5
 # Share of the budget (1 / _RESERVE) left for what the plan does not count: BLAS packing
 # buffers, allocator rounding, small temporaries.
@@ -139,20 +141,22 @@ def _plan(heads: int, kv_heads: int, length: int, keys: int, dim: int, mask_head
           budget: int) -> _Plan:
     """Key-head chunk and block rows: what the pass holds must fit ``budget``.
 
-    Fixed for the whole pass: the column masses and the per-row figures of all heads; per
+    Fixed for the whole pass: the column masses (running sums and one block's) and the
+    per-row figures of all heads; per
     chunk: the float64 key copy; per block row: the score rows of the chunk's heads, the query
     row and ``mask_heads`` boolean mask rows.  The chunk is the largest one whose key copy
     leaves at least half of the budget to the blocks.
     """
     group = heads // kv_heads
     usable = budget - budget // _RESERVE
-    fixed = heads * (keys + _ROW_FIGURES * length) * 8
+    fixed = heads * (2 * keys + _ROW_FIGURES * length) * 8  # column masses: sums, one block's
     kv_chunk = kv_heads
     while kv_chunk > 1 and fixed + kv_chunk * keys * dim * 8 > usable // 2:
         kv_chunk = (kv_chunk + 1) // 2
     chunk_heads = kv_chunk * group
     left = usable - fixed - kv_chunk * keys * dim * 8
-    extra = chunk_heads * (dim + _ROW_VECTORS) * 8 + min(mask_heads, chunk_heads) * keys * _MASK_BYTES
+    extra = (chunk_heads * (dim + _ROW_VECTORS) * 8
+             + min(mask_heads, chunk_heads) * keys * _MASK_BYTES)
     rows = block_rows(chunk_heads, keys, min(left, _BLOCK_BYTES), extra_per_row=extra)
     return _Plan(kv_chunk=kv_chunk, rows=min(rows, max(1, length)))
 
@@ -174,10 +178,10 @@ def _as_4d(query: Tensor, key: Tensor,
             f"got {tuple(query.shape)} and {tuple(key.shape)}"
         )
     (b, h, length, e), (bk, hk, s, ek) = query.shape, key.shape
-    if bk != b or ek != e or hk == 0 or h % hk != 0:
+    if bk != b or ek != e or e == 0 or hk == 0 or h % hk != 0:
         raise ValueError(
             f"key shape {tuple(key.shape)} does not fit query shape {tuple(query.shape)} "
-            "(same batch and feature size; query heads a multiple of key heads)"
+            "(same batch and a positive feature size; query heads a multiple of key heads)"
         )
     if attn_mask is not None:
         if attn_mask.dim() > 4:
@@ -267,6 +271,7 @@ class _Pass:
         self.qbuf = torch.empty(chunk_heads * self.rows * self.dim, **f64)
         self.sbuf = torch.empty(chunk_heads * self.rows * self.keys, **f64)
         self.pbuf = torch.empty_like(self.sbuf)
+        self.mbuf = torch.empty(chunk_heads * self.keys, **f64)  # one block's column masses
         # Per-row figures of the current sequence; rows no block visits keep count 0.
         self.row_max = torch.empty(self.heads, self.length, **f64)
         self.row_entropy = torch.empty_like(self.row_max)
@@ -317,7 +322,7 @@ class _Pass:
         n, hq, kv = r1 - r0, h1 - h0, keys.shape[0]
         width = (min(r1, span.k_hi) if self.causal else span.k_hi) - span.k_lo
         q = self.qbuf[: hq * n * self.dim].view(hq, n, self.dim)
-        q.copy_(self.query[span.b, h0:h1, r0:r1]).mul_(self.scale)
+        q.copy_(self.query[span.b, h0:h1, r0:r1]).mul_(self.scale)  # in float64
         scores = self.sbuf[: hq * n * width].view(hq, n, width)
         torch.matmul(q.view(kv, self.group * n, self.dim), keys[:, :width].mT,
                      out=scores.view(kv, self.group * n, width))
@@ -351,7 +356,9 @@ class _Pass:
         weights = inv.mul_(inv)  # 1 / z^2
         if span.general:  # rows without an allowed key are left out
             weights.masked_fill_(count == 0, 0.0)
-        colmass[h0:h1, :width].unsqueeze(1).baddbmm_(weights.unsqueeze(1), p.mul_(p))
+        masses = self.mbuf[: hq * width].view(hq, 1, width)
+        torch.bmm(weights.unsqueeze(1), p.mul_(p), out=masses)
+        colmass[h0:h1, :width] += masses.squeeze(1)
 
     def _mask_causal(self, scores: Tensor, span: _Span, r0: int, r1: int) -> None:
         """Causal triangle, if any, on the block's diagonal part (query ``i`` sees keys
@@ -511,20 +518,90 @@ _PROBE_NAMES = {
 }
 
 
+def scores_stats(scores: Tensor, probs: Tensor, *, sink_mass: Tensor | None = None,
+                 tau: float = 0.9, memory_budget: int = DEFAULT_MEMORY_BUDGET
+                 ) -> dict[str, Tensor]:
+    """The figures of :func:`full_context_stats` from an eager attention's own (B, H, L, S)
+    pre-softmax ``scores`` and ``probs`` (and the (B, H, L) mass of a learned sink logit the
+    model dropped after its softmax): the model has materialised them, so nothing is rebuilt;
+    the pass only walks over blocks of rows in float64 to bound its own memory. A key may be
+    attended to where its score is above -1e4 (see :func:`~attn_probe.attention.rebuild
+    .may_attend`)."""
+    tau = check_tau(tau)
+    with _quiet(scores):
+        b, h, length, keys = scores.shape
+        flat_scores = scores.reshape(b * h, length, keys)
+        flat_probs = probs.reshape(b * h, length, keys)
+        flat_sink = None if sink_mass is None else sink_mass.reshape(b * h, length)
+        f64 = dict(dtype=torch.float64, device=scores.device)
+        colmass = torch.zeros(b * h, keys, **f64)
+        sums = {name: torch.zeros(b * h, **f64) for name in ("entropy", "sink", "sink_logit")}
+        norm_sum, norm_rows = torch.zeros(b * h, **f64), torch.zeros(b * h, **f64)
+        rows = torch.zeros(b * h, dtype=torch.int64, device=scores.device)
+        max_logit = torch.full((b * h,), -math.inf, **f64)
+        step = max(1, memory_budget // max(1, 8 * 4 * b * h * keys))
+        for start in range(0, length, step):
+            s = flat_scores[:, start:start + step].double()
+            p = flat_probs[:, start:start + step].double()
+            allowed = may_attend(s)
+            keys_seen = allowed.sum(-1)
+            valid = keys_seen > 0
+            p = torch.where(allowed, p, 0.0)
+            entropy = -torch.xlogy(p, p).sum(-1)
+            outcomes = keys_seen.double()
+            if flat_sink is not None:
+                sink = flat_sink[:, start:start + step].double()
+                entropy -= torch.xlogy(sink, sink)
+                sums["sink_logit"] += torch.where(valid, sink, 0.0).sum(-1)
+                outcomes = outcomes + 1
+            sums["entropy"] += torch.where(valid, entropy, 0.0).sum(-1)
+            sums["sink"] += torch.where(valid, p[..., 0], 0.0).sum(-1)
+            spread = valid & (outcomes >= 2)
+            norm_sum += torch.where(spread, entropy / outcomes.clamp_min(2).log(), 0.0).sum(-1)
+            norm_rows += spread.sum(-1)
+            rows += valid.sum(-1)
+            max_logit = torch.maximum(
+                max_logit, torch.where(allowed, s, -math.inf).flatten(1).amax(-1))
+            colmass += (p * p).sum(1)
+        count = rows.clamp_min(1).double()
+        masses = colmass.sort(dim=-1, descending=True).values
+        columns, _ = _count_from_descending(masses, tau, _margin(keys)) if keys else (
+            torch.zeros(b * h, dtype=torch.int64), None)
+        live = colmass.sum(-1) > 0
+        finite = torch.isfinite(colmass).all(-1) & torch.isfinite(sums["entropy"])
+        out = {
+            "entropy": sums["entropy"] / count,
+            "entropy_norm": norm_sum / norm_rows.clamp_min(1),
+            "sink": sums["sink"] / count,
+            "sink_logit_mass": sums["sink_logit"] / count,
+            "max_logit": max_logit,
+            "columns": torch.where(live, columns, 0),
+            "dominant": torch.where(live, colmass.argmax(-1), -1),
+            "tokens": rows,
+        }
+        for name, value in out.items():
+            bad = torch.full_like(value, -1 if not value.is_floating_point() else math.nan)
+            out[name] = torch.where(finite, value, bad).reshape(b, h)
+        return out
+
+
 def full_context_metrics(observed: object, tau: float = 0.9,
                          memory_budget: int = DEFAULT_MEMORY_BUDGET) -> dict[str, Tensor]:
     """``full_context_stats`` of a recorded kernel call, under the probe's figure names.
 
-    ``observed`` is anything with the ``query``, ``key``, ``attn_mask``, ``is_causal`` and
-    ``scale`` of a ``scaled_dot_product_attention`` call (the capture's ``AttentionInputs``);
-    anything else (materialised scores or probabilities) carries no ``q``/``k`` and gives
-    ``{}``.
+    ``observed`` is what the recorder hands on: an ``AttentionInputs`` (q and k, streamed by
+    :func:`full_context_stats`), an ``AttentionScores`` (an eager softmax's own scores,
+    :func:`scores_stats`), or a bare matrix from a user adapter, which gives ``{}``.
     """
-    if not all(hasattr(observed, name) for name in ("query", "key", "is_causal")):
+    if isinstance(observed, AttentionInputs):
+        stats = full_context_stats(
+            observed.query, observed.key, attn_mask=observed.attn_mask,
+            is_causal=observed.is_causal, scale=observed.scale,
+            sink_logits=observed.sink_logits, tau=tau, memory_budget=memory_budget,
+        )
+    elif isinstance(observed, AttentionScores):
+        stats = scores_stats(observed.scores, observed.probs, sink_mass=observed.sink_mass,
+                             tau=tau, memory_budget=memory_budget)
+    else:
         return {}
-    stats = full_context_stats(
-        observed.query, observed.key, attn_mask=getattr(observed, "attn_mask", None),
-        is_causal=observed.is_causal, scale=getattr(observed, "scale", None), tau=tau,
-        memory_budget=memory_budget,
-    )
     return {_PROBE_NAMES[name]: value for name, value in stats.items()}

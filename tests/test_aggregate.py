@@ -33,8 +33,20 @@ def batch(rng: np.random.Generator, sequences: int, heads: int = HEADS,
     dominant = rng.integers(0, 3, (sequences, heads))
     rank[bad], columns[bad], dominant[bad] = -1, -1, -1
     entropy[bad], sink[bad] = np.nan, np.nan
+    # the full-context figures, with their own non-finite entries (columns_full -1)
+    full_bad = bad | (rng.random((sequences, heads)) < nonfinite)
+    full = {name: rng.uniform(0.0, 2.0, (sequences, heads))
+            for name in ("entropy_full", "entropy_norm_full", "sink_full", "sink_logit_full",
+                         "max_logit")}
+    full["max_logit"] = rng.normal(0.0, 50.0, (sequences, heads))
+    full["columns_full"] = rng.integers(1, 30, (sequences, heads)).astype(np.float64)
+    full["dominant_full"] = rng.integers(0, 3, (sequences, heads))
+    full["tokens_full"] = rng.integers(2, 100, (sequences, heads)).astype(np.float64)
+    for value in full.values():
+        value[full_bad] = -1 if value.dtype.kind == "i" else np.nan
+    full["columns_full"][full_bad] = -1
     return {"rank": rank, "columns": columns, "entropy": entropy, "sink": sink,
-            "dominant": dominant}
+            "dominant": dominant, **full}
 
 
 def tensors(metrics: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
@@ -46,26 +58,36 @@ def concat(*batches: dict) -> dict[str, np.ndarray]:
 
 
 def expected(metrics: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Per-head means over the finite sequences, counts and non-finite counts, from numpy."""
+    """Per-head means (or, for max_logit, maxima) over the finite sequences of the matrix's and
+    the full sequence's figures, their counts and non-finite counts, from numpy."""
     finite = metrics["rank"] >= 0
-    count = finite.sum(0)
-    values = {
+    full = metrics["columns_full"] >= 0
+    crop_values = {
         "rank": metrics["rank"],
         "columns": metrics["columns"],
         "entropy": metrics["entropy"],
         "sink": metrics["sink"],
         "first_key_dominant": (metrics["dominant"] == 0).astype(np.float64),
     }
-    out = {"counts": count, "nonfinite": (~finite).sum(0)}
-    for name, v in values.items():
-        total = np.where(finite, v, 0.0).sum(0)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            out[name] = np.where(count > 0, total / count, np.nan)
+    full_values = {name: metrics[name] for name in (
+        "columns_full", "entropy_full", "entropy_norm_full", "sink_full", "sink_logit_full",
+        "tokens_full")}
+    full_values["first_key_dominant_full"] = (metrics["dominant_full"] == 0).astype(np.float64)
+    out = {"counts": finite.sum(0), "full_counts": full.sum(0), "nonfinite": (~finite).sum(0)}
+    for ok, values in ((finite, crop_values), (full, full_values)):
+        count = ok.sum(0)
+        for name, v in values.items():
+            total = np.where(ok, v, 0.0).sum(0)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                out[name] = np.where(count > 0, total / count, np.nan)
+    highest = np.where(full, metrics["max_logit"], -np.inf).max(0)
+    out["max_logit"] = np.where(full.sum(0) > 0, highest, np.nan)
     return out
 
 
 def assert_layer_equals(summary, want: dict[str, np.ndarray]) -> None:
     assert summary.counts.tolist() == want["counts"].tolist()
+    assert summary.full_counts.tolist() == want["full_counts"].tolist()
     assert summary.nonfinite.tolist() == want["nonfinite"].tolist()
     assert set(summary.heads) == set(METRICS)
     for name in METRICS:

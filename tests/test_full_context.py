@@ -13,11 +13,11 @@ random data must never come that close.
 from __future__ import annotations
 
 import math
-from types import SimpleNamespace
 
 import pytest
 import torch
 
+from attn_probe.attention import AttentionInputs
 from attn_probe.full_context import block_rows, full_context_metrics, full_context_stats
 
 TAU = 0.9
@@ -183,6 +183,16 @@ def test_tiny_budget_splits_rows_and_changes_nothing():
             assert torch.equal(narrow[name], wide[name])
 
 
+def test_per_head_mask_with_grouped_heads_in_small_chunks():
+    q, k = qk(batch=2, heads=4, kv_heads=2, length=45, seed=16)
+    gen = torch.Generator().manual_seed(17)
+    mask = torch.rand(2, 4, 45, 45, generator=gen) < 0.6
+    narrow = check_batch(q, k, mask=mask, causal=True, memory_budget=20_000)
+    wide = check_batch(q, k, mask=mask, causal=True)
+    for name in INTEGERS:
+        assert torch.equal(narrow[name], wide[name])
+
+
 def test_sliding_window_bool_mask():
     q, k = qk(length=100, seed=3, spread=1.5)
     i = torch.arange(100)
@@ -340,7 +350,7 @@ def test_rejects_bad_arguments():
 
 def test_probe_adapter_names():
     q, k = qk(batch=1, heads=2, length=16)
-    observed = SimpleNamespace(query=q, key=k, attn_mask=None, is_causal=True, scale=None)
+    observed = AttentionInputs(q, k, is_causal=True)
     figures = full_context_metrics(observed, TAU)
     stats = full_context_stats(q, k, is_causal=True)
     assert torch.equal(figures["columns_full"], stats["columns"])

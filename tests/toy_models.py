@@ -9,6 +9,7 @@ against the module's own output. The fixtures that build them live in tests/conf
 
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
@@ -31,6 +32,18 @@ def max_error(got: torch.Tensor, want: torch.Tensor) -> float:
     assert got.dtype == torch.float32
     assert not torch.isnan(got).any()
     return (got - want.float()).abs().max().item()
+
+
+def without_padding(attention: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """A model's own (B, H, T, T) self-attention with each sequence's padding (``attention_mask``
+    0) dropped: its real tokens first, in order, zeros after, as wide as the longest sequence."""
+    real = attention_mask.bool()
+    width = int(real.sum(1).max())
+    out = torch.zeros(*attention.shape[:2], width, width, dtype=attention.dtype)
+    for b in range(attention.shape[0]):
+        keep = real[b].nonzero().squeeze(1)
+        out[b, :, : len(keep), : len(keep)] = attention[b][:, keep][:, :, keep]
+    return out
 
 
 def assert_close_all(captured: dict, reference, label: str) -> float:
@@ -59,10 +72,12 @@ def ran_op(name: str, fn) -> bool:
 
 
 def hf_twins(cls, config):
-    """(sdpa model, eager model) with the same weights, in eval mode."""
+    """(sdpa model, eager model) with the same weights, in eval mode. Each gets its own copy of
+    the config: the attention implementation is read from the config at every forward."""
     torch.manual_seed(0)
-    sdpa = cls._from_config(config, attn_implementation="sdpa").eval()
-    eager = cls._from_config(config, attn_implementation="eager").eval()
+    sdpa = cls._from_config(copy.deepcopy(config), attn_implementation="sdpa").eval()
+    eager = cls._from_config(copy.deepcopy(config), attn_implementation="eager").eval()
+    assert sdpa.config._attn_implementation == "sdpa", sdpa.config._attn_implementation
     eager.load_state_dict(sdpa.state_dict())
     return sdpa, eager
 

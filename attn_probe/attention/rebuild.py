@@ -8,6 +8,12 @@ mask) exactly as the kernel defines it, for the sampled sequences and tokens onl
 softmax that interception sees has materialised its scores already: they travel as
 :class:`AttentionScores`.
 
+Padding is left out where it is made: a key that no query of a sequence may attend to (per the
+mask the kernel received) is padding, and so, in self-attention, is the query at its position.
+Each measured sequence's real tokens are moved to the front, in order, and the rest masked: a
+left- or right-padded sequence then gives exactly the matrices and figures of the same sequence
+run unpadded (masked rows are zero rows, left out of every metric).
+
 Cropping to ``max_tokens`` keeps the first T queries. When the mask stops those queries from
 seeing any later key (causal attention, sliding windows, left-aligned padding) it keeps the first
 T keys too, and the cropped matrix is exactly the attention matrix of the T-token prefix.
@@ -39,13 +45,15 @@ class AttentionInputs:
     attn_mask: Tensor | None = None
     is_causal: bool = False
     scale: float | None = None
+    #: (H,) learned per-head sink logits: an extra score column that takes mass but is no key
+    sink_logits: Tensor | None = None
 
     @classmethod
     def of(cls, query: Tensor, key: Tensor, *, attn_mask: Tensor | None = None,
            is_causal: bool = False, scale: float | None = None,
            max_sequences: int | None = None) -> "AttentionInputs":
         """The first ``max_sequences`` sequences of a kernel call's arguments (3-d (B, L, E)
-        inputs are one head)."""
+        inputs are one head), their padding left out (see the module docstring)."""
         if query.dim() == 3:
             query, key = query.unsqueeze(1), key.unsqueeze(1)
             if attn_mask is not None and attn_mask.dim() == 3:
@@ -56,16 +64,23 @@ class AttentionInputs:
                 f"{tuple(query.shape)} and {tuple(key.shape)}"
             )
         n = query.size(0) if max_sequences is None else min(query.size(0), max_sequences)
+        query, key = _take_sequences(query.detach(), n), _take_sequences(key.detach(), n)
         if attn_mask is not None:
             attn_mask = _take_sequences(_as_4d(attn_mask.detach()), n)
-        return cls(_take_sequences(query.detach(), n), _take_sequences(key.detach(), n),
-                   attn_mask, bool(is_causal), scale)
+            real = real_tokens(may_attend(attn_mask))
+            if real is not None:
+                attn_mask = _compact(_compact(attn_mask, real, 3, _blocked(attn_mask)),
+                                     real, 2, _blocked(attn_mask), query.size(2) == key.size(2))
+                key = _compact(key, real, 2, 0.0)
+                if query.size(2) == real.size(1):  # self-attention: queries are the same tokens
+                    query = _compact(query, real, 2, 0.0)
+        return cls(query, key, attn_mask, bool(is_causal), scale)
 
     def probabilities(self, max_tokens: int | None = None) -> Tensor:
         """A (B, H, T, S) in float32, cropped to the first ``max_tokens`` tokens."""
         return attention_probabilities(
             self.query, self.key, attn_mask=self.attn_mask, is_causal=self.is_causal,
-            scale=self.scale, max_tokens=max_tokens,
+            scale=self.scale, max_tokens=max_tokens, sink_logits=self.sink_logits,
         )
 
 
@@ -76,14 +91,39 @@ class AttentionScores:
 
     scores: Tensor
     probs: Tensor
+    #: (B, H, L) mass of a learned sink logit column the model dropped after its softmax
+    sink_mass: Tensor | None = None
+
+    @classmethod
+    def of(cls, scores: Tensor, probs: Tensor, *,
+           max_sequences: int | None = None) -> "AttentionScores":
+        """The first ``max_sequences`` sequences of a softmax over (B, H, L, S) scores, their
+        padding left out. A last score column that is one finite value per head, the same for
+        every query and sequence, is a learned sink logit, not a key: it is split off into
+        :attr:`sink_mass`."""
+        scores, probs = scores.detach()[:max_sequences], probs.detach()[:max_sequences]
+        sink_mass = None
+        if _is_sink_column(scores):
+            sink_mass, scores, probs = probs[..., -1], scores[..., :-1], probs[..., :-1]
+        real = real_tokens(may_attend(scores))
+        if real is not None:
+            self_attention = scores.size(2) == real.size(1)
+            scores = _compact(_compact(scores, real, 3, -math.inf), real, 2, -math.inf,
+                              self_attention)
+            probs = _compact(_compact(probs, real, 3, 0.0), real, 2, 0.0, self_attention)
+            if sink_mass is not None:
+                sink_mass = _compact(sink_mass, real, 2, 0.0, self_attention)
+        return cls(scores, probs, sink_mass)
 
     def probabilities(self, max_tokens: int | None = None) -> Tensor:
-        """A (B, H, T, T') in float32, cropped to the first ``max_tokens`` tokens; a query whose
-        every key is masked (NaN out of softmax) becomes a row of zeros."""
-        t = max_tokens
-        attention = self.probs[:, :, :t, :t].to(torch.float32, copy=True)
-        blocked = torch.isneginf(self.scores[:, :, :t]).all(dim=-1, keepdim=True)
-        return attention.masked_fill_(blocked, 0.0)
+        """A (B, H, T, S) in float32 over the first ``max_tokens`` queries (and keys, where the
+        crop is exact); a query whose every key is masked (NaN out of softmax) becomes a row of
+        zeros."""
+        t = self.scores.size(2) if max_tokens is None else min(max_tokens, self.scores.size(2))
+        allowed = may_attend(self.scores[:, :, :t])
+        s = self.scores.size(-1) if bool(allowed[..., t:].any()) else t
+        attention = self.probs[:, :, :t, :s].to(torch.float32, copy=True)
+        return attention.masked_fill_(~allowed[..., :s].any(dim=-1, keepdim=True), 0.0)
 
 
 def probabilities(observed: "AttentionInputs | AttentionScores | Tensor",
@@ -93,6 +133,56 @@ def probabilities(observed: "AttentionInputs | AttentionScores | Tensor",
     if isinstance(observed, Tensor):
         return observed
     return observed.probabilities(max_tokens)
+
+
+#: An additive mask entry at or below this blocks its key: -inf, ``finfo.min`` and the -10000
+#: of older models all take no mass in float32 softmax next to an allowed key.
+_BLOCKING = -1e4
+
+
+def may_attend(mask: Tensor) -> Tensor:
+    """Boolean "may attend" of a boolean mask, an additive mask or a score tensor."""
+    return mask if mask.dtype == torch.bool else mask > _BLOCKING
+
+
+def _blocked(mask: Tensor) -> bool | float:
+    """The value that blocks a key in ``mask``'s kind of mask."""
+    return False if mask.dtype == torch.bool else -math.inf
+
+
+def real_tokens(allowed: Tensor) -> Tensor | None:
+    """(B, S) bool: the keys that some query of some head may attend to, per sequence (False:
+    padding); None when every key is such a key."""
+    real = allowed.any(dim=2).any(dim=1)
+    return None if bool(real.all()) else real
+
+
+def _compact(t: Tensor, real: Tensor, dim: int, fill, apply: bool = True) -> Tensor:
+    """``t`` with, per sequence, the positions ``real`` marks along ``dim`` moved to the front in
+    order and the others set to ``fill`` (trailing positions no sequence needs are dropped)."""
+    if not apply:
+        return t
+    batch, length = real.size(0), int(real.sum(dim=1).max())
+    order = torch.argsort((~real).to(torch.int8), dim=1, stable=True)[:, :length]
+    valid = real.gather(1, order)
+    shape = [batch] + [1] * (t.dim() - 1)
+    shape[dim] = length
+    sizes = list(t.shape)
+    sizes[0], sizes[dim] = batch, real.size(1)  # a mask broadcast over sequences or queries
+    t = t.expand(sizes)
+    index = order.view(shape).expand(*t.shape[:dim], length, *t.shape[dim + 1:])
+    return t.gather(dim, index).masked_fill(~valid.view(shape), fill)
+
+
+def _is_sink_column(scores: Tensor) -> bool:
+    """Whether the last column of (B, H, L, S) scores is a learned sink logit: one finite value
+    per head, the same for every query and sequence (no key's scores look like that)."""
+    if scores.size(-1) < 2 or scores.size(2) < 2:
+        return False
+    last = scores[..., -1]
+    first = last[:1, :, :1]
+    return bool(torch.isfinite(first).all() and (first > _BLOCKING).all()
+                and (last == first).all())
 
 
 def _as_4d(mask: Tensor) -> Tensor:
@@ -126,6 +216,7 @@ def attention_probabilities(
     scale: float | None = None,
     max_sequences: int | None = None,
     max_tokens: int | None = None,
+    sink_logits: Tensor | None = None,
 ) -> Tensor:
     """Rebuild A (B, H, T, S) in float32 from the inputs of an SDPA call.
 
@@ -136,6 +227,8 @@ def attention_probabilities(
     Only the first ``max_sequences`` sequences and ``max_tokens`` queries are materialised, and
     keys beyond the first ``max_tokens`` only where those queries can see them (see the module
     docstring). Queries that may attend to no key at all get a row of zeros, not NaN.
+    ``sink_logits`` (H,): learned per-head sink logits, an extra score column that takes mass
+    in the softmax and is dropped after it (rows then sum to less than 1).
     """
     if query.dim() == 3:  # (B, L, E): one head; a (B, L, S) mask is per sequence
         query, key = query.unsqueeze(1), key.unsqueeze(1)
@@ -175,7 +268,10 @@ def attention_probabilities(
             else:
                 scores.add_(mask.float())
         blocked = torch.isneginf(scores).all(dim=-1, keepdim=True)
-        probs = torch.softmax(scores, dim=-1).masked_fill_(blocked, 0.0)
+        if sink_logits is not None:
+            sink = sink_logits.detach().float().view(1, -1, 1, 1).expand(*scores.shape[:3], 1)
+            scores = torch.cat([scores, sink], dim=-1)
+        probs = torch.softmax(scores, dim=-1)[..., :s].masked_fill_(blocked, 0.0)
         return probs
 
 

@@ -203,7 +203,7 @@ class Recorder:
         dim = args[1] if len(args) > 1 else kwargs.get("dim")
         if not isinstance(out, Tensor) or scores.dim() != 4 or dim not in (-1, 3):
             return None  # a softmax that is not over attention scores
-        return AttentionScores(scores.detach()[:n], out.detach()[:n])
+        return AttentionScores.of(scores, out, max_sequences=n)
 
     def _deliver(self, site: Site, make: Callable[[], Observed]) -> None:
         self._done.add(site.name)
