@@ -126,7 +126,9 @@ class LayerSummary:
 
     def reduce(self, metric: str, how: str) -> float:
         """``max``, ``mean`` or ``min`` over heads of a per-head figure (NaN if no head has
-        data)."""
+        data, or the summary has no such figure)."""
+        if metric not in self.heads:
+            return float("nan")
         values = self.heads[metric][self.counts_of(metric) > 0]
         if values.size == 0:
             return float("nan")

@@ -6,7 +6,7 @@ import argparse
 import sys
 from typing import Sequence
 
-from .console import Progress, UsageError
+from .console import Progress, UsageError, deprecated_aliases
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -40,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser("demo", help="train a small GPT on built-in text with the probe on")
     demo.add_argument("--log-dir", "--logdir", dest="log_dir", default="runs/demo",
+                      action=deprecated_aliases("--logdir"),
                       help="TensorBoard directory (%(default)s)")
     demo.add_argument("--steps", type=int, default=DEMO_DEFAULTS["steps"],
                       help="training steps (%(default)s)")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import math
 import json
 from pathlib import Path
 
@@ -47,7 +48,8 @@ def head_rows(snapshot: Snapshot) -> list[dict]:
             "module": layer.name,
             "head": h,
             "sequences": int(layer.counts[h]),
-            **{metric: float(layer.heads[metric][h]) for metric in METRICS},
+            **{metric: float(layer.heads[metric][h]) if metric in layer.heads else math.nan
+               for metric in METRICS},
             "lazy": bool(layer.lazy[h]),
         }
         for layer in snapshot.layers
@@ -89,7 +91,7 @@ def write_tables(snapshot: Snapshot, out: str | Path) -> list[Path]:
     written = []
     for name, rows in (("layers.csv", layer_rows(snapshot)), ("heads.csv", head_rows(snapshot))):
         with open(out / name, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else [])
             writer.writeheader()
             writer.writerows(rows)
         written.append(out / name)

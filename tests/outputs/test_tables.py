@@ -35,7 +35,7 @@ def by_hand() -> Snapshot:
     rule = CollapseRule()
     layers = []
     for index, (name, f) in enumerate(FIGURES.items()):
-        heads = {m: np.array(f[m], dtype=float) for m in METRICS}
+        heads = {m: np.array(f[m], dtype=float) for m in METRICS if m in f}
         counts = np.array(f["counts"])
         layers.append(LayerSummary(
             name=name, index=index, heads=heads, counts=counts,
@@ -78,7 +78,8 @@ def test_head_rows():
         h = row["head"]
         assert row["sequences"] == f["counts"][h]
         for metric in METRICS:
-            assert row[metric] == pytest.approx(f[metric][h], nan_ok=True), (row, metric)
+            want = f[metric][h] if metric in f else NAN  # no full-context figures here
+            assert row[metric] == pytest.approx(want, nan_ok=True), (row, metric)
     assert [row["lazy"] for row in rows if row["layer"] == "L01"] == [True, True, True]
     assert math.isnan(rows[7]["rank"]) and rows[7]["sequences"] == 0
 
@@ -123,7 +124,8 @@ def test_write_tables_read_back(tmp_path):
         h = int(row["head"])
         assert int(row["sequences"]) == figures["counts"][h]
         for metric in METRICS:
-            assert float(row[metric]) == pytest.approx(figures[metric][h], nan_ok=True)
+            want = figures[metric][h] if metric in figures else NAN
+            assert float(row[metric]) == pytest.approx(want, nan_ok=True)
 
     def no_nan(token):
         raise AssertionError(f"{token} in JSON")
@@ -157,8 +159,6 @@ def test_json_writes_null_for_a_layer_without_data(tmp_path):
     assert row["lazy"] is False and document["lazy_layers"] == []
 
 
-@pytest.mark.xfail(strict=True, raises=IndexError,
-                   reason="write_tables takes the CSV columns from the first row: no layer, no row")
 def test_write_tables_of_a_snapshot_without_layers(tmp_path):
     # the data model allows a snapshot without layers, and format_table copes with it
     empty = Snapshot(step=0, tau=0.9, layers=())
