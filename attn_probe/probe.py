@@ -16,18 +16,22 @@ Data flow: hooks (:mod:`.attention`) -> attention A -> :func:`.metrics.head_metr
 :class:`.aggregate.HeadAccumulator` (sums and counts, reduced across processes) ->
 :class:`.snapshot.Snapshot` -> :mod:`.outputs` and the collapse callback.
 
-``torch.compile``: hooks cannot see inside a compiled graph, so on sampled steps the probe sets
-``torch.compiler.set_stance("force_eager")`` until the step closes: the sampled step runs
-eagerly, every other step runs the compiled code untouched.
+``torch.compile``: hooks cannot see inside a compiled graph, so on sampled steps each forward
+call of the probed model runs eagerly: Dynamo is disabled and ``force_eager`` is in force for
+that call only, from its start to its return (or its exception). Every other step runs the
+compiled code untouched, and compiled code elsewhere in the process is never affected.
+
+The probe changes nothing outside itself and the model it watches, whatever raises where: its
+hooks and wrappers hold it only weakly and go when it is detached or garbage-collected, and
+copies of the model (``copy.deepcopy``, ``torch.save``) are not monitored.
 """
 
 from __future__ import annotations
 
-import contextlib
 import warnings
+import weakref
 from typing import Callable, Mapping, Sequence
 
-import torch
 from torch import Tensor, nn
 
 from . import aggregate
@@ -98,7 +102,7 @@ class AttentionProbe:
         self.sites = plan_sites(model, modules, strategy)
         self._recorder = Recorder(
             self.sites, self._measure, max_sequences=max_sequences, max_tokens=max_tokens,
-            strict=False,
+            strict=False, root=model,
         )
         self._accumulator = HeadAccumulator()
         self._samples: dict[str, Tensor] = {}
@@ -107,7 +111,7 @@ class AttentionProbe:
             heatmap_tokens=heatmap_tokens,
         )
         self._writer = None
-        self._eager: contextlib.ExitStack | None = None  # force_eager while sampling
+        self._close_writer: weakref.finalize | None = None
         self._next = 0  # the step the coming forward passes belong to
         self._lazy: set[str] = set()
         self._warned_nonfinite = False
@@ -132,6 +136,8 @@ class AttentionProbe:
             from .outputs import TensorBoardWriter
 
             self._writer = TensorBoardWriter(**self._writer_args)
+            # Closed by detach(), or when the probe is collected without it.
+            self._close_writer = weakref.finalize(self, self._writer.close)
         self._recorder.attach()
         self._arm_for(self._next)
         return self
@@ -149,10 +155,10 @@ class AttentionProbe:
                 self._publish(self._next, reduce=collective)
         finally:
             self._recorder.detach()
-            self._leave_eager()
-            if self._writer is not None:
-                self._writer.close()
-                self._writer = None
+            if self._close_writer is not None:
+                self._close_writer()  # self._writer.close(), once
+                self._close_writer = None
+            self._writer = None
 
     @property
     def attached(self) -> bool:
@@ -183,22 +189,18 @@ class AttentionProbe:
         self._arm_for(self._next)
         return snapshot
 
+    @property
+    def sampling(self) -> bool:
+        """Whether the coming forward passes belong to a sampled step not closed yet."""
+        return self._recorder.armed
+
     def _arm_for(self, step: int) -> None:
         if not self._recorder.attached:
             return
         if self.is_sampled(step):
             self._recorder.arm()
-            if self._eager is None and hasattr(torch.compiler, "set_stance"):
-                self._eager = contextlib.ExitStack()
-                self._eager.enter_context(torch.compiler.set_stance("force_eager"))
         else:
             self._recorder.disarm()
-            self._leave_eager()
-
-    def _leave_eager(self) -> None:
-        if self._eager is not None:
-            self._eager.close()
-            self._eager = None
 
     def _images_due(self, step: int) -> bool:
         return self.images_every > 0 and step % self.images_every == 0

@@ -50,7 +50,7 @@ class Capture:
         self._attention: dict[str, Tensor] = {}
         self._recorder = Recorder(
             self.sites, self._attention.__setitem__,
-            max_sequences=max_sequences, max_tokens=max_tokens, strict=True,
+            max_sequences=max_sequences, max_tokens=max_tokens, strict=True, root=model,
         )
 
     @property

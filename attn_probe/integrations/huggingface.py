@@ -69,6 +69,12 @@ if _TrainerCallback is not None:
         :class:`~attn_probe.AttentionProbe` is :attr:`probe` (made on ``on_train_begin``);
         its hooks are removed on ``on_train_end``.
 
+        The Trainer calls no callback when ``train()`` raises, so after an exception the probe
+        stays attached to the model until ``callback.probe.detach(collective=False)`` or until
+        the callback is garbage-collected. It holds nothing process-wide meanwhile (no compiler
+        stance, no mode: see :class:`~attn_probe.AttentionProbe`), so compiled code and other
+        models are unaffected; a next ``trainer.train()`` replaces it.
+
         Under DDP or FSDP every process runs the callback; each measures its own sequences,
         the figures are the mean over all processes and process 0 writes them.
 
