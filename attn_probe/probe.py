@@ -30,7 +30,9 @@ from __future__ import annotations
 
 import warnings
 import weakref
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Iterable, Mapping, NamedTuple, Sequence
+
+import numpy as np
 
 from torch import Tensor, nn
 
@@ -38,8 +40,8 @@ from . import aggregate
 from .aggregate import HeadAccumulator
 from .attention import ModuleSelector, Recorder, plan_sites
 from .metrics import head_metrics
-from .options import check_count, check_tau
-from .snapshot import CollapseRule, LayerSummary, Snapshot
+from .options import ONE_TOKEN, check_count, check_tau
+from .snapshot import CollapseRule, LayerSummary, Snapshot, find_layer
 
 CollapseCallback = Callable[[LayerSummary, int, Snapshot], None]
 
@@ -61,7 +63,10 @@ class AttentionProbe:
         images_every: write pictures on sampled steps that are multiples of this (default
             ``10 * every``); 0 disables pictures.
         heatmaps: layer -> heads whose attention heatmaps are drawn (default: first and last
-            layer, heads 0-3); see :class:`~attn_probe.outputs.TensorBoardWriter`.
+            layer, heads 0-3; None as heads: 0-3). Layers are named as
+            :func:`~attn_probe.snapshot.find_layer` takes them (module name, ``"L07"``, index,
+            -1 for the last) and checked against the monitored modules when the probe is made;
+            a head a layer turns out not to have is left out with a warning.
         heatmap_tokens: heatmaps show at most this many first queries and keys.
         rule: when a head and a layer count as lazy (collapsed).
         on_collapse: ``fn(layer_summary, step, snapshot)`` called once when a layer turns lazy.
@@ -91,21 +96,25 @@ class AttentionProbe:
         check_count("every", every)
         tau = check_tau(tau)
         check_count("max_sequences", max_sequences)
-        check_count("max_tokens", max_tokens)
+        check_count("max_tokens", max_tokens, minimum=2, why=ONE_TOKEN)
         check_count("heatmap_tokens", heatmap_tokens)
+        check_count("images_every", images_every, optional=True, minimum=0)
         if log_dir is not None and writer is not None:
             raise ValueError("pass log_dir (the probe makes a SummaryWriter) or writer, not both")
         self.model, self.every, self.tau = model, every, float(tau)
-        self.images_every = 10 * every if images_every is None else int(images_every)
+        self.images_every = 10 * every if images_every is None else images_every
         self.rule, self.on_collapse, self.keep_history = rule, on_collapse, history
         self.heatmap_tokens = heatmap_tokens
         self.sites = plan_sites(model, modules, strategy)
+        heatmaps = _resolve_heatmaps(heatmaps, self.sites)
+        self._heatmap_heads_checked: set[str] = set()
         self._recorder = Recorder(
             self.sites, self._measure, max_sequences=max_sequences, max_tokens=max_tokens,
             strict=False, root=model,
         )
         self._accumulator = HeadAccumulator()
         self._samples: dict[str, Tensor] = {}
+        self.heatmaps = heatmaps  #: module name -> heads (None: the default heads), or None
         self._writer_args = dict(
             writer=writer, log_dir=log_dir, per_head=per_head, heatmaps=heatmaps,
             heatmap_tokens=heatmap_tokens,
@@ -238,6 +247,7 @@ class AttentionProbe:
         return snapshot
 
     def _check(self, snapshot: Snapshot) -> None:
+        self._check_heatmap_heads(snapshot)
         if snapshot.has_nonfinite and not self._warned_nonfinite:
             self._warned_nonfinite = True
             bad = [l.name for l in snapshot.layers if l.nonfinite.sum()]
@@ -260,7 +270,60 @@ class AttentionProbe:
                 if self.on_collapse is not None:
                     self.on_collapse(layer, snapshot.step, snapshot)
 
+    def _check_heatmap_heads(self, snapshot: Snapshot) -> None:
+        """Warn once per layer about chosen heads it does not have (known once it ran)."""
+        for layer in snapshot.layers:
+            heads = (self.heatmaps or {}).get(layer.name)
+            if heads is None or layer.name in self._heatmap_heads_checked:
+                continue
+            self._heatmap_heads_checked.add(layer.name)
+            missing = [h for h in heads if h >= layer.num_heads]
+            if missing:
+                warnings.warn(
+                    f"attn_probe: heatmaps: layer {layer.tag} ({layer.name}) has "
+                    f"{layer.num_heads} heads (0 to {layer.num_heads - 1}); head"
+                    f"{'s' if len(missing) > 1 else ''} {', '.join(map(str, missing))} "
+                    "cannot be drawn",
+                    stacklevel=4,
+                )
+
     @property
     def lazy_layers(self) -> list[str]:
         """Layers that have turned lazy so far."""
         return [s.name for s in self.sites if s.name in self._lazy]
+
+
+class _Site(NamedTuple):
+    name: str
+    index: int
+
+
+def _resolve_heatmaps(heatmaps: Mapping[str | int, Sequence[int] | None] | None,
+                      sites: Sequence) -> dict[str, list[int] | None] | None:
+    """``heatmaps`` with every layer resolved to a monitored module's name, or ``ValueError``
+    for a layer that is not monitored or a head number that cannot be one."""
+    if heatmaps is None:
+        return None
+    if not isinstance(heatmaps, Mapping):
+        raise TypeError(f"heatmaps must map layers to head numbers, got {heatmaps!r}")
+    layers = [_Site(site.name, i) for i, site in enumerate(sites)]
+    resolved: dict[str, list[int] | None] = {}
+    for key, heads in heatmaps.items():
+        try:
+            name = find_layer(layers, key).name
+        except KeyError as error:
+            raise ValueError(f"heatmaps: {error.args[0]}") from None
+        if heads is None:
+            resolved.setdefault(name, None)
+            continue
+        if isinstance(heads, (str, bytes)) or not isinstance(heads, Iterable):
+            raise ValueError(f"heatmaps[{key!r}]: expected head numbers, got {heads!r}")
+        heads = list(heads)
+        for head in heads:
+            if isinstance(head, bool) or not isinstance(head, (int, np.integer)) or head < 0:
+                raise ValueError(
+                    f"heatmaps[{key!r}]: heads are numbers from 0, got {head!r}"
+                )
+        merged = resolved.get(name) or []
+        resolved[name] = merged + [int(h) for h in heads if int(h) not in merged]
+    return resolved

@@ -22,7 +22,7 @@ from ._compat import renamed
 from .aggregate import HeadAccumulator
 from .attention import ModuleSelector, Recorder, plan_sites
 from .metrics import head_metrics
-from .options import check_count, check_tau
+from .options import ONE_TOKEN, check_count, check_tau
 from .snapshot import CollapseRule, Snapshot
 
 
@@ -156,6 +156,7 @@ def rank_profile(
     if n_sequences is not None:
         max_sequences = renamed("n_sequences", "max_sequences", n_sequences)
     check_count("max_sequences", max_sequences)
+    check_count("max_tokens", max_tokens, optional=True, minimum=2, why=ONE_TOKEN)
     tau = check_tau(tau)
     accumulator = HeadAccumulator()
     kept: dict[str, Tensor] = {}
@@ -167,6 +168,11 @@ def rank_profile(
             with torch.no_grad():
                 _call(model, batch)
             for name, attention in cap.attention.items():
+                if attention.shape[-2] < 2:
+                    raise ValueError(
+                        f"rank_profile: {name} attended over {attention.shape[-2]} token; "
+                        f"give batches of at least 2 tokens ({ONE_TOKEN})"
+                    )
                 accumulator.update(name, head_metrics(attention[:take], tau))
                 if samples and name not in kept:
                     kept[name] = attention[0].float().cpu()

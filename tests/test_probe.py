@@ -292,6 +292,41 @@ def test_bad_arguments_say_what_to_do():
         attn_probe.AttentionProbe(model, log_dir="x", writer=object())
     with pytest.raises(LookupError, match="searched for"):
         attn_probe.AttentionProbe(nn.Sequential(nn.Linear(2, 2)))
+    with pytest.raises(ValueError, match=r"max_tokens must be an int >= 2, got 1: a 1x1"):
+        attn_probe.AttentionProbe(model, max_tokens=1)
+    with pytest.raises(ValueError, match="images_every must be a non-negative int"):
+        attn_probe.AttentionProbe(model, images_every=-1)
+    # heatmap layers are checked against the monitored modules, with the package's lookup
+    with pytest.raises(ValueError, match=r"no layer 'L09'; the layers are: L00 .*, L01"):
+        attn_probe.AttentionProbe(model, heatmaps={"L09": [0], 0: [7]})
+    with pytest.raises(ValueError, match="no layer 2"):
+        attn_probe.AttentionProbe(model, heatmaps={2: [0]})
+    with pytest.raises(ValueError, match=r"heatmaps\[-1\]: heads are numbers from 0, got -2"):
+        attn_probe.AttentionProbe(model, heatmaps={-1: [0, -2]})
+    with pytest.raises(ValueError, match="expected head numbers"):
+        attn_probe.AttentionProbe(model, heatmaps={0: 3})
+    probe = attn_probe.AttentionProbe(model, heatmaps={"L01": [1], -1: [0], 0: None})
+    assert probe.heatmaps == {"transformer.h.1.attn": [1, 0], "transformer.h.0.attn": None}
+    with pytest.raises(ValueError, match=r"max_tokens must be an int >= 2 or None, got 1"):
+        attn_probe.rank_profile(model, [torch.randint(0, 64, (1, 8))], max_tokens=1)
+    with pytest.raises(ValueError, match="attended over 1 token"):
+        attn_probe.rank_profile(model, [torch.randint(0, 64, (1, 1))])
+
+
+def test_heatmap_head_a_layer_lacks_warns_once(tmp_path):
+    model = small_gpt()  # 4 heads per layer
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with attn_probe.AttentionProbe(model, log_dir=tmp_path, every=1, images_every=1,
+                                       heatmaps={0: [7, 1], "L01": [2]}) as probe:
+            for _ in range(2):
+                model(torch.randint(0, 64, (2, 8)))
+                probe.step()
+    messages = [str(w.message) for w in caught if "heatmaps" in str(w.message)]
+    assert messages == ["attn_probe: heatmaps: layer L00 (transformer.h.0.attn) has 4 heads "
+                        "(0 to 3); head 7 cannot be drawn"]
+    images = read_scalars(tmp_path).Tags()["images"]
+    assert {"attention/L00", "attention/L01"} <= set(images)  # the heads that exist are drawn
 
 
 # ---------------------------------------------------------------------------- protocol
