@@ -60,6 +60,8 @@ class AttentionProbe:
         modules: which modules to watch (None: every attention module; names, globs, predicate).
         strategy: "auto", "intercept" or "adapter" (see :func:`attn_probe.capture`).
         per_head: log per-head scalars as well as per-layer ones.
+        offset: sample the steps ``s`` with ``(s - offset) % every == 0`` (default 0: steps 0,
+            every, 2·every, ...; -1: every-1, 2·every-1, ..., the steps Lightning logs at).
         images_every: write pictures on sampled steps that are multiples of this (default
             ``10 * every``); 0 disables pictures.
         heatmaps: layer -> heads whose attention heatmaps are drawn (default: first and last
@@ -80,6 +82,7 @@ class AttentionProbe:
         log_dir: str | None = None,
         writer=None,
         every: int = 100,
+        offset: int = 0,
         tau: float = 0.9,
         max_sequences: int = 1,
         max_tokens: int = 256,
@@ -94,6 +97,8 @@ class AttentionProbe:
         history: bool = True,
     ) -> None:
         check_count("every", every)
+        if isinstance(offset, bool) or not isinstance(offset, int):
+            raise ValueError(f"offset must be an int, got {offset!r}")
         tau = check_tau(tau)
         check_count("max_sequences", max_sequences)
         check_count("max_tokens", max_tokens, minimum=2, why=ONE_TOKEN)
@@ -101,7 +106,7 @@ class AttentionProbe:
         check_count("images_every", images_every, optional=True, minimum=0)
         if log_dir is not None and writer is not None:
             raise ValueError("pass log_dir (the probe makes a SummaryWriter) or writer, not both")
-        self.model, self.every, self.tau = model, every, float(tau)
+        self.model, self.every, self.offset, self.tau = model, every, offset, float(tau)
         self.images_every = 10 * every if images_every is None else images_every
         self.rule, self.on_collapse, self.keep_history = rule, on_collapse, history
         self.heatmap_tokens = heatmap_tokens
@@ -182,7 +187,7 @@ class AttentionProbe:
 
     # the schedule ------------------------------------------------------------------------
     def is_sampled(self, step: int) -> bool:
-        return step % self.every == 0
+        return (step - self.offset) % self.every == 0
 
     def step(self, global_step: int | None = None) -> Snapshot | None:
         """Close the current step (log what it measured) and open the next one.

@@ -151,6 +151,12 @@ def test_global_step_and_schedule(tmp_path):
     # sampled steps are the multiples of `every`; the first step is measured too
     assert [s.step for s in probe.history] == [100, 105, 110]
     assert [e.step for e in read_scalars(tmp_path).Scalars("rank90/max/L01")] == [100, 105, 110]
+    # offset=-1: the steps a logger counting from 1 logs at (Lightning)
+    with attn_probe.AttentionProbe(model, every=5, offset=-1, images_every=0) as probe:
+        for _ in range(12):
+            model(torch.randint(0, 64, (2, 8)))
+            probe.step()
+    assert [s.step for s in probe.history] == [4, 9]
 
 
 def test_unsampled_steps_do_not_measure():
