@@ -114,7 +114,7 @@ class AttentionProbe:
         heatmaps = _resolve_heatmaps(heatmaps, self.sites)
         self._heatmap_heads_checked: set[str] = set()
         self._recorder = Recorder(
-            self.sites, self._measure, max_sequences=max_sequences, max_tokens=max_tokens,
+            self.sites, _Measure(self), max_sequences=max_sequences, max_tokens=max_tokens,
             strict=False, root=model,
         )
         self._accumulator = HeadAccumulator()
@@ -296,6 +296,22 @@ class AttentionProbe:
     def lazy_layers(self) -> list[str]:
         """Layers that have turned lazy so far."""
         return [s.name for s in self.sites if s.name in self._lazy]
+
+
+class _Measure:
+    """The recorder's sink: :meth:`AttentionProbe._measure`, holding the probe weakly, so that
+    probe and recorder form no cycle and a probe dropped without ``detach()`` goes at once (its
+    recorder with it, whose finalizer removes the hooks)."""
+
+    __slots__ = ("_probe",)
+
+    def __init__(self, probe: AttentionProbe) -> None:
+        self._probe = weakref.ref(probe)
+
+    def __call__(self, name: str, attention: Tensor) -> None:
+        probe = self._probe()
+        if probe is not None:
+            probe._measure(name, attention)
 
 
 class _Site(NamedTuple):

@@ -140,20 +140,20 @@ def test_exception_inside_a_sampled_forward_restores_the_process(error):
     assert process_state() == before
 
 
-def test_collected_probe_leaves_nothing(tmp_path):
-    """A probe attached and dropped without detach: once collected, no hook, no wrapper, no
-    writer; the model does not keep it alive."""
+def test_dropped_probe_leaves_nothing(tmp_path):
+    """A probe attached and dropped without detach: no hook, no wrapper, no writer is left, at
+    once (nothing, the model least of all, keeps it alive; no cycle waits for the collector)."""
     import weakref
 
     model = small_gpt()
     probe = attn_probe.AttentionProbe(model, log_dir=tmp_path, every=1, images_every=0).attach()
     model(tokens())
     probe.step()
+    model(tokens())  # step 1 measured, never closed
     assert hooks_on(model)
     gone = weakref.ref(probe)
     writer = probe._writer.writer
     del probe
-    gc.collect()
     assert gone() is None
     assert hooks_on(model) == []
     assert writer.all_writers is None  # the SummaryWriter was closed

@@ -148,8 +148,14 @@ class Recorder:
     def _unwind(self, depth: int) -> None:
         """Close the interception modes opened above ``depth`` (innermost first)."""
         while len(self._stack) > depth:
-            frame = self._stack.pop()
-            frame.mode.__exit__(None, None, None)
+            self._close(self._stack.pop())
+
+    @staticmethod
+    def _close(frame: _Frame) -> None:
+        # The mode refers to its frame: drop it, so that no cycle keeps this recorder alive
+        # after its owner let go of it.
+        mode, frame.mode = frame.mode, None
+        mode.__exit__(None, None, None)
 
     @property
     def attached(self) -> bool:
@@ -187,7 +193,7 @@ class Recorder:
         if not self._stack or self._stack[-1].site is not site:
             return
         frame = self._stack.pop()
-        frame.mode.__exit__(None, None, None)
+        self._close(frame)
         if output is None and sys.exc_info()[1] is not None:
             # The forward raised (hooks with always_call run from its exception handler): leave
             # the site pending and let the model's own error through.
