@@ -129,6 +129,7 @@ class AttentionProbe:
         self._next = 0  # the step the coming forward passes belong to
         self._lazy: set[str] = set()
         self._warned_nonfinite = False
+        self._warned_writer = False
         self.history: list[Snapshot] = []
         self.last: Snapshot | None = None
 
@@ -246,8 +247,18 @@ class AttentionProbe:
         if not aggregate.is_main_process():
             return snapshot
         if self._writer is not None:
-            self._writer.write(snapshot, images=self._images_due(step) and bool(samples))
-            self._writer.flush()
+            try:
+                self._writer.write(snapshot, images=self._images_due(step) and bool(samples))
+                self._writer.flush()
+            except Exception as error:  # a full disk, say: writing must never stop training
+                if not self._warned_writer:
+                    self._warned_writer = True
+                    warnings.warn(
+                        f"attn_probe: could not write step {step} to TensorBoard: "
+                        f"{type(error).__name__}: {error}; measuring goes on (in "
+                        "probe.history), this warning is not repeated",
+                        stacklevel=3,
+                    )
         self._check(snapshot)
         return snapshot
 

@@ -251,6 +251,81 @@ def test_nan_attention_is_flagged_not_a_crash(tmp_path):
     assert math.isfinite(acc.Scalars("rank90/max/L00")[0].value)
 
 
+class Custom(nn.Module):
+    """No kernel to intercept: served by the (failing) adapter registered for it."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(8, 8)
+
+    def forward(self, x):
+        return x + self.proj(x).relu()
+
+
+def test_failing_adapter_skips_its_module_and_training_goes_on(tmp_path):
+    def broken(module, args, kwargs, *, max_sequences, max_tokens):
+        raise RuntimeError("adapter bug")
+
+    def run(probe_dir):
+        torch.manual_seed(0)
+        model = nn.Sequential(SinkAttention(collapsed=False), Custom())
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        probe = None
+        if probe_dir is not None:
+            probe = attn_probe.AttentionProbe(model, log_dir=probe_dir, every=2, images_every=0)
+            assert [s.name for s in probe.sites] == ["0", "1"]
+            probe.attach()
+        losses = []
+        for step in range(6):
+            x = torch.randn(2, 6, 8, generator=torch.Generator().manual_seed(step))
+            loss = model(x).pow(2).mean()
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            losses.append(loss.detach())
+            if probe is not None:
+                probe.step()
+        if probe is not None:
+            probe.detach()
+        return losses
+
+    handle = attn_probe.register_adapter(Custom, broken)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            losses = run(tmp_path)
+    finally:
+        handle.remove()
+    assert torch.equal(torch.stack(losses), torch.stack(run(None)))  # training unchanged
+    about = [str(w.message) for w in caught if "'1'" in str(w.message)]
+    assert len(about) == 1 and "adapter bug" in about[0], about
+    acc = read_scalars(tmp_path)
+    assert [e.step for e in acc.Scalars("rank90/max/L00")] == [0, 2, 4]
+    assert not [tag for tag in acc.Tags()["scalars"] if tag.endswith("L01")]
+
+
+def test_failing_writer_warns_once_and_measuring_goes_on():
+    class FullDisk:
+        def add_scalar(self, *args, **kwargs):
+            raise OSError("No space left on device")
+
+        add_custom_scalars = add_image = add_scalar
+
+        def flush(self):
+            pass
+
+    model = small_gpt()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with attn_probe.AttentionProbe(model, writer=FullDisk(), every=1) as probe:
+            for _ in range(3):
+                model(torch.randint(0, 64, (2, 8)))
+                probe.step()
+    about = [str(w.message) for w in caught if "could not write" in str(w.message)]
+    assert len(about) == 1 and "No space left on device" in about[0], about
+    assert [s.step for s in probe.history] == [0, 1, 2]
+
+
 class SinkAttention(nn.Module):
     """Every query attends to key 0 only: a lazy layer by construction."""
 
