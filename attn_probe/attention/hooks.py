@@ -106,6 +106,10 @@ def _call_through(forward: Callable, args: tuple, kwargs: dict) -> Any:
 
 
 def _run_eagerly(recorder: "Recorder", forward: Callable, args: tuple, kwargs: dict) -> Any:
+    """``forward(*args, **kwargs)`` without the compiler: Dynamo is disabled for the call (a
+    graph break where a compiled caller reaches it) and ``force_eager`` holds for its duration,
+    so hooks inside see every kernel. Whatever the call does, the stance is restored and the
+    recorder's interception modes opened inside are closed."""
     depth = recorder._depth()
     try:
         # Dynamo is off inside this function (see below), so the stance may be set here; it
@@ -130,12 +134,6 @@ try:
     run_eagerly = torch.compiler.disable(_run_eagerly, reason=_REASON)
 except TypeError:  # torch without disable(reason=)
     run_eagerly = torch.compiler.disable(_run_eagerly)
-run_eagerly.__doc__ = (
-    """``forward(*args, **kwargs)`` without the compiler: Dynamo is disabled for the call (a graph
-    break where a compiled caller reaches it) and ``force_eager`` holds for its duration, so
-    hooks inside see every kernel. Whatever the call does, the stance is restored and the
-    recorder's interception modes opened inside are closed."""
-)
 
 
 class ForwardWrapper:
