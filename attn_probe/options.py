@@ -20,12 +20,20 @@ def check_tau(tau: Any) -> float:
     return value
 
 
-def check_count(name: str, value: Any, *, optional: bool = False, minimum: int = 1) -> Any:
+#: Why attention over fewer than two tokens is refused where figures are computed.
+ONE_TOKEN = "a 1x1 attention matrix has rank 1 whatever the model does"
+
+
+def check_count(name: str, value: Any, *, optional: bool = False, minimum: int = 1,
+                why: str = "") -> Any:
     """``value`` when it is an int of at least ``minimum`` (or None, when ``optional``), else
-    ``ValueError`` naming the option."""
+    ``ValueError`` naming the option (and saying ``why``, when given)."""
     if value is None and optional:
         return None
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        what = "a positive int" if minimum == 1 else f"an int >= {minimum}"
-        raise ValueError(f"{name} must be {what}{' or None' if optional else ''}, got {value!r}")
+        what = {0: "a non-negative int", 1: "a positive int"}.get(minimum, f"an int >= {minimum}")
+        raise ValueError(
+            f"{name} must be {what}{' or None' if optional else ''}, got {value!r}"
+            + (f": {why}" if why else "")
+        )
     return value

@@ -16,19 +16,25 @@ Data flow: hooks (:mod:`.attention`) -> attention A -> :func:`.metrics.head_metr
 :class:`.aggregate.HeadAccumulator` (sums and counts, reduced across processes) ->
 :class:`.snapshot.Snapshot` -> :mod:`.outputs` and the collapse callback.
 
-``torch.compile``: hooks cannot see inside a compiled graph, so on sampled steps the probe sets
-``torch.compiler.set_stance("force_eager")`` until the step closes: the sampled step runs
-eagerly, every other step runs the compiled code untouched.
+``torch.compile``: hooks cannot see inside a compiled graph, so on sampled steps each forward
+call of the probed model runs eagerly: Dynamo is disabled and ``force_eager`` is in force for
+that call only, from its start to its return (or its exception). Every other step runs the
+compiled code untouched, and compiled code elsewhere in the process is never affected.
+
+The probe changes nothing outside itself and the model it watches, whatever raises where: its
+hooks and wrappers hold it only weakly and go when it is detached or garbage-collected, and
+copies of the model (``copy.deepcopy``, ``torch.save``) are not monitored.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import warnings
-from typing import Callable, Mapping, Sequence
+import weakref
+from typing import Callable, Iterable, Mapping, NamedTuple, Sequence
 
-import torch
+import numpy as np
+
 from torch import Tensor, nn
 
 from . import aggregate
@@ -36,10 +42,10 @@ from .aggregate import HeadAccumulator
 from .attention import ModuleSelector, Observed, Recorder, plan_sites, probabilities
 from .full_context import DEFAULT_MEMORY_BUDGET, full_context_metrics
 from .metrics import head_metrics
-from .options import check_count, check_tau
+from .options import ONE_TOKEN, check_count, check_tau
 from ._compat import renamed
 from .alerts import AlertMonitor, AlertRules
-from .snapshot import Alert, CollapseRule, LayerSummary, Snapshot
+from .snapshot import Alert, CollapseRule, LayerSummary, Snapshot, find_layer
 
 AlertCallback = Callable[[Alert, Snapshot], None]
 CollapseCallback = Callable[[LayerSummary, int, Snapshot], None]  # deprecated
@@ -63,10 +69,15 @@ class AttentionProbe:
         modules: which modules to watch (None: every attention module; names, globs, predicate).
         strategy: "auto", "intercept" or "adapter" (see :func:`attn_probe.capture`).
         per_head: log per-head scalars as well as per-layer ones.
+        offset: sample the steps ``s`` with ``(s - offset) % every == 0`` (default 0: steps 0,
+            every, 2·every, ...; -1: every-1, 2·every-1, ..., the steps Lightning logs at).
         images_every: write pictures on sampled steps that are multiples of this (default
             ``10 * every``); 0 disables pictures.
         heatmaps: layer -> heads whose attention heatmaps are drawn (default: first and last
-            layer, heads 0-3); see :class:`~attn_probe.outputs.TensorBoardWriter`.
+            layer, heads 0-3; None as heads: 0-3). Layers are named as
+            :func:`~attn_probe.snapshot.find_layer` takes them (module name, ``"L07"``, index,
+            -1 for the last) and checked against the monitored modules when the probe is made;
+            a head a layer turns out not to have is left out with a warning.
         heatmap_tokens: heatmaps show at most this many first queries and keys.
         alerts: the rule of each kind of collapse (:class:`~attn_probe.alerts.AlertRules`:
             ``lazy``, ``entropy``, ``logit``, ``sink``; ``None`` turns a kind off).
@@ -87,6 +98,7 @@ class AttentionProbe:
         log_dir: str | None = None,
         writer=None,
         every: int = 100,
+        offset: int = 0,
         tau: float = 0.9,
         max_sequences: int = 1,
         max_tokens: int = 256,
@@ -105,11 +117,14 @@ class AttentionProbe:
         on_collapse: CollapseCallback | None = None,
     ) -> None:
         check_count("every", every)
+        if isinstance(offset, bool) or not isinstance(offset, int):
+            raise ValueError(f"offset must be an int, got {offset!r}")
         tau = check_tau(tau)
         check_count("max_sequences", max_sequences)
-        check_count("max_tokens", max_tokens)
+        check_count("max_tokens", max_tokens, minimum=2, why=ONE_TOKEN)
         check_count("memory_budget", memory_budget)
         check_count("heatmap_tokens", heatmap_tokens)
+        check_count("images_every", images_every, optional=True, minimum=0)
         if log_dir is not None and writer is not None:
             raise ValueError("pass log_dir (the probe makes a SummaryWriter) or writer, not both")
         if logit_cap is not None and not logit_cap > 0:
@@ -118,8 +133,8 @@ class AttentionProbe:
             alerts = dataclasses.replace(alerts, lazy=renamed("rule", "alerts", rule))
         if on_collapse is not None:
             renamed("on_collapse", "on_alert", on_collapse)
-        self.model, self.every, self.tau = model, every, float(tau)
-        self.images_every = 10 * every if images_every is None else int(images_every)
+        self.model, self.every, self.offset, self.tau = model, every, offset, float(tau)
+        self.images_every = 10 * every if images_every is None else images_every
         self.rules, self.on_alert, self.keep_history = alerts, on_alert, history
         self.rule = alerts.lazy or CollapseRule()
         self.on_collapse = on_collapse
@@ -127,21 +142,25 @@ class AttentionProbe:
         self.heatmap_tokens = heatmap_tokens
         self.max_tokens, self.memory_budget = max_tokens, memory_budget
         self.sites = plan_sites(model, modules, strategy)
+        heatmaps = _resolve_heatmaps(heatmaps, self.sites)
+        self._heatmap_heads_checked: set[str] = set()
         self._recorder = Recorder(
-            self.sites, self._measure, max_sequences=max_sequences, max_tokens=max_tokens,
-            strict=False,
+            self.sites, _Measure(self), max_sequences=max_sequences, max_tokens=max_tokens,
+            strict=False, root=model,
         )
         self._accumulator = HeadAccumulator()
         self._samples: dict[str, Tensor] = {}
+        self.heatmaps = heatmaps  #: module name -> heads (None: the default heads), or None
         self._writer_args = dict(
             writer=writer, log_dir=log_dir, per_head=per_head, heatmaps=heatmaps,
             heatmap_tokens=heatmap_tokens, logit_cap=logit_cap,
         )
         self._writer = None
-        self._eager: contextlib.ExitStack | None = None  # force_eager while sampling
+        self._close_writer: weakref.finalize | None = None
         self._next = 0  # the step the coming forward passes belong to
         self._warned: set[tuple[str, str]] = set()  # (kind, layer) warned about
         self._warned_nonfinite = False
+        self._warned_writer = False
         self.history: list[Snapshot] = []
         self.last: Snapshot | None = None
 
@@ -163,6 +182,8 @@ class AttentionProbe:
             from .outputs import TensorBoardWriter
 
             self._writer = TensorBoardWriter(**self._writer_args)
+            # Closed by detach(), or when the probe is collected without it.
+            self._close_writer = weakref.finalize(self, self._writer.close)
         self._recorder.attach()
         self._arm_for(self._next)
         return self
@@ -180,10 +201,10 @@ class AttentionProbe:
                 self._publish(self._next, reduce=collective)
         finally:
             self._recorder.detach()
-            self._leave_eager()
-            if self._writer is not None:
-                self._writer.close()
-                self._writer = None
+            if self._close_writer is not None:
+                self._close_writer()  # self._writer.close(), once
+                self._close_writer = None
+            self._writer = None
 
     @property
     def attached(self) -> bool:
@@ -198,7 +219,7 @@ class AttentionProbe:
 
     # the schedule ------------------------------------------------------------------------
     def is_sampled(self, step: int) -> bool:
-        return step % self.every == 0
+        return (step - self.offset) % self.every == 0
 
     def step(self, global_step: int | None = None) -> Snapshot | None:
         """Close the current step (log what it measured) and open the next one.
@@ -214,22 +235,18 @@ class AttentionProbe:
         self._arm_for(self._next)
         return snapshot
 
+    @property
+    def sampling(self) -> bool:
+        """Whether the coming forward passes belong to a sampled step not closed yet."""
+        return self._recorder.armed
+
     def _arm_for(self, step: int) -> None:
         if not self._recorder.attached:
             return
         if self.is_sampled(step):
             self._recorder.arm()
-            if self._eager is None and hasattr(torch.compiler, "set_stance"):
-                self._eager = contextlib.ExitStack()
-                self._eager.enter_context(torch.compiler.set_stance("force_eager"))
         else:
             self._recorder.disarm()
-            self._leave_eager()
-
-    def _leave_eager(self) -> None:
-        if self._eager is not None:
-            self._eager.close()
-            self._eager = None
 
     def _images_due(self, step: int) -> bool:
         return self.images_every > 0 and step % self.images_every == 0
@@ -265,8 +282,18 @@ class AttentionProbe:
             self.history.append(dataclasses.replace(snapshot, samples={}))
         if aggregate.is_main_process():
             if self._writer is not None:
-                self._writer.write(snapshot, images=self._images_due(step) and bool(samples))
-                self._writer.flush()
+                try:
+                    self._writer.write(snapshot, images=self._images_due(step) and bool(samples))
+                    self._writer.flush()
+                except Exception as error:  # a full disk, say: writing must never stop training
+                    if not self._warned_writer:
+                        self._warned_writer = True
+                        warnings.warn(
+                            f"attn_probe: could not write step {step} to TensorBoard: "
+                            f"{type(error).__name__}: {error}; measuring goes on (in "
+                            "probe.history), this warning is not repeated",
+                            stacklevel=3,
+                        )
             self._warn(snapshot)
         for alert in snapshot.alerts:
             if self.on_alert is not None:
@@ -276,6 +303,7 @@ class AttentionProbe:
         return snapshot
 
     def _warn(self, snapshot: Snapshot) -> None:
+        self._check_heatmap_heads(snapshot)
         if snapshot.has_nonfinite and not self._warned_nonfinite:
             self._warned_nonfinite = True
             bad = [l.name for l in snapshot.layers if l.nonfinite.sum()]
@@ -295,8 +323,77 @@ class AttentionProbe:
         """Every alert fired so far, in order."""
         return list(self._monitor.fired)
 
+    def _check_heatmap_heads(self, snapshot: Snapshot) -> None:
+        """Warn once per layer about chosen heads it does not have (known once it ran)."""
+        for layer in snapshot.layers:
+            heads = (self.heatmaps or {}).get(layer.name)
+            if heads is None or layer.name in self._heatmap_heads_checked:
+                continue
+            self._heatmap_heads_checked.add(layer.name)
+            missing = [h for h in heads if h >= layer.num_heads]
+            if missing:
+                warnings.warn(
+                    f"attn_probe: heatmaps: layer {layer.tag} ({layer.name}) has "
+                    f"{layer.num_heads} heads (0 to {layer.num_heads - 1}); head"
+                    f"{'s' if len(missing) > 1 else ''} {', '.join(map(str, missing))} "
+                    "cannot be drawn",
+                    stacklevel=4,
+                )
+
     @property
     def lazy_layers(self) -> list[str]:
         """Layers that have turned lazy so far."""
         lazy = {alert.layer for alert in self._monitor.fired if alert.kind == "lazy"}
         return [s.name for s in self.sites if s.name in lazy]
+
+
+class _Measure:
+    """The recorder's sink: :meth:`AttentionProbe._measure`, holding the probe weakly, so that
+    probe and recorder form no cycle and a probe dropped without ``detach()`` goes at once (its
+    recorder with it, whose finalizer removes the hooks)."""
+
+    __slots__ = ("_probe",)
+
+    def __init__(self, probe: AttentionProbe) -> None:
+        self._probe = weakref.ref(probe)
+
+    def __call__(self, name: str, observed: Observed) -> None:
+        probe = self._probe()
+        if probe is not None:
+            probe._measure(name, observed)
+
+
+class _Site(NamedTuple):
+    name: str
+    index: int
+
+
+def _resolve_heatmaps(heatmaps: Mapping[str | int, Sequence[int] | None] | None,
+                      sites: Sequence) -> dict[str, list[int] | None] | None:
+    """``heatmaps`` with every layer resolved to a monitored module's name, or ``ValueError``
+    for a layer that is not monitored or a head number that cannot be one."""
+    if heatmaps is None:
+        return None
+    if not isinstance(heatmaps, Mapping):
+        raise TypeError(f"heatmaps must map layers to head numbers, got {heatmaps!r}")
+    layers = [_Site(site.name, i) for i, site in enumerate(sites)]
+    resolved: dict[str, list[int] | None] = {}
+    for key, heads in heatmaps.items():
+        try:
+            name = find_layer(layers, key).name
+        except KeyError as error:
+            raise ValueError(f"heatmaps: {error.args[0]}") from None
+        if heads is None:
+            resolved.setdefault(name, None)
+            continue
+        if isinstance(heads, (str, bytes)) or not isinstance(heads, Iterable):
+            raise ValueError(f"heatmaps[{key!r}]: expected head numbers, got {heads!r}")
+        heads = list(heads)
+        for head in heads:
+            if isinstance(head, bool) or not isinstance(head, (int, np.integer)) or head < 0:
+                raise ValueError(
+                    f"heatmaps[{key!r}]: heads are numbers from 0, got {head!r}"
+                )
+        merged = resolved.get(name) or []
+        resolved[name] = merged + [int(h) for h in heads if int(h) not in merged]
+    return resolved

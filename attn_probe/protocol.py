@@ -13,6 +13,7 @@ sequences, and a layer's MaxRank the largest of its heads' averages.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable, Iterable, Iterator
 
 import torch
@@ -25,7 +26,7 @@ from .attention import (
 )
 from .full_context import DEFAULT_MEMORY_BUDGET, full_context_metrics
 from .metrics import head_metrics
-from .options import check_count, check_tau
+from .options import ONE_TOKEN, check_count, check_tau
 from .snapshot import CollapseRule, Snapshot
 
 
@@ -57,16 +58,15 @@ class Capture:
         self._observed: dict[str, Observed] = {}
         self._recorder = Recorder(
             self.sites, self._record, max_sequences=max_sequences, max_tokens=max_tokens,
-            strict=True,
+            strict=True, root=model,
         )
 
     def _record(self, name: str, observed: Observed) -> None:
         self._attention[name] = probabilities(observed, self.max_tokens)
         if isinstance(observed, AttentionInputs):  # keep q and k as they were at this call
-            observed = AttentionInputs(
-                observed.query.clone(), observed.key.clone(),
-                None if observed.attn_mask is None else observed.attn_mask.clone(),
-                observed.is_causal, observed.scale,
+            observed = dataclasses.replace(
+                observed, query=observed.query.clone(), key=observed.key.clone(),
+                attn_mask=None if observed.attn_mask is None else observed.attn_mask.clone(),
             )
         self._observed[name] = observed
 
@@ -191,6 +191,7 @@ def rank_profile(
     if n_sequences is not None:
         max_sequences = renamed("n_sequences", "max_sequences", n_sequences)
     check_count("max_sequences", max_sequences)
+    check_count("max_tokens", max_tokens, optional=True, minimum=2, why=ONE_TOKEN)
     tau = check_tau(tau)
     accumulator = HeadAccumulator()
     kept: dict[str, Tensor] = {}
@@ -202,6 +203,12 @@ def rank_profile(
             cap.reset()
             with torch.no_grad():
                 _call(model, batch)
+            for name, attention in cap.attention.items():
+                if attention.shape[-2] < 2:
+                    raise ValueError(
+                        f"rank_profile: {name} attended over {attention.shape[-2]} token; "
+                        f"give batches of at least 2 tokens ({ONE_TOKEN})"
+                    )
             for name, figures in cap.metrics(tau).items():
                 accumulator.update(name, {k: v[:take] for k, v in figures.items()})
             for name, attention in cap.attention.items():

@@ -1,4 +1,5 @@
-"""Fixtures shared by the test modules.
+"""Fixtures shared by the test modules, and the rule that CI may not skip the optional
+dependencies' tests (:mod:`extras_rule`).
 
 The test tree mirrors the package (tests/attention/ for attn_probe/attention/, ...). Every test
 file, at any depth, imports the shared helpers by their plain names (``from reference import
@@ -27,10 +28,16 @@ from toy_models import (  # noqa: E402
 )
 
 
+# CI may not skip the optional dependencies' tests (see extras_rule.py).
+from extras_rule import pytest_make_collect_report, pytest_runtest_makereport  # noqa: E402,F401
+
+
 @pytest.fixture(scope="module")
 def single_thread():
     """Tiny matrices and models: intra-op threads only add synchronisation overhead, badly so on
     a busy machine. Restores the thread count after the module."""
+    import torch
+
     previous = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

@@ -13,6 +13,7 @@ scratch, so the tests compare the package with something it did not produce.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from pathlib import Path
@@ -285,6 +286,32 @@ def no_hooks_left(model: torch.nn.Module) -> bool:
         not m._forward_hooks and not m._forward_pre_hooks and "forward" not in m.__dict__
         for m in model.modules()
     ) and torch._C._len_torch_function_stack() == 0
+
+
+def process_state() -> dict:
+    """What a probe must leave as it found it: the compiler stance, grad mode, autocast, the
+    default dtype, the torch function mode stack and the global module hooks."""
+    from torch._dynamo import eval_frame
+    from torch.nn.modules import module
+
+    return {
+        "stance": dataclasses.replace(eval_frame._stance),
+        "eval_frame_callback": torch._C._dynamo.eval_frame.get_eval_frame_callback(),
+        "grad": torch.is_grad_enabled(),
+        "inference_mode": torch.is_inference_mode_enabled(),
+        "autocast": (torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")),
+        "default_dtype": torch.get_default_dtype(),
+        "function_modes": torch._C._len_torch_function_stack(),
+        "global_hooks": bool(module._has_any_global_hook()),
+    }
+
+
+def hooks_on(model: torch.nn.Module) -> list[str]:
+    """Names of the modules of ``model`` that carry a hook or an instance forward."""
+    return [
+        name for name, m in model.named_modules()
+        if m._forward_hooks or m._forward_pre_hooks or "forward" in m.__dict__
+    ]
 
 
 def assert_logged(scalars: dict, want: Sequence, step: int, layers: int, tol: float) -> float:

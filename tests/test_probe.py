@@ -105,6 +105,12 @@ def test_global_step_and_schedule(tmp_path):
     assert [s.step for s in probe.history] == [100, 105, 110]
     steps = [step for step, _ in scalar_events(tmp_path)["rank90/max/L01"]]
     assert steps == [100, 105, 110]
+    # offset=-1: the steps a logger counting from 1 logs at (Lightning)
+    with attn_probe.AttentionProbe(model, every=5, offset=-1, images_every=0) as probe:
+        for _ in range(12):
+            model(torch.randint(0, 64, (2, 8)))
+            probe.step()
+    assert [s.step for s in probe.history] == [4, 9]
 
 
 def test_unsampled_steps_do_not_measure():
@@ -199,6 +205,81 @@ def test_nan_attention_is_flagged_not_a_crash(tmp_path):
     assert math.isfinite(scalars["rank90/max/L00"][0][1])
 
 
+class Custom(nn.Module):
+    """No kernel to intercept: served by the (failing) adapter registered for it."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(8, 8)
+
+    def forward(self, x):
+        return x + self.proj(x).relu()
+
+
+def test_failing_adapter_skips_its_module_and_training_goes_on(tmp_path):
+    def broken(module, args, kwargs, *, max_sequences, max_tokens):
+        raise RuntimeError("adapter bug")
+
+    def run(probe_dir):
+        torch.manual_seed(0)
+        model = nn.Sequential(SinkAttention(collapsed=False), Custom())
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        probe = None
+        if probe_dir is not None:
+            probe = attn_probe.AttentionProbe(model, log_dir=probe_dir, every=2, images_every=0)
+            assert [s.name for s in probe.sites] == ["0", "1"]
+            probe.attach()
+        losses = []
+        for step in range(6):
+            x = torch.randn(2, 6, 8, generator=torch.Generator().manual_seed(step))
+            loss = model(x).pow(2).mean()
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            losses.append(loss.detach())
+            if probe is not None:
+                probe.step()
+        if probe is not None:
+            probe.detach()
+        return losses
+
+    handle = attn_probe.register_adapter(Custom, broken)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            losses = run(tmp_path)
+    finally:
+        handle.remove()
+    assert torch.equal(torch.stack(losses), torch.stack(run(None)))  # training unchanged
+    about = [str(w.message) for w in caught if "'1'" in str(w.message)]
+    assert len(about) == 1 and "adapter bug" in about[0], about
+    scalars = scalar_events(tmp_path)
+    assert [step for step, _ in scalars["rank90/max/L00"]] == [0, 2, 4]
+    assert not [tag for tag in scalars if tag.endswith("L01")]
+
+
+def test_failing_writer_warns_once_and_measuring_goes_on():
+    class FullDisk:
+        def add_scalar(self, *args, **kwargs):
+            raise OSError("No space left on device")
+
+        add_custom_scalars = add_image = add_scalar
+
+        def flush(self):
+            pass
+
+    model = small_gpt()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with attn_probe.AttentionProbe(model, writer=FullDisk(), every=1) as probe:
+            for _ in range(3):
+                model(torch.randint(0, 64, (2, 8)))
+                probe.step()
+    about = [str(w.message) for w in caught if "could not write" in str(w.message)]
+    assert len(about) == 1 and "No space left on device" in about[0], about
+    assert [s.step for s in probe.history] == [0, 1, 2]
+
+
 class SinkAttention(nn.Module):
     """Every query attends to key 0 only: a lazy layer by construction."""
 
@@ -246,6 +327,41 @@ def test_bad_arguments_say_what_to_do():
         attn_probe.AttentionProbe(model, log_dir="x", writer=object())
     with pytest.raises(LookupError, match="searched for"):
         attn_probe.AttentionProbe(nn.Sequential(nn.Linear(2, 2)))
+    with pytest.raises(ValueError, match=r"max_tokens must be an int >= 2, got 1: a 1x1"):
+        attn_probe.AttentionProbe(model, max_tokens=1)
+    with pytest.raises(ValueError, match="images_every must be a non-negative int"):
+        attn_probe.AttentionProbe(model, images_every=-1)
+    # heatmap layers are checked against the monitored modules, with the package's lookup
+    with pytest.raises(ValueError, match=r"no layer 'L09'; the layers are: L00 .*, L01"):
+        attn_probe.AttentionProbe(model, heatmaps={"L09": [0], 0: [7]})
+    with pytest.raises(ValueError, match="no layer 2"):
+        attn_probe.AttentionProbe(model, heatmaps={2: [0]})
+    with pytest.raises(ValueError, match=r"heatmaps\[-1\]: heads are numbers from 0, got -2"):
+        attn_probe.AttentionProbe(model, heatmaps={-1: [0, -2]})
+    with pytest.raises(ValueError, match="expected head numbers"):
+        attn_probe.AttentionProbe(model, heatmaps={0: 3})
+    probe = attn_probe.AttentionProbe(model, heatmaps={"L01": [1], -1: [0], 0: None})
+    assert probe.heatmaps == {"transformer.h.1.attn": [1, 0], "transformer.h.0.attn": None}
+    with pytest.raises(ValueError, match=r"max_tokens must be an int >= 2 or None, got 1"):
+        attn_probe.rank_profile(model, [torch.randint(0, 64, (1, 8))], max_tokens=1)
+    with pytest.raises(ValueError, match="attended over 1 token"):
+        attn_probe.rank_profile(model, [torch.randint(0, 64, (1, 1))])
+
+
+def test_heatmap_head_a_layer_lacks_warns_once(tmp_path):
+    model = small_gpt()  # 4 heads per layer
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with attn_probe.AttentionProbe(model, log_dir=tmp_path, every=1, images_every=1,
+                                       heatmaps={0: [7, 1], "L01": [2]}) as probe:
+            for _ in range(2):
+                model(torch.randint(0, 64, (2, 8)))
+                probe.step()
+    messages = [str(w.message) for w in caught if "heatmaps" in str(w.message)]
+    assert messages == ["attn_probe: heatmaps: layer L00 (transformer.h.0.attn) has 4 heads "
+                        "(0 to 3); head 7 cannot be drawn"]
+    images = read_images(tmp_path)
+    assert {"attention/L00", "attention/L01"} <= set(images)  # the heads that exist are drawn
 
 
 # ------------------------------------------------------------------------- torch.compile

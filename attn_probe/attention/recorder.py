@@ -12,17 +12,22 @@ Each monitored module (a *site*) is served by one strategy, chosen once when hoo
 
 Unarmed, every hook returns at once. Armed, each site is measured on its first forward call and
 left alone afterwards, so gradient accumulation, evaluation passes or activation recomputation
-in the same step are not counted twice. Every hook and wrapper is owned and removed by
-:meth:`detach`, also when a forward raised.
+in the same step are not counted twice; and when the recorder is given the model's ``root``,
+the root's forward calls run eagerly while armed (compiled code would hide the kernels).
+
+Every hook, wrapper and mode is owned by the recorder and scoped (see :mod:`.hooks`): the hooks
+reach the recorder through weak references, :meth:`detach` removes them (also when a forward
+raised), and so does the recorder's garbage collection when nobody detached it; an eager call
+and the interception modes opened inside it end with that call; copies of the model are not
+monitored.
 """
 
 from __future__ import annotations
 
-import functools
 import sys
 import warnings
+import weakref
 from dataclasses import dataclass, field
-from types import MethodType
 from typing import Any, Callable
 
 import torch
@@ -31,6 +36,7 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 from torch.utils.hooks import RemovableHandle
 
+from . import hooks
 from .adapters import find_adapter
 from .rebuild import AttentionInputs, AttentionScores
 from .sites import CaptureError, Site
@@ -89,46 +95,73 @@ class Recorder:
         max_sequences: int | None = None,
         max_tokens: int | None = None,
         strict: bool = True,
+        root: nn.Module | None = None,
     ) -> None:
         self.sites, self.on_attention = sites, on_attention
         self.max_sequences, self.max_tokens, self.strict = max_sequences, max_tokens, strict
+        self.root = root  #: its forward calls run eagerly while armed (None: no eager forcing)
         self.armed = False
         self.calls: dict[str, int] = {}
         self._done: set[str] = set()
         self._stack: list[_Frame] = []
-        self._handles: list[RemovableHandle | _ForwardWrapper] = []
+        self._handles: list[RemovableHandle | hooks.ForwardWrapper] = []
+        self._release: weakref.finalize | None = None
         self._warned: set[str] = set()
 
     # lifecycle ---------------------------------------------------------------------------
     def attach(self) -> None:
         if self._handles:
             return
+        # Removes everything below when detach() runs, or when this recorder is collected
+        # without detach (hooks hold it weakly, so the model never keeps it alive).
+        self._release = weakref.finalize(self, hooks.release, self._handles)
+        self._release.atexit = False
         try:
             for site in self.sites:
-                if site.wraps_forward and _ForwardWrapper.applies(site.module):
-                    before = lambda a, k, site=site: self._pre(site, a, k)  # noqa: E731
-                    self._handles.append(_ForwardWrapper(site.module, before))
-                    continue
-                pre = lambda m, a, k, site=site: self._pre(site, a, k)  # noqa: E731
-                post = lambda m, a, k, o, site=site: self._post(site, o)  # noqa: E731
-                self._handles.append(site.module.register_forward_pre_hook(pre, with_kwargs=True))
-                self._handles.append(
-                    site.module.register_forward_hook(
-                        post, with_kwargs=True, always_call=True, prepend=True
+                if site.wraps_forward:
+                    self._handles.append(
+                        hooks.ForwardWrapper(site.module, hooks.BeforeForward(self, site))
                     )
+                    continue
+                module = site.module
+                self._handles.append(
+                    module.register_forward_pre_hook(hooks.PreHook(self, site), with_kwargs=True)
+                )
+                self._handles.append(
+                    module.register_forward_hook(
+                        hooks.PostHook(self, site), with_kwargs=True, always_call=True,
+                        prepend=True,
+                    )
+                )
+            if self.root is not None and hooks.CAN_FORCE_EAGER:
+                self._handles.append(
+                    hooks.ForwardWrapper(self.root, hooks.EagerWhileArmed(self))
                 )
         except BaseException:
             self.detach()
             raise
 
     def detach(self) -> None:
-        while self._stack:  # a forward interrupted mid-way: leave no mode behind
-            frame = self._stack.pop()
-            frame.mode.__exit__(None, None, None)
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
+        self._unwind(0)  # a forward interrupted mid-way: leave no mode behind
+        if self._release is not None:
+            self._release()  # hooks.release(self._handles), once
+            self._release = None
         self.armed = False
+
+    def _depth(self) -> int:
+        return len(self._stack)
+
+    def _unwind(self, depth: int) -> None:
+        """Close the interception modes opened above ``depth`` (innermost first)."""
+        while len(self._stack) > depth:
+            self._close(self._stack.pop())
+
+    @staticmethod
+    def _close(frame: _Frame) -> None:
+        # The mode refers to its frame: drop it, so that no cycle keeps this recorder alive
+        # after its owner let go of it.
+        mode, frame.mode = frame.mode, None
+        mode.__exit__(None, None, None)
 
     @property
     def attached(self) -> bool:
@@ -166,7 +199,7 @@ class Recorder:
         if not self._stack or self._stack[-1].site is not site:
             return
         frame = self._stack.pop()
-        frame.mode.__exit__(None, None, None)
+        self._close(frame)
         if output is None and sys.exc_info()[1] is not None:
             # The forward raised (hooks with always_call run from its exception handler): leave
             # the site pending and let the model's own error through.
@@ -227,38 +260,6 @@ class Recorder:
                 warnings.warn(f"attn_probe: not measuring {site.name!r}: {error}", stacklevel=3)
             return
         self.on_attention(site.name, observed)
-
-
-class _ForwardWrapper:
-    """Runs ``before(args, kwargs)`` ahead of each call of ``module.forward``, through a bound
-    method in the instance's ``__dict__`` that shadows the class's forward; :meth:`remove` takes
-    it away again. Used where a hook would change how the module runs.
-
-    The wrapper calls the class's forward on whichever module it is bound to, so a copy of the
-    module (``copy.deepcopy`` rebinds it to the copy) runs its own weights, unmonitored.
-    """
-
-    def __init__(self, module: nn.Module, before: Callable[[tuple, dict], None]) -> None:
-        self.module = module
-        cls_forward = type(module).forward
-
-        @functools.wraps(cls_forward)
-        def forward(this, *args, **kwargs):
-            if this is module:
-                before(args, kwargs)
-            return cls_forward(this, *args, **kwargs)
-
-        self._forward = MethodType(forward, module)
-        module.__dict__["forward"] = self._forward
-
-    @staticmethod
-    def applies(module: nn.Module) -> bool:
-        """False where the instance already has its own forward: hooks are used instead."""
-        return "forward" not in module.__dict__
-
-    def remove(self) -> None:
-        if self.module.__dict__.get("forward") is self._forward:
-            del self.module.__dict__["forward"]
 
 
 def _no_kernel_call(site: Site) -> CaptureError:

@@ -37,6 +37,24 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _tokens(text: str) -> int:
+    value = _positive_int(text)
+    if value < 2:
+        raise argparse.ArgumentTypeError(
+            f"must be at least 2, got {value}: with one token every attention matrix is 1x1, "
+            "of rank 1 whatever the model does"
+        )
+    return value
+
+
+def _device(text: str) -> str:
+    try:
+        torch.device(text)
+    except (RuntimeError, ValueError) as error:
+        raise argparse.ArgumentTypeError(f"unknown device {text!r}: {one_line(error)}") from None
+    return text
+
+
 def _tau(text: str) -> float:
     try:
         value = float(text)
@@ -69,8 +87,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sequences", "--n", type=_positive_int, default=100,
                         action=deprecated_aliases("--n"),
                         help="number of sequences, the paper's N (%(default)s)")
-    parser.add_argument("--tokens", type=_positive_int, default=100,
-                        help="tokens per sequence (%(default)s)")
+    parser.add_argument("--tokens", type=_tokens, default=100,
+                        help="tokens per sequence, at least 2 (%(default)s)")
     parser.add_argument("--tau", type=_tau, default=0.9,
                         help="energy / mass threshold of rank@tau and columns@tau (%(default)s)")
     parser.add_argument("--out", metavar="DIR",
@@ -89,7 +107,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="allow a Hugging Face model directory to run its own Python code")
     parser.add_argument("--seed", type=int, default=0,
                         help="seed of the sampled or random token ids (%(default)s)")
-    parser.add_argument("--device", default="cpu",
+    parser.add_argument("--device", type=_device, default="cpu",
                         help="torch device to run the model on (%(default)s)")
 
 

@@ -6,10 +6,19 @@ import argparse
 import sys
 import time
 import warnings
+from typing import NoReturn
 
 
 class UsageError(Exception):
     """Bad input from the command line: printed as one line, exit status 2."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """An ``argparse`` parser whose errors are one line, like every other bad input:
+    ``attn-probe analyze: error: argument --tau: ...`` and exit status 2, without the usage."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {one_line(message)} (see {self.prog} --help)\n")
 
 
 def one_line(text: object) -> str:

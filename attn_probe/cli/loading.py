@@ -136,6 +136,10 @@ def _from_pretrained(auto: Any, path: Path, config: Any, common: dict) -> tuple[
             raise UsageError(f"{path}: cannot load the model: {message}") from None
         except (OSError, ImportError) as error:
             raise UsageError(f"{path}: cannot load the model: {one_line(error)}") from None
+        except Exception as error:  # noqa: BLE001 - corrupt weights (SafetensorError, unpickling)
+            raise UsageError(
+                f"{path}: cannot load the model: {type(error).__name__}: {one_line(error)}"
+            ) from None
     return None
 
 

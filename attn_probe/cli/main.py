@@ -6,7 +6,7 @@ import argparse
 import sys
 from typing import Sequence
 
-from .console import Progress, UsageError, deprecated_aliases
+from .console import ArgumentParser, Progress, UsageError, deprecated_aliases
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -32,7 +32,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="attn-probe",
         description="Watch attention collapse: rank@tau and columns@tau of every attention head.",
     )
@@ -83,7 +83,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"attn-probe {args.command}: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("attn-probe: interrupted", file=sys.stderr)
+        print(f"attn-probe {args.command}: interrupted", file=sys.stderr)
         return 130
 
 

@@ -5,7 +5,7 @@
 >>> args = TrainingArguments(output_dir="out", logging_steps=50, max_steps=1000)
 >>> probe_cb = AttentionProbeCallback(max_sequences=2, max_tokens=256)
 >>> trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=[probe_cb])
->>> trainer.train()          # rank90/max/L00, ... in out/attn_probe at steps 50, 100, ...
+>>> trainer.train()          # rank90/max/L00, ... beside train/loss in out/runs/<time>_<host>
 >>> probe_cb.probe.history   # the snapshots, also after training
 
 Needs ``transformers`` (``pip install "attn_probe[hf]"``); without it, importing this module
@@ -15,6 +15,8 @@ works but using :class:`AttentionProbeCallback` raises ``ImportError``.
 from __future__ import annotations
 
 import os
+import socket
+from datetime import datetime, timedelta
 from typing import Any
 
 from .base import ProbeCallback, optional_base
@@ -26,12 +28,28 @@ _TrainerCallback, __getattr__ = optional_base(
 __all__ = ["AttentionProbeCallback", "default_log_dir"]
 
 
-def default_log_dir(args: Any) -> str:
-    """Where the callback logs when given neither ``log_dir`` nor ``writer``.
+#: How long before the probe's ``on_train_begin`` the Trainer's TensorBoardCallback may have
+#: named its run directory (it does so in its own ``on_train_begin``, just before).
+_RUN_NAME_WINDOW_S = 60
 
-    ``args.logging_dir`` where ``TrainingArguments`` still has one (transformers 4), else the
-    ``TENSORBOARD_LOGGING_DIR`` environment variable (the directory of transformers' own
-    TensorBoard callback, when set), else ``<output_dir>/attn_probe``.
+
+def _run_name(when: datetime) -> str:
+    """``runs/<Mon DD_HH-MM-SS>_<host>``: the run directory transformers (and torch's
+    ``SummaryWriter``) name after the time and the host."""
+    return os.path.join("runs", when.strftime("%b%d_%H-%M-%S") + "_" + socket.gethostname())
+
+
+def default_log_dir(args: Any, now: datetime | None = None) -> str:
+    """Where the callback logs when given neither ``log_dir`` nor ``writer``: the directory the
+    Trainer's own ``TensorBoardCallback`` writes to, so that the probe's scalars and the
+    Trainer's ``train/loss`` are one TensorBoard run.
+
+    That is ``args.logging_dir`` where ``TrainingArguments`` still has one (transformers 4),
+    else the ``TENSORBOARD_LOGGING_DIR`` environment variable when set, else
+    ``<output_dir>/runs/<Mon DD_HH-MM-SS>_<host>``, named by the TensorBoardCallback at the
+    time it started (transformers 5): with ``report_to`` including ``"tensorboard"``, the newest
+    such directory made in the last minute, else (no TensorBoard callback runs) a new name
+    of that form for ``now``.
     """
     logging_dir = getattr(args, "logging_dir", None)
     if logging_dir:
@@ -39,7 +57,15 @@ def default_log_dir(args: Any) -> str:
     env = os.environ.get("TENSORBOARD_LOGGING_DIR")
     if env:
         return os.path.expanduser(env)
-    return os.path.join(getattr(args, "output_dir", None) or ".", "attn_probe")
+    output_dir = getattr(args, "output_dir", None) or "."
+    now = now or datetime.now()
+    report_to = getattr(args, "report_to", None) or []
+    if "tensorboard" in ([report_to] if isinstance(report_to, str) else list(report_to)):
+        for seconds in range(_RUN_NAME_WINDOW_S + 1):
+            candidate = os.path.join(output_dir, _run_name(now - timedelta(seconds=seconds)))
+            if os.path.isdir(candidate):
+                return candidate
+    return os.path.join(output_dir, _run_name(now))
 
 
 if _TrainerCallback is not None:
@@ -69,6 +95,12 @@ if _TrainerCallback is not None:
         :class:`~attn_probe.AttentionProbe` is :attr:`probe` (made on ``on_train_begin``);
         its hooks are removed on ``on_train_end``.
 
+        The Trainer calls no callback when ``train()`` raises, so after an exception the probe
+        stays attached to the model until ``callback.probe.detach(collective=False)`` or until
+        the callback is garbage-collected. It holds nothing process-wide meanwhile (no compiler
+        stance, no mode: see :class:`~attn_probe.AttentionProbe`), so compiled code and other
+        models are unaffected; a next ``trainer.train()`` replaces it.
+
         Under DDP or FSDP every process runs the callback; each measures its own sequences,
         the figures are the mean over all processes and process 0 writes them.
 
@@ -82,7 +114,7 @@ if _TrainerCallback is not None:
                 train_dataset=train_dataset,
                 callbacks=[AttentionProbeCallback(max_sequences=2, max_tokens=256)],
             )
-            trainer.train()  # then: tensorboard --logdir out/attn_probe
+            trainer.train()  # then: tensorboard --logdir out/runs
         """
 
         def on_train_begin(self, args, state, control, model=None, **kwargs):

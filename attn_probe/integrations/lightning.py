@@ -53,9 +53,13 @@ if _Callback is not None:
 
         Steps are numbered as Lightning numbers them: step ``s`` is the work that leads to
         optimizer step ``s`` (``trainer.global_step == s`` while its batches run, 0-based),
-        which is also the step Lightning logs that work's ``self.log`` values at. The probe
-        samples steps 0, every, 2·every, ..., measures the *first* forward pass of a sampled
-        step (its first micro-batch under ``accumulate_grad_batches``) and logs it at ``s``.
+        which is also the step Lightning logs that work's ``self.log`` values at. Lightning
+        logs every ``log_every_n_steps`` steps counting from 1, that is at steps ``s`` with
+        ``(s + 1) % n == 0`` (``n - 1``, ``2n - 1``, ...), so the probe samples the same steps
+        (``offset=-1``: with ``every=n`` the steps ``every - 1``, ``2·every - 1``, ...), measures
+        the *first* forward pass of a sampled step (its first micro-batch under
+        ``accumulate_grad_batches``) and logs it at ``s``: beside the ``train_loss`` of that
+        step. Pass ``offset=0`` to sample steps 0, every, 2·every, ... instead.
 
         The hooks are installed on ``on_train_start``, after the sanity-check validation, and
         a step is closed when the first batch of the next step starts (``on_train_batch_start``)
@@ -82,6 +86,10 @@ if _Callback is not None:
         """
 
         # lifecycle -------------------------------------------------------------------
+        def __init__(self, model: Any = None, **probe_kwargs: Any) -> None:
+            probe_kwargs.setdefault("offset", -1)  # Lightning logs at (s + 1) % n == 0
+            super().__init__(model, **probe_kwargs)
+
         def on_fit_start(self, trainer, pl_module) -> None:
             self._make_probe(pl_module, lambda: default_log_dir(trainer),
                              lambda: int(trainer.log_every_n_steps) or 100)

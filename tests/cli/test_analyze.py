@@ -114,6 +114,22 @@ HELPERS_SOURCE = textwrap.dedent(
 
     def make_mlp():
         return nn.Sequential(nn.Embedding(VOCAB, DIM), nn.Linear(DIM, DIM))
+
+
+    def make_sized(width, depth=2):
+        return TinyLM()
+
+
+    def make_raising():
+        raise RuntimeError("no weights here")
+
+
+    def make_number():
+        return 42
+
+
+    def make_interrupted():
+        raise KeyboardInterrupt
     """
 )
 
@@ -328,7 +344,10 @@ def in_process(work, monkeypatch, capsys):
 
     def call(*args: str) -> tuple[int, str, str]:
         capsys.readouterr()
-        status = main(["analyze", *args])
+        try:
+            status = main(["analyze", *args])
+        except SystemExit as exit:  # argparse's errors
+            status = exit.code
         out, err = capsys.readouterr()
         return status, out, err
 
@@ -488,6 +507,59 @@ def test_usage_errors_in_process(work, in_process, args, needles):
     for needle in needles:
         assert needle in lines[0], lines[0]
     assert not (root / "nope").exists()
+
+
+@pytest.mark.parametrize(
+    "factory, args, needles",
+    [
+        ("make_model", ["--tau", "0"], ["argument --tau", "must be in (0, 1], got 0.0"]),
+        ("make_model", ["--tau", "1.5"], ["argument --tau", "got 1.5"]),
+        ("make_model", ["--tau", "x"], ["argument --tau", "got 'x'"]),
+        ("make_model", ["--tokens", "1"], ["argument --tokens", "at least 2", "rank 1"]),
+        ("make_model", ["--tokens", "0"], ["argument --tokens", "at least 1"]),
+        ("make_model", ["--device", "warp9"], ["argument --device", "unknown device 'warp9'"]),
+        ("make_model", ["--out", "model.txt"], ["--out model.txt exists and is not a directory"]),
+        ("make_sized", [], ["callable without arguments", "requires width"]),
+        ("make_raising", [], ["the factory raised RuntimeError: no weights here"]),
+        ("make_number", [], ["the factory returned int, not a torch.nn.Module"]),
+    ],
+)
+def test_documented_errors_in_process(work, in_process, factory, args, needles):
+    """Each documented error path: exit status 2, one line on stderr, nothing written."""
+    root = work["root"]
+    if "--out" not in args:
+        args = [*args, "--out", str(root / "nope")]
+    status, _, err = in_process(f"{HELPERS}:{factory}", "--sequences", "2", "--tokens", "8",
+                                *args)  # a later --tokens wins
+    assert status == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("attn-probe analyze: error: "), err
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    assert not (root / "nope").exists()
+
+
+def test_interrupt_is_one_line(work, in_process):
+    status, _, err = in_process(f"{HELPERS}:make_interrupted", "--out", str(work["root"] / "nope"))
+    assert status == 130
+    assert err.strip().splitlines() == ["attn-probe analyze: interrupted"]
+
+
+@pytest.mark.parametrize("weights", ["model.safetensors", "pytorch_model.bin"])
+def test_corrupt_hugging_face_weights_are_one_line(work, in_process, weights):
+    if work["llama_dir"] is None:
+        pytest.skip("transformers (and tokenizers) not installed")
+    corrupt = work["root"] / f"corrupt-{weights}"
+    corrupt.mkdir(exist_ok=True)
+    (corrupt / "config.json").write_bytes((work["llama_dir"] / "config.json").read_bytes())
+    (corrupt / weights).write_bytes(b"\x80\x02 this is not a weights file" * 8)
+    status, _, err = in_process(str(corrupt), "--sequences", "2", "--tokens", "8",
+                                "--out", str(work["root"] / "nope"))
+    assert status == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert lines[0].startswith(f"attn-probe analyze: error: {corrupt}: cannot load the model: ")
+    assert not (work["root"] / "nope").exists()
 
 
 def test_model_errors_in_process(work, in_process):

@@ -10,6 +10,9 @@ files, step for step. Evaluation batches must never be measured.
 from __future__ import annotations
 
 import math
+import socket
+from datetime import datetime
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -69,7 +72,7 @@ def test_huggingface_trainer_logs_first_micro_batch_of_sampled_steps(tmp_path, m
     args = transformers.TrainingArguments(
         output_dir=str(tmp_path), max_steps=6, logging_steps=2, per_device_train_batch_size=3,
         per_device_eval_batch_size=3, gradient_accumulation_steps=accumulation,
-        learning_rate=1e-2, report_to="none", use_cpu=True, save_strategy="no",
+        learning_rate=1e-2, report_to="tensorboard", use_cpu=True, save_strategy="no",
         eval_strategy="steps", eval_steps=1, eval_on_start=True, disable_tqdm=True,
         dataloader_num_workers=0, seed=0,
     )
@@ -83,7 +86,13 @@ def test_huggingface_trainer_logs_first_micro_batch_of_sampled_steps(tmp_path, m
     probe = callback.probe
     assert probe.every == 2  # from logging_steps
     assert no_hooks_left(model)
-    scalars = read_scalars(tmp_path / "attn_probe")
+    # The probe writes beside the Trainer's own TensorBoard run: one run, shared steps.
+    (tensorboard,) = [c for c in trainer.callback_handler.callbacks
+                      if type(c).__name__ == "TensorBoardCallback"]
+    run = Path(tensorboard.logging_dir)
+    assert run.parent == tmp_path / "runs"
+    scalars = read_scalars(run)
+    assert sorted(scalars["train/loss"]) == [2, 4, 6]
     for tag in ("rank90/max/L00", "rank90/max/L01", "columns90/max/L01", "entropy/mean/L00"):
         assert sorted(scalars[tag]) == [2, 4, 6], (tag, scalars[tag])
     assert [s.step for s in probe.history] == [2, 4, 6]
@@ -107,8 +116,16 @@ def test_huggingface_default_log_dir(tmp_path, monkeypatch):
     from attn_probe.integrations.huggingface import default_log_dir
 
     monkeypatch.delenv("TENSORBOARD_LOGGING_DIR", raising=False)
-    args = SimpleNamespace(output_dir=str(tmp_path))
-    assert default_log_dir(args) == str(tmp_path / "attn_probe")
+    host = socket.gethostname()
+    now = datetime(2025, 3, 7, 14, 5, 9)
+    # No TensorBoard callback: where one would write.
+    args = SimpleNamespace(output_dir=str(tmp_path), report_to=[])
+    assert default_log_dir(args, now) == str(tmp_path / "runs" / f"Mar07_14-05-09_{host}")
+    # The TensorBoardCallback named its run a few seconds earlier (an older run beside it).
+    for name in (f"Mar07_14-05-02_{host}", f"Mar07_14-04-58_{host}", f"Mar07_13-00-00_{host}"):
+        (tmp_path / "runs" / name).mkdir(parents=True)
+    args = SimpleNamespace(output_dir=str(tmp_path), report_to=["tensorboard"])
+    assert default_log_dir(args, now) == str(tmp_path / "runs" / f"Mar07_14-05-02_{host}")
     assert default_log_dir(SimpleNamespace(output_dir="x", logging_dir="logs")) == "logs"
     monkeypatch.setenv("TENSORBOARD_LOGGING_DIR", str(tmp_path / "tb"))
     assert default_log_dir(SimpleNamespace(output_dir="x")) == str(tmp_path / "tb")

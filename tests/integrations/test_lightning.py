@@ -107,12 +107,14 @@ def test_lightning_trainer_logs_first_micro_batch_of_sampled_steps(tmp_path):
     assert no_hooks_left(module)
     log_dir = Path(logger.log_dir)  # the probe writes next to Lightning's own scalars
     scalars = read_scalars(log_dir)
-    assert "train_loss" in scalars
+    # Lightning logs every 2 steps counting from 1 (steps 1, 3, 5); the probe samples the same
+    # steps, so each of its figures shares a step with the train_loss of that step.
+    assert sorted(scalars["train_loss"]) == [1, 3, 5]
     for tag in ("rank90/max/L00", "rank90/max/L01", "columns90/max/L00", "sink/mean/L01"):
-        assert sorted(scalars[tag]) == [0, 2, 4], (tag, scalars[tag])
+        assert sorted(scalars[tag]) == [1, 3, 5], (tag, scalars[tag])
 
     worst, closest = 0.0, math.inf
-    for step in (0, 2, 4):
+    for step in (1, 3, 5):
         tokens, state = seen[step]
         model = GPT(GPTConfig(**GPT_CONFIG)).eval()
         model.load_state_dict(state)
@@ -127,7 +129,7 @@ def test_lightning_exception_removes_hooks_and_keeps_what_was_measured(tmp_path)
     L = pytest.importorskip("lightning")
     from attn_probe.integrations.lightning import AttentionProbeCallback
 
-    module = lit_gpt_class(L, fail_at_step=4)()
+    module = lit_gpt_class(L, fail_at_step=3)()
     callback = AttentionProbeCallback(every=2, max_sequences=MAX_SEQUENCES, max_tokens=MAX_TOKENS)
     trainer = L.Trainer(
         accelerator="cpu", devices=1, max_steps=6, logger=False, enable_checkpointing=False,
@@ -140,10 +142,10 @@ def test_lightning_exception_removes_hooks_and_keeps_what_was_measured(tmp_path)
     with pytest.raises(RuntimeError, match="failing on purpose"):
         trainer.fit(module, train, train)  # the sanity-check validation runs, unmeasured
     assert no_hooks_left(module)
-    # step 4 was measured before the error: logged on the way out (locally, no collective)
-    assert [s.step for s in callback.probe.history] == [0, 2, 4]
+    # step 3 was measured before the error: logged on the way out (locally, no collective)
+    assert [s.step for s in callback.probe.history] == [1, 3]
     # without a logger: <default_root_dir>/attn_probe
-    assert sorted(read_scalars(tmp_path / "attn_probe")["rank90/max/L00"]) == [0, 2, 4]
+    assert sorted(read_scalars(tmp_path / "attn_probe")["rank90/max/L00"]) == [1, 3]
 
 
 def test_lightning_default_log_dir_without_logger(tmp_path):
