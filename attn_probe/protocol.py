@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from ._compat import renamed
 from .aggregate import HeadAccumulator
+from .alerts import AlertMonitor, AlertRules
 from .attention import (
     AttentionInputs, ModuleSelector, Observed, Recorder, plan_sites, probabilities,
 )
@@ -169,6 +170,7 @@ def rank_profile(
     modules: ModuleSelector = None,
     strategy: str = "auto",
     rule: CollapseRule = CollapseRule(),
+    alerts: AlertRules | None = AlertRules(),
     samples: bool = False,
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
     on_batch: Callable[[int], None] | None = None,
@@ -183,7 +185,8 @@ def rank_profile(
     result is a :class:`~attn_probe.snapshot.Snapshot`: ``snapshot.layers[i].heads["rank"]`` is
     layer i's per-head average, ``snapshot.max_rank_profile()`` the MaxRank per layer; the
     ``*_full`` figures and ``max_logit`` cover every token of each sequence even when
-    ``max_tokens`` crops the matrices. With
+    ``max_tokens`` crops the matrices; ``snapshot.alerts`` holds what ``alerts`` (see
+    :mod:`attn_probe.alerts`; None: none) finds in the averaged figures. With
     ``samples=True`` it keeps each layer's attention of the first sequence in
     ``snapshot.samples`` (for heatmaps). ``on_batch(n)`` is called with the sequences measured
     so far (for a progress bar). ``n_sequences`` is the deprecated name of ``max_sequences``.
@@ -222,4 +225,10 @@ def rank_profile(
         order = cap.modules
     if measured == 0:
         raise ValueError("rank_profile got no batches: pass an iterable of model inputs")
-    return Snapshot(step=0, tau=tau, layers=accumulator.compute(order, rule), samples=kept)
+    snapshot = Snapshot(step=0, tau=tau, layers=accumulator.compute(order, rule), samples=kept)
+    if alerts is not None:
+        if alerts.lazy is not None:  # one lazy rule: the one the layers were judged by
+            alerts = dataclasses.replace(alerts, lazy=rule)
+        found = AlertMonitor(alerts).update(snapshot)
+        snapshot = dataclasses.replace(snapshot, alerts=tuple(found))
+    return snapshot

@@ -262,6 +262,11 @@ def _analyze(args: argparse.Namespace) -> int:
     )
     print(f"\nMaxRank@{pct}: {profile}")
     print(_lazy_line(snapshot))
+    if snapshot.alerts:
+        print("alerts:\n" + "\n".join(f"  {alert.kind}: {alert.message}"
+                                       for alert in snapshot.alerts))
+    else:
+        print("alerts: none (lazy layers, entropy collapse, logit growth, attention sinks)")
     print(f"\nwrote {out}: {', '.join(p.name for p in written)}")
     print(f"TensorBoard logs in {out / 'tb'}; see them with:\n  tensorboard --logdir {out / 'tb'}")
     return 0

@@ -37,7 +37,9 @@ def parse_heads(spec: str) -> list[HeadChoice]:
         layer_text, sep, head_text = item.partition(":")
         layer_text, head_text = layer_text.strip(), head_text.strip()
         if not sep or not layer_text or not head_text:
-            raise UsageError(f"--heatmaps item {item!r} is not LAYER:HEADS (e.g. 0:1, L04:0-3, -1:*)")
+            raise UsageError(
+                f"--heatmaps item {item!r} is not LAYER:HEADS (e.g. 0:1, L04:0-3, -1:*)"
+            )
         layer: int | str
         if re.fullmatch(r"-?\d+", layer_text):
             layer = int(layer_text)
@@ -96,7 +98,9 @@ def resolve_heads(
                 f"(0 to {len(layers) - 1}, or -1 for the last)"
             ) from None
         if name not in num_heads:
-            raise UsageError(f"--heatmaps item {choice.text!r}: layer {name} does not run on tokens")
+            raise UsageError(
+                f"--heatmaps item {choice.text!r}: layer {name} does not run on tokens"
+            )
         available = num_heads[name]
         heads = list(range(available)) if choice.heads is None else list(choice.heads)
         bad = [h for h in heads if h >= available]

@@ -1,4 +1,5 @@
-"""The ``attn-probe`` command: ``demo`` trains and probes a small GPT; ``analyze`` profiles a model."""
+"""The ``attn-probe`` command: ``demo`` trains and probes a small GPT; ``analyze`` profiles a
+model."""
 
 from __future__ import annotations
 

@@ -112,7 +112,9 @@ class GPT(nn.Module):
         without them (as in nanoGPT)."""
         b, t = idx.shape
         if t > self.config.block_size:
-            raise ValueError(f"sequence of {t} tokens is longer than block_size {self.config.block_size}")
+            raise ValueError(
+                f"sequence of {t} tokens is longer than block_size {self.config.block_size}"
+            )
         pos = torch.arange(t, device=idx.device)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
         for block in self.transformer.h:

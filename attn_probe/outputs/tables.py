@@ -75,8 +75,9 @@ def format_table(snapshot: Snapshot) -> str:
         )
     tokens = {row["tokens_full"] for row in rows if finite(row["tokens_full"])}
     if tokens:
-        lines.append(f"rank, cols, entropy, sink: the matrix of the first tokens; max logit: all "
-                     f"{', '.join(f'{t:.0f}' for t in sorted(tokens))} tokens")
+        lines.append(f"max logit: over all {', '.join(f'{t:.0f}' for t in sorted(tokens))} "
+                     "tokens of each sequence; the other columns: its attention matrix "
+                     "(cropped where max_tokens says)")
     return "\n".join(lines)
 
 

@@ -596,6 +596,8 @@ def test_stories260k(work, in_process):
     status, out, err = in_process(str(FIXTURE), "--sequences", "8", "--tokens", "64",
                                   "--out", str(out_dir))
     assert status == 0, err
+    # a trained, healthy model: no alert of any kind (docs/alerts.md)
+    assert "alerts: none" in out, out
     layers = read_csv(out_dir / "layers.csv")
     heads = read_csv(out_dir / "heads.csv")
     assert len(layers) == 5 and len(heads) == 5 * 8
