@@ -39,7 +39,9 @@ from torch import Tensor, nn
 
 from . import aggregate
 from .aggregate import HeadAccumulator
-from .attention import ModuleSelector, Observed, Recorder, plan_sites, probabilities
+from .attention import (
+    DEFAULT_MATRIX_BUDGET, ModuleSelector, Observed, Recorder, plan_sites, probabilities,
+)
 from .full_context import DEFAULT_MEMORY_BUDGET, full_context_metrics
 from .metrics import head_metrics
 from .options import ONE_TOKEN, check_count, check_tau
@@ -66,6 +68,9 @@ class AttentionProbe:
             ``*_full`` figures and ``max_logit`` cover every token of the measured sequences,
             streamed in bounded memory without the matrix.
         memory_budget: bytes of extra working memory the full-context pass may use per module.
+        matrix_budget: the most bytes one module's float32 attention matrix may take per
+            sampled pass (default 256 MiB; None: no bound); a module over it is not measured,
+            with one warning saying how to crop.
         modules: which modules to watch (None: every attention module; names, globs, predicate).
         strategy: "auto", "intercept" or "adapter" (see :func:`attn_probe.capture`).
         per_head: log per-head scalars as well as per-layer ones.
@@ -103,6 +108,7 @@ class AttentionProbe:
         max_sequences: int = 1,
         max_tokens: int = 256,
         memory_budget: int = DEFAULT_MEMORY_BUDGET,
+        matrix_budget: int | None = DEFAULT_MATRIX_BUDGET,
         modules: ModuleSelector = None,
         strategy: str = "auto",
         per_head: bool = True,
@@ -123,6 +129,7 @@ class AttentionProbe:
         check_count("max_sequences", max_sequences)
         check_count("max_tokens", max_tokens, minimum=2, why=ONE_TOKEN)
         check_count("memory_budget", memory_budget)
+        check_count("matrix_budget", matrix_budget, optional=True)
         check_count("heatmap_tokens", heatmap_tokens)
         check_count("images_every", images_every, optional=True, minimum=0)
         if log_dir is not None and writer is not None:
@@ -141,6 +148,7 @@ class AttentionProbe:
         self._monitor = AlertMonitor(alerts)
         self.heatmap_tokens = heatmap_tokens
         self.max_tokens, self.memory_budget = max_tokens, memory_budget
+        self.matrix_budget = matrix_budget
         self.sites = plan_sites(model, modules, strategy)
         heatmaps = _resolve_heatmaps(heatmaps, self.sites)
         self._heatmap_heads_checked: set[str] = set()
@@ -255,7 +263,7 @@ class AttentionProbe:
     def _measure(self, name: str, observed: Observed) -> None:
         """Where the hooks deliver: one module's attention at a sampled step."""
         try:
-            attention = probabilities(observed, self.max_tokens)
+            attention = probabilities(observed, self.max_tokens, self.matrix_budget)
             figures = head_metrics(attention, self.tau)
             figures.update(full_context_metrics(observed, self.tau, self.memory_budget))
             self._accumulator.update(name, figures)

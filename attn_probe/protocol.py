@@ -23,7 +23,8 @@ from ._compat import renamed
 from .aggregate import HeadAccumulator
 from .alerts import AlertMonitor, AlertRules
 from .attention import (
-    AttentionInputs, ModuleSelector, Observed, Recorder, plan_sites, probabilities,
+    DEFAULT_MATRIX_BUDGET, AttentionInputs, ModuleSelector, Observed, Recorder, plan_sites,
+    probabilities,
 )
 from .full_context import DEFAULT_MEMORY_BUDGET, full_context_metrics
 from .metrics import head_metrics
@@ -49,12 +50,15 @@ class Capture:
         max_tokens: int | None = None,
         strategy: str = "auto",
         memory_budget: int = DEFAULT_MEMORY_BUDGET,
+        matrix_budget: int | None = DEFAULT_MATRIX_BUDGET,
     ) -> None:
         check_count("max_sequences", max_sequences, optional=True)
         check_count("max_tokens", max_tokens, optional=True)
         check_count("memory_budget", memory_budget)
+        check_count("matrix_budget", matrix_budget, optional=True)
         self.sites = plan_sites(model, modules, strategy)
         self.max_tokens, self.memory_budget = max_tokens, memory_budget
+        self.matrix_budget = matrix_budget
         self._attention: dict[str, Tensor] = {}
         self._observed: dict[str, Observed] = {}
         self._recorder = Recorder(
@@ -63,7 +67,7 @@ class Capture:
         )
 
     def _record(self, name: str, observed: Observed) -> None:
-        self._attention[name] = probabilities(observed, self.max_tokens)
+        self._attention[name] = probabilities(observed, self.max_tokens, self.matrix_budget)
         if isinstance(observed, AttentionInputs):  # keep q and k as they were at this call
             observed = dataclasses.replace(
                 observed, query=observed.query.clone(), key=observed.key.clone(),
@@ -120,6 +124,7 @@ def capture(
     max_tokens: int | None = None,
     strategy: str = "auto",
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
+    matrix_budget: int | None = DEFAULT_MATRIX_BUDGET,
 ) -> Capture:
     """Record the attention probabilities of ``model``'s attention modules.
 
@@ -128,11 +133,14 @@ def capture(
     forward pass (for causal attention the first T tokens give exactly the attention of that
     prefix). ``strategy``: "auto" (interception, adapters where interception cannot see the
     kernel), "intercept" or "adapter" to force one. ``memory_budget``: bytes the streaming
-    full-context pass of :meth:`Capture.metrics` may use per module.
+    full-context pass of :meth:`Capture.metrics` may use per module. ``matrix_budget``: the
+    most bytes one module's float32 matrix may take per pass (default 256 MiB, e.g. one
+    sequence of 4,096 tokens with 4 heads); a forward pass that would need more raises
+    ``MemoryError`` saying how to crop, before anything is allocated. None: no bound.
     """
     return Capture(
         model, modules=modules, max_sequences=max_sequences, max_tokens=max_tokens,
-        strategy=strategy, memory_budget=memory_budget,
+        strategy=strategy, memory_budget=memory_budget, matrix_budget=matrix_budget,
     )
 
 
@@ -173,6 +181,7 @@ def rank_profile(
     alerts: AlertRules | None = AlertRules(),
     samples: bool = False,
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
+    matrix_budget: int | None = DEFAULT_MATRIX_BUDGET,
     on_batch: Callable[[int], None] | None = None,
     n_sequences: int | None = None,
 ) -> Snapshot:
@@ -200,7 +209,7 @@ def rank_profile(
     kept: dict[str, Tensor] = {}
     measured = 0
     with capture(model, modules=modules, max_tokens=max_tokens, strategy=strategy,
-                 memory_budget=memory_budget) as cap:
+                 memory_budget=memory_budget, matrix_budget=matrix_budget) as cap:
         for batch in batches:
             take = min(_batch_size(batch), max_sequences - measured)
             cap.reset()

@@ -18,7 +18,7 @@ Register your own with :func:`register_adapter`::
         B, T, _ = x.shape
         q = module.wq(x).view(B, T, module.n_heads, -1).transpose(1, 2)
         k = module.wk(x).view(B, T, module.n_heads, -1).transpose(1, 2)
-        return AttentionInputs(q, k, is_causal=True)
+        return AttentionInputs.of(q, k, is_causal=True)
 
     attn_probe.register_adapter(MyAttention, my_adapter)
 """
@@ -139,7 +139,7 @@ def nanogpt_adapter(module, args, kwargs, *, max_sequences, max_tokens) -> Atten
     weight, bias = module.c_attn.weight[: 2 * c], module.c_attn.bias
     qk = F.linear(x, weight, None if bias is None else bias[: 2 * c])
     q, k = qk.view(b, t, 2, heads, c // heads).permute(2, 0, 3, 1, 4)
-    return AttentionInputs(q, k, is_causal=True)
+    return AttentionInputs.of(q, k, is_causal=True)
 
 
 # modded-nanogpt: merged (4 or 3, H*D, dim) parameter, q/k RMS norm, rotary, flex_attention.
@@ -185,9 +185,9 @@ def merged_qkv_adapter(module, args, kwargs, *, max_sequences, max_tokens) -> At
     q, k = q.transpose(1, 2), k.transpose(1, 2)
     scale = getattr(module, "attn_scale", None)
     if block_mask is None:
-        return AttentionInputs(q, k, is_causal=True, scale=scale)
+        return AttentionInputs.of(q, k, is_causal=True, scale=scale)
     mask = block_mask_elements(block_mask, b, heads, t).to(x.device)
-    return AttentionInputs(q, k, attn_mask=mask, scale=scale)
+    return AttentionInputs.of(q, k, attn_mask=mask, scale=scale)
 
 
 def block_mask_elements(block_mask, batch: int, heads: int, length: int) -> Tensor:
@@ -280,8 +280,8 @@ def _mha_inputs(
         pad = _additive(padding[:n], q.dtype).view(n, 1, 1, -1)
         mask = pad if mask is None else mask + pad
     if is_causal and mask is None:
-        return AttentionInputs(q, k, is_causal=True)
-    return AttentionInputs(q, k, attn_mask=mask)
+        return AttentionInputs.of(q, k, is_causal=True)
+    return AttentionInputs.of(q, k, attn_mask=mask)
 
 
 def _additive(mask: Tensor, dtype: torch.dtype) -> Tensor:

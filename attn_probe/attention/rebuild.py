@@ -69,12 +69,19 @@ class AttentionInputs:
             attn_mask = _take_sequences(_as_4d(attn_mask.detach()), n)
             real = real_tokens(may_attend(attn_mask))
             if real is not None:
+                real = real.expand(query.size(0), -1)  # a mask shared by every sequence
                 attn_mask = _compact(_compact(attn_mask, real, 3, _blocked(attn_mask)),
                                      real, 2, _blocked(attn_mask), query.size(2) == key.size(2))
                 key = _compact(key, real, 2, 0.0)
                 if query.size(2) == real.size(1):  # self-attention: queries are the same tokens
                     query = _compact(query, real, 2, 0.0)
         return cls(query, key, attn_mask, bool(is_causal), scale)
+
+    def matrix_shape(self, max_tokens: int | None = None) -> tuple[int, int, int, int]:
+        """The largest shape :meth:`probabilities` can return (keys are cropped only where
+        the crop is exact)."""
+        t = self.query.size(2) if max_tokens is None else min(self.query.size(2), max_tokens)
+        return (self.query.size(0), self.query.size(1), t, self.key.size(2))
 
     def probabilities(self, max_tokens: int | None = None) -> Tensor:
         """A (B, H, T, S) in float32, cropped to the first ``max_tokens`` tokens."""
@@ -115,6 +122,11 @@ class AttentionScores:
                 sink_mass = _compact(sink_mass, real, 2, 0.0, self_attention)
         return cls(scores, probs, sink_mass)
 
+    def matrix_shape(self, max_tokens: int | None = None) -> tuple[int, int, int, int]:
+        """The largest shape :meth:`probabilities` can return."""
+        b, h, length, keys = self.scores.shape
+        return (b, h, length if max_tokens is None else min(length, max_tokens), keys)
+
     def probabilities(self, max_tokens: int | None = None) -> Tensor:
         """A (B, H, T, S) in float32 over the first ``max_tokens`` queries (and keys, where the
         crop is exact); a query whose every key is masked (NaN out of softmax) becomes a row of
@@ -126,12 +138,29 @@ class AttentionScores:
         return attention.masked_fill_(~allowed[..., :s].any(dim=-1, keepdim=True), 0.0)
 
 
+#: Default bound on one module's attention matrix per pass: (B, H, T, S) float32 bytes.
+DEFAULT_MATRIX_BUDGET = 256 * 2**20
+
+
 def probabilities(observed: "AttentionInputs | AttentionScores | Tensor",
-                  max_tokens: int | None = None) -> Tensor:
+                  max_tokens: int | None = None,
+                  matrix_budget: int | None = DEFAULT_MATRIX_BUDGET) -> Tensor:
     """A (B, H, T, S) float32 from whatever the recorder observed (a user adapter may hand
-    over A itself, already cropped)."""
+    over A itself, already cropped). Raises ``MemoryError`` saying what to do, before anything
+    is allocated, when the matrix would take more than ``matrix_budget`` bytes (None: no
+    bound)."""
     if isinstance(observed, Tensor):
         return observed
+    if matrix_budget is not None:
+        shape = observed.matrix_shape(max_tokens)
+        size = 4 * math.prod(shape)
+        if size > matrix_budget:
+            raise MemoryError(
+                f"the attention matrix would be {tuple(shape)} float32, {size / 2**20:,.0f} MiB, "
+                f"over matrix_budget={matrix_budget / 2**20:,.0f} MiB: crop it with "
+                "max_tokens= or max_sequences=, or raise matrix_budget (the *_full figures and "
+                "max_logit need no matrix and cover every token anyway)"
+            )
     return observed.probabilities(max_tokens)
 
 
