@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import attn_probe
+from attn_probe.models.gpt import GPT, GPTConfig
 from attn_probe.snapshot import CollapseRule
 from reference import (
     GPTAttention,
@@ -295,7 +296,8 @@ class SinkAttention(nn.Module):
         mask[:, 0] = True
         if not self.collapsed:
             mask = torch.ones(t, t, dtype=torch.bool).tril()
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2).reshape(b, t, c)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return out.transpose(1, 2).reshape(b, t, c)
 
 
 def test_collapse_warns_once_and_calls_back():
@@ -381,3 +383,30 @@ def test_compiled_model_trains_correctly_with_probe(tmp_path):
     for snapshot in probe.history:
         expected = rank_means(ref.calls[snapshot.step][0][:1])
         np.testing.assert_allclose(snapshot.layers[0].heads["rank"], expected)
+
+
+def test_long_sequences_are_measured_whole_under_the_defaults(tmp_path):
+    """Sequences of 2,048 tokens under the default options: rank@90% on the first 256 tokens,
+    every *_full figure and the max logit over all 2,048, on every sampled step."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=64, block_size=2048, n_layer=1, n_head=2, n_embd=16))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with attn_probe.AttentionProbe(model, log_dir=tmp_path, every=2, images_every=0) as probe:
+        for _ in range(4):
+            x = torch.randint(0, 64, (2, 2049))
+            _, loss = model(x[:, :-1], x[:, 1:])
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            probe.step()
+    scalars = read_scalars(tmp_path)
+    for tag in ("tokens_full/max/L00", "max_logit/max/L00", "entropy_full/mean/L00",
+                "entropy_norm_full/mean/L00", "sink_full/mean/L00", "columns90_full/max/L00",
+                "rank90/max/L00"):
+        assert sorted(scalars[tag]) == [0, 2], tag
+    assert set(scalars["tokens_full/max/L00"].values()) == {2048.0}
+    for snapshot in probe.history:
+        (layer,) = snapshot.layers
+        assert layer.full_counts.tolist() == [1, 1] and layer.counts.tolist() == [1, 1]
+        # columns over 2,048 keys can exceed what 256 keys allow
+        assert layer.reduce("columns_full", "max") >= layer.reduce("columns", "max")

@@ -499,8 +499,8 @@ def test_usage_errors_in_process(work, in_process, args, needles):
     write_shard(root / "short.bin", np.arange(10))
     with open(root / "short.bin", "ab") as f:
         f.write(b"\0\0")  # one token more than the header says
-    status, out, err = in_process(f"{HELPERS}:make_model", "--sequences", "2", "--tokens", "8", *args,
-                                  "--out", str(root / "nope"))
+    status, out, err = in_process(f"{HELPERS}:make_model", "--sequences", "2", "--tokens", "8",
+                                  *args, "--out", str(root / "nope"))
     assert status == 2
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("attn-probe analyze: error: "), err
