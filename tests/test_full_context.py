@@ -19,6 +19,7 @@ import torch
 
 from attn_probe.attention import AttentionInputs
 from attn_probe.full_context import block_rows, full_context_metrics, full_context_stats
+from reference import tau_count
 
 TAU = 0.9
 RTOL = 1e-9
@@ -40,18 +41,6 @@ def one_thread():
 # --------------------------------------------------------------------------------------------
 # Reference
 # --------------------------------------------------------------------------------------------
-
-
-def tau_count(masses: torch.Tensor, tau: float = TAU) -> tuple[int, float]:
-    """Notebook columns@tau of descending ``masses`` and the decision's relative distance
-    from the threshold."""
-    c = masses.cumsum(0)
-    threshold = tau * c[-1]
-    k = int(torch.searchsorted(c, threshold)) + 1
-    gap = float((c[k - 1] - threshold).abs())
-    if k >= 2:
-        gap = min(gap, float((threshold - c[k - 2]).abs()))
-    return k, gap / float(c[-1])
 
 
 def reference(q, k, *, mask=None, causal=False, scale=None, sink=None, tau=TAU):

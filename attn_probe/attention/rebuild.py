@@ -54,15 +54,7 @@ class AttentionInputs:
            max_sequences: int | None = None) -> "AttentionInputs":
         """The first ``max_sequences`` sequences of a kernel call's arguments (3-d (B, L, E)
         inputs are one head), their padding left out (see the module docstring)."""
-        if query.dim() == 3:
-            query, key = query.unsqueeze(1), key.unsqueeze(1)
-            if attn_mask is not None and attn_mask.dim() == 3:
-                attn_mask = attn_mask.unsqueeze(1)
-        if query.dim() != 4 or key.dim() != 4:
-            raise ValueError(
-                f"expected query (B, H, L, E) and key (B, H_kv, S, E), got "
-                f"{tuple(query.shape)} and {tuple(key.shape)}"
-            )
+        query, key, attn_mask = _as_heads(query, key, attn_mask)
         n = query.size(0) if max_sequences is None else min(query.size(0), max_sequences)
         query, key = _take_sequences(query.detach(), n), _take_sequences(key.detach(), n)
         if attn_mask is not None:
@@ -214,6 +206,22 @@ def _is_sink_column(scores: Tensor) -> bool:
                 and (last == first).all())
 
 
+def _as_heads(query: Tensor, key: Tensor, attn_mask: Tensor | None
+              ) -> tuple[Tensor, Tensor, Tensor | None]:
+    """SDPA's arguments with a heads dimension: 3-d (B, L, E) inputs are one head (and a
+    (B, L, S) mask is per sequence); anything else but 4-d is a ``ValueError``."""
+    if query.dim() == 3:
+        query, key = query.unsqueeze(1), key.unsqueeze(1)
+        if attn_mask is not None and attn_mask.dim() == 3:
+            attn_mask = attn_mask.unsqueeze(1)
+    if query.dim() != 4 or key.dim() != 4:
+        raise ValueError(
+            f"expected query (B, H, L, E) and key (B, H_kv, S, E), got {tuple(query.shape)} "
+            f"and {tuple(key.shape)}"
+        )
+    return query, key, attn_mask
+
+
 def _as_4d(mask: Tensor) -> Tensor:
     while mask.dim() < 4:
         mask = mask.unsqueeze(0)
@@ -259,15 +267,7 @@ def attention_probabilities(
     ``sink_logits`` (H,): learned per-head sink logits, an extra score column that takes mass
     in the softmax and is dropped after it (rows then sum to less than 1).
     """
-    if query.dim() == 3:  # (B, L, E): one head; a (B, L, S) mask is per sequence
-        query, key = query.unsqueeze(1), key.unsqueeze(1)
-        if attn_mask is not None and attn_mask.dim() == 3:
-            attn_mask = attn_mask.unsqueeze(1)
-    if query.dim() != 4 or key.dim() != 4:
-        raise ValueError(
-            f"expected query (B, H, L, E) and key (B, H_kv, S, E), got {tuple(query.shape)} "
-            f"and {tuple(key.shape)}"
-        )
+    query, key, attn_mask = _as_heads(query, key, attn_mask)
     n = query.size(0) if max_sequences is None else min(query.size(0), max_sequences)
     heads, kv_heads = query.size(1), key.size(1)
     if heads % kv_heads:
