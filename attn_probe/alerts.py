@@ -104,7 +104,7 @@ class AlertRules:
                 "logit", layer.name, layer.tag, tuple(int(h) for h in np.flatnonzero(over)),
                 step, logit, self.logit.max_logit,
                 f"{layer.tag} ({layer.name}): attention logits grew to {logit:.1f} at step "
-                f"{step} (> {self.logit.max_logit:g}) in heads "
+                f"{step} (> {self.logit.max_logit:g}) in head{'s' if over.sum() > 1 else ''} "
                 f"{', '.join(str(int(h)) for h in np.flatnonzero(over))}",
             ))
         if self.sink is not None:
