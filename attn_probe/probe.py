@@ -10,7 +10,9 @@ Step ``s`` is the work between the ``s``-th and ``s+1``-th call of :meth:`Attent
 2·every, ...) each monitored module's *first* forward call is measured; later calls in the same
 step (gradient accumulation, evaluation, activation recomputation) are not. The measurement is
 logged at step ``s`` when ``step()`` closes it, so it lines up with the loss of that step. On
-other steps every hook returns at once.
+other steps every hook returns at once. A training framework that runs evaluation between
+steps closes each step as soon as it is done (:meth:`AttentionProbe.close_step`) and opens the
+next when it begins (:meth:`AttentionProbe.open_step`); ``step()`` is the two at once.
 
 Data flow: hooks (:mod:`.attention`) -> attention A -> :func:`.metrics.head_metrics` ->
 :class:`.aggregate.HeadAccumulator` (sums and counts, reduced across processes) ->
@@ -234,14 +236,33 @@ class AttentionProbe:
 
         ``global_step``: the number of the step being closed, if you count steps yourself;
         the next step is then ``global_step + 1``. Returns the step's snapshot, if sampled.
+        The same as :meth:`close_step` followed by :meth:`open_step`.
+        """
+        snapshot = self.close_step(global_step)
+        self.open_step()
+        return snapshot
+
+    def close_step(self, global_step: int | None = None) -> Snapshot | None:
+        """Close the current step like :meth:`step`, but open no step: forward passes until
+        :meth:`open_step` belong to no step and are never measured.
+
+        For a framework that runs other forward passes (evaluation) between the end of one
+        training step and the start of the next, and wants a step's figures (and alerts) as
+        soon as the step is done. Under torch.distributed, call it on every process.
         """
         current = self._next if global_step is None else int(global_step)
         snapshot = None
         if self._recorder.armed:  # the same on every process: the schedule decides it
             snapshot = self._publish(current, reduce=True)
         self._next = current + 1
-        self._arm_for(self._next)
         return snapshot
+
+    def open_step(self, step: int | None = None) -> None:
+        """Open step ``step`` (default: the one after the last closed): its forward passes
+        are measured if it is sampled."""
+        if step is not None:
+            self._next = int(step)
+        self._arm_for(self._next)
 
     @property
     def sampling(self) -> bool:

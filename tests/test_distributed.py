@@ -1,4 +1,5 @@
-"""The probe in a real two-process run (gloo, CPU): DDP, a process that measures nothing, FSDP2.
+"""The probe in a real two-process run (gloo, CPU): DDP, a process that measures nothing, FSDP2,
+and Lightning's DDP stopping every process on the same alert (``stop_on``).
 
 Two worker processes are started with torchrun's environment (``MASTER_ADDR``, ``MASTER_PORT``,
 ``RANK``, ``WORLD_SIZE``); this file is their program (see ``worker`` at the bottom). They train
@@ -36,6 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # the workers run this file as a script
     sys.path.insert(0, str(ROOT))
 
+import unstable_run  # noqa: E402
 from attn_probe import AttentionProbe  # noqa: E402
 from reference import (  # noqa: E402
     assert_logged,
@@ -52,7 +54,8 @@ BATCH, LENGTH = 3, 24  # fed per micro-batch; the probe measures 2 sequences x 1
 PROBE = dict(every=EVERY, max_sequences=2, max_tokens=16, images_every=0)
 TAU = 0.9
 TOL = 1e-9
-LAUNCH_TIMEOUT = 120  # seconds for the whole launch: a deadlock fails instead of hanging
+LAUNCH_TIMEOUT = 180  # seconds for the whole launch: a deadlock fails instead of hanging
+STOP_MAX_STEPS = 20  # the Lightning run with stop_on: at most this many steps
 
 
 # ------------------------------------------------------------------------------------ model
@@ -270,6 +273,41 @@ def test_detach_closes_last_step_when_a_process_measured_nothing(run):
     compare(scalars, expected(folder, 4, ranks=[0]), 4)
 
 
+def test_lightning_ddp_stop_on_stops_every_process_after_the_same_step(run):
+    """Two processes, each on its own data, under Lightning's DDP with stop_on=("logit",):
+    both stop after the step of the alert, decided from the figures of both (the alert
+    comes from on_alert, which each process runs on the reduced figures), and nothing hangs
+    (the launch has a deadline). Process 0's event files hold the alert."""
+    for rank, status in enumerate(run["status"]):
+        message = status.get("lightning_stop", "not run").splitlines()[0]
+        if "unsupported:" in message:
+            pytest.skip(f"Lightning in the workers: {message}")
+    folder = require(run, "lightning_stop")
+    ranks = [json.loads((folder / f"stop_rank{r}.json").read_text()) for r in range(WORLD)]
+    assert ranks[0]["first_tokens"] != ranks[1]["first_tokens"]  # each its own data
+    zero, one = ranks
+    kind, tag, step, value = zero["stopped_by"]
+    assert kind == "logit"
+    # the same alert, the same step, the same figures on both; every process stopped there
+    assert one["stopped_by"] == zero["stopped_by"] and one["history"] == zero["history"]
+    assert zero["global_step"] == one["global_step"] == step + 1 < STOP_MAX_STEPS
+    history = {int(s): figures for s, figures in zero["history"].items()}
+    sampled = list(range(3, step + 1, 4))  # Lightning's logging steps: (s + 1) % 4 == 0
+    assert sorted(history) == sampled and step in sampled
+    unstable_run.assert_clear_of_threshold({s: max(f[0]) for s, f in history.items()})
+    # every figure is the mean over both processes' sequences
+    assert {c for _, counts in history.values() for c in counts} == {WORLD * PROBE[
+        "max_sequences"]}
+    # both users' on_alert saw the stopping alert; only process 0 says so
+    assert zero["stopped_by"] in zero["seen"] and zero["seen"] == one["seen"]
+    assert len(zero["stop_lines"]) == 1 and one["stop_lines"] == []
+    assert f"after step {step}" in zero["stop_lines"][0]
+    scalars = read_scalars(folder / "lightning_logs" / "version_0")
+    assert scalars[f"alert/logit/{tag}"] == {step: pytest.approx(value, rel=1e-6)}
+    assert unstable_run.probe_steps(scalars) == set(sampled)
+    assert max(scalars["train_loss"]) == step
+
+
 # ----------------------------------------------------------------------------------- worker
 
 
@@ -313,6 +351,65 @@ def _train(scenario: str, folder: Path, rank: int, model, probed, optimizer, ste
             if close_last or step < steps - 1:
                 probe.step()
     return probe
+
+
+def _lightning_stop(folder: Path, rank: int) -> None:
+    """A Lightning ``Trainer`` under DDP (its own strategy, in the process group this launch
+    made: the torchelastic environment) on the unstable run, every process on its own data,
+    with ``stop_on=("logit",)``. Saves what each process saw."""
+    try:
+        import lightning as L
+        from lightning.fabric.plugins.environments import TorchElasticEnvironment
+        from lightning.pytorch.loggers import TensorBoardLogger
+    except ImportError as error:
+        raise RuntimeError(f"unsupported: lightning cannot be imported: {error}") from error
+    from attn_probe.integrations.lightning import AttentionProbeCallback
+
+    class LitUnstable(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.gpt = unstable_run.unstable_gpt()  # the same weights on every process
+
+        def training_step(self, batch, batch_idx):
+            _, loss = self.gpt(batch[:, :-1], batch[:, 1:])
+            self.log("train_loss", loss)
+            return loss
+
+        def configure_optimizers(self):
+            return unstable_run.optimizer(self.parameters())
+
+    seen = []
+    callback = AttentionProbeCallback(
+        stop_on=("logit",), max_sequences=PROBE["max_sequences"], images_every=0,
+        on_alert=lambda alert, snapshot: seen.append(alert),
+    )
+    trainer = L.Trainer(
+        accelerator="cpu", devices=WORLD, num_nodes=1, strategy="ddp",
+        plugins=[TorchElasticEnvironment()], max_steps=STOP_MAX_STEPS, log_every_n_steps=4,
+        gradient_clip_val=unstable_run.CLIP, use_distributed_sampler=False,
+        logger=TensorBoardLogger(save_dir=str(folder), name="lightning_logs", version=0),
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        default_root_dir=str(folder), callbacks=[callback],
+    )
+    # Different data on every process (no distributed sampler: each has its own windows).
+    data = unstable_run.windows(unstable_run.BATCH * STOP_MAX_STEPS, seed=10 + rank)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(LitUnstable(), torch.utils.data.DataLoader(data, batch_size=unstable_run.BATCH))
+
+    def summary(alert):
+        return None if alert is None else [alert.kind, alert.tag, alert.step, alert.value]
+
+    (folder / f"stop_rank{rank}.json").write_text(json.dumps({
+        "global_step": trainer.global_step,
+        "stopped_by": summary(callback.stopped_by),
+        "seen": [summary(a) for a in seen],
+        "history": {s.step: [[layer.reduce("max_logit", "max") for layer in s.layers],
+                             [c for layer in s.layers for c in layer.counts.tolist()]]
+                    for s in callback.probe.history},
+        "stop_lines": [str(w.message) for w in caught if "stopping training" in str(w.message)],
+        "first_tokens": data[0, :8].tolist(),
+    }))
 
 
 def worker(out: Path) -> None:
@@ -399,6 +496,9 @@ def worker(out: Path) -> None:
             probe.step()
         assert all(s.strategy.startswith("adapter:") for s in probe.sites)
 
+    def lightning_stop(folder: Path) -> None:
+        _lightning_stop(folder, rank)
+
     def detach(folder: Path) -> None:
         # Steps 0..4; rank 1 feeds nothing on step 4, which is closed by leaving the block.
         model = make_model()
@@ -409,6 +509,7 @@ def worker(out: Path) -> None:
     record("skip", skip)
     record("fsdp", fsdp)
     record("fsdp_adapter", fsdp_adapter)
+    record("lightning_stop", lightning_stop)
     record("detach", detach)  # last: a failure here may leave the process group unusable
     sys.stdout.flush()
     # A broken group (see the detach scenario) can make the orderly shutdown wait: leave now.

@@ -114,6 +114,33 @@ def test_global_step_and_schedule(tmp_path):
     assert [s.step for s in probe.history] == [4, 9]
 
 
+def test_close_step_measures_nothing_until_open_step(tmp_path):
+    """close_step() logs the step and opens none: passes in between (evaluation) are not
+    measured; open_step() measures the next (or a given) step. step() is the two at once."""
+    model = small_gpt()
+    x = [torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(i))
+         for i in range(4)]
+    with GPTAttention(model, max_sequences=1, max_tokens=8) as ref:
+        with attn_probe.AttentionProbe(model, log_dir=tmp_path, every=1, max_tokens=8) as probe:
+            model(x[0])
+            assert probe.close_step().step == 0
+            assert not probe.sampling
+            model(x[1])  # between steps: not measured
+            assert probe.close_step() is None  # nothing open, nothing logged; counter moves
+            probe.open_step()
+            assert probe.sampling
+            model(x[2])
+            assert probe.close_step(5).step == 5
+            probe.open_step(9)
+            model(x[3])
+        # leaving the block closes the step that is open
+    assert [s.step for s in probe.history] == [0, 5, 9]
+    for snapshot, call in zip(probe.history, (0, 2, 3)):
+        np.testing.assert_allclose(snapshot.layers[1].heads["rank"],
+                                   rank_means(ref.calls[call][1]))
+    assert sorted(read_scalars(tmp_path)["rank90/max/L01"]) == [0, 5, 9]
+
+
 def test_unsampled_steps_do_not_measure():
     model = small_gpt()
     calls = []

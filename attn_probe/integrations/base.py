@@ -1,5 +1,5 @@
 """What the framework callbacks share: the optional import of the framework, the probe's
-defaults, and opening and closing steps.
+defaults, opening and closing steps, and stopping training on an alert (``stop_on``).
 
 A callback class is built on :class:`ProbeCallback` and on its framework's callback base, which
 :func:`optional_base` imports without making the integration module fail to import.
@@ -8,9 +8,14 @@ A callback class is built on :class:`ProbeCallback` and on its framework's callb
 from __future__ import annotations
 
 import importlib
-from typing import Any, Callable
+import warnings
+import weakref
+from typing import Any, Callable, Iterable
 
-from ..probe import AttentionProbe
+from .. import aggregate
+from ..alerts import KINDS, AlertRules
+from ..probe import AlertCallback, AttentionProbe
+from ..snapshot import Alert, Snapshot
 
 
 def optional_base(module: str, name: str, *, label: str, extra: str
@@ -35,19 +40,78 @@ def optional_base(module: str, name: str, *, label: str, extra: str
     return base, module_getattr
 
 
+def check_stop_on(stop_on: str | Iterable[str] | None, alerts: Any = None) -> tuple[str, ...]:
+    """``stop_on`` as a tuple of distinct kinds of alert, or ``ValueError``: every kind must be
+    one of :data:`attn_probe.alerts.KINDS`, and not turned off in ``alerts`` (the
+    :class:`~attn_probe.alerts.AlertRules` given to the probe), where it could never fire."""
+    if stop_on is None:
+        return ()
+    if isinstance(stop_on, str):
+        stop_on = (stop_on,)
+    known = ", ".join(repr(kind) for kind in KINDS)
+    try:
+        kinds = tuple(stop_on)
+    except TypeError:
+        raise ValueError(
+            f"stop_on must be kinds of alert ({known}), got {stop_on!r}"
+        ) from None
+    for kind in kinds:
+        if not isinstance(kind, str) or kind not in KINDS:
+            raise ValueError(f"stop_on: {kind!r} is not a kind of alert; the kinds are {known}")
+    rules = AlertRules() if alerts is None else alerts
+    for kind in kinds:
+        if getattr(rules, kind, True) is None:
+            raise ValueError(
+                f"stop_on: {kind!r} alerts are turned off (alerts=AlertRules({kind}=None)), "
+                "so they could never stop training"
+            )
+    return tuple(dict.fromkeys(kinds))
+
+
+class _AlertRelay:
+    """The probe's ``on_alert`` in a callback with ``stop_on``: tells the callback (held
+    weakly, so that callback and probe form no cycle), then calls the user's own ``on_alert``.
+    It runs on every process, with the alerts decided from the figures reduced over all of
+    them."""
+
+    __slots__ = ("_callback", "user")
+
+    def __init__(self, callback: "ProbeCallback", user: AlertCallback | None) -> None:
+        self._callback = weakref.ref(callback)
+        self.user = user
+
+    def __call__(self, alert: Alert, snapshot: Snapshot) -> None:
+        callback = self._callback()
+        if callback is not None:
+            callback._alerted(alert)
+        if self.user is not None:
+            self.user(alert, snapshot)
+
+
 class ProbeCallback:
     """The framework-independent half of a callback: makes the probe with the framework's
-    defaults and closes the step that is open.
+    defaults, closes the step that is open, and decides whether an alert stops training.
 
     ``model``: the module to watch (default: the one the framework hands over);
-    ``probe_kwargs``: passed to :class:`~attn_probe.AttentionProbe`.
+    ``stop_on``: the kinds of alert (of :data:`attn_probe.alerts.KINDS`) that stop training,
+    checked here (``ValueError``); ``probe_kwargs``: passed to
+    :class:`~attn_probe.AttentionProbe` (an ``on_alert`` there is still called, after the
+    callback has taken note of the alert).
+
+    The decision to stop comes from the probe's ``on_alert``, which runs on every process
+    from the figures reduced over all of them: every process decides the same, at the same
+    step. :attr:`stopped_by` is the first alert of a ``stop_on`` kind (None while there is
+    none); the framework half asks its trainer to stop when :meth:`_close` says so.
     """
 
-    def __init__(self, model: Any = None, **probe_kwargs: Any) -> None:
+    def __init__(self, model: Any = None, *, stop_on: str | Iterable[str] | None = (),
+                 **probe_kwargs: Any) -> None:
         super().__init__()
         self.model = model
+        self.stop_on = check_stop_on(stop_on, probe_kwargs.get("alerts"))
         self.probe_kwargs = probe_kwargs
         self.probe: AttentionProbe | None = None
+        self.stopped_by: Alert | None = None  #: the alert that stopped training
         self._open: int | None = None  # the step the coming forward passes belong to
 
     def _make_probe(self, target: Any, log_dir: Callable[[], str], every: Callable[[], int]
@@ -62,14 +126,47 @@ class ProbeCallback:
             options["log_dir"] = log_dir()
         if "every" not in options:
             options["every"] = max(1, int(every()))
+        if self.stop_on:
+            options["on_alert"] = _AlertRelay(self, options.get("on_alert"))
         self.probe = AttentionProbe(self.model if self.model is not None else target, **options)
+        self.stopped_by = None
         self._open = None
+
+    def _alerted(self, alert: Alert) -> None:
+        """Take note of an alert (on every process): the first of a ``stop_on`` kind stops
+        training, and process 0 says so."""
+        if self.stopped_by is not None or alert.kind not in self.stop_on:
+            return
+        self.stopped_by = alert
+        if aggregate.is_main_process():
+            warnings.warn(
+                f"attn_probe: stopping training after step {alert.step} on a {alert.kind!r} "
+                f"alert (stop_on={self.stop_on!r}): {alert.message}",
+                stacklevel=2,
+            )
+
+    def _open_step(self, step: int) -> None:
+        """Measure the coming forward passes as step ``step`` (installing the hooks first)."""
+        self._open = step
+        if self.probe.attached:
+            self.probe.open_step(step)
+        else:
+            self.probe.attach(step=step)
+
+    def _close(self, step: int) -> bool:
+        """Close the open step as ``step`` on every process, opening none (so that forward
+        passes until the next :meth:`_open_step`, evaluation, are not measured); whether
+        training should stop now (an alert of a ``stop_on`` kind has fired, the same answer on
+        every process)."""
+        if self.probe is not None and self._open is not None:
+            self._open = None
+            self.probe.close_step(step)
+        return self.stopped_by is not None
 
     def _finish(self) -> None:
         """Close the last step on every process, then remove the hooks."""
         if self.probe is None:
             return
         if self._open is not None:
-            self.probe.step(self._open)
-            self._open = None
+            self._close(self._open)
         self.probe.detach()

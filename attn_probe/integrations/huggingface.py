@@ -75,10 +75,15 @@ if _TrainerCallback is not None:
 
         Args:
             model: the module to watch (default: the ``model`` the Trainer hands to callbacks).
+            stop_on: the kinds of alert that stop training (``"lazy"``, ``"entropy"``,
+                ``"logit"``, ``"sink"``; see :mod:`attn_probe.alerts`), e.g.
+                ``("logit", "entropy")``; checked here (``ValueError`` for anything else, or for
+                a kind that ``alerts`` turns off). Default: none.
             **probe_kwargs: passed to :class:`~attn_probe.AttentionProbe`. Defaults:
                 ``log_dir`` from :func:`default_log_dir` (unless ``writer`` is given) and
                 ``every`` = the Trainer's ``logging_steps`` (in steps, also when given as a
-                fraction of the run).
+                fraction of the run). An ``on_alert`` given here is still called for every
+                alert.
 
         Steps are numbered as the Trainer numbers them: optimizer step ``N`` (1-based) is the
         ``N``-th update, and the Trainer logs its loss at ``global_step == N``. The probe
@@ -87,13 +92,22 @@ if _TrainerCallback is not None:
         (its first micro-batch under gradient accumulation, with the weights left by update
         ``N - 1``) and logs it at step ``N``.
 
-        The step that is open is closed at the start of the next one (``on_step_begin``) and
-        the last one on ``on_train_end``: evaluation and checkpointing run between
-        ``on_step_end`` and the next ``on_step_begin``, so their forward passes fall into a
-        step whose measurement is already done and are never taken for training. For the same
-        reason the hooks are installed at the first step, after ``eval_on_start``. The
-        :class:`~attn_probe.AttentionProbe` is :attr:`probe` (made on ``on_train_begin``);
-        its hooks are removed on ``on_train_end``.
+        A step is closed, its figures logged and its alerts decided, on ``on_step_end``, and
+        the next one is opened on ``on_step_begin``: evaluation and checkpointing run between
+        the two, so their forward passes belong to no step and are never taken for training.
+        For the same reason the hooks are installed at the first step, after
+        ``eval_on_start``. The :class:`~attn_probe.AttentionProbe` is :attr:`probe` (made on
+        ``on_train_begin``); its hooks are removed on ``on_train_end``.
+
+        Stopping (``stop_on``): the first alert of one of those kinds, at sampled step ``N``,
+        sets ``control.should_training_stop`` in ``on_step_end`` of step ``N``, which the
+        Trainer checks right after (after that step's logging, evaluation and saving): training
+        ends with ``state.global_step == N == alert.step``, and the event files hold the
+        alert's marker at ``N`` and nothing of the probe after it. The alert is
+        :attr:`stopped_by` (None when no alert stopped training), and a warning says why
+        training stopped. Under DDP or FSDP the decision comes from the alerts every process
+        computes from the figures reduced over all of them (the probe's ``on_alert``): every
+        process stops after the same step.
 
         The Trainer calls no callback when ``train()`` raises, so after an exception the probe
         stays attached to the model until ``callback.probe.detach(collective=False)`` or until
@@ -112,7 +126,8 @@ if _TrainerCallback is not None:
                 model=model,
                 args=TrainingArguments(output_dir="out", logging_steps=50),
                 train_dataset=train_dataset,
-                callbacks=[AttentionProbeCallback(max_sequences=2, max_tokens=256)],
+                callbacks=[AttentionProbeCallback(max_sequences=2, max_tokens=256,
+                                                  stop_on=("logit", "entropy"))],
             )
             trainer.train()  # then: tensorboard --logdir out/runs
         """
@@ -131,12 +146,17 @@ if _TrainerCallback is not None:
         def on_step_begin(self, args, state, control, **kwargs):
             if self.probe is None:
                 return
-            self._open = state.global_step + 1
-            if not self.probe.attached:
-                self.probe.attach(step=self._open)
-            else:
-                # global_step updates are done: close the step they belong to, open the next.
-                self.probe.step(state.global_step)
+            if self._open is not None:  # not closed at its end (no on_step_end came)
+                self._close(state.global_step)
+            self._open_step(state.global_step + 1)
+
+        def on_step_end(self, args, state, control, **kwargs):
+            # global_step is the step that just ended: its measurement is complete. Closing
+            # it here, before the Trainer checks should_training_stop, stops training right
+            # after the step of the alert; evaluation, which follows, is not measured.
+            if self.probe is not None and self._open is not None:
+                if self._close(state.global_step):
+                    control.should_training_stop = True
 
         def on_train_end(self, args, state, control, **kwargs):
             self._finish()

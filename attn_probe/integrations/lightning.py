@@ -14,7 +14,7 @@ works but using :class:`AttentionProbeCallback` raises ``ImportError``.
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, Iterable
 
 from .base import ProbeCallback, optional_base
 
@@ -47,9 +47,14 @@ if _Callback is not None:
 
         Args:
             model: the module to watch (default: the ``LightningModule`` being fitted).
+            stop_on: the kinds of alert that stop training (``"lazy"``, ``"entropy"``,
+                ``"logit"``, ``"sink"``; see :mod:`attn_probe.alerts`), e.g.
+                ``("logit", "entropy")``; checked here (``ValueError`` for anything else, or for
+                a kind that ``alerts`` turns off). Default: none.
             **probe_kwargs: passed to :class:`~attn_probe.AttentionProbe`. Defaults:
                 ``log_dir`` from :func:`default_log_dir` (unless ``writer`` is given) and
-                ``every`` = the Trainer's ``log_every_n_steps`` (100 if that is 0).
+                ``every`` = the Trainer's ``log_every_n_steps`` (100 if that is 0). An
+                ``on_alert`` given here is still called for every alert.
 
         Steps are numbered as Lightning numbers them: step ``s`` is the work that leads to
         optimizer step ``s`` (``trainer.global_step == s`` while its batches run, 0-based),
@@ -61,13 +66,26 @@ if _Callback is not None:
         ``accumulate_grad_batches``) and logs it at ``s``: beside the ``train_loss`` of that
         step. Pass ``offset=0`` to sample steps 0, every, 2·every, ... instead.
 
-        The hooks are installed on ``on_train_start``, after the sanity-check validation, and
-        a step is closed when the first batch of the next step starts (``on_train_batch_start``)
-        and the last one on ``on_train_end``: validation runs after a step's last
-        ``on_train_batch_end``, so its forward passes fall into a step whose measurement is
-        already done and are never taken for training. The probe is :attr:`probe` (made on
-        ``on_fit_start``); its hooks are removed on ``on_train_end`` / ``on_fit_end``, and on
-        ``on_exception`` (then without any collective: other processes may be gone).
+        The hooks are installed on ``on_train_start``, after the sanity-check validation. A
+        step is closed, its figures logged and its alerts decided, on the
+        ``on_train_batch_end`` of its last batch (the one after which ``global_step`` has
+        moved on), and the next one is opened on its first ``on_train_batch_start``:
+        validation runs in between, so its forward passes belong to no step and are never
+        taken for training. The probe is :attr:`probe` (made on ``on_fit_start``); its hooks
+        are removed on ``on_train_end`` / ``on_fit_end``, and on ``on_exception`` (then
+        without any collective: other processes may be gone).
+
+        Stopping (``stop_on``): the first alert of one of those kinds, at sampled step ``s``,
+        sets ``trainer.should_stop`` in that ``on_train_batch_end``, which the fit loop checks
+        right after (after the validation Lightning runs on stopping): training ends after
+        step ``s``, with ``trainer.global_step == s + 1 == alert.step + 1`` (optimizer steps
+        done, counting from 1, while steps are numbered from 0), and the event files hold the
+        alert's marker at ``s`` beside that step's ``train_loss``, and nothing of the probe
+        after it. ``min_steps`` / ``min_epochs`` still hold: Lightning goes on until they are
+        met, and the probe goes on measuring. The alert is :attr:`stopped_by` (None when no
+        alert stopped training), and a warning says why training stopped. Under DDP or FSDP
+        the decision comes from the alerts every process computes from the figures reduced
+        over all of them (the probe's ``on_alert``): every process stops after the same step.
 
         Under DDP or FSDP every process runs the callback; each measures its own sequences,
         the figures are the mean over all processes and process 0 writes them.
@@ -79,16 +97,18 @@ if _Callback is not None:
 
             trainer = L.Trainer(
                 max_steps=10_000, log_every_n_steps=50,
-                callbacks=[AttentionProbeCallback(max_sequences=2, max_tokens=256)],
+                callbacks=[AttentionProbeCallback(max_sequences=2, max_tokens=256,
+                                                  stop_on=("logit", "entropy"))],
             )
             trainer.fit(lit_module, train_dataloader)
             # then: tensorboard --logdir lightning_logs
         """
 
         # lifecycle -------------------------------------------------------------------
-        def __init__(self, model: Any = None, **probe_kwargs: Any) -> None:
+        def __init__(self, model: Any = None, *, stop_on: str | Iterable[str] | None = (),
+                     **probe_kwargs: Any) -> None:
             probe_kwargs.setdefault("offset", -1)  # Lightning logs at (s + 1) % n == 0
-            super().__init__(model, **probe_kwargs)
+            super().__init__(model, stop_on=stop_on, **probe_kwargs)
 
         def on_fit_start(self, trainer, pl_module) -> None:
             self._make_probe(pl_module, lambda: default_log_dir(trainer),
@@ -97,18 +117,30 @@ if _Callback is not None:
         def on_train_start(self, trainer, pl_module) -> None:
             if self.probe is None:
                 return
-            self._open = int(trainer.global_step)
-            self.probe.attach(step=self._open)
+            self._open_step(int(trainer.global_step))
 
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+            if self.probe is None or not self.probe.attached:
+                return
+            step = int(trainer.global_step)
+            if self._open is not None and step != self._open:
+                # Not closed at its last batch's end: close it (as step - 1, the step whose
+                # batches just ran).
+                if self._close(step - 1):
+                    trainer.should_stop = True
+            if self._open is None:
+                self._open_step(step)
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
             if self.probe is None or self._open is None:
                 return
             step = int(trainer.global_step)
             if step != self._open:
-                # Optimizer steps happened since the open step began: close it (as step - 1,
-                # the step whose batches just ran), open the current one.
-                self.probe.step(step - 1)
-                self._open = step
+                # The optimizer stepped: the open step (step - 1) is done. Closing it here,
+                # before the fit loop checks should_stop, stops training right after it;
+                # validation, which follows, is not measured.
+                if self._close(step - 1):
+                    trainer.should_stop = True
 
         def on_train_end(self, trainer, pl_module) -> None:
             self._finish()

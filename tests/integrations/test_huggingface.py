@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import socket
+import warnings
 from datetime import datetime
 from pathlib import Path
 from types import SimpleNamespace
@@ -18,6 +19,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+import unstable_run
 from reference import assert_logged, no_hooks_left, read_scalars, reference_layer_means
 
 TAU = 0.9
@@ -129,3 +131,98 @@ def test_huggingface_default_log_dir(tmp_path, monkeypatch):
     assert default_log_dir(SimpleNamespace(output_dir="x", logging_dir="logs")) == "logs"
     monkeypatch.setenv("TENSORBOARD_LOGGING_DIR", str(tmp_path / "tb"))
     assert default_log_dir(SimpleNamespace(output_dir="x")) == str(tmp_path / "tb")
+
+
+# --------------------------------------------------------------------------- stop_on
+
+
+def unstable_hf_run(tmp_path, name: str, **callback_options):
+    """The unstable run (``tests/unstable_run.py``) in a ``Trainer``, 25 steps, logging and
+    sampling every 5, evaluating every 5: returns the trainer, the callback, the alerts its
+    user ``on_alert`` saw, the warnings and the TensorBoard run's scalars."""
+    import transformers
+
+    from attn_probe.integrations.huggingface import AttentionProbeCallback
+
+    class HFGPT(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.gpt = unstable_run.unstable_gpt()
+
+        def forward(self, input_ids):
+            _, loss = self.gpt(input_ids[:, :-1], input_ids[:, 1:])
+            return {"loss": loss}
+
+    model = HFGPT()
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path / name), max_steps=25, logging_steps=5, eval_strategy="steps",
+        eval_steps=5, per_device_train_batch_size=unstable_run.BATCH,
+        per_device_eval_batch_size=unstable_run.BATCH, learning_rate=unstable_run.LR,
+        lr_scheduler_type="constant", weight_decay=unstable_run.WEIGHT_DECAY,
+        max_grad_norm=unstable_run.CLIP, report_to="tensorboard", use_cpu=True,
+        save_strategy="no", disable_tqdm=True, dataloader_num_workers=0, seed=0,
+    )
+    seen = []
+    callback = AttentionProbeCallback(max_sequences=2, images_every=0,
+                                      on_alert=lambda alert, snapshot: seen.append(alert),
+                                      **callback_options)
+    trainer = transformers.Trainer(
+        model=model, args=args, train_dataset=list(unstable_run.windows(8 * 25)),
+        eval_dataset=list(unstable_run.windows(8, seed=1)),
+        data_collator=lambda features: {"input_ids": torch.stack(features)}, callbacks=[callback],
+    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.train()
+    (tensorboard,) = [c for c in trainer.callback_handler.callbacks
+                      if type(c).__name__ == "TensorBoardCallback"]
+    assert no_hooks_left(model)
+    messages = [str(w.message) for w in caught]
+    return trainer, callback, seen, messages, read_scalars(Path(tensorboard.logging_dir))
+
+
+def test_huggingface_stop_on_logit_stops_at_the_step_of_the_alert(tmp_path, monkeypatch,
+                                                                   single_thread):
+    pytest.importorskip("transformers")
+    pytest.importorskip("accelerate", reason="transformers.Trainer needs accelerate")
+    monkeypatch.delenv("TENSORBOARD_LOGGING_DIR", raising=False)
+
+    # Without stop_on: the alerts fire and training runs to max_steps.
+    trainer, callback, seen, messages, scalars = unstable_hf_run(tmp_path, "full")
+    sampled = [5, 10, 15, 20, 25]
+    full = {s.step: max(layer.reduce("max_logit", "max") for layer in s.layers)
+            for s in callback.probe.history}
+    assert sorted(full) == sampled
+    unstable_run.assert_clear_of_threshold(full)
+    logit = next(a for a in callback.probe.alerts if a.kind == "logit")
+    assert 5 <= logit.step < 25, full  # the collapse comes well before the end
+    assert trainer.state.global_step == 25 and callback.stopped_by is None
+    assert not [m for m in messages if "stopping training" in m]
+    assert unstable_run.probe_steps(scalars) == set(sampled)
+    entropy = [a for a in callback.probe.alerts if a.kind == "entropy"]
+    assert entropy and entropy[0].step <= logit.step
+
+    # The same run with stop_on: it stops right after the step of the logit alert.
+    trainer, callback, seen, messages, scalars = unstable_hf_run(
+        tmp_path, "stop", stop_on=("logit",))
+    alert = callback.stopped_by
+    # an entropy alert (not a stop_on kind) came first, and did not stop training
+    assert alert is not None and (alert.kind, alert.tag, alert.step) == ("logit", logit.tag,
+                                                                         logit.step)
+    assert alert.value == pytest.approx(logit.value, rel=1e-6)  # the same run up to here
+    assert trainer.state.global_step == alert.step
+    before = [step for step in sampled if step <= alert.step]
+    assert [s.step for s in callback.probe.history] == before
+    # the user's own on_alert still sees every alert, the stopping one too
+    assert seen == callback.probe.alerts and alert in seen
+    (stop_line,) = [m for m in messages if "stopping training" in m]
+    assert f"after step {alert.step}" in stop_line and "'logit'" in stop_line
+    # The event files: the marker at the step of the alert, no probe scalar after it; the
+    # Trainer's own loss stops there too. The evaluation that runs after the last step is not
+    # measured (the probe measured 2 sequences per step, the training batch's).
+    assert scalars[f"alert/logit/{alert.tag}"] == {alert.step: pytest.approx(alert.value,
+                                                                              rel=1e-6)}
+    assert unstable_run.probe_steps(scalars) == set(before)
+    assert max(scalars["train/loss"]) == alert.step == max(scalars["eval/runtime"])
+    assert {c for s in callback.probe.history for layer in s.layers
+            for c in layer.counts.tolist()} == {2}

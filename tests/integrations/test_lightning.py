@@ -11,12 +11,14 @@ measured.
 from __future__ import annotations
 
 import math
+import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
 
+import unstable_run
 from attn_probe.models.gpt import GPT, GPTConfig
 from reference import (
     assert_logged,
@@ -154,3 +156,99 @@ def test_lightning_default_log_dir_without_logger(tmp_path):
 
     trainer = SimpleNamespace(loggers=[], default_root_dir=str(tmp_path))
     assert default_log_dir(trainer) == str(tmp_path / "attn_probe")
+
+
+# --------------------------------------------------------------------------- stop_on
+
+
+def unstable_lightning_run(L, tmp_path, name: str, **callback_options):
+    """The unstable run (``tests/unstable_run.py``) in a Lightning ``Trainer``: 20 steps,
+    logging and sampling every 4 (steps 3, 7, 11, ...), validating every 4: returns the
+    trainer, the callback, the alerts its user ``on_alert`` saw, the warnings and the
+    logger's scalars."""
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    from attn_probe.integrations.lightning import AttentionProbeCallback
+
+    class LitUnstable(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.gpt = unstable_run.unstable_gpt()
+
+        def training_step(self, batch, batch_idx):
+            _, loss = self.gpt(batch[:, :-1], batch[:, 1:])
+            self.log("train_loss", loss)
+            return loss
+
+        def validation_step(self, batch, batch_idx):
+            _, loss = self.gpt(batch[:, :-1], batch[:, 1:])
+            self.log("val_loss", loss)
+
+        def configure_optimizers(self):
+            return unstable_run.optimizer(self.parameters())
+
+    seen = []
+    callback = AttentionProbeCallback(max_sequences=2, images_every=0,
+                                      on_alert=lambda alert, snapshot: seen.append(alert),
+                                      **callback_options)
+    logger = TensorBoardLogger(save_dir=str(tmp_path / name), name="lightning_logs")
+    trainer = L.Trainer(
+        accelerator="cpu", devices=1, max_steps=20, log_every_n_steps=4,
+        gradient_clip_val=unstable_run.CLIP, val_check_interval=4, limit_val_batches=1,
+        num_sanity_val_steps=0, logger=logger, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False,
+        default_root_dir=str(tmp_path / name), callbacks=[callback],
+    )
+    module = LitUnstable()
+    batch = unstable_run.BATCH
+    train = torch.utils.data.DataLoader(unstable_run.windows(batch * 20), batch_size=batch)
+    val = torch.utils.data.DataLoader(unstable_run.windows(batch, seed=1), batch_size=batch)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(module, train, val)
+    assert no_hooks_left(module)
+    messages = [str(w.message) for w in caught]
+    return trainer, callback, seen, messages, read_scalars(Path(logger.log_dir))
+
+
+def test_lightning_stop_on_logit_stops_at_the_step_of_the_alert(tmp_path, single_thread):
+    L = pytest.importorskip("lightning")
+
+    # Without stop_on: the alerts fire and training runs to max_steps.
+    trainer, callback, seen, messages, scalars = unstable_lightning_run(L, tmp_path, "full")
+    sampled = [3, 7, 11, 15, 19]  # Lightning's steps are 0-based; it logs at (s + 1) % 4 == 0
+    full = {s.step: max(layer.reduce("max_logit", "max") for layer in s.layers)
+            for s in callback.probe.history}
+    assert sorted(full) == sampled
+    unstable_run.assert_clear_of_threshold(full)
+    logit = next(a for a in callback.probe.alerts if a.kind == "logit")
+    assert 3 <= logit.step < 19, full  # the collapse comes well before the end
+    assert trainer.global_step == 20 and callback.stopped_by is None
+    assert not [m for m in messages if "stopping training" in m]
+    assert unstable_run.probe_steps(scalars) == set(sampled)
+
+    # The same run with stop_on: it stops right after the step of the logit alert.
+    trainer, callback, seen, messages, scalars = unstable_lightning_run(
+        L, tmp_path, "stop", stop_on="logit")
+    alert = callback.stopped_by
+    assert alert is not None and (alert.kind, alert.tag, alert.step) == ("logit", logit.tag,
+                                                                         logit.step)
+    assert alert.value == pytest.approx(logit.value, rel=1e-6)  # the same run up to here
+    # step s is the s-th optimizer step counting from 0: after it, global_step is s + 1
+    assert trainer.global_step == alert.step + 1
+    before = [step for step in sampled if step <= alert.step]
+    assert [s.step for s in callback.probe.history] == before
+    assert seen == callback.probe.alerts and alert in seen  # the user's on_alert, chained
+    # layer 0's entropy collapsed earlier: not a stop_on kind, training went on
+    assert [a.step for a in seen if a.kind == "entropy"][0] < alert.step
+    (stop_line,) = [m for m in messages if "stopping training" in m]
+    assert f"after step {alert.step}" in stop_line and "'logit'" in stop_line
+    # The event files: the marker at the step of the alert, no probe scalar after it, and
+    # Lightning's own train_loss stops at the same step. The validation that Lightning runs
+    # on stopping is not measured (2 sequences per step: the training batch's).
+    assert scalars[f"alert/logit/{alert.tag}"] == {alert.step: pytest.approx(alert.value,
+                                                                              rel=1e-6)}
+    assert unstable_run.probe_steps(scalars) == set(before)
+    assert max(scalars["train_loss"]) == alert.step
+    assert {c for s in callback.probe.history for layer in s.layers
+            for c in layer.counts.tolist()} == {2}
