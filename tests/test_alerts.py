@@ -18,10 +18,9 @@ import torch
 import attn_probe
 from attn_probe.aggregate import HeadAccumulator
 from attn_probe.alerts import AlertMonitor, AlertRules, EntropyRule, LogitRule, SinkRule
-from attn_probe.models.corpus import builtin_corpus
-from attn_probe.models.gpt import GPT, GPTConfig
 from attn_probe.snapshot import Snapshot
 from reference import read_scalars
+from unstable_run import BATCH, CLIP, WEIGHT_DECAY, unstable_gpt, windows
 
 
 def layer_figures(heads: int, **per_head) -> dict[str, torch.Tensor]:
@@ -109,15 +108,12 @@ EVERY, STEPS, THRESHOLDS = 5, 20, {"logit": 300.0, "entropy": 0.1}
 
 
 def train(log_dir, *, lr: float, qk_norm: bool = False, one_cycle: bool = False):
-    """The demo's GPT at the demo's width, 2 layers, 64 tokens; returns the probe's alerts."""
-    torch.manual_seed(0)
-    data = builtin_corpus(200_000).long()
-    model = GPT(GPTConfig(vocab_size=256, block_size=64, n_layer=2, n_head=4, n_embd=128,
-                          qk_norm=qk_norm))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1)
+    """The unstable run (tests/unstable_run.py) at learning rate ``lr``; returns the alerts."""
+    model = unstable_gpt(qk_norm)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=WEIGHT_DECAY)
     schedule = torch.optim.lr_scheduler.OneCycleLR(
         optimizer, max_lr=lr, total_steps=STEPS, pct_start=0.1) if one_cycle else None
-    generator = torch.Generator().manual_seed(0)
+    batches = windows(BATCH * STEPS).view(STEPS, BATCH, -1)
     seen = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -125,13 +121,11 @@ def train(log_dir, *, lr: float, qk_norm: bool = False, one_cycle: bool = False)
                                        max_sequences=2, images_every=0,
                                        on_alert=lambda alert, snapshot: seen.append(alert)
                                        ) as probe:
-            for step in range(STEPS):
-                starts = torch.randint(len(data) - 65, (8,), generator=generator).tolist()
-                window = torch.stack([data[s: s + 65] for s in starts])
+            for step, window in enumerate(batches):
                 _, loss = model(window[:, :-1], window[:, 1:])
                 optimizer.zero_grad()
                 loss.backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
                 optimizer.step()
                 if schedule is not None:
                     schedule.step()

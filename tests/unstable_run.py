@@ -1,4 +1,5 @@
-"""The unstable training run of ``tests/test_alerts.py``, for the tests of ``stop_on``.
+"""The unstable training run of the alert tests (``tests/test_alerts.py`` and the ``stop_on``
+tests of the callbacks).
 
 The demo's GPT at the demo's width (128), 2 layers, 64 tokens of Python source, batches of 8,
 AdamW at a constant 3e-2 without warm-up, weight decay 0.1, gradients clipped to 1.0: layer 0's
@@ -25,10 +26,11 @@ MARGIN = 0.15
 PROBE_TAG = re.compile(r"/L\d\d(/|$)")
 
 
-def unstable_gpt() -> GPT:
-    """The same initial weights every time."""
+def unstable_gpt(qk_norm: bool = False) -> GPT:
+    """The same initial weights every time (with ``qk_norm``, the run's cure)."""
     torch.manual_seed(0)
-    return GPT(GPTConfig(vocab_size=256, block_size=LENGTH, n_layer=2, n_head=4, n_embd=128))
+    return GPT(GPTConfig(vocab_size=256, block_size=LENGTH, n_layer=2, n_head=4, n_embd=128,
+                         qk_norm=qk_norm))
 
 
 def windows(n: int, seed: int = 0) -> torch.Tensor:
