@@ -14,11 +14,11 @@ keys the block may see, then, per row ``i`` (``j`` runs over the keys the row ma
   ``A_ij = P_ij / z_i = exp(S_ij - lse_i)``,
 * entropy ``H_i = -sum_j A_ij log A_ij = log z_i - (sum_j P_ij S'_ij) / z_i`` (nats),
 * sink ``A_i0``, the attention on key 0,
-* column squared masses ``m_j += sum_i A_ij^2 = sum_i P_ij^2 / z_i^2`` (a matrix-vector
+* column squared masses ``c_j += sum_i A_ij^2 = sum_i P_ij^2 / z_i^2`` (a matrix-vector
   product of the squared block with the weights ``1 / z_i^2``).
 
 After the last block: ``columns`` is the fewest columns whose sorted masses reach ``tau`` of
-``sum_j m_j``, ``dominant`` is ``argmax_j m_j`` (ties: lowest index; ``dominant == 0`` is
+``sum_j c_j``, ``dominant`` is ``argmax_j c_j`` (ties: lowest index; ``dominant == 0`` is
 first-key dominance), ``max_logit`` the largest allowed score, and the per-row figures are
 averaged over the measured rows.  ``entropy_norm`` is the mean of ``H_i / log n_i`` over rows
 with ``n_i >= 2`` allowed keys (``H_i / log 1`` is undefined; a row with one key has entropy
@@ -31,26 +31,35 @@ entropy is that of the full distribution over the ``n_i + 1`` outcomes (keys and
 column), and ``entropy_norm`` divides by ``log(n_i + 1)``.  The sink column takes no part in
 ``max_logit``, ``sink``, the column masses, ``columns`` or ``dominant``.
 
-Memory
-------
-The pass holds, besides its inputs: a float64 copy of the keys of one chunk of heads
-(``heads_chunk * S * E * 8`` bytes), two float64 score buffers of ``block * S`` per head of
-the chunk (scores and their exponentials), the float64 query block, for masks other than plain
-causality one boolean ``block * S`` matrix per mask head (plus small temporaries of that size),
-and ``O(H * S)`` float64 column masses; a few vectors of length ``block`` per head.  The block
-size and the head chunk are chosen so that all of this fits ``memory_budget`` (the block never
-goes below one row nor the chunk below one key head, so a budget below what one row needs is
-exceeded by that minimum).  With ``is_causal`` a block only computes the keys its last query
-can see, and the triangle is masked on the block's diagonal part only; no ``(L, S)`` mask is
-ever built.  A user ``attn_mask`` is sliced to the block's rows, never expanded.
+Memory and cost
+---------------
+Besides its inputs the pass holds, in float64: the keys of one chunk of key heads
+(``S * E`` per head), two score buffers of ``block * S`` per query head of the chunk (the
+scores, then their exponentials), the scaled query block, the column masses (``H * S``, and
+one block's), and per-row figures (``H * L``: maximum, entropy, attention on key 0, sink-logit
+mass, allowed-key count); with a user mask or gaps in the padding, one boolean ``block * S``
+per mask head.  The chunk and the block are chosen so that all of this, plus room for the BLAS
+library to pack one key head's panel, fits ``memory_budget`` less a sixteenth kept for small
+temporaries.  The key copy is also capped at 8 MiB and the score buffers at 16 MiB, because
+larger ones fall out of the cache and are slower: the default 64 MiB is a bound the pass
+usually stays well below (measured peak growth 25 MiB at ``T = 4096``, 28 MiB at 8192, for
+``H = 8``, ``E = 64``).  The block never shrinks below one row nor the chunk below one key
+head, so a budget below that minimum is exceeded by it.
+
+Per block the work is one float64 GEMM, one ``exp`` and a few elementwise sweeps of the score
+block.  With ``is_causal`` a block computes only the keys its last query can see (half the
+work overall) and masks the triangle on its diagonal part only; no ``(L, S)`` mask is ever
+built, and a user ``attn_mask`` is sliced to the block's rows, never expanded.  On 2 CPU
+cores the pass takes about 1.8 times as long as the SDPA call it observes at ``T = 4096``
+(``benchmarks/bench_full_context.py``).
 
 Exactness
 ---------
 All arithmetic is float64 (``q`` and ``k`` are cast; accumulators are float64), under
 ``torch.no_grad()`` with autocast disabled.  The float figures agree with a float64 reference
 on the materialised matrix (``softmax(q.double() @ k.double().T * scale + mask)``) to about
-``1e-13`` relative in practice; only the order of summation differs.  The integer figures are
-the reference's decisions (sorted masses, cumulative sum, ``searchsorted(c, tau * c[-1]) + 1``;
+``1e-15`` relative; only the order of summation differs.  The integer figures are the
+reference's decisions (sorted masses, cumulative sum, ``searchsorted(c, tau * c[-1]) + 1``;
 argmax) applied to column masses that differ from the reference's by rounding only.  A
 decision whose prefix sum lies within rounding distance of the threshold (closer than
 ``attn_probe.metrics._margin(S)`` times the total, ``1e-9`` for ``S`` up to several
@@ -110,11 +119,13 @@ _ROW_VECTORS = 12
 # Per-row figures kept for the whole sequence, per head: maximum, entropy, attention on the
 # first key, sink-logit mass (float64) and allowed-key count (int64).
 _ROW_FIGURES = 5
-# Share of the budget (1 / _RESERVE) left for what the plan does not count: BLAS packing
-# buffers, allocator rounding, small temporaries.
+# Share of the budget (1 / _RESERVE) left for what the plan does not count: allocator
+# rounding, small temporaries.
 _RESERVE = 16
-# Upper bound on the two score buffers of a block: larger blocks do not fit the cache and are
-# slower, whatever the budget allows.
+# Upper bounds on the float64 key copy of a head chunk and on a block's two score buffers:
+# larger ones fall out of the cache and are slower (measured on 2 cores with a 32 MiB L3),
+# whatever the budget allows.
+_KEYS_BYTES = 8 * 2**20
 _BLOCK_BYTES = 16 * 2**20
 
 
@@ -139,25 +150,29 @@ class _Plan:
 
 def _plan(heads: int, kv_heads: int, length: int, keys: int, dim: int, mask_heads: int,
           budget: int) -> _Plan:
-    """Key-head chunk and block rows: what the pass holds must fit ``budget``.
+    """Key-head chunk and block rows such that everything the pass holds fits ``budget``.
 
-    Fixed for the whole pass: the column masses (running sums and one block's) and the
-    per-row figures of all heads; per
-    chunk: the float64 key copy; per block row: the score rows of the chunk's heads, the query
-    row and ``mask_heads`` boolean mask rows.  The chunk is the largest one whose key copy
-    leaves at least half of the budget to the blocks.
+    Held for the whole pass: the column masses (running sums and one block's), the per-row
+    figures of all heads, and room for the BLAS library to pack one key head's panel (MKL's
+    batched GEMM keeps such a buffer from its first call).  Per chunk: the float64 key copy,
+    at most ``_KEYS_BYTES`` and half of what is left.  Per block row: the two score rows of
+    each of the chunk's heads, its query row, per-row vectors and ``mask_heads`` boolean mask
+    rows; the score buffers are capped at ``_BLOCK_BYTES``, and blocks of 8 rows or more are
+    rounded down to a multiple of 8 (BLAS kernels work in panels of 8 rows).
     """
     group = heads // kv_heads
     usable = budget - budget // _RESERVE
-    fixed = heads * (2 * keys + _ROW_FIGURES * length) * 8  # column masses: sums, one block's
-    kv_chunk = kv_heads
-    while kv_chunk > 1 and fixed + kv_chunk * keys * dim * 8 > usable // 2:
-        kv_chunk = (kv_chunk + 1) // 2
+    key_head = keys * dim * 8
+    fixed = heads * (2 * keys + _ROW_FIGURES * length) * 8 + key_head  # + BLAS packing of k
+    kv_chunk = max(1, min(kv_heads, min(_KEYS_BYTES, (usable - fixed) // 2) // key_head))
     chunk_heads = kv_chunk * group
-    left = usable - fixed - kv_chunk * keys * dim * 8
+    left = usable - fixed - kv_chunk * key_head
     extra = (chunk_heads * (dim + _ROW_VECTORS) * 8
              + min(mask_heads, chunk_heads) * keys * _MASK_BYTES)
-    rows = block_rows(chunk_heads, keys, min(left, _BLOCK_BYTES), extra_per_row=extra)
+    rows = min(block_rows(chunk_heads, keys, left, extra_per_row=extra),
+               block_rows(chunk_heads, keys, _BLOCK_BYTES))
+    if rows >= 8:
+        rows -= rows % 8
     return _Plan(kv_chunk=kv_chunk, rows=min(rows, max(1, length)))
 
 
@@ -326,10 +341,11 @@ class _Pass:
         scores = self.sbuf[: hq * n * width].view(hq, n, width)
         torch.matmul(q.view(kv, self.group * n, self.dim), keys[:, :width].mT,
                      out=scores.view(kv, self.group * n, width))
+        count = None  # allowed-key counts; without a general mask, see _plain_counts
         if span.general:
             count = self._mask_general(scores, span, h0, h1, r0, r1)
-        else:
-            count = self._mask_causal(scores, span, r0, r1)
+        elif self.causal:
+            self._mask_triangle(scores, span, r0, r1)
 
         m = scores.amax(dim=-1)  # (hq, n)
         sink = None if self.sink_logits is None else self.sink_logits[h0:h1, None]
@@ -339,10 +355,11 @@ class _Pass:
         torch.exp(scores, out=p)
         z = p.sum(dim=-1)
         dot = scores.mul_(p).sum(dim=-1)  # sum_j P_ij S'_ij
-        if sink is not None:
-            e = torch.exp(sink - shift)
+        if sink is not None:  # the extra column: score s_h, shifted s_h - m'_i
+            sink_shifted = sink - shift
+            e = sink_shifted.exp()
             z += e
-            dot += e * (sink - shift)
+            dot += e * sink_shifted
         inv = z.reciprocal()
         self.row_max[h0:h1, r0:r1] = m
         self.row_entropy[h0:h1, r0:r1] = z.log_().sub_(dot.mul_(inv))
@@ -350,7 +367,7 @@ class _Pass:
         if sink is not None:
             self.row_sink[h0:h1, r0:r1] = e * inv
         if count is not None:
-            heads = slice(h0, h1) if count.shape[0] > 1 else slice(None)
+            heads = slice(h0, h1) if self.mask_heads > 1 else slice(None)
             self.row_count[heads, r0:r1] = count
 
         weights = inv.mul_(inv)  # 1 / z^2
@@ -360,18 +377,15 @@ class _Pass:
         torch.bmm(weights.unsqueeze(1), p.mul_(p), out=masses)
         colmass[h0:h1, :width] += masses.squeeze(1)
 
-    def _mask_causal(self, scores: Tensor, span: _Span, r0: int, r1: int) -> None:
-        """Causal triangle, if any, on the block's diagonal part (query ``i`` sees keys
-        ``k_lo .. i``).  The counts are set once per sequence (see ``_plain_counts``)."""
-        if not self.causal:
-            return None
+    def _mask_triangle(self, scores: Tensor, span: _Span, r0: int, r1: int) -> None:
+        """The causal triangle on the block's diagonal part: query ``i`` sees keys
+        ``k_lo .. i``, and only keys past ``r0`` can be hidden from a row of the block."""
         width = scores.shape[-1]
         c0 = r0 - span.k_lo + 1
         if c0 < width:
             rows = torch.arange(r0 - span.k_lo, r1 - span.k_lo, device=self.device)
             cols = torch.arange(c0, width, device=self.device)
             scores[..., c0:].masked_fill_(cols > rows[:, None], _NEG)
-        return None
 
     def _mask_general(self, scores: Tensor, span: _Span, h0: int, h1: int, r0: int,
                       r1: int) -> Tensor:
@@ -428,22 +442,21 @@ class _Pass:
         count = self.row_count
         measured = count > 0  # (1 or H, L)
         tokens = measured.sum(dim=-1).expand(self.heads)
-        rows = tokens.clamp_min(1).to(_F64)
         out, b = self.out, span.b
 
-        def mean(values: Tensor, where: Tensor = measured) -> Tensor:
-            return torch.where(where, values, 0.0).sum(dim=-1)
+        def mean(values: Tensor, rows: Tensor = measured) -> Tensor:
+            """Mean over ``rows`` (0 without any), per head; other rows may hold garbage."""
+            total = torch.where(rows, values, 0.0).sum(dim=-1)
+            return total / rows.sum(dim=-1).clamp_min(1)
 
         entropy = self.row_entropy
         out["tokens"][b] = tokens
-        out["entropy"][b] = mean(entropy) / rows
+        out["entropy"][b] = mean(entropy)
         outcomes = (count if self.sink_logits is None else count + 1).to(_F64)
-        several = outcomes >= 2
-        norm_rows = several.sum(dim=-1).clamp_min(1).to(_F64)
-        out["entropy_norm"][b] = mean(entropy / outcomes.log(), several) / norm_rows
-        out["sink"][b] = mean(self.row_first) / rows
+        out["entropy_norm"][b] = mean(entropy / outcomes.log(), outcomes >= 2)
+        out["sink"][b] = mean(self.row_first)
         if self.row_sink is not None:
-            out["sink_logit_mass"][b] = mean(self.row_sink) / rows
+            out["sink_logit_mass"][b] = mean(self.row_sink)
         out["max_logit"][b] = torch.where(measured, self.row_max, -math.inf).amax(dim=-1)
         # A measured row whose maximum is not above the fill value, or whose entropy is not
         # finite, saw NaN or infinite scores.

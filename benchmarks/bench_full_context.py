@@ -1,7 +1,7 @@
 """Benchmark: streaming ``full_context_stats`` against the SDPA call it observes.
 
 Run ``python benchmarks/bench_full_context.py [--sizes 1024,4096,8192] [--repeats 5]
-[--threads 2] [--device cpu|cuda] [--budget-mib 64]``.
+[--threads 2] [--device cpu|cuda] [--budget-mib 64] [--retries 20]``.
 
 For each length ``T`` (B=1, H=8, D=64, causal, float32 q/k/v) three sides see the same
 tensors:
@@ -11,7 +11,9 @@ tensors:
 * ``materialise``: ``softmax(q @ k^T * scale + causal_mask)`` in float32, the full matrix
   (skipped where its estimated peak, three ``H x T x T`` float32 tensors, exceeds 6 GiB).
 
-Times are medians over ``--repeats`` runs that alternate between the sides, in this process.
+Times are medians over ``--repeats`` runs that alternate between the sides, in this process;
+on Linux a run during which other processes used more than 5% of the CPUs is discarded and
+rerun (up to ``--retries`` times; the count is printed), since the machine may be shared.
 Extra peak memory is measured for each side in a fresh subprocess that has already allocated
 q, k, v and run the same side once at a different, small length (so the allocator, the thread
 pool and the BLAS library are warm): on the CPU, the growth of the resident set's high-water
@@ -71,12 +73,38 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def timed(side: str, tensors, budget: int, device: str) -> float:
-    sync(device)
-    start = time.perf_counter()
-    run_side(side, *tensors, budget)
-    sync(device)
-    return (time.perf_counter() - start) * 1e3
+def _cpu_ticks() -> tuple[int, int, int] | None:
+    """Clock ticks of all CPUs: (elapsed, busy in any process, used by this one); None off
+    Linux."""
+    try:
+        with open("/proc/stat") as stat:
+            fields = [int(x) for x in stat.readline().split()[1:9]]
+        with open("/proc/self/stat") as own:
+            mine = own.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    total = sum(fields)
+    return total, total - fields[3] - fields[4], int(mine[11]) + int(mine[12])
+
+
+def timed(side: str, tensors, budget: int, device: str, retries: int) -> tuple[float, int]:
+    """Milliseconds of one run, and how many runs were discarded first because other
+    processes used more than 5% of the CPUs meanwhile (the machine may be shared)."""
+    for discarded in range(retries + 1):
+        before = _cpu_ticks()
+        sync(device)
+        start = time.perf_counter()
+        run_side(side, *tensors, budget)
+        sync(device)
+        elapsed = (time.perf_counter() - start) * 1e3
+        after = _cpu_ticks()
+        if before is None or after is None:
+            return elapsed, 0
+        elapsed_ticks, busy, mine = (a - b for a, b in zip(after, before))
+        if busy - mine <= max(2, 0.05 * elapsed_ticks):
+            return elapsed, discarded
+        time.sleep(1.0)
+    return elapsed, retries
 
 
 # --------------------------------------------------------------------------------------------
@@ -148,6 +176,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--budget-mib", type=float, default=64.0)
+    parser.add_argument("--retries", type=int, default=20,
+                        help="reruns of a timed run disturbed by other processes (Linux)")
     parser.add_argument("--child", choices=SIDES, help=argparse.SUPPRESS)
     args = parser.parse_args()
     budget = int(args.budget_mib * 2**20)
@@ -164,6 +194,7 @@ def main() -> None:
     print("-" * len(header))
     skipped = []
     method = ""
+    disturbed = 0
     for length in sizes:
         sides = [s for s in SIDES
                  if s != "materialise" or materialise_bytes(length) <= MATERIALISE_LIMIT]
@@ -176,7 +207,9 @@ def main() -> None:
         for r in range(args.repeats):
             order = sides[r % len(sides):] + sides[: r % len(sides)]
             for side in order:
-                times[side].append(timed(side, tensors, budget, args.device))
+                elapsed, discarded = timed(side, tensors, budget, args.device, args.retries)
+                times[side].append(elapsed)
+                disturbed += discarded
         del tensors
         medians = {side: statistics.median(ts) for side, ts in times.items()}
         for side in sides:
@@ -184,6 +217,7 @@ def main() -> None:
             ratio = medians[side] / medians["sdpa"]
             print(f"{length:>6} {side:<12} {medians[side]:>10.1f} {ratio:>7.2f}x {extra:>15.1f}")
     print(f"extra peak memory: {method}, fresh process per side, warmed up at T={WARM_LENGTH}")
+    print(f"timed runs discarded because other processes used the CPUs: {disturbed}")
     for length in skipped:
         print(f"materialise skipped at T={length}: estimated peak "
               f"{materialise_bytes(length) / 2**30:.2f} GiB > {MATERIALISE_LIMIT / 2**30:g} GiB")

@@ -153,6 +153,16 @@ def test_matches_reference(causal):
     check_batch(q, k, causal=causal)
 
 
+def test_uniform_attention_has_normalised_entropy_one():
+    q, k = qk(batch=1, heads=2, length=30)
+    got = full_context_stats(torch.zeros_like(q), k, is_causal=True)
+    rows = torch.arange(1, 31, dtype=torch.float64)
+    torch.testing.assert_close(got["entropy"][0], rows.log().mean().expand(2), rtol=RTOL, atol=0)
+    torch.testing.assert_close(got["entropy_norm"][0], torch.ones(2, dtype=torch.float64),
+                               rtol=RTOL, atol=0)
+    torch.testing.assert_close(got["sink"][0], (1 / rows).mean().expand(2), rtol=RTOL, atol=0)
+
+
 def test_long_causal_sequence():
     q, k = qk(batch=1, heads=2, length=2048, dim=16, seed=1, spread=1.5)
     got = check_batch(q, k, causal=True)
@@ -164,7 +174,7 @@ def test_tiny_budget_splits_rows_and_changes_nothing():
     assert block_rows(4, 80, 1) == 1  # one query row per block: 80 blocks per head chunk
     assert block_rows(4, 80, 16 * 4 * 80 * 10) == 10
     wide = check_batch(q, k, causal=True)
-    for budget in (1, 40_000):
+    for budget in (1, 200_000):  # one row per block; blocks of 16 rows
         narrow = check_batch(q, k, causal=True, memory_budget=budget)
         for name in FLOATS:
             torch.testing.assert_close(narrow[name], wide[name], rtol=1e-12, atol=0)
@@ -172,14 +182,16 @@ def test_tiny_budget_splits_rows_and_changes_nothing():
             assert torch.equal(narrow[name], wide[name])
 
 
-def test_per_head_mask_with_grouped_heads_in_small_chunks():
-    q, k = qk(batch=2, heads=4, kv_heads=2, length=45, seed=16)
+@pytest.mark.parametrize("heads, kv_heads", [(4, 2), (2, 2)])
+def test_per_head_mask_in_small_head_chunks(heads, kv_heads):
+    q, k = qk(batch=2, heads=heads, kv_heads=kv_heads, length=45, seed=16)
     gen = torch.Generator().manual_seed(17)
-    mask = torch.rand(2, 4, 45, 45, generator=gen) < 0.6
-    narrow = check_batch(q, k, mask=mask, causal=True, memory_budget=20_000)
+    mask = torch.rand(2, heads, 45, 45, generator=gen) < 0.6
     wide = check_batch(q, k, mask=mask, causal=True)
-    for name in INTEGERS:
-        assert torch.equal(narrow[name], wide[name])
+    for budget in (1, 20_000):  # one key head per chunk; one or two rows per block
+        narrow = check_batch(q, k, mask=mask, causal=True, memory_budget=budget)
+        for name in INTEGERS:
+            assert torch.equal(narrow[name], wide[name])
 
 
 def test_sliding_window_bool_mask():
