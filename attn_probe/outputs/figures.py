@@ -477,8 +477,10 @@ class RunSeries(NamedTuple):
     alerts: Mapping[str, Sequence[int]] = {}
 
 
-#: Line colours of the runs of :func:`run_summary`, in order (ColorBrewer Dark2).
+#: Line colours of the runs of :func:`run_summary`, in order (ColorBrewer Dark2), and their
+#: dashes (runs whose curves lie on each other stay apart).
 RUN_COLOURS = ("#1b9e77", "#d95f02", "#7570b3", "#e7298a", "#66a61e", "#e6ab02", "#a6761d")
+RUN_DASHES = ("-", (0, (5, 2)), (0, (1.5, 1.5)), "-.")
 
 
 def _moving_average(values: np.ndarray, window: int) -> np.ndarray:
@@ -536,7 +538,7 @@ def run_summary(
 
     handles, labels, logits = [], [], []
     for i, (name, series) in enumerate(runs.items()):
-        colour = RUN_COLOURS[i % len(RUN_COLOURS)]
+        colour, dashes = RUN_COLOURS[i % len(RUN_COLOURS)], RUN_DASHES[i % len(RUN_DASHES)]
         loss = _as_numpy(series.loss).reshape(-1)
         steps = _as_numpy(series.steps).reshape(-1)
         logit = _as_numpy(series.max_logit).reshape(-1)
@@ -548,11 +550,12 @@ def run_summary(
         if smooth > 1:
             loss_ax.plot(loss_steps, loss, color=colour, linewidth=0.8, alpha=0.3)
             loss = _moving_average(loss, smooth)
-        (line,) = loss_ax.plot(loss_steps, loss, color=colour, linewidth=1.5)
+        (line,) = loss_ax.plot(loss_steps, loss, color=colour, linewidth=1.5, linestyle=dashes)
         logit = np.where(logit > 0, logit, np.nan)  # a log scale: 0 and below cannot be drawn
         logits.append(logit[np.isfinite(logit)])
-        logit_ax.plot(steps, logit, color=colour, linewidth=1.5, marker="o", markersize=2.5)
-        entropy_ax.plot(steps, entropy, color=colour, linewidth=1.5, marker="o", markersize=2.5)
+        for ax, values in ((logit_ax, logit), (entropy_ax, entropy)):
+            ax.plot(steps, values, color=colour, linewidth=1.5, linestyle=dashes, marker="o",
+                    markersize=2.5)
         alerts = series.alerts or {}
         _alert_marks(logit_ax, steps, logit, alerts.get("logit", ()), colour)
         _alert_marks(entropy_ax, steps, entropy, alerts.get("entropy", ()), colour)

@@ -202,7 +202,7 @@ def test_run_summary_draws_each_run_with_thresholds_and_alert_marks():
     low, high = logit.get_ylim()
     assert low < 1.0 and high > 900.0
     dashed = lambda ax: [l.get_ydata()[0] for l in ax.get_lines()  # noqa: E731
-                         if l.get_linestyle() == "--"]
+                         if l.get_color() == "#b2182b" and l.get_linestyle() == "--"]
     assert dashed(logit) == [300.0] and dashed(entropy) == [0.1] and dashed(loss) == []
     marks = lambda ax: [list(l.get_xdata()) for l in ax.get_lines()  # noqa: E731
                         if l.get_marker() == "X"]
