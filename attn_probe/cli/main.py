@@ -20,6 +20,7 @@ def _demo(args: argparse.Namespace) -> int:
     base = DemoConfig(
         log_dir=args.log_dir, steps=args.steps, every=args.every, batch_size=args.batch_size,
         n_layer=args.layers, images_every=args.images_every, seed=args.seed,
+        threads=args.threads,
     )
     try:
         configs = demo_configs(base, args.runs)
@@ -240,6 +241,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0,
                       help="seed of the weights and the batches, the same in every run "
                       "(%(default)s)")
+    demo.add_argument("--threads", type=int, default=DEMO_DEFAULTS["threads"],
+                      help="PyTorch threads; 0: PyTorch's default (%(default)s: faster than "
+                      "two for a model this small on busy cores)")
     demo.add_argument("--runs", type=_run_names, default=list(DEMO_RUNS),
                       help=f"comma-separated runs to train, of {','.join(DEMO_RUNS)} "
                       "(default: all)")

@@ -14,9 +14,10 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from PIL import Image
 
-from attn_probe.cli.demo import RUNS, DemoConfig, demo_configs
+from attn_probe.cli.demo import RUNS, DemoConfig, demo_configs, run_demo
 from attn_probe.cli.main import report_demo
 from reference import read_images, read_scalars, repo_env, scalar_events
 
@@ -80,6 +81,21 @@ def test_demo_runs_option_picks_runs_and_rejects_unknown_ones(tmp_path):
     assert [(c.name, c.steps, c.qk_norm, c.lr) for c in configs] == [
         ("unstable_qk_norm", 12, True, 3e-2), ("stable", 40, False, 3e-3)]
     assert configs[0].log_dir.replace("\\", "/") == "x/unstable_qk_norm"
+
+
+def test_demo_trains_on_one_thread_and_gives_the_others_back(tmp_path):
+    """One thread by default (on a busy 2-core machine two were 3-4 times slower), restored
+    after the run: the demo may run inside another program."""
+    previous, seen = torch.get_num_threads(), []
+    torch.set_num_threads(2)
+    try:
+        config = DemoConfig(log_dir=str(tmp_path), steps=2, n_layer=1, batch_size=1,
+                            block_size=8, every=1, images_every=0)
+        assert config.threads == 1
+        run_demo(config, progress=lambda *_: seen.append(torch.get_num_threads()))
+        assert seen == [1, 1] and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(previous)
 
 
 @pytest.mark.slow
