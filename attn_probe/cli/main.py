@@ -11,22 +11,28 @@ import warnings
 from dataclasses import asdict
 from typing import Sequence
 
+from ..options import check_count
 from .console import ArgumentParser, Progress, UsageError, deprecated_aliases
 from .demo import RUNS as DEMO_RUNS
 from .demo import UNSTABLE_SHARE, DemoConfig, DemoResult, demo_configs, run_demos, write_summary
 
 
 def _demo(args: argparse.Namespace) -> int:
+    counts = {"--steps": args.steps, "--every": args.every, "--batch-size": args.batch_size,
+              "--layers": args.layers}
+    try:
+        for option, value in counts.items():
+            check_count(option, value)
+        check_count("--images-every", args.images_every, minimum=0)
+        check_count("--threads", args.threads, minimum=0)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
     base = DemoConfig(
         log_dir=args.log_dir, steps=args.steps, every=args.every, batch_size=args.batch_size,
         n_layer=args.layers, images_every=args.images_every, seed=args.seed,
         threads=args.threads,
     )
-    try:
-        configs = demo_configs(base, args.runs)
-    except ValueError as error:
-        raise UsageError(str(error)) from None
-    report_demo(configs, base.log_dir)
+    report_demo(demo_configs(base, args.runs), base.log_dir)
     return 0
 
 
