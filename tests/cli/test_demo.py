@@ -71,10 +71,10 @@ def test_demo_subprocess_writes_three_runs_and_a_summary(tmp_path):
 
 
 def test_demo_runs_option_picks_runs_and_bad_options_are_one_line_errors(capsys):
-    with pytest.raises(SystemExit) as exit:
+    with pytest.raises(SystemExit) as exited:
         main(["demo", "--runs", "unstable,nope"])
     err = capsys.readouterr().err
-    assert exit.value.code == 2 and "'nope'" in err and "stable," in err
+    assert exited.value.code == 2 and "'nope'" in err and "stable," in err
     for bad in (["--steps", "0"], ["--every", "0"], ["--images-every", "-1"]):
         assert main(["demo", *bad]) == 2
         err = capsys.readouterr().err
