@@ -1,8 +1,8 @@
 """The ``attn-probe`` command: ``demo`` trains and probes a small GPT, ``analyze`` profiles a
 model. Application code on top of the library: nothing in the library imports it.
 
-* :mod:`.main` — argument parsing and the one-line error convention (exit 2);
-* :mod:`.demo` — the built-in demo run;
+* :mod:`.main` — argument parsing, the one-line error convention (exit 2), the demo's report;
+* :mod:`.demo` — the built-in demo's runs (stable, unstable, unstable with QK-norm);
 * :mod:`.analyze` — orchestration of ``attn-probe analyze``;
 * :mod:`.loading` — loading a model (Hugging Face directory, llama2.c file, factory);
 * :mod:`.tokens` — token sources (text file, token shard, sampled from the model);

@@ -1,71 +1,158 @@
-"""The built-in demo: a small GPT learns Python's own source code while the probe watches.
+"""The built-in demo: a small GPT learns Python's own source code three times while the probe
+watches, into one log directory with one TensorBoard run each.
 
-No download: the corpus is the source of modules of the Python standard library that runs the
-demo, read as bytes (vocabulary 256). The model is :class:`attn_probe.models.gpt.GPT`.
+* ``stable`` — AdamW with a one-cycle schedule, peak learning rate 3e-3: the model learns;
+* ``unstable`` — the same model at 3e-2 held constant, no warm-up: layer 0's attention logits
+  grow into the hundreds and its entropy collapses within ten steps; the loss stalls;
+* ``unstable_qk_norm`` — the unstable setting with QK-norm (:attr:`GPTConfig.qk_norm`): the
+  logits stay bounded.
+
+:func:`run_demo` trains one run from a :class:`DemoConfig`, :func:`demo_configs` makes the
+configs of the runs and :func:`run_demos` trains them one after the other;
+:func:`write_summary` draws them into one picture. No download: the corpus is the source of
+modules of the Python standard library that runs the demo, read as bytes (vocabulary 256). The
+model is :class:`attn_probe.models.gpt.GPT`.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import os
 import time
-from dataclasses import dataclass
-from typing import Callable
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 
+from ..alerts import AlertRules
 from ..models.corpus import builtin_corpus
 from ..models.gpt import GPT, GPTConfig
 from ..probe import AttentionProbe
-from ..snapshot import Snapshot
+from ..snapshot import Alert, Snapshot
+
+#: The alert rules of every run (the package's defaults; ``docs/alerts.md`` says why).
+RULES = AlertRules()
+
+#: The demo's runs: name -> what differs from :class:`DemoConfig`'s defaults.
+RUNS: dict[str, dict[str, Any]] = {
+    "stable": dict(lr=3e-3, schedule="one_cycle"),
+    "unstable": dict(lr=3e-2, schedule="constant"),
+    "unstable_qk_norm": dict(lr=3e-2, schedule="constant", qk_norm=True),
+}
+
+#: The unstable runs' length as a share of the stable run's: they collapse within 10-20 steps,
+#: and a few dozen steps more show where their loss goes.
+UNSTABLE_SHARE = 0.3
+
+SCHEDULES = ("one_cycle", "constant")
+
 
 @dataclass
 class DemoConfig:
+    """One training run: the model, the optimiser's schedule and what the probe samples."""
+
     log_dir: str = "runs/demo"
-    steps: int = 400
+    steps: int = 200
     batch_size: int = 16
     block_size: int = 128
     n_layer: int = 6
     n_head: int = 4
     n_embd: int = 128
+    #: the peak learning rate (``one_cycle``: 10 % warm-up, then annealed to ~0) or the
+    #: learning rate held from the first step (``constant``)
     lr: float = 3e-3
-    every: int = 20
-    images_every: int = 100
+    schedule: str = "one_cycle"
+    qk_norm: bool = False
+    every: int = 5
+    images_every: int = 50
     max_sequences: int = 4
     seed: int = 0
-    threads: int | None = None
+    #: PyTorch's intra-op threads during the run (restored after it); None or 0: leave them.
+    #: One, because a model this small ran 3-4 times faster on one thread than on two on a
+    #: 2-core machine shared with other jobs (threads wait for each other on busy cores).
+    threads: int | None = 1
+    name: str = "stable"
+
+    def describe(self) -> str:
+        """``lr 3e-2 held constant, no warm-up, QK-norm, 60 steps``."""
+        mantissa, exponent = f"{self.lr:e}".split("e")
+        lr = f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
+        schedule = (f"one-cycle schedule, peak lr {lr}" if self.schedule == "one_cycle"
+                    else f"lr {lr} held constant, no warm-up")
+        return f"{schedule}{', QK-norm' if self.qk_norm else ''}, {self.steps} steps"
 
 
 @dataclass
 class DemoResult:
+    """What one run did: the loss of every step, the probe's snapshots and alerts."""
+
     log_dir: str
     losses: list[float]
     snapshots: list[Snapshot]
     seconds: float
+    config: DemoConfig = field(default_factory=DemoConfig)
+    alerts: list[Alert] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+
+def demo_configs(base: DemoConfig, runs: Iterable[str] = tuple(RUNS)) -> list[DemoConfig]:
+    """The configs of the named ``runs``: ``base`` with each run's settings (:data:`RUNS`),
+    logging into ``base.log_dir/<name>``. ``base.steps`` is the stable run's length; the
+    unstable runs train :data:`UNSTABLE_SHARE` of it (at least one step)."""
+    configs = []
+    for name in runs:
+        if name not in RUNS:
+            raise ValueError(f"unknown demo run {name!r}; the runs are {', '.join(RUNS)}")
+        steps = base.steps if name == "stable" else max(1, round(base.steps * UNSTABLE_SHARE))
+        configs.append(dataclasses.replace(
+            base, name=name, steps=steps, log_dir=os.path.join(base.log_dir, name), **RUNS[name]
+        ))
+    return configs
 
 
 def run_demo(
-    config: DemoConfig, progress: Callable[[int, int, float], None] | None = None
+    config: DemoConfig,
+    progress: Callable[[int, int, float], None] | None = None,
+    on_alert: Callable[[Alert, Snapshot], None] | None = None,
 ) -> DemoResult:
-    """Train ``config.steps`` steps with an :class:`AttentionProbe` attached; log to ``log_dir``."""
-    from torch.utils.tensorboard import SummaryWriter
-
+    """Train ``config.steps`` steps with an :class:`AttentionProbe` attached; log the loss
+    (``train/loss``), the learning rate (``train/lr``) and the probe's figures to
+    ``config.log_dir``. ``progress(done, total, loss)`` is called after every step,
+    ``on_alert`` is the probe's."""
+    if config.schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {SCHEDULES}, got {config.schedule!r}")
+    threads = torch.get_num_threads()
     if config.threads:
         torch.set_num_threads(config.threads)
+    try:
+        return _train(config, progress, on_alert)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train(config: DemoConfig, progress, on_alert) -> DemoResult:
+    from torch.utils.tensorboard import SummaryWriter
+
     torch.manual_seed(config.seed)
     data = builtin_corpus().long()
     model = GPT(GPTConfig(
         vocab_size=256, block_size=config.block_size, n_layer=config.n_layer,
-        n_head=config.n_head, n_embd=config.n_embd,
+        n_head=config.n_head, n_embd=config.n_embd, qk_norm=config.qk_norm,
     ))
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=0.1)
     schedule = torch.optim.lr_scheduler.OneCycleLR(
         optimizer, max_lr=config.lr, total_steps=config.steps, pct_start=0.1
-    )
+    ) if config.schedule == "one_cycle" else None
     generator = torch.Generator().manual_seed(config.seed)
     losses: list[float] = []
     start = time.perf_counter()
     with SummaryWriter(config.log_dir) as writer, AttentionProbe(
         model, writer=writer, every=config.every, images_every=config.images_every,
-        max_sequences=config.max_sequences, max_tokens=config.block_size,
+        max_sequences=config.max_sequences, max_tokens=config.block_size, alerts=RULES,
+        on_alert=on_alert,
     ) as probe:
         for step in range(config.steps):
             starts = torch.randint(len(data) - config.block_size - 1, (config.batch_size,),
@@ -75,11 +162,41 @@ def run_demo(
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            writer.add_scalar("train/lr", optimizer.param_groups[0]["lr"], step)
             optimizer.step()
-            schedule.step()
+            if schedule is not None:
+                schedule.step()
             losses.append(loss.item())
             writer.add_scalar("train/loss", losses[-1], step)
             probe.step(step)
             if progress is not None:
                 progress(step + 1, config.steps, losses[-1])
-    return DemoResult(config.log_dir, losses, probe.history, time.perf_counter() - start)
+    return DemoResult(config.log_dir, losses, probe.history, time.perf_counter() - start,
+                      config, probe.alerts)
+
+
+Callbacks = tuple[Callable[[int, int, float], None] | None,
+                  Callable[[Alert, Snapshot], None] | None]
+
+
+def run_demos(
+    configs: Sequence[DemoConfig], callbacks: Callable[[DemoConfig], Callbacks] | None = None
+) -> Iterator[DemoResult]:
+    """Train the runs one after the other, yielding each result when its run ends.
+    ``callbacks(config)`` gives each run's ``(progress, on_alert)`` (see :func:`run_demo`)."""
+    for config in configs:
+        yield run_demo(config, *(callbacks(config) if callbacks is not None else ()))
+
+
+def write_summary(results: Sequence[DemoResult], path: str) -> str:
+    """Draw the runs' loss, largest max logit and lowest layer entropy into one PNG at
+    ``path`` (:func:`attn_probe.outputs.figures.run_summary`); returns ``path``."""
+    from ..outputs.figures import run_series_for, run_summary
+
+    figure = run_summary(
+        {r.name: run_series_for(r.losses, r.snapshots, r.alerts) for r in results},
+        thresholds={"logit": RULES.logit.max_logit, "entropy": RULES.entropy.min_entropy},
+    )
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    figure.savefig(path, dpi=130)  # crisper than the screen default, for a README
+    return path

@@ -4,7 +4,8 @@ The last stage of the data flow: everything here reads :class:`~attn_probe.snaps
 objects (or plain arrays) and does no torch maths.
 
 * :mod:`.tensorboard` — :class:`TensorBoardWriter`, the tags and the custom-scalars layout;
-* :mod:`.figures` — matplotlib figures (collapse map, MaxRank profile, heatmaps, head profiles);
+* :mod:`.figures` — matplotlib figures (collapse map, MaxRank profile, heatmaps, head profiles,
+  a summary of training runs);
 * :mod:`.tables` — per-layer and per-head rows, the terminal table, CSV and JSON files.
 """
 

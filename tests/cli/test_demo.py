@@ -1,18 +1,39 @@
-"""`attn-probe demo` end to end in a subprocess: it trains, prints its tables and the
-TensorBoard command, and leaves event files with every expected tag and step."""
+"""`attn-probe demo`: three runs (stable, unstable, unstable with QK-norm) into one log
+directory, one TensorBoard run each, a summary per run and a summary picture.
+
+End to end in a subprocess with tiny options (the logs, the console, the picture), and in
+process at settings that collapse within 15 steps (the demo's width at 64 tokens, as
+tests/test_alerts.py trains): the unstable run's event files hold the alert markers, the other
+runs' hold none, and the console names the alerts.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 
 import pytest
+import torch
 from PIL import Image
 
-from reference import read_images, repo_env, scalar_events
+from attn_probe.cli.demo import RUNS, DemoConfig, demo_configs, run_demo
+from attn_probe.cli.main import main, report_demo
+from reference import read_images, read_scalars, repo_env, scalar_events
+
+#: Figures every run logs for every layer, besides the loss.
+PROBE_TAGS = ("rank90/max", "max_logit/max", "entropy_norm_full/mean")
 
 
-def test_demo_subprocess_writes_readable_logs(tmp_path):
+def assert_summary_picture(path):
+    with Image.open(path) as png:
+        png.load()  # decodes the whole picture
+        assert png.format == "PNG"
+        width, height = png.size
+    assert 800 <= width <= 2000 and 250 <= height <= 1000 and width > 2 * height
+
+
+def test_demo_subprocess_writes_three_runs_and_a_summary(tmp_path):
     done = subprocess.run(
         [sys.executable, "-m", "attn_probe.cli", "demo", "--steps", "6", "--every", "2",
          "--images-every", "4", "--layers", "2", "--batch-size", "4", "--log-dir", "tb"],
@@ -20,20 +41,95 @@ def test_demo_subprocess_writes_readable_logs(tmp_path):
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "tensorboard --logdir tb" in done.stdout
-    assert "attention at step 0:" in done.stdout and "attention at step 4:" in done.stdout
-    assert "6/6" in done.stderr  # the progress bar reached the end
+    assert "tb/summary.png" in done.stdout.replace("\\", "/")
+    # --steps is the stable run's length; the unstable runs train 30 % of it
+    steps = {"stable": 6, "unstable": 2, "unstable_qk_norm": 2}
+    for name, count in steps.items():
+        assert f"{name}: {count} steps in" in done.stdout
+        assert f"{name} [" in done.stderr and f"{count}/{count}" in done.stderr  # its bar
 
-    scalars, images = scalar_events(tmp_path / "tb"), read_images(tmp_path / "tb")
-    steps = lambda tag: [step for step, _ in scalars[tag]]  # noqa: E731
-    assert steps("train/loss") == list(range(6))
+    for name, count in steps.items():
+        scalars = read_scalars(tmp_path / "tb" / name)
+        assert sorted(scalars["train/loss"]) == list(range(count)), name
+        assert sorted(scalars["train/lr"]) == list(range(count)), name
+        for tag in PROBE_TAGS:
+            for layer in ("L00", "L01"):
+                assert sorted(scalars[f"{tag}/{layer}"]) == list(range(0, count, 2)), (name, tag)
+    lrs = {name: read_scalars(tmp_path / "tb" / name)["train/lr"] for name in steps}
+    assert lrs["unstable"] == {0: pytest.approx(3e-2), 1: pytest.approx(3e-2)}
+    stable_lr = [lr for _, lr in sorted(lrs["stable"].items())]  # one-cycle: up to 3e-3, down
+    assert max(stable_lr) <= 3e-3 * (1 + 1e-6) and stable_lr[-1] < max(stable_lr) / 10
+
+    stable = tmp_path / "tb" / "stable"
+    scalars = scalar_events(stable)
     for layer in ("L00", "L01"):
-        assert steps(f"rank90/max/{layer}") == [0, 2, 4]
         heads = [scalars[f"rank90/head/{layer}/H{h:02d}"] for h in range(4)]
         for i, (_, value) in enumerate(scalars[f"rank90/max/{layer}"]):
             assert value == pytest.approx(max(h[i][1] for h in heads))
-    assert [image.step for image in images["collapse_map/rank90"]] == [0, 4]
-    image = images["profile/max_rank90"][0]
-    path = tmp_path / "profile.png"
-    path.write_bytes(image.png)
-    with Image.open(path) as png:
-        assert png.format == "PNG" and png.size == (image.width, image.height)
+    assert [image.step for image in read_images(stable)["collapse_map/rank90"]] == [0, 4]
+    assert_summary_picture(tmp_path / "tb" / "summary.png")
+
+
+def test_demo_runs_option_picks_runs_and_bad_options_are_one_line_errors(capsys):
+    with pytest.raises(SystemExit) as exited:
+        main(["demo", "--runs", "unstable,nope"])
+    err = capsys.readouterr().err
+    assert exited.value.code == 2 and "'nope'" in err and "stable," in err
+    for bad in (["--steps", "0"], ["--every", "0"], ["--images-every", "-1"]):
+        assert main(["demo", *bad]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"attn-probe demo: error: {bad[0]} must be") and err.count("\n") == 1
+    configs = demo_configs(DemoConfig(log_dir="x", steps=40), ["unstable_qk_norm", "stable"])
+    assert [(c.name, c.steps, c.qk_norm, c.lr) for c in configs] == [
+        ("unstable_qk_norm", 12, True, 3e-2), ("stable", 40, False, 3e-3)]
+    assert configs[0].log_dir.replace("\\", "/") == "x/unstable_qk_norm"
+
+
+def test_demo_trains_on_one_thread_and_gives_the_others_back(tmp_path):
+    """One thread by default (on a busy 2-core machine two were 3-4 times slower), restored
+    after the run: the demo may run inside another program."""
+    previous, seen = torch.get_num_threads(), []
+    torch.set_num_threads(2)
+    try:
+        config = DemoConfig(log_dir=str(tmp_path), steps=2, n_layer=1, batch_size=1,
+                            block_size=8, every=1, images_every=0)
+        assert config.threads == 1
+        run_demo(config, progress=lambda *_: seen.append(torch.get_num_threads()))
+        assert seen == [1, 1] and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(previous)
+
+
+@pytest.mark.slow
+def test_unstable_run_raises_alerts_and_the_others_none(tmp_path, capsys, recwarn,
+                                                        single_thread):
+    base = DemoConfig(log_dir=str(tmp_path), block_size=64, batch_size=8, n_layer=2,
+                      every=5, images_every=0, max_sequences=2)
+    configs = [dataclasses.replace(c, steps=15) for c in demo_configs(base, RUNS)]
+    results = {r.name: r for r in report_demo(configs, str(tmp_path))}
+    out, err = capsys.readouterr()
+
+    markers = {name: sorted(tag for tag in read_scalars(tmp_path / name)
+                            if tag.startswith("alert/"))
+               for name in RUNS}
+    assert {"alert/logit/L00", "alert/entropy/L00"} <= set(markers["unstable"])
+    assert not [t for t in markers["stable"] + markers["unstable_qk_norm"]
+                if t.startswith(("alert/logit", "alert/entropy"))]
+    for name in RUNS:
+        scalars = read_scalars(tmp_path / name)
+        assert sorted(scalars["train/loss"]) == list(range(15))
+        assert all(f"{tag}/L01" in scalars for tag in PROBE_TAGS)
+
+    # the progress bar counts the alerts (the probe's warnings about them are kept off the
+    # console), the run's summary names each, the closing paragraph says when they fired
+    assert "15/15 " in err and f"alerts {len(results['unstable'].alerts)}" in err
+    assert not [w for w in recwarn if "attn_probe: L00" in str(w.message)]
+    unstable = out[out.index("unstable: 15 steps"):out.index("unstable_qk_norm: 15 steps")]
+    fired = [a for a in results["unstable"].alerts if a.kind in ("logit", "entropy")]
+    assert fired and fired[0].tag == "L00"
+    for alert in fired:
+        assert f"{alert.kind:<8} {alert.tag}  step {alert.step} " in unstable
+    paragraph = " ".join(out[out.index("The stable run"):].split())
+    assert f"alerts at step {fired[0].step}" in paragraph
+    assert "QK-norm kept the largest logit" in paragraph
+    assert_summary_picture(tmp_path / "summary.png")

@@ -186,3 +186,62 @@ def test_attention_heatmaps_single_head_single_token():
         assert array.dtype == np.uint8 and array.shape[2] == 3 and array.std() > 0
     zeros = plots.attention_heatmaps(np.zeros((1, 3, 3)))  # a blank head still has a scale
     assert image_axes(zeros)[0].images[0].norm.vmax == 1.0
+
+
+def test_run_summary_draws_each_run_with_thresholds_and_alert_marks():
+    steps = np.arange(0, 20, 5)
+    runs = {
+        "stable": plots.RunSeries(np.linspace(5, 2, 20), steps, [1.0, 8.0, 20.0, 30.0],
+                                  [1.0, 0.6, 0.5, 0.45]),
+        "unstable": plots.RunSeries(np.linspace(5, 3, 12), steps[:3], [1.0, 400.0, 900.0],
+                                    [1.0, 0.05, 0.02], {"logit": [5], "entropy": [5, 10]}),
+    }
+    fig = plots.run_summary(runs, thresholds={"logit": 300.0, "entropy": 0.1}, title="demo")
+    loss, logit, entropy = fig.axes
+    assert logit.get_yscale() == "log" and entropy.get_ylim() == (0, 1.05)
+    low, high = logit.get_ylim()
+    assert low < 1.0 and high > 900.0
+    dashed = lambda ax: [l.get_ydata()[0] for l in ax.get_lines()  # noqa: E731
+                         if l.get_color() == "#b2182b" and l.get_linestyle() == "--"]
+    assert dashed(logit) == [300.0] and dashed(entropy) == [0.1] and dashed(loss) == []
+    marks = lambda ax: [list(l.get_xdata()) for l in ax.get_lines()  # noqa: E731
+                        if l.get_marker() == "X"]
+    assert marks(logit) == [[5]] and marks(entropy) == [[5, 10]] and marks(loss) == [[5, 10]]
+    legend = [text.get_text() for text in fig.legends[0].get_texts()]
+    assert legend == ["stable", "unstable", "alert fired", "alert threshold"]
+    assert plots.figure_to_array(fig).shape[1] > 2 * plots.figure_to_array(fig).shape[0]
+    # the loss: faint as it is, solid as a centred moving average (shorter at the ends)
+    faint, solid = [l.get_ydata() for l in loss.get_lines() if l.get_marker() != "X"][:2]
+    assert list(faint) == list(runs["stable"].loss)
+    assert solid[10] == pytest.approx(np.mean(runs["stable"].loss[6:15]))
+    assert solid[0] == pytest.approx(np.mean(runs["stable"].loss[:5]))
+    unsmoothed = plots.run_summary(runs, smooth=1).axes[0]
+    assert len([l for l in unsmoothed.get_lines() if l.get_marker() != "X"]) == 2
+    with pytest.raises(ValueError, match="sampled steps"):
+        plots.run_summary({"bad": plots.RunSeries([1.0], [0, 5], [1.0], [1.0])})
+    with pytest.raises(ValueError, match="at least one run"):
+        plots.run_summary({})
+
+
+def test_run_series_for_takes_the_extremes_over_layers():
+    def snapshot(step: int, logits, entropies) -> Snapshot:
+        accumulator = HeadAccumulator()
+        for name, logit, entropy in zip(("a", "b"), logits, entropies):
+            ones = torch.ones(1, 2, dtype=torch.float64)
+            accumulator.update(name, {
+                "rank": ones, "columns": ones, "entropy": ones, "sink": ones,
+                "dominant": ones.long(), "columns_full": ones, "dominant_full": ones.long(),
+                "max_logit": torch.tensor([logit], dtype=torch.float64),
+                "entropy_norm_full": torch.tensor([entropy], dtype=torch.float64),
+            })
+        return Snapshot(step=step, tau=0.9, layers=accumulator.compute(["a", "b"]))
+
+    history = [snapshot(0, [[1.0, 2.0], [0.5, 1.5]], [[1.0, 0.9], [0.95, 0.99]]),
+               snapshot(5, [[400.0, 2.0], [9.0, 8.0]], [[0.01, 0.03], [0.5, 0.7]])]
+    alert = type("Alert", (), {"kind": "logit", "step": 5})()
+    series = plots.run_series_for([3.0, 2.5], history, [alert])
+    assert list(series.steps) == [0, 5] and list(series.loss) == [3.0, 2.5]
+    assert list(series.max_logit) == [2.0, 400.0]  # the largest head of any layer
+    assert list(series.entropy) == pytest.approx([0.95, 0.02])  # the lowest layer mean
+    assert series.alerts == {"logit": [5]}
+    assert np.isnan(plots.run_series_for([1.0], [make_snapshot()]).max_logit[0])  # no figure
