@@ -422,3 +422,38 @@ def test_writer_and_log_dir_exclusive(tmp_path):
             TensorBoardWriter(user, log_dir=str(tmp_path))
     finally:
         user.close()
+
+
+def test_qk_clip_dry_run_and_alert_markers(tmp_path):
+    """With logit_cap, each head's QK-Clip factor min(1, cap / max_logit) and the share of heads
+    above the cap are logged; alerts become a marker scalar and one text entry per step."""
+    from attn_probe.alerts import AlertMonitor, AlertRules
+    from reference import read_events, read_scalars
+
+    accumulator = HeadAccumulator()
+    max_logit = torch.tensor([[50.0, 400.0, 100.0, 250.0]], dtype=torch.float64)
+    accumulator.update("m.0.attn", {
+        "rank": torch.full((1, 4), 5), "columns": torch.full((1, 4), 8),
+        "entropy": torch.ones(1, 4, dtype=torch.float64), "sink": torch.zeros(1, 4),
+        "dominant": torch.full((1, 4), 2), "columns_full": torch.full((1, 4), 9),
+        "entropy_full": torch.ones(1, 4), "entropy_norm_full": torch.full((1, 4), 0.5),
+        "sink_full": torch.zeros(1, 4), "sink_logit_full": torch.zeros(1, 4),
+        "dominant_full": torch.full((1, 4), 2), "tokens_full": torch.full((1, 4), 64),
+        "max_logit": max_logit,
+    })
+    snapshot = Snapshot(step=7, tau=0.9, layers=accumulator.compute(["m.0.attn"]))
+    snapshot = Snapshot(step=7, tau=0.9, layers=snapshot.layers,
+                        alerts=tuple(AlertMonitor(AlertRules()).update(snapshot)))
+    assert [a.kind for a in snapshot.alerts] == ["logit"]
+    with TensorBoardWriter(log_dir=str(tmp_path), logit_cap=100.0) as writer:
+        writer.write(snapshot, images=False)
+    scalars = read_scalars(tmp_path)
+    want = np.minimum(1.0, 100.0 / max_logit[0].numpy())  # 1, 0.25, 1, 0.4
+    for head, gamma in enumerate(want):
+        assert scalars[f"qk_clip/gamma/L00/H{head:02d}"] == {7: pytest.approx(gamma)}
+    assert scalars["qk_clip/share_above/L00"] == {7: pytest.approx(0.5)}
+    assert scalars["max_logit/max/L00"] == {7: pytest.approx(400.0)}
+    assert scalars["alert/logit/L00"] == {7: pytest.approx(400.0)}
+    texts = [e for e in read_events(tmp_path) if any(v.tag.startswith("alerts")
+                                                      for v in e.summary.value)]
+    assert len(texts) == 1 and texts[0].step == 7
