@@ -26,12 +26,9 @@ TAU = 0.9
 #: The repository root (the checkout under test).
 REPO = Path(__file__).resolve().parents[1]
 
-#: The trained llama2.c model beside the repository (``../shared``); tests skip where absent.
-FIXTURE = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "stories260K.bin"
-FIXTURE_MISSING = (
-    "../shared/fixtures/stories260K.bin not found; tests that need the trained fixture model "
-    "run where ../shared is present"
-)
+#: The trained llama2.c model the project keeps for its tests (licence and provenance in
+#: ``tests/data/README.md``).
+FIXTURE = Path(__file__).resolve().parent / "data" / "stories260K.bin"
 
 
 def repo_env(**extra: str) -> dict[str, str]:

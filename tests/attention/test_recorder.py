@@ -6,11 +6,12 @@ from __future__ import annotations
 import warnings
 
 import pytest
+from extras_rule import extra
 import torch
 from torch import nn
 
 from attn_probe import capture
-from reference import FIXTURE, FIXTURE_MISSING, no_hooks_left
+from reference import FIXTURE, no_hooks_left
 from toy_models import (
     without_padding,
     EncoderStack,
@@ -170,9 +171,8 @@ def test_transformer_encoder_nested_fast_path():
 # --- the real trained model -----------------------------------------------------------------------
 
 
-@pytest.mark.skipif(not FIXTURE.exists(), reason=FIXTURE_MISSING)
 def test_stories260k_matches_eager():
-    pytest.importorskip("transformers")
+    extra("transformers")
     from attn_probe.models.llama2c import load_llama2c
     from attn_probe.models.sampling import sample_tokens
 
@@ -200,7 +200,7 @@ def test_stories260k_matches_eager():
 
 
 def make_gpt2():
-    pytest.importorskip("transformers")
+    extra("transformers")
     torch.manual_seed(0)
     return transformers.GPT2LMHeadModel._from_config(gpt2_config(), attn_implementation="sdpa")
 

@@ -27,7 +27,6 @@ import pytest
 import torch
 from reference import (
     FIXTURE,
-    FIXTURE_MISSING,
     REPO,
     causal_attention,
     read_images,
@@ -585,8 +584,6 @@ def test_model_errors_in_process(work, in_process):
 
 
 def test_stories260k(work, in_process):
-    if not FIXTURE.is_file():
-        pytest.skip(FIXTURE_MISSING)
     if work["transformers"] is None:
         pytest.skip("transformers not installed")
     from attn_probe.models.llama2c import load_llama2c

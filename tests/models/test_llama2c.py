@@ -14,12 +14,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from extras_rule import extra
 import torch
 
 from attn_probe.models.llama2c import load_llama2c
 from attn_probe.models.sampling import sample_tokens
 from reference import mean_next_token_loss
-from reference import FIXTURE, FIXTURE_MISSING
+from reference import FIXTURE
 
 FIXTURE_SHA256 = "9414d5a285453a7eab631713d171753232c978f6f97654211469aff8be93c8d6"
 
@@ -34,14 +35,12 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 
 @pytest.fixture(scope="module")
 def fixture_path() -> Path:
-    if not FIXTURE.is_file():
-        pytest.skip(FIXTURE_MISSING)
     return FIXTURE
 
 
 @pytest.fixture(scope="module")
 def hf():
-    return pytest.importorskip("transformers")
+    return extra("transformers")
 
 
 @pytest.fixture(scope="module")
