@@ -29,7 +29,7 @@ from toy_models import (  # noqa: E402
 
 
 # CI may not skip the optional dependencies' tests (see extras_rule.py).
-from extras_rule import pytest_make_collect_report, pytest_runtest_makereport  # noqa: E402,F401
+from extras_rule import extra, pytest_make_collect_report, pytest_runtest_makereport  # noqa: E402,F401,E501
 
 
 @pytest.fixture(scope="module")
@@ -51,21 +51,21 @@ def single_thread():
 @pytest.fixture(scope="session")
 def gpt2():
     """(sdpa model, eager twin) of a tiny GPT-2."""
-    pytest.importorskip("transformers")
+    extra("transformers")
     return hf_twins(transformers.GPT2LMHeadModel, gpt2_config())
 
 
 @pytest.fixture(scope="session")
 def llama():
     """(sdpa model, eager twin) of a tiny Llama with grouped-query attention."""
-    pytest.importorskip("transformers")
+    extra("transformers")
     return hf_twins(transformers.LlamaForCausalLM, llama_config())
 
 
 @pytest.fixture(scope="session")
 def bert():
     """(sdpa model, eager twin) of a tiny BERT (bidirectional)."""
-    pytest.importorskip("transformers")
+    extra("transformers")
     return hf_twins(transformers.BertModel, bert_config())
 
 

@@ -2,7 +2,7 @@
 imported by conftest.py).
 
 The Hugging Face, Lightning and llama2.c tests skip where their framework cannot be imported
-(``pytest.importorskip`` and friends), so that the core can be tested without them. On CI that
+(:func:`extra`), so that the core can be tested without them. On CI that
 would hide a broken dependency: every one of those tests would skip and the run pass. With
 ``ATTN_PROBE_REQUIRE_EXTRAS=1`` (set by ``.ci/run``) a test skipped for a reason that names one of
 the optional dependencies (:data:`EXTRAS`) fails instead, saying why; other skips (no CUDA, a
@@ -18,6 +18,13 @@ import pytest
 EXTRAS = ("transformers", "accelerate", "lightning", "tokenizers")
 REQUIRE_EXTRAS = "ATTN_PROBE_REQUIRE_EXTRAS"
 _NAMES_AN_EXTRA = re.compile(r"\b(%s)\b" % "|".join(map(re.escape, EXTRAS)))
+
+
+def extra(name: str, reason: str | None = None):
+    """The optional dependency ``name``, or a skip when it is missing *or broken* (an
+    ``ImportError`` of any kind: from pytest 9 on, a bare ``pytest.importorskip`` skips only for
+    a missing module and lets a broken one fail the test, where older versions skipped both)."""
+    return pytest.importorskip(name, reason=reason, exc_type=ImportError)
 
 
 def _extras_required() -> bool:

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from extras_rule import extra
 from PIL import Image
 
 from reference import REPO, repo_env, scalar_events
@@ -35,7 +36,7 @@ def test_train_nanogpt(tmp_path):
 
 
 def test_train_huggingface(tmp_path):
-    pytest.importorskip("transformers")
+    extra("transformers")
     run("train_huggingface.py", "--steps", "4", "--every", "2", "--tokens", "16",
         "--log-dir", "tb", cwd=tmp_path)
     assert scalar_steps(tmp_path / "tb", "rank90/max/L03") == [0, 2]

@@ -16,6 +16,7 @@ import io
 import pickle
 
 import pytest
+from extras_rule import extra
 import torch
 from torch import nn
 
@@ -164,7 +165,7 @@ def test_dropped_probe_leaves_nothing(tmp_path):
 
 
 def hf_gpt2():
-    transformers = pytest.importorskip("transformers")
+    transformers = extra("transformers")
     config = transformers.GPT2Config(n_layer=2, n_head=2, n_embd=16, vocab_size=64,
                                      n_positions=16, bos_token_id=0, eos_token_id=0)
     torch.manual_seed(0)
@@ -237,8 +238,8 @@ def test_copies_of_a_probed_model_are_not_monitored(make, how, tmp_path):
 
 
 def test_huggingface_trainer_raising_mid_run_leaves_the_process_alone(tmp_path):
-    transformers = pytest.importorskip("transformers")
-    pytest.importorskip("accelerate", reason="transformers.Trainer needs accelerate")
+    transformers = extra("transformers")
+    extra("accelerate", reason="transformers.Trainer needs accelerate")
     from attn_probe.integrations.huggingface import AttentionProbeCallback
 
     before = process_state()

@@ -53,7 +53,6 @@ def test_first_call_recorded_calls_counted_reset_rearms(gpt2):
 
 
 def test_capture_metrics(gpt2):
-    pytest.importorskip("attn_probe.metrics")
     model = gpt2[0]
     with torch.no_grad(), capture(model) as cap:
         model(tokens())

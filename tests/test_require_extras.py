@@ -17,13 +17,14 @@ TESTS = Path(__file__).resolve().parent
 TINY_TESTS = '''
 import sys
 import pytest
+from extras_rule import extra
 
 def test_needs_broken_lightning():
-    pytest.importorskip("lightning")
+    extra("lightning")
 
 def test_needs_missing_accelerate():
     sys.modules["accelerate"] = None  # as if not installed
-    pytest.importorskip("accelerate")
+    extra("accelerate")
 
 def test_skips_for_another_reason():
     pytest.skip("CUDA is not available")
@@ -34,7 +35,8 @@ def test_plain():
 
 MODULE_LEVEL = '''
 import pytest
-pytest.importorskip("lightning", exc_type=ImportError)
+from extras_rule import extra
+extra("lightning")
 
 def test_never_collected():
     pass

@@ -18,6 +18,7 @@ import gc
 import random
 
 import pytest
+from extras_rule import extra
 import torch
 from torch.utils.tensorboard import SummaryWriter
 
@@ -162,9 +163,9 @@ def test_attach_train_detach_cycles_with_faults_leave_nothing(tmp_path, monkeypa
 def test_framework_runs_raising_mid_run_leave_nothing(tmp_path):
     """A few real Trainer.train() and Lightning fit runs that raise inside the model's forward
     at a random step (or not at all)."""
-    transformers = pytest.importorskip("transformers")
-    pytest.importorskip("accelerate", reason="transformers.Trainer needs accelerate")
-    L = pytest.importorskip("lightning")
+    transformers = extra("transformers")
+    extra("accelerate", reason="transformers.Trainer needs accelerate")
+    L = extra("lightning")
     from attn_probe.integrations.huggingface import AttentionProbeCallback as HFCallback
     from attn_probe.integrations.lightning import AttentionProbeCallback as LCallback
 

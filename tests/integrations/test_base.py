@@ -11,6 +11,7 @@ import warnings
 import weakref
 
 import pytest
+from extras_rule import extra
 
 from reference import REPO, repo_env
 
@@ -79,7 +80,7 @@ def test_stop_on_is_checked_when_the_callback_is_made():
 
 @pytest.mark.parametrize("framework", ["huggingface", "lightning"])
 def test_framework_callbacks_check_stop_on(framework):
-    pytest.importorskip("transformers" if framework == "huggingface" else "lightning")
+    extra("transformers" if framework == "huggingface" else "lightning")
     module = importlib.import_module(f"attn_probe.integrations.{framework}")
     with pytest.raises(ValueError, match="'nan' is not a kind of alert"):
         module.AttentionProbeCallback(stop_on=("logit", "nan"))

@@ -17,6 +17,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from extras_rule import extra
 import torch
 
 import unstable_run
@@ -36,8 +37,8 @@ def random_tokens(n: int, length: int, vocab: int, seed: int) -> torch.Tensor:
 
 
 def test_huggingface_trainer_logs_first_micro_batch_of_sampled_steps(tmp_path, monkeypatch):
-    transformers = pytest.importorskip("transformers")
-    pytest.importorskip("accelerate", reason="transformers.Trainer needs accelerate")
+    transformers = extra("transformers")
+    extra("accelerate", reason="transformers.Trainer needs accelerate")
     from attn_probe.integrations.huggingface import AttentionProbeCallback
 
     monkeypatch.delenv("TENSORBOARD_LOGGING_DIR", raising=False)
@@ -114,7 +115,7 @@ def test_huggingface_trainer_logs_first_micro_batch_of_sampled_steps(tmp_path, m
 
 
 def test_huggingface_default_log_dir(tmp_path, monkeypatch):
-    pytest.importorskip("transformers")
+    extra("transformers")
     from attn_probe.integrations.huggingface import default_log_dir
 
     monkeypatch.delenv("TENSORBOARD_LOGGING_DIR", raising=False)
@@ -183,8 +184,8 @@ def unstable_hf_run(tmp_path, name: str, **callback_options):
 
 def test_huggingface_stop_on_logit_stops_at_the_step_of_the_alert(tmp_path, monkeypatch,
                                                                    single_thread):
-    pytest.importorskip("transformers")
-    pytest.importorskip("accelerate", reason="transformers.Trainer needs accelerate")
+    extra("transformers")
+    extra("accelerate", reason="transformers.Trainer needs accelerate")
     monkeypatch.delenv("TENSORBOARD_LOGGING_DIR", raising=False)
 
     # Without stop_on: the alerts fire and training runs to max_steps.

@@ -16,6 +16,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from extras_rule import extra
 import torch
 
 import unstable_run
@@ -72,7 +73,7 @@ def lit_gpt_class(L, fail_at_step: int | None = None):
 
 
 def test_lightning_trainer_logs_first_micro_batch_of_sampled_steps(tmp_path):
-    L = pytest.importorskip("lightning")
+    L = extra("lightning")
     from lightning.pytorch.loggers import TensorBoardLogger
 
     from attn_probe.integrations.lightning import AttentionProbeCallback
@@ -128,7 +129,7 @@ def test_lightning_trainer_logs_first_micro_batch_of_sampled_steps(tmp_path):
 
 
 def test_lightning_exception_removes_hooks_and_keeps_what_was_measured(tmp_path):
-    L = pytest.importorskip("lightning")
+    L = extra("lightning")
     from attn_probe.integrations.lightning import AttentionProbeCallback
 
     module = lit_gpt_class(L, fail_at_step=3)()
@@ -151,7 +152,7 @@ def test_lightning_exception_removes_hooks_and_keeps_what_was_measured(tmp_path)
 
 
 def test_lightning_default_log_dir_without_logger(tmp_path):
-    pytest.importorskip("lightning")
+    extra("lightning")
     from attn_probe.integrations.lightning import default_log_dir
 
     trainer = SimpleNamespace(loggers=[], default_root_dir=str(tmp_path))
@@ -212,7 +213,7 @@ def unstable_lightning_run(L, tmp_path, name: str, **callback_options):
 
 
 def test_lightning_stop_on_logit_stops_at_the_step_of_the_alert(tmp_path, single_thread):
-    L = pytest.importorskip("lightning")
+    L = extra("lightning")
 
     # Without stop_on: the alerts fire and training runs to max_steps.
     trainer, callback, seen, messages, scalars = unstable_lightning_run(L, tmp_path, "full")
