@@ -23,8 +23,10 @@ MOVED_MODULES: dict[str, tuple[str, ...]] = {
     "attn_probe.gpt": ("attn_probe.models.gpt",),
     "attn_probe.llama2c": ("attn_probe.models.llama2c", "attn_probe.models.sampling"),
     "attn_probe.demo": ("attn_probe.cli.demo", "attn_probe.models.corpus"),
+    "attn_probe.full_context": ("attn_probe.metrics",),
     "attn_probe.analyze": ("attn_probe.cli.analyze", "attn_probe.cli.loading",
-                           "attn_probe.cli.tokens", "attn_probe.cli.heads"),
+                           "attn_probe.cli.tokens", "attn_probe.cli.shards",
+                           "attn_probe.cli.heads"),
 }
 
 

@@ -52,7 +52,7 @@ class HeadAccumulator:
         """Add per-sequence figures of one layer: each value is a (B, H) tensor.
 
         ``metrics`` holds what :func:`~attn_probe.metrics.head_metrics` returns and, where the
-        capture saw q and k, what :func:`~attn_probe.full_context.full_context_metrics`
+        capture saw q and k, what :func:`~attn_probe.metrics.full_context_metrics`
         returns. Sequences whose attention held NaN or Inf (``rank == -1``) are counted as
         non-finite and kept out of the figures.
         """

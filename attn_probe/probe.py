@@ -44,8 +44,7 @@ from .aggregate import HeadAccumulator
 from .attention import (
     DEFAULT_MATRIX_BUDGET, ModuleSelector, Observed, Recorder, plan_sites, probabilities,
 )
-from .full_context import DEFAULT_MEMORY_BUDGET, full_context_metrics
-from .metrics import head_metrics
+from .metrics import DEFAULT_MEMORY_BUDGET, full_context_metrics, head_metrics
 from .options import ONE_TOKEN, check_count, check_tau
 from ._compat import renamed
 from .alerts import AlertMonitor, AlertRules

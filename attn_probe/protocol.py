@@ -26,8 +26,7 @@ from .attention import (
     DEFAULT_MATRIX_BUDGET, AttentionInputs, ModuleSelector, Observed, Recorder, plan_sites,
     probabilities,
 )
-from .full_context import DEFAULT_MEMORY_BUDGET, full_context_metrics
-from .metrics import head_metrics
+from .metrics import DEFAULT_MEMORY_BUDGET, full_context_metrics, head_metrics
 from .options import ONE_TOKEN, check_count, check_tau
 from .snapshot import CollapseRule, Snapshot
 
@@ -93,7 +92,7 @@ class Capture:
         """Module name -> figure -> (B, H) tensor: ``rank``, ``columns``, ``entropy``, ``sink``,
         ``dominant`` of the (cropped) matrix, and, where the capture saw q and k (or an eager
         softmax's scores), the full-sequence ``*_full`` figures and ``max_logit``
-        (see :mod:`attn_probe.full_context`)."""
+        (see :mod:`attn_probe.metrics.streamed`)."""
         tau = check_tau(tau)
         return {name: _figures(a, self._observed[name], tau, self.memory_budget)
                 for name, a in self.attention.items()}

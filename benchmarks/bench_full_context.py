@@ -41,7 +41,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from attn_probe.full_context import full_context_stats
+from attn_probe.metrics import full_context_stats
 
 HEADS, DIM = 8, 64
 WARM_LENGTH = 256

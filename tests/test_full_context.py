@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from attn_probe.attention import AttentionInputs
-from attn_probe.full_context import block_rows, full_context_metrics, full_context_stats
+from attn_probe.metrics import block_rows, full_context_metrics, full_context_stats
 from reference import tau_count
 
 TAU = 0.9

@@ -12,7 +12,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from attn_probe import metrics
+from attn_probe.metrics import matrix
 from reference import reference_columns, reference_entropy_sink, reference_rank
 from attn_probe.metrics import (
     columns_at,
@@ -401,26 +401,26 @@ def test_certified_and_dense_paths_agree(monkeypatch):
     assert expected.max() > 10  # full-rank-ish heads present
 
     certified_counts = []
-    original = metrics._certify_rank
+    original = matrix._certify_rank
 
     def spy(*args, **kwargs):
         k, ok = original(*args, **kwargs)
         certified_counts.append(int(ok.sum()))
         return k, ok
 
-    monkeypatch.setattr(metrics, "_certify_rank", spy)
+    monkeypatch.setattr(matrix, "_certify_rank", spy)
     fast = rank_at(mixed)
     assert torch.equal(fast, expected)
     assert sum(certified_counts) >= 10  # the lazy heads took the cheap path ...
     assert sum(certified_counts) <= 12  # ... and the busy ones did not
 
     # Same answers with the cheap path switched off (everything through the dense path) ...
-    monkeypatch.setattr(metrics, "_certify_rank",
+    monkeypatch.setattr(matrix, "_certify_rank",
                         lambda theta, *a: (torch.ones_like(theta[:, 0], dtype=torch.int64),
                                            torch.zeros_like(theta[:, 0], dtype=torch.bool)))
     assert torch.equal(rank_at(mixed), expected)
     # ... and head by head.
-    monkeypatch.setattr(metrics, "_certify_rank", original)
+    monkeypatch.setattr(matrix, "_certify_rank", original)
     single = torch.stack([rank_at(a) for a in mixed])
     assert torch.equal(single, expected)
 
@@ -431,10 +431,10 @@ def test_certificate_bounds_are_sound(steps):
     A = torch.cat([collapsed_heads(4, 64, seed=2), softmax_heads(4, 64, 1.0, True, seed=3),
                    softmax_heads(2, 64, 0.05, False, seed=4)])
     colmass = (A**2).sum(-2)
-    w = metrics._start_block(A, colmass, 4)
+    w = matrix._start_block(A, colmass, 4)
     for _ in range(steps):
-        w = metrics._subspace_step(A, w)
-    theta = metrics._ritz(w)
+        w = matrix._subspace_step(A, w)
+    theta = matrix._ritz(w)
     s2 = torch.linalg.svdvals(A) ** 2
     E = s2.cumsum(-1)[:, :4]
     L = theta.cumsum(-1)
@@ -450,13 +450,13 @@ def test_certificate_bounds_are_sound(steps):
 
 def test_fallback_used_only_near_threshold(monkeypatch):
     calls = []
-    original = metrics._reference_count
+    original = matrix._reference_count
 
     def spy(*args):
         calls.append(1)
         return original(*args)
 
-    monkeypatch.setattr(metrics, "_reference_count", spy)
+    monkeypatch.setattr(matrix, "_reference_count", spy)
     rank_at(softmax_heads(8, 64, 1.0, True, seed=4))
     columns_at(softmax_heads(8, 64, 1.0, True, seed=4))
     assert not calls

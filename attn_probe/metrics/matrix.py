@@ -32,7 +32,7 @@ reference::
     c = x.cumsum(0); k = int(torch.searchsorted(c, tau * c[-1])) + 1
 
 The fast paths only ever decide a head when their answer is separated from the threshold by a
-safety margin far larger than any rounding difference (see ``_margin``); every head that is
+safety margin far larger than any rounding difference (see ``exact.margin``); every head that is
 closer than that to the threshold is recomputed with the reference procedure itself (on the
 CPU, so results do not depend on the device).
 
@@ -60,15 +60,14 @@ Edge cases (a monitored training loop must never crash)
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
 from functools import cached_property
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from .options import check_tau
+from ..options import check_tau
+from .exact import count_from_descending, margin, quiet
 
 __all__ = [
     "rank_at",
@@ -80,7 +79,6 @@ __all__ = [
 ]
 
 _F64 = torch.float64
-_EPS = torch.finfo(_F64).eps
 
 # Cheap path: block size, at most this many subspace-iteration steps, and the share of the
 # threshold the Ritz values must already reach for further steps to be worth their cost.
@@ -97,18 +95,6 @@ _HUGE = 2.0**400
 # --------------------------------------------------------------------------------------------
 # Input handling
 # --------------------------------------------------------------------------------------------
-
-
-def _margin(n: int) -> float:
-    """Relative safety margin (times the total energy) for decisions near the threshold.
-
-    Forming and diagonalising a float64 Gram matrix, or summing squared entries, perturbs any
-    partial sum of energies by at most about ``n**2 * eps * total`` (Weyl/Lidskii plus the
-    error of the products), the reference's SVD likewise; in practice it is orders of magnitude
-    smaller.  ``1e-9`` covers this comfortably up to ``n`` of a few thousand; beyond that the
-    bound ``n**2 * eps`` takes over.
-    """
-    return max(1e-9, float(n) * float(n) * _EPS)
 
 
 class _Batch:
@@ -193,41 +179,9 @@ class _Batch:
         return valid, valid.sum(dim=-1).clamp_min(1)
 
 
-@contextmanager
-def _quiet(A: Any) -> Iterator[None]:
-    """No autograd, and autocast disabled for the input's device type, while metrics run."""
-    device_type = A.device.type if isinstance(A, Tensor) else "cpu"
-    with ExitStack() as stack:
-        stack.enter_context(torch.no_grad())
-        try:
-            stack.enter_context(torch.autocast(device_type=device_type, enabled=False))
-        except (RuntimeError, ValueError):  # a device type without autocast support
-            pass
-        yield
-
-
 # --------------------------------------------------------------------------------------------
 # The tau-count and its reference
 # --------------------------------------------------------------------------------------------
-
-
-def _count_from_descending(values: Tensor, tau: float, rel: float) -> tuple[Tensor, Tensor]:
-    """Batched ``searchsorted(cumsum, tau * total) + 1`` plus a near-threshold flag.
-
-    ``values``: ``(N, n)`` non-negative, sorted in descending order.  Returns ``k`` (the
-    smallest k whose prefix sum reaches ``tau`` of the total) and ``near``, true where one
-    of the two decisive comparisons ``c[k-1] >= thr`` and ``c[k-2] < thr`` is within
-    ``rel * total`` of the threshold and therefore could go the other way under rounding.
-    """
-    c = values.cumsum(dim=-1)
-    total = c[:, -1:]
-    thr = tau * total
-    k = (c < thr).sum(dim=-1, keepdim=True) + 1  # <= n since c[-1] >= tau * c[-1]
-    margin = rel * total
-    at_k = c.gather(-1, k - 1)
-    before_k = c.gather(-1, (k - 2).clamp_min(0))
-    near = ((at_k - thr).abs() <= margin) | ((k >= 2) & ((thr - before_k).abs() <= margin))
-    return k.squeeze(-1), near.squeeze(-1)
 
 
 def _reference_count(energies: Tensor, tau: float) -> int:
@@ -309,20 +263,20 @@ def _certify_rank(theta: Tensor, total: Tensor, tau: float, rel: float) -> tuple
       ``E_k <= U_k = total - (theta_{k+1} + ... + theta_m)``.
 
     ``k`` is the answer when ``E_k >= thr > E_{k-1}``; it is certified when
-    ``L_k >= thr + margin`` and (``k == 1`` or ``U_{k-1} < thr - margin``), with
-    ``thr = tau * total`` and ``margin = rel * total`` absorbing all rounding (of the Ritz
+    ``L_k >= thr + slack`` and (``k == 1`` or ``U_{k-1} < thr - slack``), with
+    ``thr = tau * total`` and ``slack = rel * total`` absorbing all rounding (of the Ritz
     values, of ``total`` and of the reference's own SVD).  Returns ``(k, certified)``.
     """
     thr = tau * total
-    margin = rel * total
+    slack = rel * total
     lower = theta.cumsum(dim=-1)  # lower[:, j] = L_{j+1}
-    reached = lower >= (thr + margin)[:, None]
+    reached = lower >= (thr + slack)[:, None]
     k = reached.to(torch.int64).argmax(dim=-1) + 1  # first k with L_k above the threshold
     prefix = torch.where(
         k >= 2, lower.gather(-1, (k - 2).clamp_min(0)[:, None]).squeeze(-1), torch.zeros_like(thr)
     )
     upper_prev = total - (lower[:, -1] - prefix)  # U_{k-1} = total - (theta_k + ... + theta_m)
-    certified = reached.any(dim=-1) & ((k == 1) | (upper_prev < thr - margin))
+    certified = reached.any(dim=-1) & ((k == 1) | (upper_prev < thr - slack))
     return k, certified
 
 
@@ -364,7 +318,7 @@ def _dense_rank(xs: Tensor, tau: float, rel: float) -> tuple[Tensor, Tensor]:
     """
     gram = xs @ xs.mT if xs.shape[-2] <= xs.shape[-1] else xs.mT @ xs
     energies = torch.linalg.eigvalsh(gram).flip(-1).clamp_min(0)
-    return _count_from_descending(energies, tau, rel)
+    return count_from_descending(energies, tau, rel)
 
 
 def _live_subset(batch: _Batch) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -384,7 +338,7 @@ def _rank_flat(batch: _Batch, tau: float) -> Tensor:
     rows, xs, colmass, total = _live_subset(batch)
     if rows.numel() == 0:
         return out
-    rel = _margin(max(batch.n_q, batch.n_k))
+    rel = margin(max(batch.n_q, batch.n_k))
 
     k = torch.zeros(rows.numel(), dtype=torch.int64, device=batch.device)
     pending = torch.ones(rows.numel(), dtype=torch.bool, device=batch.device)
@@ -417,7 +371,7 @@ def _columns_flat(batch: _Batch, tau: float) -> Tensor:
     if rows.numel() == 0:
         return out
     masses = colmass.sort(dim=-1, descending=True).values
-    k, near = _count_from_descending(masses, tau, _margin(max(batch.n_q, batch.n_k)))
+    k, near = count_from_descending(masses, tau, margin(max(batch.n_q, batch.n_k)))
     out[rows] = k
     _fill_fallbacks(out, rows[near], batch, tau, _column_energies)
     return out
@@ -474,7 +428,7 @@ def rank_at(A: Tensor, tau: float = 0.9) -> Tensor:
     Non-finite matrix: -1; all-zero or empty matrix: 0.
     """
     tau = check_tau(tau)
-    with _quiet(A):
+    with quiet(A):
         batch = _Batch(A, spectral=True)
         return batch.shaped(_rank_flat(batch, tau))
 
@@ -487,7 +441,7 @@ def columns_at(A: Tensor, tau: float = 0.9) -> Tensor:
     Non-finite matrix: -1; all-zero or empty matrix: 0.
     """
     tau = check_tau(tau)
-    with _quiet(A):
+    with quiet(A):
         batch = _Batch(A, spectral=True)
         return batch.shaped(_columns_flat(batch, tau))
 
@@ -498,7 +452,7 @@ def row_entropy(A: Tensor) -> Tensor:
     Only rows with a positive sum are averaged; 0 when there is none.  NaN for a matrix with
     a non-finite entry.
     """
-    with _quiet(A):
+    with quiet(A):
         batch = _Batch(A, spectral=False)
         return batch.shaped(_entropy_flat(batch))
 
@@ -509,7 +463,7 @@ def sink_mass(A: Tensor) -> Tensor:
     Only rows with a positive sum are averaged; 0 when there is none.  NaN for a matrix with
     a non-finite entry.
     """
-    with _quiet(A):
+    with quiet(A):
         batch = _Batch(A, spectral=False)
         return batch.shaped(_sink_flat(batch))
 
@@ -519,7 +473,7 @@ def dominant_column(A: Tensor) -> Tensor:
 
     -1 for a non-finite, all-zero or empty matrix.
     """
-    with _quiet(A):
+    with quiet(A):
         batch = _Batch(A, spectral=True)
         return batch.shaped(_dominant_flat(batch))
 
@@ -531,7 +485,7 @@ def head_metrics(A: Tensor, tau: float = 0.9) -> dict[str, Tensor]:
     mask are computed once and shared.
     """
     tau = check_tau(tau)
-    with _quiet(A):
+    with quiet(A):
         batch = _Batch(A, spectral=True)
         return {
             "rank": batch.shaped(_rank_flat(batch, tau)),

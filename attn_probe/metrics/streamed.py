@@ -31,27 +31,8 @@ entropy is that of the full distribution over the ``n_i + 1`` outcomes (keys and
 column), and ``entropy_norm`` divides by ``log(n_i + 1)``.  The sink column takes no part in
 ``max_logit``, ``sink``, the column masses, ``columns`` or ``dominant``.
 
-Memory and cost
----------------
-Besides its inputs the pass holds, in float64: the keys of one chunk of key heads
-(``S * E`` per head), two score buffers of ``block * S`` per query head of the chunk (the
-scores, then their exponentials), the scaled query block, the column masses (``H * S``, and
-one block's), and per-row figures (``H * L``: maximum, entropy, attention on key 0, sink-logit
-mass, allowed-key count); with a user mask or gaps in the padding, one boolean ``block * S``
-per mask head.  The chunk and the block are chosen so that all of this, plus room for the BLAS
-library to pack one key head's panel, fits ``memory_budget`` less a sixteenth kept for small
-temporaries.  The key copy is also capped at 8 MiB and the score buffers at 16 MiB, because
-larger ones fall out of the cache and are slower: the default 64 MiB is a bound the pass
-usually stays well below (measured peak growth 25 MiB at ``T = 4096``, 28 MiB at 8192, for
-``H = 8``, ``E = 64``).  The block never shrinks below one row nor the chunk below one key
-head, so a budget below that minimum is exceeded by it.
-
-Per block the work is one float64 GEMM, one ``exp`` and a few elementwise sweeps of the score
-block.  With ``is_causal`` a block computes only the keys its last query can see (half the
-work overall) and masks the triangle on its diagonal part only; no ``(L, S)`` mask is ever
-built, and a user ``attn_mask`` is sliced to the block's rows, never expanded.  On 2 CPU
-cores the pass takes about 1.8 times as long as the SDPA call it observes at ``T = 4096``
-(``benchmarks/bench_full_context.py``).
+Memory: see :mod:`.blocks` (the pass fits ``memory_budget``, 64 MiB by default, and usually
+stays well below it).
 
 Exactness
 ---------
@@ -62,7 +43,7 @@ on the materialised matrix (``softmax(q.double() @ k.double().T * scale + mask)`
 reference's decisions (sorted masses, cumulative sum, ``searchsorted(c, tau * c[-1]) + 1``;
 argmax) applied to column masses that differ from the reference's by rounding only.  A
 decision whose prefix sum lies within rounding distance of the threshold (closer than
-``attn_probe.metrics._margin(S)`` times the total, ``1e-9`` for ``S`` up to several
+``attn_probe.metrics.exact.margin(S)`` times the total, ``1e-9`` for ``S`` up to several
 thousand) can go either way between two float64 summation orders; without the matrix there
 is nothing to recompute it from, so such a head may differ by one from the reference (exact
 ties in ``dominant`` likewise).  Random and trained heads almost never come that close.
@@ -96,86 +77,21 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .attention.rebuild import AttentionInputs, AttentionScores, may_attend
-from .metrics import _count_from_descending, _margin, _quiet
-from .options import check_count, check_tau
+from ..attention.rebuild import AttentionInputs, AttentionScores
+from ..options import check_count, check_tau
+from .blocks import DEFAULT_MEMORY_BUDGET, plan_blocks
+from .exact import count_from_descending, margin, quiet
+from .scores import scores_stats
 
-__all__ = ["DEFAULT_MEMORY_BUDGET", "block_rows", "full_context_metrics", "full_context_stats"]
-
-#: Default bytes of working memory for one streaming pass.
-DEFAULT_MEMORY_BUDGET = 64 * 2**20
+__all__ = ["full_context_metrics", "full_context_stats"]
 
 _F64 = torch.float64
 # Masked scores are overwritten with this finite value: exp(_NEG - m) == 0 and, unlike -inf,
 # 0 * _NEG == 0, so masked entries drop out of every sum without producing NaN.
 _NEG = torch.finfo(_F64).min
-# Bytes held per score entry: the float64 scores and their float64 exponentials.
-_SCORE_BYTES = 16
-# Bytes per mask entry (per mask head) while a general mask is built: the boolean matrix and
-# one temporary of the same size.
-_MASK_BYTES = 2
-# Float64 vectors of block length alive at once per head (shift, sums, weights, ...).
-_ROW_VECTORS = 12
 # Per-row figures kept for the whole sequence, per head: maximum, entropy, attention on the
 # first key, sink-logit mass (float64) and allowed-key count (int64).
 _ROW_FIGURES = 5
-# Share of the budget (1 / _RESERVE) left for what the plan does not count: allocator
-# rounding, small temporaries.
-_RESERVE = 16
-# Upper bounds on the float64 key copy of a head chunk and on a block's two score buffers:
-# larger ones fall out of the cache and are slower (measured on 2 cores with a 32 MiB L3),
-# whatever the budget allows.
-_KEYS_BYTES = 8 * 2**20
-_BLOCK_BYTES = 16 * 2**20
-
-
-def block_rows(heads: int, keys: int, budget: int, *, extra_per_row: int = 0) -> int:
-    """Query rows per block so that the block's working memory fits ``budget`` bytes (>= 1).
-
-    A block row holds two float64 score rows (scores and exponentials) for each of ``heads``
-    heads over ``keys`` keys, i.e. ``16 * heads * keys`` bytes, plus ``extra_per_row`` bytes
-    (the float64 query row, mask rows, per-row vectors).
-    """
-    per_row = _SCORE_BYTES * heads * keys + extra_per_row
-    return max(1, int(budget) // max(1, per_row))
-
-
-@dataclass(frozen=True)
-class _Plan:
-    """Key heads per chunk and query rows per block."""
-
-    kv_chunk: int
-    rows: int
-
-
-def _plan(heads: int, kv_heads: int, length: int, keys: int, dim: int, mask_heads: int,
-          budget: int) -> _Plan:
-    """Key-head chunk and block rows such that everything the pass holds fits ``budget``.
-
-    Held for the whole pass: the column masses (running sums and one block's), the per-row
-    figures of all heads, and room for the BLAS library to pack one key head's panel (MKL's
-    batched GEMM keeps such a buffer from its first call).  Per chunk: the float64 key copy,
-    at most ``_KEYS_BYTES`` and half of what is left.  Per block row: the two score rows of
-    each of the chunk's heads, its query row, per-row vectors and ``mask_heads`` boolean mask
-    rows; the score buffers are capped at ``_BLOCK_BYTES``, and blocks of 8 rows or more are
-    rounded down to a multiple of 8 (BLAS kernels work in panels of 8 rows).
-    """
-    group = heads // kv_heads
-    usable = budget - budget // _RESERVE
-    key_head = keys * dim * 8
-    fixed = heads * (2 * keys + _ROW_FIGURES * length) * 8 + key_head  # + BLAS packing of k
-    kv_chunk = max(1, min(kv_heads, min(_KEYS_BYTES, (usable - fixed) // 2) // key_head))
-    chunk_heads = kv_chunk * group
-    left = usable - fixed - kv_chunk * key_head
-    extra = (chunk_heads * (dim + _ROW_VECTORS) * 8
-             + min(mask_heads, chunk_heads) * keys * _MASK_BYTES)
-    rows = min(block_rows(chunk_heads, keys, left, extra_per_row=extra),
-               block_rows(chunk_heads, keys, _BLOCK_BYTES))
-    if rows >= 8:
-        rows -= rows % 8
-    return _Plan(kv_chunk=kv_chunk, rows=min(rows, max(1, length)))
-
-
 def _as_4d(query: Tensor, key: Tensor,
            attn_mask: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None]:
     """``(B, H, L, E)`` query, ``(B, H_kv, S, E)`` key and a 4-d mask (or None).
@@ -277,8 +193,8 @@ class _Pass:
 
         general = self.mask is not None or self.key_padding is not None
         self.mask_heads = 1 if self.mask is None else self.mask.shape[1]
-        plan = _plan(self.heads, self.kv_heads, self.length, self.keys, self.dim,
-                     self.mask_heads if general else 0, memory_budget)
+        plan = plan_blocks(self.heads, self.kv_heads, self.length, self.keys, self.dim,
+                     self.mask_heads if general else 0, memory_budget, row_figures=_ROW_FIGURES)
         self.kv_chunk, self.rows = plan.kv_chunk, plan.rows
         chunk_heads = self.kv_chunk * self.group
         f64 = {"dtype": _F64, "device": device}
@@ -465,7 +381,7 @@ class _Pass:
 
         total = colmass.sum(dim=-1)
         masses = colmass.sort(dim=-1, descending=True).values
-        columns, _ = _count_from_descending(masses, self.tau, _margin(colmass.shape[-1]))
+        columns, _ = count_from_descending(masses, self.tau, margin(colmass.shape[-1]))
         live = total > 0
         out["columns"][b] = torch.where(live, columns, 0)
         dominant = colmass.argmax(dim=-1)  # first maximal index on ties
@@ -510,7 +426,7 @@ def full_context_stats(
     """
     tau = check_tau(tau)
     check_count("max_sequences", max_sequences, optional=True)
-    with _quiet(query):
+    with quiet(query):
         run = _Pass(query, key, attn_mask, is_causal, scale, sink_logits, key_padding, tau,
                     max_sequences, memory_budget)
         for b in range(run.sequences):
@@ -529,73 +445,6 @@ _PROBE_NAMES = {
     "dominant": "dominant_full",
     "tokens": "tokens_full",
 }
-
-
-def scores_stats(scores: Tensor, probs: Tensor, *, sink_mass: Tensor | None = None,
-                 tau: float = 0.9, memory_budget: int = DEFAULT_MEMORY_BUDGET
-                 ) -> dict[str, Tensor]:
-    """The figures of :func:`full_context_stats` from an eager attention's own (B, H, L, S)
-    pre-softmax ``scores`` and ``probs`` (and the (B, H, L) mass of a learned sink logit the
-    model dropped after its softmax): the model has materialised them, so nothing is rebuilt;
-    the pass only walks over blocks of rows in float64 to bound its own memory. A key may be
-    attended to where its score is above -1e4 (see :func:`~attn_probe.attention.rebuild
-    .may_attend`)."""
-    tau = check_tau(tau)
-    with _quiet(scores):
-        b, h, length, keys = scores.shape
-        flat_scores = scores.reshape(b * h, length, keys)
-        flat_probs = probs.reshape(b * h, length, keys)
-        flat_sink = None if sink_mass is None else sink_mass.reshape(b * h, length)
-        f64 = dict(dtype=torch.float64, device=scores.device)
-        colmass = torch.zeros(b * h, keys, **f64)
-        sums = {name: torch.zeros(b * h, **f64) for name in ("entropy", "sink", "sink_logit")}
-        norm_sum, norm_rows = torch.zeros(b * h, **f64), torch.zeros(b * h, **f64)
-        rows = torch.zeros(b * h, dtype=torch.int64, device=scores.device)
-        max_logit = torch.full((b * h,), -math.inf, **f64)
-        step = max(1, memory_budget // max(1, 8 * 4 * b * h * keys))
-        for start in range(0, length, step):
-            s = flat_scores[:, start:start + step].double()
-            p = flat_probs[:, start:start + step].double()
-            allowed = may_attend(s)
-            keys_seen = allowed.sum(-1)
-            valid = keys_seen > 0
-            p = torch.where(allowed, p, 0.0)
-            entropy = -torch.xlogy(p, p).sum(-1)
-            outcomes = keys_seen.double()
-            if flat_sink is not None:
-                sink = flat_sink[:, start:start + step].double()
-                entropy -= torch.xlogy(sink, sink)
-                sums["sink_logit"] += torch.where(valid, sink, 0.0).sum(-1)
-                outcomes = outcomes + 1
-            sums["entropy"] += torch.where(valid, entropy, 0.0).sum(-1)
-            sums["sink"] += torch.where(valid, p[..., 0], 0.0).sum(-1)
-            spread = valid & (outcomes >= 2)
-            norm_sum += torch.where(spread, entropy / outcomes.clamp_min(2).log(), 0.0).sum(-1)
-            norm_rows += spread.sum(-1)
-            rows += valid.sum(-1)
-            max_logit = torch.maximum(
-                max_logit, torch.where(allowed, s, -math.inf).flatten(1).amax(-1))
-            colmass += (p * p).sum(1)
-        count = rows.clamp_min(1).double()
-        masses = colmass.sort(dim=-1, descending=True).values
-        columns, _ = _count_from_descending(masses, tau, _margin(keys)) if keys else (
-            torch.zeros(b * h, dtype=torch.int64), None)
-        live = colmass.sum(-1) > 0
-        finite = torch.isfinite(colmass).all(-1) & torch.isfinite(sums["entropy"])
-        out = {
-            "entropy": sums["entropy"] / count,
-            "entropy_norm": norm_sum / norm_rows.clamp_min(1),
-            "sink": sums["sink"] / count,
-            "sink_logit_mass": sums["sink_logit"] / count,
-            "max_logit": max_logit,
-            "columns": torch.where(live, columns, 0),
-            "dominant": torch.where(live, colmass.argmax(-1), -1),
-            "tokens": rows,
-        }
-        for name, value in out.items():
-            bad = torch.full_like(value, -1 if not value.is_floating_point() else math.nan)
-            out[name] = torch.where(finite, value, bad).reshape(b, h)
-        return out
 
 
 def full_context_metrics(observed: object, tau: float = 0.9,
