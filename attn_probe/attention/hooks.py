@@ -1,5 +1,6 @@
 """The hooks and forward wrappers a :class:`~.recorder.Recorder` puts on a model, made so that
-they leave no trace in the process and no copy of the model carries them.
+they leave no trace in the process and no copy of the model carries them. They call into it
+through :class:`Target` only.
 
 * Every hook and wrapper reaches its recorder through a weak reference: the model never keeps a
   recorder (or the probe that owns it) alive, and :func:`release`, run when the recorder is
@@ -19,14 +20,31 @@ from __future__ import annotations
 import contextlib
 import weakref
 from types import MethodType
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Protocol
 
 import torch
 from torch import nn
 
 if TYPE_CHECKING:
-    from .recorder import Recorder
     from .sites import Site
+
+
+class Target(Protocol):
+    """What the hooks call into (a :class:`~.recorder.Recorder`)."""
+
+    armed: bool
+
+    def enter(self, site: "Site", args: tuple, kwargs: dict) -> None:
+        """A site's forward is about to run with ``args`` and ``kwargs``."""
+
+    def leave(self, site: "Site", output: Any) -> None:
+        """A site's forward returned ``output`` (None when it raised)."""
+
+    def depth(self) -> int:
+        """How many site forwards are running, one inside the other."""
+
+    def unwind(self, depth: int) -> None:
+        """Close what the site forwards above ``depth`` opened (they will not return)."""
 
 _set_stance = getattr(torch.compiler, "set_stance", None)  # torch >= 2.6
 
@@ -48,7 +66,7 @@ class _SiteHook:
 
     __slots__ = ("_recorder", "site")
 
-    def __init__(self, recorder: "Recorder", site: "Site") -> None:
+    def __init__(self, recorder: "Target", site: "Site") -> None:
         self._recorder = weakref.ref(recorder)
         self.site = site
 
@@ -62,7 +80,7 @@ class PreHook(_SiteHook):
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         recorder = self._recorder()
         if recorder is not None and module is self.site.module:
-            recorder._pre(self.site, args, kwargs)
+            recorder.enter(self.site, args, kwargs)
 
 
 class PostHook(_SiteHook):
@@ -71,7 +89,7 @@ class PostHook(_SiteHook):
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         recorder = self._recorder()
         if recorder is not None and module is self.site.module:
-            recorder._post(self.site, output)
+            recorder.leave(self.site, output)
 
 
 class BeforeForward(_SiteHook):
@@ -82,7 +100,7 @@ class BeforeForward(_SiteHook):
     def __call__(self, forward: Callable, args: tuple, kwargs: dict) -> Any:
         recorder = self._recorder()
         if recorder is not None:
-            recorder._pre(self.site, args, kwargs)
+            recorder.enter(self.site, args, kwargs)
         return forward(*args, **kwargs)
 
 
@@ -91,7 +109,7 @@ class EagerWhileArmed:
 
     __slots__ = ("_recorder",)
 
-    def __init__(self, recorder: "Recorder") -> None:
+    def __init__(self, recorder: "Target") -> None:
         self._recorder = weakref.ref(recorder)
 
     def __call__(self, forward: Callable, args: tuple, kwargs: dict) -> Any:
@@ -105,12 +123,12 @@ def _call_through(forward: Callable, args: tuple, kwargs: dict) -> Any:
     return forward(*args, **kwargs)
 
 
-def _run_eagerly(recorder: "Recorder", forward: Callable, args: tuple, kwargs: dict) -> Any:
+def _run_eagerly(recorder: "Target", forward: Callable, args: tuple, kwargs: dict) -> Any:
     """``forward(*args, **kwargs)`` without the compiler: Dynamo is disabled for the call (a
     graph break where a compiled caller reaches it) and ``force_eager`` holds for its duration,
     so hooks inside see every kernel. Whatever the call does, the stance is restored and the
     recorder's interception modes opened inside are closed."""
-    depth = recorder._depth()
+    depth = recorder.depth()
     try:
         # Dynamo is off inside this function (see below), so the stance may be set here; it
         # makes compiled code called from the forward (compiled blocks) run eagerly too.
@@ -119,7 +137,7 @@ def _run_eagerly(recorder: "Recorder", forward: Callable, args: tuple, kwargs: d
     finally:
         # Interception modes of forwards that did not return (an interrupt skips the hooks
         # that would have closed them) end with the call that opened them.
-        recorder._unwind(depth)
+        recorder.unwind(depth)
 
 
 _REASON = (

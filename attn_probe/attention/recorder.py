@@ -142,16 +142,17 @@ class Recorder:
             raise
 
     def detach(self) -> None:
-        self._unwind(0)  # a forward interrupted mid-way: leave no mode behind
+        self.unwind(0)  # a forward interrupted mid-way: leave no mode behind
         if self._release is not None:
             self._release()  # hooks.release(self._handles), once
             self._release = None
         self.armed = False
 
-    def _depth(self) -> int:
+    def depth(self) -> int:
+        """How many site forwards are running, one inside the other."""
         return len(self._stack)
 
-    def _unwind(self, depth: int) -> None:
+    def unwind(self, depth: int) -> None:
         """Close the interception modes opened above ``depth`` (innermost first)."""
         while len(self._stack) > depth:
             self._close(self._stack.pop())
@@ -181,7 +182,8 @@ class Recorder:
         return self.armed and len(self._done) < len(self.sites)
 
     # hooks -------------------------------------------------------------------------------
-    def _pre(self, site: Site, args: tuple, kwargs: dict) -> None:
+    def enter(self, site: Site, args: tuple, kwargs: dict) -> None:
+        """A site's forward starts: count it, and measure it if armed and not done yet."""
         if not self.armed:
             return
         self.calls[site.name] = self.calls.get(site.name, 0) + 1
@@ -195,7 +197,8 @@ class Recorder:
         frame.mode.__enter__()
         self._stack.append(frame)
 
-    def _post(self, site: Site, output: Any) -> None:
+    def leave(self, site: Site, output: Any) -> None:
+        """A site's forward returned (or raised): deliver what it was seen to compute."""
         if not self._stack or self._stack[-1].site is not site:
             return
         frame = self._stack.pop()
