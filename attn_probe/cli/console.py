@@ -28,7 +28,7 @@ def one_line(text: object) -> str:
 
 def import_transformers(purpose: str):
     """``transformers``, or a :class:`UsageError` saying that ``purpose`` needs it."""
-    from ..models._optional import import_transformers as load
+    from ..models.optional import import_transformers as load
 
     try:
         return load(purpose)

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from .console import UsageError, import_transformers, one_line
-from .tokens import is_shard
+from .shards import is_shard
 
 __all__ = ["LoadedModel", "MODEL_FORMS", "load_model"]
 

@@ -47,7 +47,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from ._optional import import_transformers
+from .optional import import_transformers
 
 if TYPE_CHECKING:  # pragma: no cover
     from transformers import LlamaForCausalLM
