@@ -14,20 +14,22 @@ itself as the cell's value.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any, Iterable, Mapping, NamedTuple, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
-import matplotlib
 import numpy as np
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
 
 from .._compat import renamed
 from ..snapshot import percent
+from .canvas import (
+    as_numpy, axes_at, clamp, colour_map, figure_to_array, format_cell, label_ticks, new_figure,
+    text_colour, text_width,
+)
+from .runs import RunSeries, run_series_for, run_summary
 
 if TYPE_CHECKING:
-    from ..snapshot import Alert, Snapshot
+    from ..snapshot import Snapshot
 
 __all__ = [
     "attention_heatmaps",
@@ -43,68 +45,13 @@ __all__ = [
     "run_summary",
 ]
 
-DPI = 100
 #: Largest grid whose cells get their value written in them.
 ANNOTATE_MAX = 16
 _MAX_WIDTH = 12.0  # inches
 _MAX_HEIGHT = 12.0
-_NAN_COLOUR = "#d9d9d9"
 
 
 # ----------------------------------------------------------------------------------- helpers
-
-
-def _new_figure(width: float, height: float) -> Figure:
-    # Margins are laid out by hand, in inches: a layout engine would cost more than the drawing.
-    fig = Figure(figsize=(width, height), dpi=DPI)
-    FigureCanvasAgg(fig)
-    return fig
-
-
-def _axes_at(fig: Figure, left: float, bottom: float, width: float, height: float):
-    """Axes at a position given in inches from the figure's lower left corner."""
-    fig_w, fig_h = fig.get_size_inches()
-    return fig.add_axes((left / fig_w, bottom / fig_h, width / fig_w, height / fig_h))
-
-
-def _text_width(labels: Sequence[str], points: float) -> float:
-    """Rough width in inches of the longest label at a font size (no renderer needed)."""
-    longest = max((len(str(label)) for label in labels), default=0)
-    return 0.6 * points / 72 * longest
-
-
-def _clamp(value: float, low: float, high: float) -> float:
-    return max(low, min(high, value))
-
-
-def _as_numpy(values: Any, dtype: Any = np.float64) -> np.ndarray:
-    """A NumPy copy of an array-like or a (possibly CUDA, possibly grad-tracking) tensor."""
-    if hasattr(values, "detach"):  # torch.Tensor, without importing torch here
-        values = values.detach().float().cpu().numpy()
-    return np.array(values, dtype=dtype)
-
-
-def _cmap(name: str):
-    return matplotlib.colormaps[name].with_extremes(bad=_NAN_COLOUR)
-
-
-def _label_ticks(count: int, max_labels: int) -> list[int]:
-    """Positions of the tick labels to show: all of them, or an even thinning."""
-    if count <= max_labels:
-        return list(range(count))
-    step = math.ceil(count / max_labels)
-    return list(range(0, count, step))
-
-
-def _format_cell(value: float) -> str:
-    if not np.isfinite(value):
-        return ""
-    return f"{value:.0f}" if abs(value) >= 100 else f"{value:.1f}"
-
-
-def _text_colour(rgba: Sequence[float]) -> str:
-    r, g, b = rgba[:3]
-    return "black" if 0.299 * r + 0.587 * g + 0.114 * b > 0.5 else "white"
 
 
 def _layer_matrix(snapshot: "Snapshot", metric: str) -> np.ndarray:
@@ -138,7 +85,7 @@ def collapse_map(
     ``values`` is ``(L, H)``; NaN cells (no data) are drawn grey. The cell values are written
     in the cells when ``annotate`` is true, or, by default, when the grid is at most 16 x 16.
     """
-    values = _as_numpy(values)
+    values = as_numpy(values)
     if values.ndim == 1:
         values = values[None, :]
     if values.ndim != 2:
@@ -165,27 +112,27 @@ def collapse_map(
         vmax = vmin + 1.0
 
     rotate = heads > 8
-    cols = _label_ticks(heads, 32)
-    rows = _label_ticks(layers, 40)
+    cols = label_ticks(heads, 32)
+    rows = label_ticks(layers, 40)
     y_size = 7 if layers > 24 else 8
-    left = 0.3 + min(_text_width([layer_labels[i] for i in rows], y_size), 2.5) + 0.1
-    bottom = 0.4 + (min(_text_width([head_labels[i] for i in cols], 7), 2.0) if rotate else 0.15)
+    left = 0.3 + min(text_width([layer_labels[i] for i in rows], y_size), 2.5) + 0.1
+    bottom = 0.4 + (min(text_width([head_labels[i] for i in cols], 7), 2.0) if rotate else 0.15)
     top = 0.35 if title else 0.12
     right = 1.15 if colorbar_label else 0.85
     cell_w, cell_h = (0.42, 0.3) if annotate else (0.25, 0.22)
-    map_w = _clamp(cell_w * heads, 2.4, _MAX_WIDTH - left - right)
-    map_h = _clamp(cell_h * layers, 1.2, _MAX_HEIGHT - top - bottom)
-    fig = _new_figure(left + map_w + right, bottom + map_h + top)
-    ax = _axes_at(fig, left, bottom, map_w, map_h)
+    map_w = clamp(cell_w * heads, 2.4, _MAX_WIDTH - left - right)
+    map_h = clamp(cell_h * layers, 1.2, _MAX_HEIGHT - top - bottom)
+    fig = new_figure(left + map_w + right, bottom + map_h + top)
+    ax = axes_at(fig, left, bottom, map_w, map_h)
     image = ax.imshow(
         np.ma.masked_invalid(values),
-        cmap=_cmap(cmap),
+        cmap=colour_map(cmap),
         vmin=vmin,
         vmax=vmax,
         aspect="auto",
         interpolation="nearest",
     )
-    bar = fig.colorbar(image, cax=_axes_at(fig, left + map_w + 0.12, bottom, 0.15, map_h))
+    bar = fig.colorbar(image, cax=axes_at(fig, left + map_w + 0.12, bottom, 0.15, map_h))
     if colorbar_label:
         bar.set_label(colorbar_label, fontsize=9)
     bar.ax.tick_params(labelsize=8)
@@ -202,8 +149,8 @@ def collapse_map(
         for (row, col), value in np.ndenumerate(values):
             if not np.isfinite(value):
                 continue
-            colour = _text_colour(image.cmap(image.norm(value)))
-            ax.text(col, row, _format_cell(value), ha="center", va="center", fontsize=size,
+            colour = text_colour(image.cmap(image.norm(value)))
+            ax.text(col, row, format_cell(value), ha="center", va="center", fontsize=size,
                     color=colour)
     return fig
 
@@ -239,7 +186,7 @@ def max_rank_profile(
 
     NaN entries (layers without data) leave a gap in the line.
     """
-    max_rank = _as_numpy(max_rank).reshape(-1)
+    max_rank = as_numpy(max_rank).reshape(-1)
     layers = max_rank.shape[0]
     if layer_labels is None:
         layer_labels = [f"L{i:02d}" for i in range(layers)]
@@ -247,13 +194,13 @@ def max_rank_profile(
         raise ValueError(f"got {len(layer_labels)} layer labels for {layers} layers")
     pct = percent(tau)
 
-    ticks = _label_ticks(layers, 48)
+    ticks = label_ticks(layers, 48)
     rotate = len(ticks) > 12
-    bottom = 0.45 + (min(_text_width([layer_labels[i] for i in ticks], 8), 2.0) if rotate
+    bottom = 0.45 + (min(text_width([layer_labels[i] for i in ticks], 8), 2.0) if rotate
                      else 0.15)
-    width = _clamp(2.5 + 0.3 * layers, 5.0, _MAX_WIDTH)
-    fig = _new_figure(width, bottom + 2.4 + 0.35)
-    ax = _axes_at(fig, 0.7, bottom, width - 0.85, 2.4)
+    width = clamp(2.5 + 0.3 * layers, 5.0, _MAX_WIDTH)
+    fig = new_figure(width, bottom + 2.4 + 0.35)
+    ax = axes_at(fig, 0.7, bottom, width - 0.85, 2.4)
     x = np.arange(layers)
     ax.plot(x, max_rank, marker="o", markersize=4, linewidth=1.5, color="#3b528b",
             label=f"MaxRank@{pct}%")
@@ -300,18 +247,18 @@ def head_profiles(
 
     ``lazy`` (optional (H,) bools) marks collapsed heads: their labels are drawn red.
     """
-    rank = _as_numpy(rank).reshape(-1)
-    columns = _as_numpy(columns).reshape(-1)
+    rank = as_numpy(rank).reshape(-1)
+    columns = as_numpy(columns).reshape(-1)
     if rank.shape != columns.shape:
         raise ValueError(f"rank {rank.shape} and columns {columns.shape} differ in head count")
     heads = rank.shape[0]
     pct = percent(tau)
 
     rotate = heads > 12
-    width = _clamp(2.2 + 0.38 * heads, 4.5, _MAX_WIDTH)
+    width = clamp(2.2 + 0.38 * heads, 4.5, _MAX_WIDTH)
     bottom = 0.85 if rotate else 0.6
-    fig = _new_figure(width, bottom + 2.2 + 0.35)
-    ax = _axes_at(fig, 0.7, bottom, width - 0.85, 2.2)
+    fig = new_figure(width, bottom + 2.2 + 0.35)
+    ax = axes_at(fig, 0.7, bottom, width - 0.85, 2.2)
     x = np.arange(heads)
     width = 0.4
     ax.bar(x - width / 2, np.nan_to_num(rank, nan=0.0), width, label=f"rank@{pct}%",
@@ -322,7 +269,7 @@ def head_profiles(
     finite = np.concatenate([rank[np.isfinite(rank)], columns[np.isfinite(columns)]])
     ax.set_ylim(0, max(2.0, float(finite.max()) * 1.12 if finite.size else 2.0))
     ax.yaxis.set_major_locator(MaxNLocator(integer=True, nbins=6))
-    ticks = _label_ticks(heads, 32)
+    ticks = label_ticks(heads, 32)
     ax.set_xticks(ticks, [f"H{h:02d}" for h in ticks], fontsize=7, rotation=90 if rotate else 0)
     if heads:
         ax.set_xlim(-0.6, heads - 0.4)
@@ -377,7 +324,7 @@ def attention_heatmaps(
     Each head gets its own colour scale from 0 and a colour bar, or, with ``shared_scale``,
     one scale and one colour bar for all.
     """
-    attention = _as_numpy(attention, np.float32)
+    attention = as_numpy(attention, np.float32)
     if attention.ndim == 2:
         attention = attention[None]
     if attention.ndim != 3 or attention.shape[1] != attention.shape[2]:
@@ -414,8 +361,8 @@ def attention_heatmaps(
     cell_h = pad_title + side + pad_bottom
     width = max(cols * cell_w + shared_bar, 2.6 if title else 0.0)
     height = rows * cell_h + suptitle
-    fig = _new_figure(width, height)
-    colormap = _cmap(cmap)
+    fig = new_figure(width, height)
+    colormap = colour_map(cmap)
 
     def top(values: np.ndarray) -> float:
         finite = values[np.isfinite(values)]
@@ -429,7 +376,7 @@ def attention_heatmaps(
         row, col = divmod(slot, cols)
         x0 = col * cell_w + pad_left
         y0 = height - suptitle - (row + 1) * cell_h + pad_bottom
-        ax = _axes_at(fig, x0, y0, side, side)
+        ax = axes_at(fig, x0, y0, side, side)
         image = ax.imshow(
             np.ma.masked_invalid(attention[head]),
             cmap=colormap,
@@ -446,193 +393,16 @@ def attention_heatmaps(
         if col == 0:
             ax.set_ylabel("query", fontsize=8, labelpad=1)
         if not shared_scale:
-            bar = fig.colorbar(image, cax=_axes_at(fig, x0 + side + 0.06, y0, 0.08, side))
+            bar = fig.colorbar(image, cax=axes_at(fig, x0 + side + 0.06, y0, 0.08, side))
             bar.ax.tick_params(labelsize=6, length=2, pad=1.5)
             bar.locator = MaxNLocator(nbins=4)
             bar.update_ticks()
     if shared_scale and image is not None:
         grid_h = rows * cell_h - pad_bottom - pad_title
-        bar = fig.colorbar(image, cax=_axes_at(fig, cols * cell_w + 0.05, pad_bottom, 0.15,
+        bar = fig.colorbar(image, cax=axes_at(fig, cols * cell_w + 0.05, pad_bottom, 0.15,
                                                grid_h))
         bar.ax.tick_params(labelsize=7)
         bar.set_label("attention probability", fontsize=8)
     if title:
         fig.suptitle(title, fontsize=10, y=1 - 0.06 / height, va="top")
     return fig
-
-
-class RunSeries(NamedTuple):
-    """One training run's curves for :func:`run_summary`.
-
-    ``loss`` holds the loss of steps 0, 1, 2, ...; ``steps`` the probe's sampled steps, with
-    ``max_logit`` (the largest over layers and heads) and ``entropy`` (the mean normalised entropy
-    of the most collapsed layer: the lowest layer mean) at each; ``alerts`` maps an alert kind
-    (``"logit"``, ``"entropy"``) to the steps at which it fired.
-    """
-
-    loss: Any
-    steps: Any
-    max_logit: Any
-    entropy: Any
-    alerts: Mapping[str, Sequence[int]] = {}
-
-
-#: Line colours of the runs of :func:`run_summary`, in order (ColorBrewer Dark2), and their
-#: dashes (runs whose curves lie on each other stay apart).
-RUN_COLOURS = ("#1b9e77", "#d95f02", "#7570b3", "#e7298a", "#66a61e", "#e6ab02", "#a6761d")
-RUN_DASHES = ("-", (0, (5, 2)), (0, (1.5, 1.5)), "-.")
-
-
-def _moving_average(values: np.ndarray, window: int) -> np.ndarray:
-    """Centred moving average over ``window`` points, over fewer at the ends (NaN-aware)."""
-    if window <= 1 or values.size == 0:
-        return values
-    ok = np.isfinite(values)
-    sums = np.concatenate([[0.0], np.cumsum(np.where(ok, values, 0.0))])
-    counts = np.concatenate([[0], np.cumsum(ok)])
-    index = np.arange(values.size)
-    lo = np.clip(index - window // 2, 0, values.size)
-    hi = np.clip(index + window // 2 + 1, 0, values.size)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return (sums[hi] - sums[lo]) / (counts[hi] - counts[lo])
-
-
-def _alert_marks(ax, x: np.ndarray, y: np.ndarray, steps: Iterable[int], colour: str) -> None:
-    """Markers on a curve at the steps where an alert fired (steps the curve lacks are skipped)."""
-    where = {int(step): i for i, step in enumerate(x)}
-    points = [(x[where[s]], y[where[s]]) for s in sorted(set(steps)) if s in where]
-    points = [(px, py) for px, py in points if np.isfinite(py)]
-    if points:
-        px, py = zip(*points)
-        ax.plot(px, py, linestyle="none", marker="X", markersize=9, color=colour,
-                markeredgecolor="black", markeredgewidth=0.8, zorder=5)
-
-
-def run_summary(
-    runs: Mapping[str, RunSeries],
-    *,
-    thresholds: Mapping[str, float] | None = None,
-    title: str | None = None,
-    smooth: int = 9,
-) -> Figure:
-    """Training runs side by side in three panels: the loss of every step, the largest attention
-    logit of every sampled step (log scale) and the normalised entropy of the most collapsed
-    layer, one line per run.
-
-    ``thresholds``: the alert thresholds, drawn dashed (``"logit"`` on the logit panel,
-    ``"entropy"`` on the entropy panel). Each run's ``logit`` and ``entropy`` alerts are marked
-    with a cross on the panel of their figure and on the loss curve; other kinds are not drawn.
-    ``smooth``: the loss is drawn faint as it is and solid as a centred moving average over
-    this many steps (1: no average).
-    """
-    if not runs:
-        raise ValueError("run_summary needs at least one run")
-    thresholds = dict(thresholds or {})
-    panel_w, panel_h, left, gap = 3.25, 2.7, 0.72, 0.2
-    bottom, top = 0.5, 0.62 + (0.34 if title else 0.0)
-    width = 3 * (left + panel_w) + gap
-    fig = _new_figure(width, bottom + panel_h + top)
-    axes = [_axes_at(fig, left + i * (left + panel_w), bottom, panel_w, panel_h)
-            for i in range(3)]
-    loss_ax, logit_ax, entropy_ax = axes
-
-    handles, labels, logits = [], [], []
-    for i, (name, series) in enumerate(runs.items()):
-        colour, dashes = RUN_COLOURS[i % len(RUN_COLOURS)], RUN_DASHES[i % len(RUN_DASHES)]
-        loss = _as_numpy(series.loss).reshape(-1)
-        steps = _as_numpy(series.steps).reshape(-1)
-        logit = _as_numpy(series.max_logit).reshape(-1)
-        entropy = _as_numpy(series.entropy).reshape(-1)
-        if not steps.shape == logit.shape == entropy.shape:
-            raise ValueError(f"run {name!r}: {steps.shape[0]} sampled steps, {logit.shape[0]} "
-                             f"max logits and {entropy.shape[0]} entropies")
-        loss_steps = np.arange(loss.shape[0])
-        if smooth > 1:
-            loss_ax.plot(loss_steps, loss, color=colour, linewidth=0.8, alpha=0.3)
-            loss = _moving_average(loss, smooth)
-        (line,) = loss_ax.plot(loss_steps, loss, color=colour, linewidth=1.5, linestyle=dashes)
-        logit = np.where(logit > 0, logit, np.nan)  # a log scale: 0 and below cannot be drawn
-        logits.append(logit[np.isfinite(logit)])
-        for ax, values in ((logit_ax, logit), (entropy_ax, entropy)):
-            ax.plot(steps, values, color=colour, linewidth=1.5, linestyle=dashes, marker="o",
-                    markersize=2.5)
-        alerts = series.alerts or {}
-        _alert_marks(logit_ax, steps, logit, alerts.get("logit", ()), colour)
-        _alert_marks(entropy_ax, steps, entropy, alerts.get("entropy", ()), colour)
-        _alert_marks(loss_ax, loss_steps, loss,
-                     [*alerts.get("logit", ()), *alerts.get("entropy", ())], colour)
-        handles.append(line)
-        labels.append(name)
-
-    for ax, kind, sign in ((logit_ax, "logit", ">"), (entropy_ax, "entropy", "<")):
-        if kind in thresholds:
-            ax.axhline(thresholds[kind], color="#b2182b", linewidth=1.0, linestyle="--")
-            ax.text(0.98, thresholds[kind], f"{kind} alert: {sign} {thresholds[kind]:g}",
-                    transform=ax.get_yaxis_transform(), ha="right", va="bottom", fontsize=8,
-                    color="#b2182b")
-    logit_ax.set_yscale("log")
-    finite = np.concatenate(logits)
-    if finite.size:
-        low = float(finite.min()) / 2
-        high = max(float(finite.max()), thresholds.get("logit", 0.0)) * 2.5
-        logit_ax.set_ylim(low, high)
-    entropy_ax.set_ylim(0, 1.05)
-
-    loss_ax.set_title("training loss" + (f" ({smooth}-step average)" if smooth > 1 else ""),
-                      fontsize=10)
-    loss_ax.set_ylabel("cross-entropy (nats)", fontsize=9)
-    logit_ax.set_title("largest attention logit (any layer, any head)", fontsize=10)
-    logit_ax.set_ylabel("max q·k·scale (log scale)", fontsize=9)
-    entropy_ax.set_title("entropy of the most collapsed layer", fontsize=10)
-    entropy_ax.set_ylabel("mean normalised entropy (1 = uniform)", fontsize=9)
-    for ax in axes:
-        ax.set_xlabel("step", fontsize=9)
-        ax.tick_params(labelsize=8)
-        ax.grid(alpha=0.3)
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True, nbins=6))
-
-    handles += [
-        Line2D([], [], linestyle="none", marker="X", markersize=9, color="grey",
-               markeredgecolor="black", markeredgewidth=0.8),
-        Line2D([], [], color="#b2182b", linewidth=1.0, linestyle="--"),
-    ]
-    labels += ["alert fired", "alert threshold"]
-    height = fig.get_figheight()
-    fig.legend(handles, labels, loc="upper center", ncols=len(handles), fontsize=9,
-               frameon=False, bbox_to_anchor=(0.5, 1 - (0.34 if title else 0.02) / height))
-    if title:
-        fig.suptitle(title, fontsize=11, y=1 - 0.06 / height, va="top")
-    return fig
-
-
-def run_series_for(losses: Sequence[float], snapshots: Sequence["Snapshot"],
-                   alerts: Iterable["Alert"] = ()) -> RunSeries:
-    """:class:`RunSeries` of a run: its losses, the probe's snapshots (``probe.history``) and
-    alerts (``probe.alerts``)."""
-
-    def over_layers(snapshot: "Snapshot", metric: str, how: str, pick) -> float:
-        values = [layer.reduce(metric, how) for layer in snapshot.layers]
-        values = [v for v in values if np.isfinite(v)]
-        return float(pick(values)) if values else float("nan")
-
-    fired: dict[str, list[int]] = {}
-    for alert in alerts:
-        fired.setdefault(alert.kind, []).append(alert.step)
-    return RunSeries(
-        loss=np.asarray(losses, dtype=np.float64),
-        steps=np.asarray([s.step for s in snapshots], dtype=np.int64),
-        max_logit=np.asarray([over_layers(s, "max_logit", "max", max) for s in snapshots]),
-        entropy=np.asarray([over_layers(s, "entropy_norm_full", "mean", min)
-                            for s in snapshots]),
-        alerts=fired,
-    )
-
-
-def figure_to_array(fig: Figure) -> np.ndarray:
-    """Render a figure to an ``(height, width, 3)`` uint8 RGB array (Agg; nothing is closed)."""
-    canvas = fig.canvas
-    if not isinstance(canvas, FigureCanvasAgg):
-        canvas = FigureCanvasAgg(fig)
-    canvas.draw()
-    rgba = np.asarray(canvas.buffer_rgba())
-    return np.ascontiguousarray(rgba[..., :3], dtype=np.uint8)
