@@ -26,7 +26,7 @@ LAYERS = [
     ["options", "_compat"],
     ["snapshot"],
     ["attention"],
-    ["metrics", "full_context"],
+    ["metrics"],
     ["aggregate"],
     ["alerts", "outputs"],
     ["probe", "protocol"],
@@ -116,3 +116,99 @@ def test_no_import_from_a_higher_layer(path):
         for line, target in imports(path) if layer_of(target) > own
     ]
     assert not upward, "\n".join(upward)
+
+
+# ------------------------------------------------------------------ small, acyclic, no privates
+
+#: The longest a module may grow before it is split.
+MAX_LINES = 600
+
+
+def module_graph() -> dict[str, set[str]]:
+    """Module -> the attn_probe modules it imports (a package's ``__init__`` stands for the
+    package), TYPE_CHECKING imports included."""
+    return {module_name(path): {target for _, target in imports(path)} - {module_name(path)}
+            for path in MODULES}
+
+
+def test_the_graph_sees_imports_inside_type_checking_blocks():
+    graph = module_graph()
+    assert "attn_probe.cli.loading" in graph["attn_probe.cli.tokens"]
+
+
+def test_no_two_modules_import_each_other():
+    """Following the imports never leads back to where it started (Tarjan's strongly connected
+    components; a package imports its modules, so a package and its own modules are exempt)."""
+    graph = module_graph()
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    cycles = []
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        for target in graph.get(node, ()):
+            if target.startswith(node + "."):
+                continue  # a package importing its own modules
+            if target not in index:
+                visit(target)
+                low[node] = min(low[node], low[target])
+            elif target in stack:
+                low[node] = min(low[node], index[target])
+        if low[node] == index[node]:
+            component = []
+            while True:
+                top = stack.pop()
+                component.append(top)
+                if top == node:
+                    break
+            if len(component) > 1:
+                cycles.append(sorted(component))
+
+    for node in sorted(graph):
+        if node not in index:
+            visit(node)
+    assert not cycles, f"modules that import each other: {cycles}"
+
+
+@pytest.mark.parametrize("path", MODULES, ids=lambda p: module_name(p))
+def test_no_module_is_too_long(path):
+    lines = len(path.read_text().splitlines())
+    assert lines <= MAX_LINES, f"{module_name(path)} has {lines} lines (at most {MAX_LINES})"
+
+
+def private_uses(path: Path) -> list[str]:
+    """Private names (``_x``) this module takes from another attn_probe module: imported by
+    name, or read as an attribute of an imported module (``hooks._pre``). Attributes of
+    objects passed around cannot be told apart by a parser and are not checked."""
+    tree = ast.parse(path.read_text(), str(path))
+    found = []
+    imported_modules = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").startswith(
+                "attn_probe")):
+            for alias in node.names:
+                if alias.name.startswith("_") and not alias.name.startswith("__"):
+                    found.append(f"line {node.lineno}: from {'.' * node.level}"
+                                 f"{node.module or ''} import {alias.name}")
+                else:
+                    imported_modules.add(alias.asname or alias.name)
+    for node in ast.walk(tree):
+        if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name)
+                and node.value.id in imported_modules and node.attr.startswith("_")
+                and not node.attr.startswith("__")):
+            found.append(f"line {node.lineno}: {node.value.id}.{node.attr}")
+    return found
+
+
+@pytest.mark.parametrize("path", MODULES, ids=lambda p: module_name(p))
+def test_no_private_name_crosses_a_module(path):
+    assert not private_uses(path), "\n".join(private_uses(path))
+
+
+def test_private_uses_are_seen(tmp_path):
+    sample = tmp_path / "sample.py"
+    sample.write_text("from .metrics import _margin\nfrom . import hooks\nhooks._pre(1)\n"
+                      "self._fine = 1\n")
+    assert private_uses(sample) == ["line 1: from .metrics import _margin", "line 3: hooks._pre"]
