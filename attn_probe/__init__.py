@@ -19,20 +19,26 @@ during training, :mod:`.protocol` on a model at rest; :mod:`.integrations`, :mod
 from typing import Any
 
 from ._compat import MOVED_MODULES, install_moved_modules
+from .alerts import AlertRules, EntropyRule, LogitRule, SinkRule
 from .attention import CaptureError, register_adapter
 from .metrics import columns_at, dominant_column, head_metrics, rank_at, row_entropy, sink_mass
 from .probe import AttentionProbe
 from .protocol import Capture, capture, rank_profile
-from .snapshot import CollapseRule, LayerSummary, Snapshot
+from .snapshot import Alert, CollapseRule, LayerSummary, Snapshot
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Alert",
+    "AlertRules",
     "AttentionProbe",
     "Capture",
     "CaptureError",
     "CollapseRule",
+    "EntropyRule",
     "LayerSummary",
+    "LogitRule",
+    "SinkRule",
     "Snapshot",
     "capture",
     "columns_at",
