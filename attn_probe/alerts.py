@@ -22,11 +22,12 @@ Why the defaults are what they are is written in ``docs/alerts.md``.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from .snapshot import Alert, CollapseRule, LayerSummary, Snapshot, percent
+from .snapshot import Alert, CollapseRule, HeadState, LayerSummary, Snapshot, percent
 
 KINDS = ("lazy", "entropy", "logit", "sink")
 
@@ -120,6 +121,32 @@ class AlertRules:
         return found
 
 
+#: Normalised entropy above which a head counts as uniform, and below which as sharp.
+UNIFORM_ENTROPY = 0.99
+SHARP_ENTROPY = 0.4
+
+
+def head_states(layer: LayerSummary, rules: "AlertRules") -> np.ndarray:
+    """(H,) :class:`~attn_probe.snapshot.HeadState` codes of ``layer``'s heads, the most
+    alarming that applies: logits past the logit rule, entropy below the entropy rule
+    (one-hot), uniform attention, an attention sink, a sharp head, else healthy."""
+    heads = layer.heads
+    states = np.full(layer.num_heads, HeadState.HEALTHY, dtype=np.int8)
+    entropy = heads.get("entropy_norm_full", np.full(layer.num_heads, np.nan))
+    with np.errstate(invalid="ignore"):
+        states[entropy < SHARP_ENTROPY] = HeadState.SHARP
+        if rules.sink is not None:
+            states[heads.get("sink_full", entropy) >= rules.sink.min_mass] = HeadState.SINK
+        states[entropy > UNIFORM_ENTROPY] = HeadState.UNIFORM
+        if rules.entropy is not None:
+            states[entropy < rules.entropy.min_entropy] = HeadState.ONE_HOT
+        if rules.logit is not None:
+            states[heads.get("max_logit", entropy) > rules.logit.max_logit] = HeadState.EXPLODING
+    counts = layer.full_counts if layer.full_counts is not None else layer.counts
+    states[(counts == 0) & (layer.counts == 0)] = HeadState.NO_DATA
+    return states
+
+
 class AlertMonitor:
     """Turns the conditions of each snapshot into alerts that fire once: per kind and layer,
     and for ``sink`` per head."""
@@ -128,6 +155,12 @@ class AlertMonitor:
         self.rules = rules
         self.fired: list[Alert] = []
         self._seen: set[tuple] = set()
+
+    def judge(self, snapshot: Snapshot) -> Snapshot:
+        """``snapshot`` with its new alerts (:meth:`update`) and every head's state."""
+        alerts = tuple(self.update(snapshot))
+        states = {layer.name: head_states(layer, self.rules) for layer in snapshot.layers}
+        return dataclasses.replace(snapshot, alerts=alerts, states=states)
 
     def update(self, snapshot: Snapshot) -> list[Alert]:
         """The new alerts of ``snapshot``, in layer order."""

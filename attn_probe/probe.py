@@ -304,7 +304,7 @@ class AttentionProbe:
             return None
         snapshot = Snapshot(step=step, tau=self.tau, layers=layers, samples=samples)
         # Every process holds the reduced figures: every process decides the same alerts.
-        snapshot = dataclasses.replace(snapshot, alerts=tuple(self._monitor.update(snapshot)))
+        snapshot = self._monitor.judge(snapshot)
         self.last = snapshot
         if self.keep_history:
             self.history.append(dataclasses.replace(snapshot, samples={}))

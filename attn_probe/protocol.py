@@ -237,6 +237,5 @@ def rank_profile(
     if alerts is not None:
         if alerts.lazy is not None:  # one lazy rule: the one the layers were judged by
             alerts = dataclasses.replace(alerts, lazy=rule)
-        found = AlertMonitor(alerts).update(snapshot)
-        snapshot = dataclasses.replace(snapshot, alerts=tuple(found))
+        snapshot = AlertMonitor(alerts).judge(snapshot)
     return snapshot

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from enum import IntEnum
 from typing import Mapping, Protocol, Sequence, TypeVar
 
 import numpy as np
@@ -153,6 +154,40 @@ class LayerSummary:
         return bool(share == share and share >= self.rule.min_lazy_share)
 
 
+class HeadState(IntEnum):
+    """What one head's attention does at one step, from the least to the most alarming (the
+    worst state of a layer is the largest of its heads'). :data:`HEAD_STATES` gives each a
+    label, a colour and a meaning; :mod:`attn_probe.alerts` decides them."""
+
+    NO_DATA = 0
+    HEALTHY = 1
+    SHARP = 2
+    SINK = 3
+    UNIFORM = 4
+    ONE_HOT = 5
+    EXPLODING = 6
+
+
+#: State -> (label, colour, what it means), for legends and reports.
+HEAD_STATES: dict[HeadState, tuple[str, str, str]] = {
+    HeadState.NO_DATA: ("no data", "#f0f0f0", "not measured at this step"),
+    HeadState.HEALTHY: ("healthy", "#1a9850", "attention spread over several keys"),
+    HeadState.SHARP: ("sharp", "#66bd63", "most queries focus on few keys (previous-token and "
+                                           "similar heads: normal)"),
+    HeadState.SINK: ("sink", "#5e3c99", "half or more of the attention on the first key "
+                                        "(an attention sink: normal in trained models)"),
+    HeadState.UNIFORM: ("uniform", "#fee08b", "every allowed key weighted alike: the head "
+                                              "passes no information"),
+    HeadState.ONE_HOT: ("one-hot", "#f46d43", "each query on a single key: entropy collapsed, "
+                                              "softmax saturated"),
+    HeadState.EXPLODING: ("logits exploding", "#a50026", "attention logits growing without "
+                                                          "bound"),
+}
+
+#: Alert severities, from the least to the most urgent.
+SEVERITIES = ("info", "warning", "critical")
+
+
 @dataclass(frozen=True)
 class Alert:
     """One kind of collapse seen in one layer at one step."""
@@ -165,6 +200,8 @@ class Alert:
     value: float  #: the figure that crossed the threshold
     threshold: float
     message: str  #: one line for people
+    severity: str = "warning"  #: one of :data:`SEVERITIES`
+    cause: str = ""  #: why the figure moved and what to do, when known
 
     def __str__(self) -> str:
         return self.message
@@ -219,6 +256,8 @@ class Snapshot:
     samples: Mapping[str, torch.Tensor] = field(default_factory=dict)
     #: the alerts that fired at this step (see :mod:`attn_probe.alerts`)
     alerts: tuple[Alert, ...] = ()
+    #: layer name -> (H,) :class:`HeadState` codes of its heads (decided by the alert rules)
+    states: Mapping[str, np.ndarray] = field(default_factory=dict)
 
     def layer(self, key: str | int) -> LayerSummary:
         """The layer named by ``key`` (see :func:`find_layer`)."""

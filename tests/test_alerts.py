@@ -172,3 +172,17 @@ def test_stable_and_qk_norm_runs_raise_no_alert(tmp_path, single_thread, setting
     scalars = read_scalars(tmp_path)
     assert not [tag for tag in scalars if tag.startswith(("alert/logit", "alert/entropy"))]
     assert max(max(scalars[f"max_logit/max/L0{i}"].values()) for i in range(2)) < 100
+
+
+def test_head_states_follow_the_rules():
+    from attn_probe.alerts import head_states
+    from attn_probe.snapshot import HeadState
+
+    rules = AlertRules(entropy=EntropyRule(0.1), logit=LogitRule(300.0), sink=SinkRule(0.5))
+    layer = snapshot_of(0, layer_figures(
+        6, entropy_norm_full=[0.6, 0.3, 0.995, 0.05, 0.6, 0.6],
+        sink_full=[0.1, 0.1, 0.1, 0.1, 0.7, 0.1],
+        max_logit=[10.0, 10.0, 10.0, 10.0, 10.0, 500.0])).layers[0]
+    assert head_states(layer, rules).tolist() == [
+        HeadState.HEALTHY, HeadState.SHARP, HeadState.UNIFORM, HeadState.ONE_HOT,
+        HeadState.SINK, HeadState.EXPLODING]
