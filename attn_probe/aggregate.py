@@ -20,6 +20,13 @@ from .snapshot import FIGURES, CollapseRule, LayerSummary
 MEANS = tuple(f for f, (_, how) in FIGURES.items() if how == "mean")
 MAXIMA = tuple(f for f, (_, how) in FIGURES.items() if how == "max")
 
+
+def derived(heads: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The ``"derived"`` figures of :data:`~attn_probe.snapshot.FIGURES` from the combined
+    others: ``alignment = logit_spread / (query_norm * key_norm)``."""
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return {"alignment": heads["logit_spread"] / (heads["query_norm"] * heads["key_norm"])}
+
 #: Each state of one layer: (name, dtype, reduction). ``sums``: (H, len(MEANS)) sums of the
 #: figures averaged over sequences; ``maxima``: (H, len(MAXIMA)) largest values of the others;
 #: ``counts``: (H, 2) finite sequences behind the crop and the full-context figures;
@@ -132,6 +139,7 @@ class HeadAccumulator:
                     heads[figure] = state["sums"][:, i] / group[FIGURES[figure][0]]
             for i, figure in enumerate(MAXIMA):
                 heads[figure] = state["maxima"][:, i].copy()
+            heads.update(derived(heads))
             for figure, values in heads.items():
                 values[group[FIGURES[figure][0]] == 0] = np.nan
             summaries.append(LayerSummary(

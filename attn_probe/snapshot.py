@@ -20,12 +20,20 @@ import torch
 #: Per-head figures: name -> (the tokens they are computed over, how sequences combine).
 #: ``"crop"``: the attention matrix of the first ``max_tokens`` tokens (rank@tau needs the whole
 #: matrix); ``"full"``: every token of the measured sequence, streamed without the matrix. The
-#: ``_full`` suffix marks the second, so a tag always says which tokens it covers;
-#: ``max_logit`` (the largest scaled pre-softmax score) exists over the full sequence only.
+#: ``_full`` suffix marks the second, so a tag always says which tokens it covers; the logit
+#: figures exist over the full sequence only. Sequences combine by ``"mean"`` or ``"max"``;
+#: ``"derived"`` figures are computed from the others once combined.
 #: ``first_key_dominant`` is the share of sequences in which key 0 is the column with the most
 #: squared mass; ``entropy_norm_full`` divides each query's entropy by the log of the number of
 #: keys it may see (1: uniform); ``sink_logit_full`` is the mass a learned sink logit takes;
-#: ``tokens_full`` the number of query tokens measured.
+#: ``tokens_full`` the number of query tokens measured. ``max_logit`` is the largest scaled
+#: pre-softmax score (what QK-Clip clips); ``logit_spread`` the largest amount by which a
+#: query's top score stands above the mean of its allowed scores (softmax ignores a constant
+#: added to all of a query's scores; this figure does too); ``query_norm`` and ``key_norm`` the
+#: root-mean-square norms of the scaled queries and of the keys centred on their mean, and
+#: ``alignment = logit_spread / (query_norm * key_norm)``: the spread is exactly the product of
+#: the three, so its growth splits into theirs. ``kv_head`` is the key/value head a query head
+#: reads (grouped-query attention).
 FIGURES: dict[str, tuple[str, str]] = {
     "rank": ("crop", "mean"),
     "columns": ("crop", "mean"),
@@ -40,6 +48,11 @@ FIGURES: dict[str, tuple[str, str]] = {
     "first_key_dominant_full": ("full", "mean"),
     "tokens_full": ("full", "mean"),
     "max_logit": ("full", "max"),
+    "logit_spread": ("full", "max"),
+    "query_norm": ("full", "mean"),
+    "key_norm": ("full", "mean"),
+    "alignment": ("full", "derived"),
+    "kv_head": ("full", "max"),
 }
 METRICS = tuple(FIGURES)
 
@@ -137,8 +150,18 @@ class LayerSummary:
 
     def qk_clip(self, cap: float) -> np.ndarray:
         """(H,) QK-Clip factors ``min(1, cap / max_logit)`` (Kimi K2): how much each head's q
-        and k would be scaled by a clip at ``cap`` (NaN where a head has no max logit)."""
-        logit = self.heads["max_logit"]
+        and k would be scaled by a clip at ``cap`` (NaN where a head has no max logit). Under
+        grouped-query attention the heads reading one key/value head share its key projection,
+        so they share one factor, from the largest max logit of the group (as Megatron-LM
+        clips)."""
+        logit = self.heads["max_logit"].copy()
+        groups = self.heads.get("kv_head")
+        if groups is not None:
+            for group in np.unique(groups[np.isfinite(groups)]):
+                members = groups == group
+                with np.errstate(invalid="ignore"):
+                    logit[members] = np.nanmax(logit[members]) if np.isfinite(
+                        logit[members]).any() else np.nan
         with np.errstate(divide="ignore", invalid="ignore"):
             return np.where(np.isfinite(logit), np.minimum(1.0, cap / np.maximum(logit, 0)),
                             np.nan)

@@ -39,6 +39,10 @@ def batch(rng: np.random.Generator, sequences: int, heads: int = HEADS,
             for name in ("entropy_full", "entropy_norm_full", "sink_full", "sink_logit_full",
                          "max_logit")}
     full["max_logit"] = rng.normal(0.0, 50.0, (sequences, heads))
+    full["logit_spread"] = rng.uniform(0.0, 30.0, (sequences, heads))
+    full["query_norm"] = rng.uniform(0.5, 3.0, (sequences, heads))
+    full["key_norm"] = rng.uniform(0.5, 3.0, (sequences, heads))
+    full["kv_head"] = np.broadcast_to(np.arange(heads) // 2, (sequences, heads)).copy()
     full["columns_full"] = rng.integers(1, 30, (sequences, heads)).astype(np.float64)
     full["dominant_full"] = rng.integers(0, 3, (sequences, heads))
     full["tokens_full"] = rng.integers(2, 100, (sequences, heads)).astype(np.float64)
@@ -71,7 +75,7 @@ def expected(metrics: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     }
     full_values = {name: metrics[name] for name in (
         "columns_full", "entropy_full", "entropy_norm_full", "sink_full", "sink_logit_full",
-        "tokens_full")}
+        "tokens_full", "query_norm", "key_norm")}
     full_values["first_key_dominant_full"] = (metrics["dominant_full"] == 0).astype(np.float64)
     out = {"counts": finite.sum(0), "full_counts": full.sum(0), "nonfinite": (~finite).sum(0)}
     for ok, values in ((finite, crop_values), (full, full_values)):
@@ -80,8 +84,10 @@ def expected(metrics: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
             total = np.where(ok, v, 0.0).sum(0)
             with np.errstate(invalid="ignore", divide="ignore"):
                 out[name] = np.where(count > 0, total / count, np.nan)
-    highest = np.where(full, metrics["max_logit"], -np.inf).max(0)
-    out["max_logit"] = np.where(full.sum(0) > 0, highest, np.nan)
+    for name in ("max_logit", "logit_spread", "kv_head"):
+        highest = np.where(full, metrics[name], -np.inf).max(0)
+        out[name] = np.where(full.sum(0) > 0, highest, np.nan)
+    out["alignment"] = out["logit_spread"] / (out["query_norm"] * out["key_norm"])
     return out
 
 

@@ -25,8 +25,9 @@ TAU = 0.9
 RTOL = 1e-9
 ATOL = 1e-14  # for figures that are exactly 0 in one summation order and ~1e-17 in another
 NEAR = 1e-9
-FLOATS = ("entropy", "entropy_norm", "sink", "sink_logit_mass", "max_logit")
-INTEGERS = ("columns", "dominant", "tokens")
+FLOATS = ("entropy", "entropy_norm", "sink", "sink_logit_mass", "max_logit", "logit_spread",
+          "query_norm", "key_norm")
+INTEGERS = ("columns", "dominant", "tokens", "kv_head")
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -48,7 +49,10 @@ def reference(q, k, *, mask=None, causal=False, scale=None, sink=None, tau=TAU):
     to (H, L, S), bool (True = may attend) or additive float.  Returns (H,) tensors, plus the
     relative distances of the integer decisions from their thresholds."""
     heads, length, dim = q.shape
-    k = k.repeat_interleave(heads // k.shape[0], dim=0)
+    group = heads // k.shape[0]
+    centred = k.double() - k.double().mean(dim=1, keepdim=True)
+    key_norm = centred.square().sum(dim=-1).mean(dim=-1).sqrt().repeat_interleave(group)
+    k = k.repeat_interleave(group, dim=0)
     keys = k.shape[1]
     scale = 1.0 / math.sqrt(dim) if scale is None else scale
     scores = q.double() @ k.double().mT * scale
@@ -72,13 +76,21 @@ def reference(q, k, *, mask=None, causal=False, scale=None, sink=None, tau=TAU):
         rows = measured[h]
         n = int(rows.sum())
         out["tokens"].append(n)
+        out["kv_head"].append(h // group)
+        out["key_norm"].append(float(key_norm[h]))
         if n == 0:
             for name, empty in (("entropy", 0.0), ("entropy_norm", 0.0), ("sink", 0.0),
                                 ("sink_logit_mass", 0.0), ("max_logit", -math.inf),
+                                ("logit_spread", -math.inf), ("query_norm", 0.0),
                                 ("columns", 0), ("dominant", -1), ("columns_gap", 1.0),
                                 ("dominant_gap", 1.0)):
                 out[name].append(empty)
             continue
+        allowed_scores = scores[h, rows].masked_fill(~allowed[h, rows], math.nan)
+        top = allowed_scores.nan_to_num(-math.inf).amax(dim=-1)
+        out["logit_spread"].append(float((top - allowed_scores.nanmean(dim=-1)).max()))
+        scaled = q[h, rows].double() * scale
+        out["query_norm"].append(float(scaled.square().sum(dim=-1).mean().sqrt()))
         p = torch.softmax(logits[h, rows], dim=-1)
         a = p[:, :keys]
         entropy = -torch.xlogy(p, p).sum(dim=-1)
@@ -358,3 +370,37 @@ def test_probe_adapter_names():
     assert torch.equal(figures["entropy_norm_full"], stats["entropy_norm"])
     assert torch.equal(figures["max_logit"], stats["max_logit"])
     assert full_context_metrics(torch.zeros(1, 2, 4, 4), TAU) == {}
+
+
+# --------------------------------------------------------------------------------------------
+# The logit figures
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_logit_spread_ignores_what_softmax_ignores(causal):
+    """A vector added to every key (a key bias) adds ``q_i . b`` to all of query i's scores:
+    softmax, and so every attention figure and the spread, do not move; the raw max logit
+    does."""
+    q, k = (x.double() for x in qk(batch=2, heads=4, kv_heads=2, length=50, seed=20, spread=1.5))
+    bias = 25.0 * torch.nn.functional.normalize(torch.randn(16, generator=torch.Generator()
+                                                            .manual_seed(21)), dim=0)
+    bias = bias.double()
+    plain = full_context_stats(q, k, is_causal=causal)
+    shifted = check_batch(q, k + bias, causal=causal)
+    for name in ("entropy", "entropy_norm", "sink", "logit_spread", "key_norm", "query_norm"):
+        torch.testing.assert_close(shifted[name], plain[name], rtol=1e-9, atol=1e-9,
+                                   msg=lambda m, name=name: f"{name}: {m}")
+    assert not torch.allclose(shifted["max_logit"], plain["max_logit"], rtol=0.1)
+
+
+def test_logit_spread_grows_with_the_norms_not_the_alignment():
+    """Scaling every query by c and every key by d multiplies the spread by c * d, and so the
+    query and the key norms; their ratio, the alignment, stays."""
+    q, k = (x.double() for x in qk(batch=1, heads=2, length=40, seed=22, spread=1.0))
+    base = full_context_stats(q, k, is_causal=True)
+    grown = full_context_stats(3.0 * q, 2.0 * k, is_causal=True)
+    torch.testing.assert_close(grown["logit_spread"], 6.0 * base["logit_spread"], rtol=1e-12,
+                               atol=0)
+    torch.testing.assert_close(grown["query_norm"], 3.0 * base["query_norm"], rtol=1e-12, atol=0)
+    torch.testing.assert_close(grown["key_norm"], 2.0 * base["key_norm"], rtol=1e-12, atol=0)

@@ -1,13 +1,17 @@
-"""The max logit of every head equals a float64 reference built from the same q, k, scale and
-mask: on every model family the capture tests cover (causal, padded, grouped-query,
+"""The logit figures of every head — the max logit and the logit spread (largest top score minus
+the mean of a query's allowed scores) — equal a float64 reference built from the same q, k, scale
+and mask: on every model family the capture tests cover (causal, padded, grouped-query,
 bidirectional, sliding-window, soft-capped), through interception of SDPA, of an eager softmax,
 and through an adapter. The references here never touch attn_probe: the Hugging Face ones record
-the eager twin's own softmax input; the others recompute the scores from the module's weights."""
+the eager twin's own softmax input; the others recompute the scores from the module's weights.
+The QK-Clip dry run's factors are checked against the reference max logits, one factor per
+key/value group under grouped-query attention."""
 
 from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -22,11 +26,28 @@ BLOCKED = -1e4  # additive mask entries at or below take no mass (-inf, finfo.mi
 def max_allowed(scores: torch.Tensor, real: torch.Tensor | None = None) -> torch.Tensor:
     """(B, H, L, S) scores as the softmax saw them -> (B, H) float64 max over allowed pairs,
     leaving out the query rows of padding (``real`` (B, L): 1 for a real token)."""
+    return logit_figures(scores, real)[0]
+
+
+def logit_figures(scores: torch.Tensor,
+                  real: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, H) max logit and logit spread: the largest allowed score, and the largest over
+    query rows of (the row's largest allowed score - the mean of its allowed scores)."""
     scores = scores.double()
     allowed = scores > BLOCKED
     if real is not None:
         allowed = allowed & real.bool()[:, None, :, None]
-    return torch.where(allowed, scores, -math.inf).flatten(2).amax(-1)
+    top = torch.where(allowed, scores, -math.inf).amax(-1)  # (B, H, L)
+    mean = torch.where(allowed, scores, 0.0).sum(-1) / allowed.sum(-1).clamp_min(1)
+    spread = torch.where(allowed.any(-1), top - mean, -math.inf)
+    return top.amax(-1), spread.amax(-1)
+
+
+def assert_logit_figures(got: dict, scores: torch.Tensor, real: torch.Tensor | None = None,
+                         tol: float = 1e-5) -> None:
+    max_logit, spread = logit_figures(scores, real)
+    torch.testing.assert_close(got["max_logit"], max_logit, rtol=tol, atol=tol)
+    torch.testing.assert_close(got["logit_spread"], spread, rtol=tol, atol=tol)
 
 
 def softmax_inputs(model, *args, **kwargs) -> list[torch.Tensor]:
@@ -64,8 +85,7 @@ def test_hugging_face_models_padded(family, kernel, request):
     want = softmax_inputs(eager, x, attention_mask=mask)
     assert len(want) == len(figures) == 2
     for got, scores in zip(figures.values(), want):
-        torch.testing.assert_close(got["max_logit"], max_allowed(scores, mask),
-                                   rtol=2e-5, atol=2e-5)
+        assert_logit_figures(got, scores, mask, tol=2e-5)
 
 
 def test_demo_gpt_causal():
@@ -88,7 +108,7 @@ def test_demo_gpt_causal():
         scores = q @ k.transpose(-2, -1) / math.sqrt(q.size(-1))
         scores = scores.masked_fill(~torch.ones(24, 24, dtype=torch.bool).tril(), -math.inf)
         # the crop to 8 tokens leaves the max logit over all 24
-        torch.testing.assert_close(got["max_logit"], max_allowed(scores), rtol=1e-5, atol=1e-5)
+        assert_logit_figures(got, scores)
 
 
 class WindowedOrCapped(nn.Module):
@@ -134,7 +154,7 @@ def test_sliding_window_and_soft_capped(kind):
         scores = module.cap * torch.tanh(q @ k.transpose(-2, -1) * 3.0 / module.cap)
         scores = scores.masked_fill(~torch.ones(t, t, dtype=torch.bool).tril(), -math.inf)
         assert max_allowed(scores).max() < module.cap  # the logits the softmax saw: capped
-    torch.testing.assert_close(got["max_logit"], max_allowed(scores), rtol=1e-5, atol=1e-5)
+    assert_logit_figures(got, scores)
 
 
 def test_adapter_path_multihead_attention():
@@ -149,5 +169,24 @@ def test_adapter_path_multihead_attention():
     b_q, b_k = mha.in_proj_bias.double()[:16], mha.in_proj_bias.double()[16:32]
     q = F.linear(x.double(), w_q, b_q).view(2, 9, 4, 4).transpose(1, 2)
     k = F.linear(x.double(), w_k, b_k).view(2, 9, 4, 4).transpose(1, 2)
-    torch.testing.assert_close(got["max_logit"], max_allowed(q @ k.transpose(-2, -1) / 2.0),
-                               rtol=1e-5, atol=1e-5)
+    assert_logit_figures(got, q @ k.transpose(-2, -1) / 2.0)
+
+
+def test_qk_clip_takes_one_factor_per_key_value_group(llama):
+    """Llama with 4 query heads over 2 key/value heads: the heads of a group share the factor
+    of the group's largest max logit, min(1, cap / max)."""
+    from attn_probe import rank_profile
+
+    model = llama[0]
+    x = tokens()
+    snapshot = rank_profile(model, [{"input_ids": x}], max_sequences=x.shape[0])
+    want = softmax_inputs(llama[1], x)
+    for layer, scores in zip(snapshot.layers, want):
+        per_head = max_allowed(scores).amax(0).numpy()  # over the sequences
+        heads = per_head.shape[0]
+        groups = model.config.num_key_value_heads
+        assert layer.heads["kv_head"].tolist() == [h // (heads // groups) for h in range(heads)]
+        group_max = per_head.reshape(groups, -1).max(1).repeat(heads // groups)
+        cap = float(per_head.min() + per_head.max()) / 2  # some groups above, some below
+        np.testing.assert_allclose(layer.qk_clip(cap), np.minimum(1.0, cap / group_max),
+                                   rtol=1e-5)

@@ -28,7 +28,8 @@ def scores_stats(scores: Tensor, probs: Tensor, *, sink_mass: Tensor | None = No
     model dropped after its softmax): the model has materialised them, so nothing is rebuilt;
     the pass only walks over blocks of rows in float64 to bound its own memory. A key may be
     attended to where its score is above -1e4 (see :func:`~attn_probe.attention.rebuild
-    .may_attend`)."""
+    .may_attend`). The scores alone do not say what q and k were: ``query_norm`` and
+    ``key_norm`` are NaN, and each head is its own ``kv_head``."""
     tau = check_tau(tau)
     with quiet(scores):
         b, h, length, keys = scores.shape
@@ -41,6 +42,7 @@ def scores_stats(scores: Tensor, probs: Tensor, *, sink_mass: Tensor | None = No
         norm_sum, norm_rows = torch.zeros(b * h, **f64), torch.zeros(b * h, **f64)
         rows = torch.zeros(b * h, dtype=torch.int64, device=scores.device)
         max_logit = torch.full((b * h,), -math.inf, **f64)
+        logit_spread = torch.full((b * h,), -math.inf, **f64)
         step = max(1, memory_budget // max(1, 8 * 4 * b * h * keys))
         for start in range(0, length, step):
             s = flat_scores[:, start:start + step].double()
@@ -62,8 +64,11 @@ def scores_stats(scores: Tensor, probs: Tensor, *, sink_mass: Tensor | None = No
             norm_sum += torch.where(spread, entropy / outcomes.clamp_min(2).log(), 0.0).sum(-1)
             norm_rows += spread.sum(-1)
             rows += valid.sum(-1)
-            max_logit = torch.maximum(
-                max_logit, torch.where(allowed, s, -math.inf).flatten(1).amax(-1))
+            top = torch.where(allowed, s, -math.inf).amax(-1)  # (b * h, rows)
+            mean = torch.where(allowed, s, 0.0).sum(-1) / keys_seen.clamp_min(1)
+            max_logit = torch.maximum(max_logit, top.amax(-1))
+            logit_spread = torch.maximum(
+                logit_spread, torch.where(valid, top - mean, -math.inf).amax(-1))
             colmass += (p * p).sum(1)
         count = rows.clamp_min(1).double()
         masses = colmass.sort(dim=-1, descending=True).values
@@ -77,6 +82,10 @@ def scores_stats(scores: Tensor, probs: Tensor, *, sink_mass: Tensor | None = No
             "sink": sums["sink"] / count,
             "sink_logit_mass": sums["sink_logit"] / count,
             "max_logit": max_logit,
+            "logit_spread": logit_spread,
+            "query_norm": torch.full_like(max_logit, math.nan),
+            "key_norm": torch.full_like(max_logit, math.nan),
+            "kv_head": torch.arange(h, device=scores.device).repeat(b),
             "columns": torch.where(live, columns, 0),
             "dominant": torch.where(live, colmass.argmax(-1), -1),
             "tokens": rows,

@@ -20,7 +20,20 @@ keys the block may see, then, per row ``i`` (``j`` runs over the keys the row ma
 After the last block: ``columns`` is the fewest columns whose sorted masses reach ``tau`` of
 ``sum_j c_j``, ``dominant`` is ``argmax_j c_j`` (ties: lowest index; ``dominant == 0`` is
 first-key dominance), ``max_logit`` the largest allowed score, and the per-row figures are
-averaged over the measured rows.  ``entropy_norm`` is the mean of ``H_i / log n_i`` over rows
+averaged over the measured rows.
+
+The logit figures.  ``max_logit = max_ij S_ij`` is what QK-Clip clips, but softmax ignores a
+constant added to all of a query's scores (a key bias contributes exactly that: ``q_i . b``), so
+it can be large while the attention is uniform.  ``logit_spread = max_i (m_i - mean_j S_ij)``,
+the largest amount by which a query's top score stands above the mean of its allowed scores,
+does not move with such a constant: it is the logit figure tied to what softmax does.  What
+makes it large: with the keys centred on their
+mean ``k̄`` (per key head, over the real keys), ``S_ij - mean_j S_ij ~ (scale q_i) . (k_j - k̄)``,
+so ``logit_spread = query_norm * key_norm * alignment`` exactly, where ``query_norm`` is the
+root-mean-square norm of the scaled queries ``scale * q_i`` over the measured rows,
+``key_norm`` that of the centred keys ``k_j - k̄``, and ``alignment`` (computed by the
+aggregation from the other three) the remaining factor: how well the largest scores' queries
+line up with the keys that stand out.  ``kv_head`` is the key head each query head reads.  ``entropy_norm`` is the mean of ``H_i / log n_i`` over rows
 with ``n_i >= 2`` allowed keys (``H_i / log 1`` is undefined; a row with one key has entropy
 0 anyway), so heads can be compared across lengths and masks: 1 is uniform attention.
 
@@ -62,7 +75,8 @@ Masks, padding and edge cases (training must never crash)
 * A query row with no allowed key (fully masked, padded, or before the first real key under
   causality) is not measured: it is left out of every figure and of ``tokens``.  A
   ``(sequence, head)`` without any measured row has ``entropy``, ``entropy_norm``, ``sink``,
-  ``sink_logit_mass`` 0, ``max_logit`` ``-inf``, ``columns`` 0, ``dominant`` -1, ``tokens`` 0.
+  ``sink_logit_mass``, ``query_norm``, ``key_norm`` 0, ``max_logit`` and ``logit_spread``
+  ``-inf``, ``columns`` 0, ``dominant`` -1, ``tokens`` 0.
 * Non-finite scores in a measured row (NaN/Inf in ``q``, ``k`` or ``sink_logits``) make that
   ``(sequence, head)``'s float figures NaN and its integer figures (``tokens`` included) -1;
   the other heads are unaffected.  Scores that the masks exclude are overwritten, so garbage in
@@ -89,9 +103,23 @@ _F64 = torch.float64
 # Masked scores are overwritten with this finite value: exp(_NEG - m) == 0 and, unlike -inf,
 # 0 * _NEG == 0, so masked entries drop out of every sum without producing NaN.
 _NEG = torch.finfo(_F64).min
-# Per-row figures kept for the whole sequence, per head: maximum, entropy, attention on the
-# first key, sink-logit mass (float64) and allowed-key count (int64).
-_ROW_FIGURES = 5
+# Per-row figures kept for the whole sequence, per head: maximum, sum of the allowed scores,
+# entropy, attention on the first key, sink-logit mass, query norm (float64) and allowed-key
+# count (int64).
+_ROW_FIGURES = 7
+def _centred_rms(keys: Tensor, real: Tensor | None) -> Tensor:
+    """Root-mean-square norm of each key head's keys ``(kv, S, E)`` centred on their mean, over
+    the ``real`` ones (a ``(S,)`` bool, or all): ``sqrt(mean |k|^2 - |mean k|^2)``, per head."""
+    squares = torch.linalg.vector_norm(keys, dim=-1).square_()  # (kv, S), no copy of keys
+    if real is None:
+        mean_key, mean_square = keys.mean(dim=1), squares.mean(dim=1)
+    else:
+        weights = real.to(keys.dtype) / real.sum().clamp_min(1)
+        mean_key = torch.matmul(weights, keys)  # (kv, E)
+        mean_square = squares @ weights
+    return (mean_square - mean_key.square().sum(dim=-1)).clamp_min_(0.0).sqrt_()
+
+
 def _as_4d(query: Tensor, key: Tensor,
            attn_mask: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None]:
     """``(B, H, L, E)`` query, ``(B, H_kv, S, E)`` key and a 4-d mask (or None).
@@ -185,6 +213,11 @@ class _Pass:
             "sink": torch.zeros(shape, dtype=_F64, device=device),
             "sink_logit_mass": torch.zeros(shape, dtype=_F64, device=device),
             "max_logit": torch.full(shape, -math.inf, dtype=_F64, device=device),
+            "logit_spread": torch.full(shape, -math.inf, dtype=_F64, device=device),
+            "query_norm": torch.zeros(shape, dtype=_F64, device=device),
+            "key_norm": torch.zeros(shape, dtype=_F64, device=device),
+            "kv_head": (torch.arange(self.heads, device=device) // self.group).expand(shape)
+            .clone(),
             "columns": torch.zeros(shape, dtype=torch.int64, device=device),
             "dominant": torch.full(shape, -1, dtype=torch.int64, device=device),
             "tokens": torch.zeros(shape, dtype=torch.int64, device=device),
@@ -205,6 +238,8 @@ class _Pass:
         self.mbuf = torch.empty(chunk_heads * self.keys, **f64)  # one block's column masses
         # Per-row figures of the current sequence; rows no block visits keep count 0.
         self.row_max = torch.empty(self.heads, self.length, **f64)
+        self.row_sum = torch.empty_like(self.row_max)
+        self.row_qnorm = torch.empty_like(self.row_max)
         self.row_entropy = torch.empty_like(self.row_max)
         self.row_first = torch.empty_like(self.row_max)
         self.row_sink = None if self.sink_logits is None else torch.empty_like(self.row_max)
@@ -236,14 +271,20 @@ class _Pass:
                      self.mask is not None or holes)
         self.row_count.zero_()
         colmass = torch.zeros(self.heads, k_hi - k_lo, dtype=_F64, device=self.device)
+        key_norm = torch.empty(self.kv_heads, dtype=_F64, device=self.device)
         for c0 in range(0, self.kv_heads, self.kv_chunk):
             c1 = min(c0 + self.kv_chunk, self.kv_heads)
             keys = self.kbuf[: (c1 - c0) * (k_hi - k_lo) * self.dim]
             keys = keys.view(c1 - c0, k_hi - k_lo, self.dim)
             keys.copy_(self.key[b, c0:c1, k_lo:k_hi])
+            real = None if span.padding is None else span.padding[k_lo:k_hi]
+            if real is not None:  # padded keys are masked anyway: zeros keep garbage out
+                keys.masked_fill_(~real[None, :, None], 0.0)
+            key_norm[c0:c1] = _centred_rms(keys, real)
             for r0 in range(span.q_lo, span.q_hi, self.rows):
                 r1 = min(r0 + self.rows, span.q_hi)
                 self._block(span, keys, c0 * self.group, c1 * self.group, r0, r1, colmass)
+        self.out["key_norm"][b] = key_norm.repeat_interleave(self.group)
         self._finish(span, colmass)
 
     def _block(self, span: _Span, keys: Tensor, h0: int, h1: int, r0: int, r1: int,
@@ -254,20 +295,24 @@ class _Pass:
         width = (min(r1, span.k_hi) if self.causal else span.k_hi) - span.k_lo
         q = self.qbuf[: hq * n * self.dim].view(hq, n, self.dim)
         q.copy_(self.query[span.b, h0:h1, r0:r1]).mul_(self.scale)  # in float64
+        self.row_qnorm[h0:h1, r0:r1] = torch.linalg.vector_norm(q, dim=-1)
         scores = self.sbuf[: hq * n * width].view(hq, n, width)
         torch.matmul(q.view(kv, self.group * n, self.dim), keys[:, :width].mT,
                      out=scores.view(kv, self.group * n, width))
+        p = self.pbuf[: hq * n * width].view(hq, n, width)
         count = None  # allowed-key counts; without a general mask, see _plain_counts
         if span.general:
-            count = self._mask_general(scores, span, h0, h1, r0, r1)
+            count, sums = self._mask_general(scores, span, h0, h1, r0, r1, p)
         elif self.causal:
-            self._mask_triangle(scores, span, r0, r1)
+            sums = self._mask_triangle(scores, span, r0, r1)
+        else:
+            sums = scores.sum(dim=-1)
+        self.row_sum[h0:h1, r0:r1] = sums
 
         m = scores.amax(dim=-1)  # (hq, n)
         sink = None if self.sink_logits is None else self.sink_logits[h0:h1, None]
         shift = m if sink is None else torch.maximum(m, sink)
         scores.sub_(shift.unsqueeze(-1))
-        p = self.pbuf[: hq * n * width].view(hq, n, width)
         torch.exp(scores, out=p)
         z = p.sum(dim=-1)
         dot = scores.mul_(p).sum(dim=-1)  # sum_j P_ij S'_ij
@@ -293,20 +338,29 @@ class _Pass:
         torch.bmm(weights.unsqueeze(1), p.mul_(p), out=masses)
         colmass[h0:h1, :width] += masses.squeeze(1)
 
-    def _mask_triangle(self, scores: Tensor, span: _Span, r0: int, r1: int) -> None:
+    def _mask_triangle(self, scores: Tensor, span: _Span, r0: int, r1: int) -> Tensor:
         """The causal triangle on the block's diagonal part: query ``i`` sees keys
-        ``k_lo .. i``, and only keys past ``r0`` can be hidden from a row of the block."""
+        ``k_lo .. i``, and only keys past ``r0`` can be hidden from a row of the block.
+        Returns the sums of each row's allowed scores ``(hq, n)``."""
         width = scores.shape[-1]
         c0 = r0 - span.k_lo + 1
+        hidden = None
         if c0 < width:
             rows = torch.arange(r0 - span.k_lo, r1 - span.k_lo, device=self.device)
             cols = torch.arange(c0, width, device=self.device)
-            scores[..., c0:].masked_fill_(cols > rows[:, None], _NEG)
+            hidden = cols > rows[:, None]
+            scores[..., c0:].masked_fill_(hidden, 0.0)
+        sums = scores.sum(dim=-1)
+        if hidden is not None:
+            scores[..., c0:].masked_fill_(hidden, _NEG)
+        return sums
 
     def _mask_general(self, scores: Tensor, span: _Span, h0: int, h1: int, r0: int,
-                      r1: int) -> Tensor:
+                      r1: int, spare: Tensor) -> tuple[Tensor, Tensor]:
         """User mask rows, key padding and causality combined into one boolean block; masked
-        scores are overwritten.  Returns the allowed-key counts ``(1 or hq, n)``."""
+        scores are overwritten.  Returns the allowed-key counts ``(1 or hq, n)`` and the sums
+        of each row's allowed scores ``(hq, n)`` (``spare``, a free buffer of the scores'
+        shape, holds them on the way)."""
         n, width, k_lo = r1 - r0, scores.shape[-1], span.k_lo
         mask = self.mask
         mask_heads = 1 if self.mask_heads == 1 else h1 - h0
@@ -332,8 +386,9 @@ class _Pass:
                 cols = torch.arange(c0, width, device=self.device)
                 allowed[..., c0:] &= cols <= rows[:, None]
         count = allowed.sum(dim=-1)
+        sums = torch.where(allowed, scores, scores.new_zeros(()), out=spare).sum(dim=-1)
         scores.masked_fill_(allowed.logical_not_(), _NEG)
-        return count
+        return count, sums
 
     # ----------------------------------------------------------------------------------------
     # Per-sequence figures and results
@@ -374,6 +429,9 @@ class _Pass:
         if self.row_sink is not None:
             out["sink_logit_mass"][b] = mean(self.row_sink)
         out["max_logit"][b] = torch.where(measured, self.row_max, -math.inf).amax(dim=-1)
+        spread = self.row_max - self.row_sum / count.clamp_min(1)
+        out["logit_spread"][b] = torch.where(measured, spread, -math.inf).amax(dim=-1)
+        out["query_norm"][b] = mean(self.row_qnorm.square()).sqrt_()
         # A measured row whose maximum is not above the fill value, or whose entropy is not
         # finite, saw NaN or infinite scores.
         fine = (self.row_max > _NEG) & torch.isfinite(entropy)
@@ -421,8 +479,8 @@ def full_context_stats(
     the first ``n`` sequences; ``memory_budget`` bounds the pass's working memory in bytes.
 
     Returns tensors of shape ``(B', H)`` on the query's device: ``entropy``, ``entropy_norm``,
-    ``sink``, ``sink_logit_mass``, ``max_logit`` (float64), ``columns``, ``dominant``,
-    ``tokens`` (int64).  See the module docstring for definitions and edge cases.
+    ``sink``, ``sink_logit_mass``, ``max_logit``, ``logit_spread``, ``query_norm``,
+    ``key_norm`` (float64), ``columns``, ``dominant``, ``tokens``, ``kv_head`` (int64).  See the module docstring for definitions and edge cases.
     """
     tau = check_tau(tau)
     check_count("max_sequences", max_sequences, optional=True)
@@ -441,6 +499,10 @@ _PROBE_NAMES = {
     "sink": "sink_full",
     "sink_logit_mass": "sink_logit_full",
     "max_logit": "max_logit",
+    "logit_spread": "logit_spread",
+    "query_norm": "query_norm",
+    "key_norm": "key_norm",
+    "kv_head": "kv_head",
     "columns": "columns_full",
     "dominant": "dominant_full",
     "tokens": "tokens_full",
