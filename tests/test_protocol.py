@@ -66,7 +66,8 @@ def test_capture_metrics(gpt2):
         # the matrix's figures, and the whole sequence's (tests/test_full_context*.py)
         assert per_head.keys() == want.keys() | {
             "columns_full", "entropy_full", "entropy_norm_full", "sink_full",
-            "sink_logit_full", "dominant_full", "tokens_full", "max_logit"}
+            "sink_logit_full", "dominant_full", "tokens_full", "max_logit", "logit_spread",
+            "query_norm", "key_norm", "kv_head"}
         for key, value in per_head.items():
             assert value.shape == (3, 4)
             if key in want:
