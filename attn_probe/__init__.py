@@ -19,7 +19,7 @@ during training, :mod:`.protocol` on a model at rest; :mod:`.integrations`, :mod
 from typing import Any
 
 from ._compat import MOVED_MODULES, install_moved_modules
-from .alerts import AlertRules, EntropyRule, LogitRule, SinkRule
+from .alerts import AlertRules, EntropyRule, LogitRule, SinkRule, UniformRule
 from .attention import CaptureError, register_adapter
 from .metrics import columns_at, dominant_column, head_metrics, rank_at, row_entropy, sink_mass
 from .probe import AttentionProbe
@@ -40,6 +40,7 @@ __all__ = [
     "LogitRule",
     "SinkRule",
     "Snapshot",
+    "UniformRule",
     "capture",
     "columns_at",
     "dominant_column",

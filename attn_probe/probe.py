@@ -31,7 +31,6 @@ copies of the model (``copy.deepcopy``, ``torch.save``) are not monitored.
 from __future__ import annotations
 
 import dataclasses
-import warnings
 import weakref
 from typing import Callable, Iterable, Mapping, NamedTuple, Sequence
 
@@ -46,6 +45,7 @@ from .attention import (
 )
 from .metrics import DEFAULT_MEMORY_BUDGET, full_context_metrics, head_metrics
 from .options import ONE_TOKEN, check_count, check_tau
+from . import notices
 from ._compat import renamed
 from .alerts import AlertMonitor, AlertRules
 from .snapshot import Alert, CollapseRule, LayerSummary, Snapshot, find_layer
@@ -86,10 +86,14 @@ class AttentionProbe:
             a head a layer turns out not to have is left out with a warning.
         heatmap_tokens: heatmaps show at most this many first queries and keys.
         alerts: the rule of each kind of collapse (:class:`~attn_probe.alerts.AlertRules`:
-            ``lazy``, ``entropy``, ``logit``, ``sink``; ``None`` turns a kind off).
+            ``logit``, ``entropy``, ``uniform``, ``lazy``, ``sink``; ``None`` turns a kind off).
         on_alert: ``fn(alert, snapshot)`` called for every new
             :class:`~attn_probe.snapshot.Alert`, on every process (decided from the figures
             reduced over all processes, so every process sees the same alerts at the same step).
+            Without it, process 0 warns about each ``warning`` and ``critical`` alert once, at
+            the line that closed the step; with it, the probe warns about none and the function
+            decides what is printed. Every alert is also logged on the ``attn_probe`` logger
+            (level INFO); ``info`` alerts (sinks, lazy layers) are never warned about.
         logit_cap: a QK-Clip threshold τ to watch (a dry run: nothing in the model changes):
             also log each head's factor ``min(1, τ / max_logit)`` and the share of heads above τ.
         history: keep every snapshot in :attr:`history` (pictures' samples are not kept).
@@ -167,7 +171,6 @@ class AttentionProbe:
         self._writer = None
         self._close_writer: weakref.finalize | None = None
         self._next = 0  # the step the coming forward passes belong to
-        self._warned: set[tuple[str, str]] = set()  # (kind, layer) warned about
         self._warned_nonfinite = False
         self._warned_writer = False
         self.history: list[Snapshot] = []
@@ -291,7 +294,7 @@ class AttentionProbe:
                 t = self.heatmap_tokens
                 self._samples[name] = attention[0, :, :t, :t].float().cpu()
         except Exception as error:  # measuring must never stop training
-            warnings.warn(f"attn_probe: could not measure {name!r}: {error}", stacklevel=2)
+            notices.warn(f"attn_probe: could not measure {name!r}: {error}")
 
     def _publish(self, step: int, *, reduce: bool) -> Snapshot | None:
         self._recorder.disarm()
@@ -316,11 +319,10 @@ class AttentionProbe:
                 except Exception as error:  # a full disk, say: writing must never stop training
                     if not self._warned_writer:
                         self._warned_writer = True
-                        warnings.warn(
+                        notices.warn(
                             f"attn_probe: could not write step {step} to TensorBoard: "
                             f"{type(error).__name__}: {error}; measuring goes on (in "
-                            "probe.history), this warning is not repeated",
-                            stacklevel=3,
+                            "probe.history), this warning is not repeated"
                         )
             self._warn(snapshot)
         for alert in snapshot.alerts:
@@ -331,20 +333,24 @@ class AttentionProbe:
         return snapshot
 
     def _warn(self, snapshot: Snapshot) -> None:
+        """Tell the user, once, what this step brought: every alert is logged (the
+        ``attn_probe`` logger, level INFO); alerts of severity ``warning`` and ``critical`` are
+        also warned about at the user's line, unless ``on_alert`` decides what is printed."""
         self._check_heatmap_heads(snapshot)
         if snapshot.has_nonfinite and not self._warned_nonfinite:
             self._warned_nonfinite = True
             bad = [l.name for l in snapshot.layers if l.nonfinite.sum()]
-            warnings.warn(
+            notices.warn(
                 f"attn_probe: step {snapshot.step}: attention with NaN or Inf entries in "
                 f"{', '.join(bad)}; those sequences are left out of the figures and counted "
-                "under nonfinite/<layer>",
-                stacklevel=4,
+                "under nonfinite/<layer>"
             )
         for alert in snapshot.alerts:
-            if (alert.kind, alert.layer) not in self._warned:
-                self._warned.add((alert.kind, alert.layer))
-                warnings.warn(f"attn_probe: {alert.message}", stacklevel=4)
+            line = f"attn_probe: {alert.severity}: {alert.message}" + (
+                f" ({alert.cause})" if alert.cause else "")
+            notices.inform(line)
+            if alert.severity != "info" and self.on_alert is None:
+                notices.warn(line)
 
     @property
     def alerts(self) -> list[Alert]:
@@ -360,12 +366,11 @@ class AttentionProbe:
             self._heatmap_heads_checked.add(layer.name)
             missing = [h for h in heads if h >= layer.num_heads]
             if missing:
-                warnings.warn(
+                notices.warn(
                     f"attn_probe: heatmaps: layer {layer.tag} ({layer.name}) has "
                     f"{layer.num_heads} heads (0 to {layer.num_heads - 1}); head"
                     f"{'s' if len(missing) > 1 else ''} {', '.join(map(str, missing))} "
-                    "cannot be drawn",
-                    stacklevel=4,
+                    "cannot be drawn"
                 )
 
     @property

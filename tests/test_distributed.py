@@ -294,9 +294,10 @@ def test_lightning_ddp_stop_on_stops_every_process_after_the_same_step(run):
     history = {int(s): figures for s, figures in zero["history"].items()}
     sampled = list(range(3, step + 1, 4))  # Lightning's logging steps: (s + 1) % 4 == 0
     assert sorted(history) == sampled and step in sampled
-    unstable_run.assert_clear_of_threshold({s: max(f[0]) for s, f in history.items()})
+    unstable_run.assert_clear_of_thresholds(
+        {s: list(zip(f[0], f[2])) for s, f in history.items()})
     # every figure is the mean over both processes' sequences
-    assert {c for _, counts in history.values() for c in counts} == {WORLD * PROBE[
+    assert {c for _, counts, _ in history.values() for c in counts} == {WORLD * PROBE[
         "max_sequences"]}
     # both users' on_alert saw the stopping alert; only process 0 says so
     assert zero["stopped_by"] in zero["seen"] and zero["seen"] == one["seen"]
@@ -404,8 +405,9 @@ def _lightning_stop(folder: Path, rank: int) -> None:
         "global_step": trainer.global_step,
         "stopped_by": summary(callback.stopped_by),
         "seen": [summary(a) for a in seen],
-        "history": {s.step: [[layer.reduce("max_logit", "max") for layer in s.layers],
-                             [c for layer in s.layers for c in layer.counts.tolist()]]
+        "history": {s.step: [[layer.reduce("logit_spread", "max") for layer in s.layers],
+                             [c for layer in s.layers for c in layer.counts.tolist()],
+                             [layer.reduce("entropy_norm_full", "mean") for layer in s.layers]]
                     for s in callback.probe.history},
         "stop_lines": [str(w.message) for w in caught if "stopping training" in str(w.message)],
         "first_tokens": data[0, :8].tolist(),

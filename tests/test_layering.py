@@ -23,7 +23,7 @@ PACKAGE = REPO / "attn_probe"
 
 #: Lowest first. A name is a module or a subpackage (with everything in it).
 LAYERS = [
-    ["options", "_compat"],
+    ["options", "_compat", "notices"],
     ["snapshot"],
     ["attention"],
     ["metrics"],

@@ -3,10 +3,11 @@ tests of the callbacks).
 
 The demo's GPT at the demo's width (128), 2 layers, 64 tokens of Python source, batches of 8,
 AdamW at a constant 3e-2 without warm-up, weight decay 0.1, gradients clipped to 1.0: layer 0's
-largest attention logit grows steadily past the ``logit`` rule's 300 within 15 steps, in the
-Hugging Face and Lightning Trainers as in a plain loop. The tests sample every 4 or 5 steps and
-check that the sampled steps land far from the threshold on both sides (see
-:func:`assert_clear_of_threshold`), so the step of the alert does not hang on rounding.
+logit spread grows from ~0.2 past a hundred within the first sampling interval and its entropy
+collapses soon after, in the Hugging Face and Lightning Trainers as in a plain loop. The tests
+sample every 4 or 5 steps and check that the sampled figures land far from the thresholds of the
+default ``logit`` and ``entropy`` rules (see :func:`assert_clear_of_thresholds`), so the step of
+an alert does not hang on rounding.
 """
 
 from __future__ import annotations
@@ -19,9 +20,8 @@ from attn_probe.models.corpus import builtin_corpus
 from attn_probe.models.gpt import GPT, GPTConfig
 
 LR, WEIGHT_DECAY, CLIP, BATCH, LENGTH = 3e-2, 0.1, 1.0, 8, 64
-MAX_LOGIT = 300.0  # the default LogitRule
-#: A sampled step's figure must be at least this far (relative) from MAX_LOGIT.
-MARGIN = 0.15
+#: A sampled step's figure must be at least this far (relative) from each threshold it meets.
+MARGIN = 0.1
 #: TensorBoard tags of the probe: every one names a layer (``.../L00``, ``.../L00/H01``).
 PROBE_TAG = re.compile(r"/L\d\d(/|$)")
 
@@ -45,14 +45,38 @@ def optimizer(parameters) -> torch.optim.Optimizer:
     return torch.optim.AdamW(parameters, lr=LR, weight_decay=WEIGHT_DECAY)
 
 
-def assert_clear_of_threshold(max_logits: dict[int, float]) -> None:
-    """Every sampled step's largest logit (any layer) is at least ``MARGIN`` away from the
-    threshold: the run, not rounding, decides where the alert fires."""
-    for step, value in max_logits.items():
-        assert abs(value - MAX_LOGIT) > MARGIN * MAX_LOGIT, (
-            f"step {step}: max logit {value:.1f} is too close to {MAX_LOGIT:g} for a reliable "
-            f"test; all: {max_logits}"
-        )
+def layer_figures(history) -> dict[int, list[tuple[float, float]]]:
+    """step -> (largest logit spread, mean normalised entropy) of each layer, from a probe's
+    history."""
+    return {s.step: [(layer.reduce("logit_spread", "max"),
+                      layer.reduce("entropy_norm_full", "mean")) for layer in s.layers]
+            for s in history}
+
+
+def assert_clear_of_thresholds(figures: dict[int, list[tuple[float, float]]]) -> None:
+    """Every sampled step's figures (:func:`layer_figures`) are at least ``MARGIN`` away from
+    the thresholds of the default rules' warnings — the logit rule's floor and growth, the
+    entropy rule's level — so that the run, not rounding, decides where the first alerts
+    fire."""
+    from attn_probe.alerts import AlertRules
+
+    rules = AlertRules()
+    logit, entropy = rules.logit, rules.entropy
+    steps = sorted(figures)
+    for layer in range(len(figures[steps[0]])):
+        spreads = [figures[step][layer][0] for step in steps]
+        for i, step in enumerate(steps):
+            spread, mean = figures[step][layer]
+            before = spreads[max(0, i - logit.window):i]
+            limits = [logit.min_spread, entropy.warning]
+            values = [spread, mean]
+            if before:
+                limits.append(logit.growth * max(min(before), logit.base))
+                values.append(spread)
+            for value, limit in zip(values, limits):
+                assert abs(value - limit) > MARGIN * limit, (
+                    f"step {step}, layer {layer}: {value:.4g} is too close to {limit:.4g} for a "
+                    f"reliable test; all: {figures}")
 
 
 def probe_steps(scalars: dict[str, dict[int, float]]) -> set[int]:

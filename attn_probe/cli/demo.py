@@ -195,7 +195,7 @@ def write_summary(results: Sequence[DemoResult], path: str) -> str:
 
     figure = run_summary(
         {r.name: run_series_for(r.losses, r.snapshots, r.alerts) for r in results},
-        thresholds={"logit": RULES.logit.max_logit, "entropy": RULES.entropy.min_entropy},
+        thresholds={"entropy": RULES.entropy.warning},
     )
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     figure.savefig(path, dpi=130)  # crisper than the screen default, for a README

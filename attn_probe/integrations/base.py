@@ -8,14 +8,12 @@ A callback class is built on :class:`ProbeCallback` and on its framework's callb
 from __future__ import annotations
 
 import importlib
-import warnings
-import weakref
 from typing import Any, Callable, Iterable
 
-from .. import aggregate
+from .. import aggregate, notices
 from ..alerts import KINDS, AlertRules
-from ..probe import AlertCallback, AttentionProbe
-from ..snapshot import Alert, Snapshot
+from ..probe import AttentionProbe
+from ..snapshot import Alert
 
 
 def optional_base(module: str, name: str, *, label: str, extra: str
@@ -68,26 +66,6 @@ def check_stop_on(stop_on: str | Iterable[str] | None, alerts: Any = None) -> tu
     return tuple(dict.fromkeys(kinds))
 
 
-class _AlertRelay:
-    """The probe's ``on_alert`` in a callback with ``stop_on``: tells the callback (held
-    weakly, so that callback and probe form no cycle), then calls the user's own ``on_alert``.
-    It runs on every process, with the alerts decided from the figures reduced over all of
-    them."""
-
-    __slots__ = ("_callback", "user")
-
-    def __init__(self, callback: "ProbeCallback", user: AlertCallback | None) -> None:
-        self._callback = weakref.ref(callback)
-        self.user = user
-
-    def __call__(self, alert: Alert, snapshot: Snapshot) -> None:
-        callback = self._callback()
-        if callback is not None:
-            callback._alerted(alert)
-        if self.user is not None:
-            self.user(alert, snapshot)
-
-
 class ProbeCallback:
     """The framework-independent half of a callback: makes the probe with the framework's
     defaults, closes the step that is open, and decides whether an alert stops training.
@@ -95,12 +73,11 @@ class ProbeCallback:
     ``model``: the module to watch (default: the one the framework hands over);
     ``stop_on``: the kinds of alert (of :data:`attn_probe.alerts.KINDS`) that stop training,
     checked here (``ValueError``); ``probe_kwargs``: passed to
-    :class:`~attn_probe.AttentionProbe` (an ``on_alert`` there is still called, after the
-    callback has taken note of the alert).
+    :class:`~attn_probe.AttentionProbe` (with its ``on_alert`` and warnings as there).
 
-    The decision to stop comes from the probe's ``on_alert``, which runs on every process
-    from the figures reduced over all of them: every process decides the same, at the same
-    step. :attr:`stopped_by` is the first alert of a ``stop_on`` kind (None while there is
+    The decision to stop comes from the alerts of each closed step, which every process
+    decides from the figures reduced over all of them: every process decides the same, at the
+    same step. :attr:`stopped_by` is the first alert of a ``stop_on`` kind (None while there is
     none); the framework half asks its trainer to stop when :meth:`_close` says so.
     """
 
@@ -126,8 +103,6 @@ class ProbeCallback:
             options["log_dir"] = log_dir()
         if "every" not in options:
             options["every"] = max(1, int(every()))
-        if self.stop_on:
-            options["on_alert"] = _AlertRelay(self, options.get("on_alert"))
         self.probe = AttentionProbe(self.model if self.model is not None else target, **options)
         self.stopped_by = None
         self._open = None
@@ -139,10 +114,9 @@ class ProbeCallback:
             return
         self.stopped_by = alert
         if aggregate.is_main_process():
-            warnings.warn(
+            notices.warn(
                 f"attn_probe: stopping training after step {alert.step} on a {alert.kind!r} "
-                f"alert (stop_on={self.stop_on!r}): {alert.message}",
-                stacklevel=2,
+                f"alert (stop_on={self.stop_on!r}): {alert.message}"
             )
 
     def _open_step(self, step: int) -> None:
@@ -160,7 +134,9 @@ class ProbeCallback:
         every process)."""
         if self.probe is not None and self._open is not None:
             self._open = None
-            self.probe.close_step(step)
+            snapshot = self.probe.close_step(step)
+            for alert in snapshot.alerts if snapshot is not None else ():
+                self._alerted(alert)
         return self.stopped_by is not None
 
     def _finish(self) -> None:

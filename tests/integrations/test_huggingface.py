@@ -182,7 +182,7 @@ def unstable_hf_run(tmp_path, name: str, **callback_options):
     return trainer, callback, seen, messages, read_scalars(Path(tensorboard.logging_dir))
 
 
-def test_huggingface_stop_on_logit_stops_at_the_step_of_the_alert(tmp_path, monkeypatch,
+def test_huggingface_stop_on_entropy_stops_at_the_step_of_the_alert(tmp_path, monkeypatch,
                                                                    single_thread):
     extra("transformers")
     extra("accelerate", reason="transformers.Trainer needs accelerate")
@@ -191,38 +191,38 @@ def test_huggingface_stop_on_logit_stops_at_the_step_of_the_alert(tmp_path, monk
     # Without stop_on: the alerts fire and training runs to max_steps.
     trainer, callback, seen, messages, scalars = unstable_hf_run(tmp_path, "full")
     sampled = [5, 10, 15, 20, 25]
-    full = {s.step: max(layer.reduce("max_logit", "max") for layer in s.layers)
-            for s in callback.probe.history}
+    full = unstable_run.layer_figures(callback.probe.history)
     assert sorted(full) == sampled
-    unstable_run.assert_clear_of_threshold(full)
-    logit = next(a for a in callback.probe.alerts if a.kind == "logit")
-    assert 5 <= logit.step < 25, full  # the collapse comes well before the end
+    unstable_run.assert_clear_of_thresholds(full)
+    entropy = next(a for a in callback.probe.alerts if a.kind == "entropy")
+    assert 5 <= entropy.step < 25, full  # the collapse comes well before the end
     assert trainer.state.global_step == 25 and callback.stopped_by is None
     assert not [m for m in messages if "stopping training" in m]
     assert unstable_run.probe_steps(scalars) == set(sampled)
-    entropy = [a for a in callback.probe.alerts if a.kind == "entropy"]
-    assert entropy and entropy[0].step <= logit.step
+    logit = [a for a in callback.probe.alerts if a.kind == "logit"]
+    assert logit and logit[0].step < entropy.step  # the growth was warned about first
 
-    # The same run with stop_on: it stops right after the step of the logit alert.
+    # The same run with stop_on: it stops right after the step of the entropy alert.
     trainer, callback, seen, messages, scalars = unstable_hf_run(
-        tmp_path, "stop", stop_on=("logit",))
+        tmp_path, "stop", stop_on=("entropy",))
     alert = callback.stopped_by
-    # an entropy alert (not a stop_on kind) came first, and did not stop training
-    assert alert is not None and (alert.kind, alert.tag, alert.step) == ("logit", logit.tag,
-                                                                         logit.step)
-    assert alert.value == pytest.approx(logit.value, rel=1e-6)  # the same run up to here
+    # the logit warning (not a stop_on kind) came first, and did not stop training
+    assert alert is not None and (alert.kind, alert.tag, alert.step) == (
+        "entropy", entropy.tag, entropy.step)
+    assert alert.value == pytest.approx(entropy.value, rel=1e-6)  # the same run up to here
+    assert [a for a in seen if a.kind == "logit"][0].step < alert.step
     assert trainer.state.global_step == alert.step
     before = [step for step in sampled if step <= alert.step]
     assert [s.step for s in callback.probe.history] == before
     # the user's own on_alert still sees every alert, the stopping one too
     assert seen == callback.probe.alerts and alert in seen
     (stop_line,) = [m for m in messages if "stopping training" in m]
-    assert f"after step {alert.step}" in stop_line and "'logit'" in stop_line
+    assert f"after step {alert.step}" in stop_line and "'entropy'" in stop_line
     # The event files: the marker at the step of the alert, no probe scalar after it; the
     # Trainer's own loss stops there too. The evaluation that runs after the last step is not
     # measured (the probe measured 2 sequences per step, the training batch's).
-    assert scalars[f"alert/logit/{alert.tag}"] == {alert.step: pytest.approx(alert.value,
-                                                                              rel=1e-6)}
+    assert scalars[f"alert/entropy/{alert.tag}"] == {alert.step: pytest.approx(alert.value,
+                                                                                rel=1e-6)}
     assert unstable_run.probe_steps(scalars) == set(before)
     assert max(scalars["train/loss"]) == alert.step == max(scalars["eval/runtime"])
     assert {c for s in callback.probe.history for layer in s.layers

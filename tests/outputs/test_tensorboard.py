@@ -439,7 +439,9 @@ def test_qk_clip_dry_run_and_alert_markers(tmp_path):
         "entropy_full": torch.ones(1, 4), "entropy_norm_full": torch.full((1, 4), 0.5),
         "sink_full": torch.zeros(1, 4), "sink_logit_full": torch.zeros(1, 4),
         "dominant_full": torch.full((1, 4), 2), "tokens_full": torch.full((1, 4), 64),
-        "max_logit": max_logit,
+        "max_logit": max_logit, "logit_spread": 3 * max_logit,
+        "query_norm": torch.ones(1, 4, dtype=torch.float64),
+        "key_norm": torch.ones(1, 4, dtype=torch.float64), "kv_head": torch.arange(4)[None],
     })
     snapshot = Snapshot(step=7, tau=0.9, layers=accumulator.compute(["m.0.attn"]))
     snapshot = Snapshot(step=7, tau=0.9, layers=snapshot.layers,
@@ -453,7 +455,7 @@ def test_qk_clip_dry_run_and_alert_markers(tmp_path):
         assert scalars[f"qk_clip/gamma/L00/H{head:02d}"] == {7: pytest.approx(gamma)}
     assert scalars["qk_clip/share_above/L00"] == {7: pytest.approx(0.5)}
     assert scalars["max_logit/max/L00"] == {7: pytest.approx(400.0)}
-    assert scalars["alert/logit/L00"] == {7: pytest.approx(400.0)}
+    assert scalars["alert/logit/L00"] == {7: pytest.approx(1200.0)}  # spread >= critical
     texts = [e for e in read_events(tmp_path) if any(v.tag.startswith("alerts")
                                                       for v in e.summary.value)]
     assert len(texts) == 1 and texts[0].step == 7

@@ -1,0 +1,278 @@
+"""The rule of each kind of collapse: its thresholds, the heads it names, and its check.
+
+Each rule looks at one layer's :class:`~.track.LayerTrack` (its latest measurement and the ones
+before) and the rest of the model (:class:`~.track.ModelView`), and returns the conditions that
+hold now as :class:`~attn_probe.snapshot.Alert` records with a severity:
+
+* ``logit`` (:class:`LogitRule`) — the layer's logit spread (the softmax-invariant logit figure:
+  a query's top score above the mean of its scores) keeps growing: ``warning`` once it has grown
+  ``growth`` times within ``window`` measurements to at least ``min_spread``; ``critical`` past
+  ``critical``;
+* ``entropy`` (:class:`EntropyRule`) — the layer's mean normalised entropy (1 = uniform,
+  0 = one key per query) has collapsed: ``warning`` below ``warning``, ``critical`` below
+  ``critical``;
+* ``uniform`` (:class:`UniformRule`) — the layer has stayed at uniform attention for
+  ``samples`` measurements while another layer of the model has learned where to look:
+  ``warning``;
+* ``sink`` (:class:`SinkRule`) and ``lazy`` (:class:`~attn_probe.snapshot.CollapseRule`) —
+  ``info``: attention sinks and the paper's lazy layers are what trained models do; they are
+  logged, not warned about.
+
+The defaults and the runs behind them are in ``docs/alerts.md``.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..snapshot import Alert, CollapseRule, LayerSummary, percent
+from . import explain
+from .track import LayerTrack, ModelView, Point
+
+#: The kinds of alert, in the order they are checked.
+KINDS = ("logit", "entropy", "uniform", "lazy", "sink")
+
+
+def _heads(mask: np.ndarray) -> tuple[int, ...]:
+    return tuple(int(h) for h in np.flatnonzero(mask))
+
+
+def _alert(kind: str, severity: str, point: Point, heads: tuple[int, ...], value: float,
+           threshold: float, what: str, cause: str = "", *, name_heads: bool = True) -> Alert:
+    layer = point.layer
+    named = f"head{'s' if len(heads) > 1 else ''} {', '.join(map(str, heads))}" if (
+        heads and name_heads) else ""
+    message = f"{layer.tag} ({layer.name}) step {point.step}: {what}" + (
+        f" in {named}" if named else "")
+    return Alert(kind, layer.name, layer.tag, heads, point.step, value, threshold, message,
+                 severity=severity, cause=cause)
+
+
+@dataclass(frozen=True, kw_only=True)
+class LogitRule:
+    """``logit``: logits that keep growing, measured by the logit spread (which softmax, unlike
+    the raw max logit, cannot ignore).
+
+    ``warning`` when the layer's largest spread is at least ``min_spread`` and at least
+    ``growth`` times its smallest value over the ``window`` measurements before (counted from
+    no less than ``base``: every head grows from ~0 at initialisation, which says nothing);
+    ``critical`` when it passes ``critical``. ``max_logit``: deprecated, read as ``critical``.
+    """
+
+    growth: float = 4.0
+    window: int = 6
+    min_spread: float = 40.0
+    base: float = 5.0
+    critical: float = 1000.0
+    max_logit: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_logit is not None:
+            warnings.warn("LogitRule(max_logit=) is deprecated: the rule watches the logit "
+                          "spread; use LogitRule(critical=)", DeprecationWarning, stacklevel=3)
+            object.__setattr__(self, "critical", float(self.max_logit))
+            object.__setattr__(self, "max_logit", None)
+        for name in ("growth", "min_spread", "base", "critical"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"LogitRule.{name} must be positive, got {getattr(self, name)}")
+        if not self.growth > 1:
+            raise ValueError(f"LogitRule.growth must be above 1, got {self.growth}")
+        if not (isinstance(self.window, int) and self.window >= 1):
+            raise ValueError(f"LogitRule.window must be a count of measurements >= 1, got "
+                             f"{self.window!r}")
+
+    def growing(self, track: LayerTrack) -> tuple[np.ndarray, Point | None]:
+        """(H,) heads whose spread has grown ``growth`` times within the window to at least
+        ``min_spread``, and the earlier point the growth is counted from (None: no history)."""
+        now = track.now
+        spread = now.heads("logit_spread")
+        before = track.last(self.window + 1)[:-1]
+        if not before:
+            return np.zeros_like(spread, dtype=bool), None
+        past = np.stack([point.heads("logit_spread") for point in before])
+        with np.errstate(invalid="ignore"):
+            low = np.maximum(np.nanmin(np.where(np.isnan(past), np.inf, past), axis=0),
+                             self.base)
+            grown = (spread >= self.min_spread) & (spread >= self.growth * low)
+        layer_low = np.nanmin([p.figure("logit_spread", "max") for p in before])
+        start = next(p for p in before if p.figure("logit_spread", "max") == layer_low) \
+            if np.isfinite(layer_low) else before[0]
+        return grown, start
+
+    def check(self, track: LayerTrack, model: ModelView) -> list[Alert]:
+        now = track.now
+        spread = now.heads("logit_spread")
+        value = now.figure("logit_spread", "max")
+        if not np.isfinite(value):
+            return []
+        grown, start = self.growing(track)
+        worst = int(np.nanargmax(spread))
+        found = []
+        with np.errstate(invalid="ignore"):
+            over = spread >= self.critical
+        if over.any():
+            cause = explain.logit_cause(start, now, worst) if start is not None else ""
+            found.append(_alert("logit", "critical", now, _heads(over), value, self.critical,
+                                f"attention logits exploded: logit spread {value:,.0f} "
+                                f">= {self.critical:g}", cause))
+        if grown.any():
+            found.append(_alert("logit", "warning", now, _heads(grown), value, self.min_spread,
+                                f"attention logits keep growing: logit spread {value:,.1f}",
+                                explain.logit_cause(start, now, worst)))
+        return found
+
+
+@dataclass(frozen=True, kw_only=True)
+class EntropyRule:
+    """``entropy``: entropy collapse (Zhai et al. 2023), on the layer's mean over heads of the
+    normalised entropy (1 = uniform, 0 = one key per query): ``warning`` below ``warning``,
+    ``critical`` below ``critical``. A single low-entropy head (a previous-token head) is
+    normal, so the rule looks at the mean. ``min_entropy``: deprecated, read as ``warning``."""
+
+    warning: float = 0.1
+    critical: float = 0.03
+    window: int = 6
+    min_entropy: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.min_entropy is not None:
+            warnings.warn("EntropyRule(min_entropy=) is deprecated: use EntropyRule(warning=)",
+                          DeprecationWarning, stacklevel=3)
+            object.__setattr__(self, "warning", float(self.min_entropy))
+            object.__setattr__(self, "min_entropy", None)
+        if not 0 < self.critical <= self.warning < 1:
+            raise ValueError(f"EntropyRule needs 0 < critical <= warning < 1, got critical="
+                             f"{self.critical}, warning={self.warning}")
+
+    def collapsed(self, layer: LayerSummary) -> np.ndarray:
+        """(H,) heads whose own normalised entropy is below ``warning``."""
+        with np.errstate(invalid="ignore"):
+            return layer.heads["entropy_norm_full"] < self.warning
+
+    def check(self, track: LayerTrack, model: ModelView) -> list[Alert]:
+        now = track.now
+        value = now.figure("entropy_norm_full", "mean")
+        if not value < self.warning:
+            return []
+        severity, threshold = (("critical", self.critical) if value < self.critical
+                               else ("warning", self.warning))
+        heads = now.heads("entropy_norm_full")
+        collapsed = self.collapsed(now.layer) & np.isfinite(heads)
+        before = track.last(self.window + 1)[0]
+        worst = int(np.nanargmin(heads))
+        nats = now.figure("entropy_full", "mean")
+        return [_alert("entropy", severity, now, _heads(collapsed), value, threshold,
+                       f"attention entropy collapsed: mean normalised entropy {value:.3f} < "
+                       f"{threshold:g} ({nats:.3f} nats; 1 = uniform)",
+                       explain.entropy_cause(before, now, worst))]
+
+
+@dataclass(frozen=True, kw_only=True)
+class UniformRule:
+    """``uniform``: a layer that stays at uniform attention (every head's normalised entropy
+    at least ``entropy``) for ``samples`` measurements in a row, while another layer of the
+    model has learned where to look (its mean normalised entropy below ``elsewhere``): the
+    layer passes no information and is not learning to."""
+
+    entropy: float = 0.99
+    samples: int = 6
+    elsewhere: float = 0.8
+
+    def __post_init__(self) -> None:
+        if not 0 < self.elsewhere < self.entropy < 1:
+            raise ValueError(f"UniformRule needs 0 < elsewhere < entropy < 1, got elsewhere="
+                             f"{self.elsewhere}, entropy={self.entropy}")
+        if not (isinstance(self.samples, int) and self.samples >= 2):
+            raise ValueError(f"UniformRule.samples must be a count >= 2, got {self.samples!r}")
+
+    def uniform(self, layer: LayerSummary) -> np.ndarray:
+        """(H,) heads at uniform attention."""
+        with np.errstate(invalid="ignore"):
+            return layer.heads["entropy_norm_full"] >= self.entropy
+
+    def check(self, track: LayerTrack, model: ModelView) -> list[Alert]:
+        recent = track.last(self.samples)
+        if len(recent) < self.samples:
+            return []
+        for point in recent:
+            heads = point.heads("entropy_norm_full")
+            if not (np.isfinite(heads).any() and np.nanmin(heads) >= self.entropy):
+                return []
+        learned = [other for other in model.others(track)
+                   if all(p.figure("entropy_norm_full", "mean") < self.elsewhere
+                          for p in other.last(self.samples))]
+        if not learned:
+            return []
+        now = track.now
+        value = now.figure("entropy_norm_full", "min")
+        others = ", ".join(other.now.layer.tag for other in learned)
+        since = recent[0].step
+        return [_alert("uniform", "warning", now, _heads(self.uniform(now.layer)), value,
+                       self.entropy,
+                       f"attention uniform since step {since} (normalised entropy >= "
+                       f"{value:.3f}) while {others} learned where to look",
+                       explain.uniform_cause(now))]
+
+
+@dataclass(frozen=True, kw_only=True)
+class SinkRule:
+    """``sink`` (info): a head whose mean attention on the first key (``sink_full``) reaches
+    ``min_mass`` — an attention sink (Xiao et al. 2023), what trained models do."""
+
+    min_mass: float = 0.5
+
+    def __post_init__(self) -> None:
+        if not 0 < self.min_mass <= 1:
+            raise ValueError(f"SinkRule.min_mass must be in (0, 1], got {self.min_mass}")
+
+    def sinks(self, layer: LayerSummary) -> np.ndarray:
+        with np.errstate(invalid="ignore"):
+            return layer.heads["sink_full"] >= self.min_mass
+
+    def check(self, track: LayerTrack, model: ModelView) -> list[Alert]:
+        now = track.now
+        sink = now.heads("sink_full")
+        return [_alert("sink", "info", now, (h,), float(sink[h]), self.min_mass,
+                       f"head {h} became an attention sink: {sink[h]:.0%} of its attention on "
+                       "the first key", name_heads=False)
+                for h in _heads(self.sinks(now.layer))]
+
+
+def _lazy(rule: CollapseRule, track: LayerTrack, model: ModelView) -> list[Alert]:
+    """``lazy`` (info): the paper's lazy layer. One key for every query is what rank 1 and one
+    column mean: one-hot attention to *different* keys has high rank and is not lazy."""
+    now = track.now
+    layer = now.layer
+    if not layer.is_lazy:
+        return []
+    p = percent(model.tau)
+    return [_alert("lazy", "info", now, _heads(layer.lazy), layer.lazy_share,
+                   rule.min_lazy_share,
+                   f"lazy layer: max rank@{p} {layer.reduce('rank', 'max'):.2f}, max "
+                   f"columns@{p} {layer.reduce('columns', 'max'):.2f}, {layer.lazy_share:.0%} "
+                   "of heads lazy")]
+
+
+@dataclass(frozen=True, kw_only=True)
+class AlertRules:
+    """The rule of each kind; ``None`` turns a kind off."""
+
+    logit: LogitRule | None = field(default_factory=LogitRule)
+    entropy: EntropyRule | None = field(default_factory=EntropyRule)
+    uniform: UniformRule | None = field(default_factory=UniformRule)
+    lazy: CollapseRule | None = field(default_factory=CollapseRule)
+    sink: SinkRule | None = field(default_factory=SinkRule)
+
+    def check(self, track: LayerTrack, model: ModelView) -> list[Alert]:
+        """Every condition that holds in ``track``'s latest measurement, most severe first
+        within a kind (stateless: :class:`~.monitor.AlertMonitor` remembers what fired)."""
+        found: list[Alert] = []
+        for kind in KINDS:
+            rule = getattr(self, kind)
+            if rule is None:
+                continue
+            found += _lazy(rule, track, model) if kind == "lazy" else rule.check(track, model)
+        return found

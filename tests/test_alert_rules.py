@@ -1,0 +1,243 @@
+"""Alert rules on hand-made measurements: each kind's condition, its severities, the heads it
+names, what it looks back on, and the monitor's fire-once memory.
+
+The figures are built per head and fed through the real aggregation (``HeadAccumulator``), so
+each snapshot is what the probe would hand the rules; the expected alerts are decided here from
+the thresholds, independently of the rules' code.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from attn_probe.aggregate import HeadAccumulator
+from attn_probe.alerts import (
+    AlertMonitor, AlertRules, EntropyRule, LogitRule, SinkRule, UniformRule,
+)
+from attn_probe.snapshot import HeadState, Snapshot
+
+INTEGER = ("rank", "columns", "dominant", "columns_full", "dominant_full", "kv_head")
+
+
+def layer_figures(heads: int, **per_head) -> dict[str, torch.Tensor]:
+    """One sequence's figures for ``heads`` heads: healthy defaults, overridden per head."""
+    base = dict(rank=5.0, columns=8.0, entropy=2.0, sink=0.1, dominant=3, columns_full=20.0,
+                entropy_full=3.0, entropy_norm_full=0.6, sink_full=0.1, sink_logit_full=0.0,
+                dominant_full=3, tokens_full=64, max_logit=10.0, logit_spread=8.0,
+                query_norm=2.0, key_norm=2.0, kv_head=list(range(heads)))
+    base.update(per_head)
+    figures = {}
+    for name, value in base.items():
+        value = torch.as_tensor(value, dtype=torch.float64).expand(heads).reshape(1, heads)
+        figures[name] = value.long() if name in INTEGER else value.clone()
+    return figures
+
+
+def snapshot_of(step: int, *layers: dict) -> Snapshot:
+    accumulator = HeadAccumulator()
+    names = [f"m.{i}.attn" for i in range(len(layers))]
+    for name, figures in zip(names, layers):
+        accumulator.update(name, figures)
+    return Snapshot(step=step, tau=0.9, layers=accumulator.compute(names))
+
+
+def run(rules: AlertRules, *steps: tuple) -> list:
+    """Feed ``(step, layer figures, ...)`` tuples to one monitor; the alerts of each step."""
+    monitor = AlertMonitor(rules)
+    return [monitor.update(snapshot_of(step, *layers)) for step, *layers in steps]
+
+
+ONLY = dict(entropy=None, uniform=None, lazy=None, sink=None, logit=None)
+
+
+def only(**rule) -> AlertRules:
+    return AlertRules(**{**ONLY, **rule})
+
+
+# ------------------------------------------------------------------------------------ logit
+
+
+def test_logit_warning_needs_growth_from_a_real_base_past_the_floor():
+    rule = LogitRule(growth=4.0, window=3, min_spread=40.0, base=5.0, critical=1000.0)
+    spreads = [0.2, 2.0, 12.0, 30.0, 52.0, 60.0]  # step 20: 52 >= 40 and >= 4 * max(12, 5)
+    steps = [(5 * i, layer_figures(2, logit_spread=[s, 1.0])) for i, s in enumerate(spreads)]
+    fired = run(only(logit=rule), *steps)
+    assert [[(a.severity, a.step, a.heads) for a in step] for step in fired] == [
+        [], [], [], [], [("warning", 20, (0,))], []]
+    warning = fired[4][0]
+    assert warning.value == 52.0 and warning.threshold == 40.0 and "L00" in warning.message
+
+
+def test_logit_growth_from_initialisation_or_a_plateau_is_not_a_warning():
+    rule = LogitRule(growth=4.0, window=3, min_spread=40.0, base=5.0)
+    # 0.2 -> 39: a healthy head sharpening from uniform, below the floor
+    rising = [(5 * i, layer_figures(1, logit_spread=s)) for i, s in enumerate([0.2, 8, 20, 39])]
+    # a plateau far above the floor: large but not growing
+    plateau = [(5 * i, layer_figures(1, logit_spread=s)) for i, s in enumerate([300, 310, 305])]
+    assert all(not step for step in run(only(logit=rule), *rising))
+    assert all(not step for step in run(only(logit=rule), *plateau))
+
+
+def test_logit_critical_at_the_threshold_itself_and_escalation():
+    rule = LogitRule(growth=4.0, window=3, min_spread=40.0, base=5.0, critical=1000.0)
+    steps = [(0, layer_figures(3, logit_spread=[10.0, 10.0, 10.0])),
+             (5, layer_figures(3, logit_spread=[45.0, 12.0, 10.0])),
+             (10, layer_figures(3, logit_spread=[1000.0, 999.0, 1200.0])),
+             (15, layer_figures(3, logit_spread=[2000.0, 2000.0, 2000.0]))]
+    fired = run(only(logit=rule), *steps)
+    assert [(a.severity, a.heads) for a in fired[1]] == [("warning", (0,))]
+    # critical names the heads at or above the threshold; the warning already fired
+    assert [(a.severity, a.heads, a.value) for a in fired[2]] == [("critical", (0, 2), 1200.0)]
+    assert fired[3] == []  # each severity once per layer
+
+
+def test_logit_cause_splits_the_growth_exactly():
+    """spread = query_norm * key_norm * alignment: a head whose norms grew 3x and 2x while
+    its spread grew 6x grew from the norms, not the alignment (x1)."""
+    rule = LogitRule(growth=4.0, window=2, min_spread=40.0, base=5.0)
+    steps = [(0, layer_figures(1, logit_spread=10.0, query_norm=1.0, key_norm=2.0,
+                               max_logit=12.0)),
+             (50, layer_figures(1, logit_spread=60.0, query_norm=3.0, key_norm=4.0,
+                                max_logit=70.0))]
+    (alert,) = run(only(logit=rule), *steps)[1]
+    assert "grew ×6 in 50 steps" in alert.cause
+    assert "query norm ×3, key norm ×2" in alert.cause and "alignment ×1" in alert.cause
+    assert "not their alignment" in alert.cause
+    assert "QK-Clip at τ≈24" in alert.cause  # twice the raw max logit before the growth
+    aligned = [(0, layer_figures(1, logit_spread=10.0, query_norm=1.0, key_norm=1.0)),
+               (50, layer_figures(1, logit_spread=60.0, query_norm=1.1, key_norm=1.0))]
+    (alert,) = run(only(logit=rule), *aligned)[1]
+    assert "from the alignment of queries with keys (alignment ×5.5)" in alert.cause
+
+
+def test_logit_cause_without_query_and_key_norms():
+    """An eager attention shows only its scores: the norms are unknown, and the cause says so
+    instead of inventing a split."""
+    rule = LogitRule(growth=4.0, window=2, min_spread=40.0, base=5.0)
+    nan = float("nan")
+    steps = [(0, layer_figures(1, logit_spread=10.0, query_norm=nan, key_norm=nan)),
+             (5, layer_figures(1, logit_spread=60.0, query_norm=nan, key_norm=nan))]
+    (alert,) = run(only(logit=rule), *steps)[1]
+    assert "norms are unknown" in alert.cause
+
+
+def test_raw_max_logit_alone_raises_nothing():
+    """A key bias adds a constant to all of a query's scores: the raw max logit can be huge
+    while the spread, which softmax sees, is not."""
+    steps = [(5 * i, layer_figures(2, max_logit=5000.0 * (i + 1), logit_spread=0.3))
+             for i in range(8)]
+    assert all(not step for step in run(AlertRules(), *steps))
+
+
+# ---------------------------------------------------------------------------------- entropy
+
+
+def test_entropy_severity_and_heads_with_data_only():
+    rule = EntropyRule(warning=0.1, critical=0.03)
+    nan = float("nan")
+    warning = layer_figures(4, entropy_norm_full=[0.02, 0.05, 0.2, 0.1])  # mean 0.0925
+    # head 3 has no full-context data (its sequence was non-finite): left out, not named
+    critical = layer_figures(4, entropy_norm_full=[0.02, 0.01, 0.05, nan],
+                             columns_full=[20, 20, 20, -1])
+    (w,), (c,) = run(only(entropy=rule), (0, warning), (5, critical))
+    assert (w.severity, w.threshold, w.heads) == ("warning", 0.1, (0, 1))
+    assert w.value == pytest.approx(np.mean([0.02, 0.05, 0.2, 0.1]))
+    assert (c.severity, c.threshold) == ("critical", 0.03)
+    assert c.value == pytest.approx(np.mean([0.02, 0.01, 0.05]))
+    assert c.heads == (0, 1, 2)  # the head without data is not named
+
+
+def test_entropy_at_the_threshold_does_not_fire():
+    assert run(only(entropy=EntropyRule(warning=0.1, critical=0.03)),
+               (0, layer_figures(2, entropy_norm_full=0.1))) == [[]]
+
+
+# ---------------------------------------------------------------------------------- uniform
+
+
+def test_uniform_layer_while_another_learns():
+    rule = UniformRule(entropy=0.99, samples=3, elsewhere=0.8)
+    stuck = layer_figures(2, entropy_norm_full=0.997)
+    learning = layer_figures(2, entropy_norm_full=0.5)
+    start = layer_figures(2, entropy_norm_full=0.999)
+    fired = run(only(uniform=rule), (0, start, start), (5, learning, stuck),
+                (10, learning, stuck), (15, learning, stuck), (20, learning, stuck))
+    assert [[(a.kind, a.tag, a.step) for a in step] for step in fired] == [
+        [], [], [], [("uniform", "L01", 15)], []]
+    assert "since step 5" in fired[3][0].message and "L00" in fired[3][0].message
+
+
+def test_uniform_everywhere_at_initialisation_is_not_an_alert():
+    rule = UniformRule(entropy=0.99, samples=3, elsewhere=0.8)
+    start = layer_figures(2, entropy_norm_full=0.999)
+    assert all(not step for step in run(only(uniform=rule),
+                                        *[(5 * i, start, start) for i in range(8)]))
+
+
+def test_uniform_streak_broken_starts_again():
+    rule = UniformRule(entropy=0.99, samples=3, elsewhere=0.8)
+    learning = layer_figures(1, entropy_norm_full=0.5)
+    stuck = layer_figures(1, entropy_norm_full=0.995)
+    loose = layer_figures(1, entropy_norm_full=0.95)
+    fired = run(only(uniform=rule), (0, learning, stuck), (5, learning, stuck),
+                (10, learning, loose), (15, learning, stuck), (20, learning, stuck))
+    assert all(not step for step in fired)
+
+
+# ----------------------------------------------------------------------- info, monitor, states
+
+
+def test_sinks_and_lazy_layers_are_information():
+    lazy = layer_figures(2, rank=1.0, columns=1.0)
+    sinking = layer_figures(3, sink_full=[0.1, 0.5, 0.9])
+    (found,) = run(AlertRules(), (0, lazy, sinking))
+    assert {(a.kind, a.severity, a.tag, a.heads) for a in found} == {
+        ("lazy", "info", "L00", (0, 1)), ("sink", "info", "L01", (1,)),
+        ("sink", "info", "L01", (2,))}
+
+
+def test_rules_validate_their_thresholds_and_can_be_turned_off():
+    for bad in (lambda: EntropyRule(warning=0.0), lambda: EntropyRule(warning=0.05,
+                                                                      critical=0.1),
+                lambda: LogitRule(growth=1.0), lambda: LogitRule(window=0),
+                lambda: UniformRule(samples=1), lambda: UniformRule(elsewhere=0.995),
+                lambda: SinkRule(min_mass=0.0)):
+        with pytest.raises(ValueError):
+            bad()
+    everything = layer_figures(2, rank=1.0, columns=1.0, logit_spread=5000.0,
+                               entropy_norm_full=0.0, sink_full=1.0)
+    assert run(only(), (0, everything)) == [[]]
+
+
+def test_old_threshold_names_still_work():
+    with pytest.deprecated_call(match="LogitRule"):
+        assert LogitRule(max_logit=300.0).critical == 300.0
+    with pytest.deprecated_call(match="EntropyRule"):
+        assert EntropyRule(min_entropy=0.2).warning == 0.2
+
+
+def test_figures_without_full_context_raise_no_alert():
+    """A user adapter that returns only the matrix gives no q and k: no opinion on entropy,
+    logits or sinks (NaN never crosses a threshold)."""
+    crop_only = {k: v for k, v in layer_figures(2).items() if k in
+                 ("rank", "columns", "entropy", "sink", "dominant")}
+    assert run(AlertRules(), *[(5 * i, crop_only) for i in range(4)]) == [[]] * 4
+
+
+def test_head_states_follow_the_rules():
+    rules = AlertRules(logit=LogitRule(growth=4.0, window=2, min_spread=40.0, base=5.0),
+                       entropy=EntropyRule(warning=0.1), uniform=UniformRule(entropy=0.99),
+                       sink=SinkRule(min_mass=0.5))
+    monitor = AlertMonitor(rules)
+    monitor.judge(snapshot_of(0, layer_figures(6, logit_spread=8.0)))
+    snapshot = monitor.judge(snapshot_of(5, layer_figures(
+        6, entropy_norm_full=[0.6, 0.3, 0.995, 0.05, 0.6, 0.6],
+        sink_full=[0.1, 0.1, 0.1, 0.1, 0.7, 0.1],
+        logit_spread=[9.0, 9.0, 9.0, 9.0, 9.0, 50.0])))
+    assert snapshot.states["m.0.attn"].tolist() == [
+        HeadState.HEALTHY, HeadState.SHARP, HeadState.UNIFORM, HeadState.ONE_HOT,
+        HeadState.SINK, HeadState.EXPLODING]
