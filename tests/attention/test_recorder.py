@@ -3,6 +3,7 @@ first call recorded, nothing changed in the model's computation, nothing left be
 
 from __future__ import annotations
 
+import copy
 import warnings
 
 import pytest
@@ -17,6 +18,7 @@ from toy_models import (
     EncoderStack,
     NanoGPT,
     assert_close_all,
+    nano_reference,
     gpt2_config,
     max_error,
     ran_op,
@@ -281,3 +283,21 @@ def test_nothing_left_behind_when_forward_raises(nanogpt):
     assert no_hooks_left(nanogpt)
     with torch.no_grad():
         nanogpt(x)  # still a working model
+
+
+@pytest.mark.parametrize("strategy", ["intercept", "adapter"])
+def test_a_shallow_copy_of_a_monitored_module_is_not_measured(nanogpt, strategy):
+    """``copy.copy`` of a monitored attention module shares its hook dictionaries: run while
+    the capture is armed, before the model, it is neither measured nor counted, and the model's
+    own layer is measured as if it were alone."""
+    x = tokens()
+    want = nano_reference(nanogpt, x)
+    attn = nanogpt.blocks[0].attn
+    with torch.no_grad(), capture(nanogpt, strategy=strategy) as cap:
+        twin = copy.copy(attn)
+        assert twin._forward_pre_hooks is attn._forward_pre_hooks  # the hooks fire for it
+        twin(torch.randn(2, 5, 32, generator=torch.Generator().manual_seed(4)))
+        nanogpt(x)
+    assert_close_all(cap.attention, want, "nanogpt beside a shallow copy")
+    assert cap.calls == {"blocks.0.attn": 1, "blocks.1.attn": 1}
+    assert no_hooks_left(nanogpt)
