@@ -213,8 +213,9 @@ def rank_profile(
     ``max_tokens`` crops the matrices; ``snapshot.alerts`` holds what ``alerts`` (see
     :mod:`attn_probe.alerts`; None: none) finds in the averaged figures. With
     ``samples=True`` it keeps each layer's attention of the first sequence in
-    ``snapshot.samples`` (for heatmaps; at input positions, as :attr:`Capture.attention`). ``on_batch(n)`` is called with the sequences measured
-    so far (for a progress bar). ``n_sequences`` is the deprecated name of ``max_sequences``.
+    ``snapshot.samples`` (for heatmaps; at input positions, as :attr:`Capture.attention`).
+    ``on_batch(n)`` is called with the sequences measured so far (for a progress bar).
+    ``n_sequences`` is the deprecated name of ``max_sequences``.
     """
     if n_sequences is not None:
         max_sequences = renamed("n_sequences", "max_sequences", n_sequences)

@@ -523,10 +523,25 @@ def test_usage_errors_in_process(work, in_process, args, needles):
         ("make_sized", [], ["callable without arguments", "requires width"]),
         ("make_raising", [], ["the factory raised RuntimeError: no weights here"]),
         ("make_number", [], ["the factory returned int, not a torch.nn.Module"]),
+        # a glob that matches nothing, alone or beside one that matches: the modules that
+        # look like attention are named
+        ("make_model", ["--modules", "blocks.*.atn"],
+         ["--modules 'blocks.*.atn' matched no module of TinyLM",
+          "look like attention: blocks.0.attn (SelfAttention), blocks.1.attn",
+          "--modules takes names of model.named_modules() or globs"]),
+        ("make_model", ["--modules", "blocks.0.attn", "--modules", "nope"],
+         ["--modules 'nope' matched no module of TinyLM"]),
+        # a glob that takes in a module that is no attention
+        ("make_model", ["--modules", "blocks.1.*"],
+         ["module 'blocks.1.norm1' (LayerNorm) made no call", "Leave it out of --modules"]),
+        ("make_mlp", [], ["no attention module found in Sequential", "--modules NAME_OR_GLOB",
+                          "no module's name or class says attention"]),
     ],
 )
 def test_documented_errors_in_process(work, in_process, factory, args, needles):
-    """Each documented error path: exit status 2, one line on stderr, nothing written."""
+    """Each documented error path: exit status 2, one line on stderr, nothing written. The
+    command line's errors name its options (--modules), never the Python API's
+    (``modules=[...]``, ``modules=lambda ...``)."""
     root = work["root"]
     if "--out" not in args:
         args = [*args, "--out", str(root / "nope")]
@@ -537,6 +552,7 @@ def test_documented_errors_in_process(work, in_process, factory, args, needles):
     assert len(lines) == 1 and lines[0].startswith("attn-probe analyze: error: "), err
     for needle in needles:
         assert needle in lines[0], lines[0]
+    assert "modules=" not in lines[0], lines[0]
     assert not (root / "nope").exists()
 
 
@@ -556,39 +572,6 @@ def test_modules_option_picks_the_modules_measured(work, in_process):
         ranks, columns = factory_reference(root, tokens)
         keep = ["blocks.0.attn", "blocks.2.attn"]  # in model order
         check_tables(out_dir, {n: ranks[n] for n in keep}, {n: columns[n] for n in keep})
-
-
-@pytest.mark.parametrize(
-    "factory, args, needles",
-    [
-        # a glob that matches nothing, alone or beside one that matches: the modules that
-        # look like attention are named
-        ("make_model", ["--modules", "blocks.*.atn"],
-         ["--modules 'blocks.*.atn' matched no module of TinyLM",
-          "look like attention: blocks.0.attn (SelfAttention), blocks.1.attn",
-          "--modules takes names of model.named_modules() or globs"]),
-        ("make_model", ["--modules", "blocks.0.attn", "--modules", "nope"],
-         ["--modules 'nope' matched no module of TinyLM"]),
-        # a glob that takes in a module that is no attention
-        ("make_model", ["--modules", "blocks.1.*"],
-         ["module 'blocks.1.norm1' (LayerNorm) made no call", "Leave it out of --modules"]),
-        ("make_mlp", [], ["no attention module found in Sequential", "--modules NAME_OR_GLOB",
-                          "no module's name or class says attention"]),
-    ],
-)
-def test_module_errors_name_command_line_options(work, in_process, factory, args, needles):
-    """Discovery's errors on the command line say --modules, never the Python API's
-    ``modules=[...]`` / ``modules=lambda``: one line, exit status 2, nothing written."""
-    root = work["root"]
-    status, _, err = in_process(f"{HELPERS}:{factory}", "--sequences", "2", "--tokens", "8",
-                                *args, "--out", str(root / "nope"))
-    assert status == 2, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("attn-probe analyze: error: "), err
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-    assert "modules=" not in lines[0] and "modules ...," not in lines[0], lines[0]
-    assert not (root / "nope").exists()
 
 
 def test_interrupt_is_one_line(work, in_process):
