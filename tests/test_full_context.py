@@ -352,7 +352,9 @@ def test_eager_scores_give_the_streamed_figures(causal, sink):
     want = full_context_stats(q, k, is_causal=causal, sink_logits=sinks, key_padding=padding,
                               tau=TAU)
     assert set(got) == set(want) == set(FLOATS + INTEGERS)
-    for name in FLOATS:
+    unknown = ("query_norm", "key_norm")  # the scores alone do not say what q and k were
+    assert all(got[name].isnan().all() for name in unknown)
+    for name in (name for name in FLOATS if name not in unknown):
         torch.testing.assert_close(got[name], want[name], rtol=RTOL, atol=ATOL,
                                    msg=lambda m, name=name: f"{name}: {m}")
     for name in INTEGERS:
