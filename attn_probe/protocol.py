@@ -23,8 +23,8 @@ from ._compat import renamed
 from .aggregate import HeadAccumulator
 from .alerts import AlertMonitor, AlertRules
 from .attention import (
-    DEFAULT_MATRIX_BUDGET, AttentionInputs, ModuleSelector, Observed, Recorder, plan_sites,
-    probabilities,
+    DEFAULT_MATRIX_BUDGET, AttentionInputs, AttentionScores, ModuleSelector, Observed, Recorder,
+    plan_sites, probabilities,
 )
 from .metrics import DEFAULT_MEMORY_BUDGET, full_context_metrics, head_metrics
 from .options import ONE_TOKEN, check_count, check_tau
@@ -66,13 +66,23 @@ class Capture:
         )
 
     def _record(self, name: str, observed: Observed) -> None:
-        self._attention[name] = probabilities(observed, self.max_tokens, self.matrix_budget)
+        self._attention[name] = probabilities(observed, self.max_tokens, self.matrix_budget,
+                                              at_input_positions=True)
         if isinstance(observed, AttentionInputs):  # keep q and k as they were at this call
             observed = dataclasses.replace(
                 observed, query=observed.query.clone(), key=observed.key.clone(),
                 attn_mask=None if observed.attn_mask is None else observed.attn_mask.clone(),
             )
+        if isinstance(observed, (AttentionInputs, AttentionScores)):
+            observed = dataclasses.replace(observed, as_given=None)  # the model's own tensors
         self._observed[name] = observed
+
+    def _measured(self, name: str) -> Tensor:
+        """The matrix the figures measure: as :attr:`attention`, padding left out."""
+        observed = self._observed[name]
+        if isinstance(observed, Tensor) or observed.key_padding is None:
+            return self._attention[name]
+        return probabilities(observed, self.max_tokens, self.matrix_budget)
 
     @property
     def modules(self) -> list[str]:
@@ -80,7 +90,9 @@ class Capture:
 
     @property
     def attention(self) -> dict[str, Tensor]:
-        """Module name -> (B, H, T, S) float32 attention probabilities, in model order."""
+        """Module name -> (B, H, T, S) float32 attention probabilities, in model order. Row i
+        and column j are positions i and j of the input (the first ``max_tokens``); the rows
+        and columns of padding are zero."""
         return {n: self._attention[n] for n in self.modules if n in self._attention}
 
     @property
@@ -92,10 +104,13 @@ class Capture:
         """Module name -> figure -> (B, H) tensor: ``rank``, ``columns``, ``entropy``, ``sink``,
         ``dominant`` of the (cropped) matrix, and, where the capture saw q and k (or an eager
         softmax's scores), the full-sequence ``*_full`` figures and ``max_logit``
-        (see :mod:`attn_probe.metrics.streamed`)."""
+        (see :mod:`attn_probe.metrics.streamed`). Padding is left out: a padded sequence
+        gives the figures of the same sequence run alone, its first ``max_tokens`` real
+        tokens."""
         tau = check_tau(tau)
-        return {name: _figures(a, self._observed[name], tau, self.memory_budget)
-                for name, a in self.attention.items()}
+        return {name: _figures(self._measured(name), self._observed[name], tau,
+                               self.memory_budget)
+                for name in self.attention}
 
     def reset(self) -> None:
         """Forget what was recorded; the next forward call of each module is recorded."""
@@ -130,7 +145,9 @@ def capture(
     ``modules``: None finds every attention module; or names, glob patterns, or a predicate
     ``fn(name, module)``. ``max_sequences`` / ``max_tokens`` bound what is materialised per
     forward pass (for causal attention the first T tokens give exactly the attention of that
-    prefix). ``strategy``: "auto" (interception, adapters where interception cannot see the
+    prefix). In :attr:`Capture.attention` row i and column j are positions i and j of the
+    input, and the rows and columns of padding are zero; :meth:`Capture.metrics` leaves
+    padding out. ``strategy``: "auto" (interception, adapters where interception cannot see the
     kernel), "intercept" or "adapter" to force one. ``memory_budget``: bytes the streaming
     full-context pass of :meth:`Capture.metrics` may use per module. ``matrix_budget``: the
     most bytes one module's float32 matrix may take per pass (default 256 MiB, e.g. one
@@ -196,8 +213,9 @@ def rank_profile(
     ``max_tokens`` crops the matrices; ``snapshot.alerts`` holds what ``alerts`` (see
     :mod:`attn_probe.alerts`; None: none) finds in the averaged figures. With
     ``samples=True`` it keeps each layer's attention of the first sequence in
-    ``snapshot.samples`` (for heatmaps). ``on_batch(n)`` is called with the sequences measured
-    so far (for a progress bar). ``n_sequences`` is the deprecated name of ``max_sequences``.
+    ``snapshot.samples`` (for heatmaps; at input positions, as :attr:`Capture.attention`).
+    ``on_batch(n)`` is called with the sequences measured so far (for a progress bar).
+    ``n_sequences`` is the deprecated name of ``max_sequences``.
     """
     if n_sequences is not None:
         max_sequences = renamed("n_sequences", "max_sequences", n_sequences)

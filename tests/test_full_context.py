@@ -17,8 +17,9 @@ import math
 import pytest
 import torch
 
-from attn_probe.attention import AttentionInputs
+from attn_probe.attention import AttentionInputs, AttentionScores
 from attn_probe.metrics import block_rows, full_context_metrics, full_context_stats
+from attn_probe.metrics.scores import scores_stats
 from reference import tau_count
 
 TAU = 0.9
@@ -309,6 +310,58 @@ def test_padded_sequence_gives_the_unpadded_figures(side, causal):
     kept = padding[0]
     assert_matches(got, 0, reference(q[0][:, kept], k[0][:, kept], causal=causal))
     assert_matches(got, 1, reference(q[1], k[1], causal=causal))
+
+
+def eager_softmax(q, k, *, causal: bool, padding, sink):
+    """What an eager attention's softmax sees and gives, in float64: scores
+    ``q·kᵀ·scale + mask`` (-inf where a key is blocked: later keys under causality, padded
+    keys), a last column holding each head's learned sink logit when ``sink`` is given, and
+    the softmax over every column."""
+    b, h, length, dim = q.shape
+    scores = (q.double() @ k.double().transpose(-2, -1)) / math.sqrt(dim)
+    allowed = torch.ones(length, k.shape[2], dtype=torch.bool)
+    if causal:
+        allowed = allowed.tril()
+    scores = scores.masked_fill(~(allowed & padding[:, None, None, :]), -math.inf)
+    if sink is not None:
+        column = sink.double().view(1, h, 1, 1).expand(b, h, length, 1)
+        scores = torch.cat([scores, column], dim=-1)
+    return scores, torch.softmax(scores, dim=-1)
+
+
+@pytest.mark.parametrize("sink", [False, True])
+@pytest.mark.parametrize("causal", [True, False])
+def test_eager_scores_give_the_streamed_figures(causal, sink):
+    """The eager path (an eager softmax's own scores and probabilities: padding and the learned
+    sink column split off by ``AttentionScores``, figures by ``scores_stats``) and the streamed
+    path (``full_context_stats`` on q and k) give the same figures for the same attention:
+    left-, right-, hole-padded and unpadded sequences side by side."""
+    length, real = 40, 27
+    q, k = qk(batch=4, heads=4, length=length, seed=21, spread=1.5)
+    gen = torch.Generator().manual_seed(22)
+    padding = torch.zeros(4, length, dtype=torch.bool)  # True: a real token
+    padding[0, length - real:] = True                   # left
+    padding[1, :real] = True                            # right
+    padding[2, 1 + torch.randperm(length - 1, generator=gen)[:real]] = True  # holes, key 0 too
+    padding[3] = True                                   # none
+    sinks = torch.tensor([-2.0, 0.5, 3.0, 6.0]) if sink else None
+    scores, probs = eager_softmax(q, k, causal=causal, padding=padding, sink=sinks)
+    observed = AttentionScores.of(scores, probs)
+    assert (observed.sink_mass is not None) == sink
+    got = scores_stats(observed.scores, observed.probs, sink_mass=observed.sink_mass, tau=TAU)
+    want = full_context_stats(q, k, is_causal=causal, sink_logits=sinks, key_padding=padding,
+                              tau=TAU)
+    assert set(got) == set(want) == set(FLOATS + INTEGERS)
+    unknown = ("query_norm", "key_norm")  # the scores alone do not say what q and k were
+    assert all(got[name].isnan().all() for name in unknown)
+    for name in (name for name in FLOATS if name not in unknown):
+        torch.testing.assert_close(got[name], want[name], rtol=RTOL, atol=ATOL,
+                                   msg=lambda m, name=name: f"{name}: {m}")
+    for name in INTEGERS:
+        assert torch.equal(got[name], want[name]), (name, got[name], want[name])
+    assert got["tokens"][:, 0].tolist() == [real, real, real, length]
+    if sink:
+        assert (got["sink_logit_mass"] > 0).all() and (got["entropy_norm"] <= 1).all()
 
 
 def test_padding_with_a_user_mask_and_an_empty_sequence():

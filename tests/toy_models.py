@@ -34,16 +34,11 @@ def max_error(got: torch.Tensor, want: torch.Tensor) -> float:
     return (got - want.float()).abs().max().item()
 
 
-def without_padding(attention: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """A model's own (B, H, T, T) self-attention with each sequence's padding (``attention_mask``
-    0) dropped: its real tokens first, in order, zeros after, as wide as the longest sequence."""
+def padding_zeroed(attention: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """A model's own (B, H, T, T) self-attention at input positions, as ``capture`` gives it:
+    the rows and columns of each sequence's padding (``attention_mask`` 0) set to zero."""
     real = attention_mask.bool()
-    width = int(real.sum(1).max())
-    out = torch.zeros(*attention.shape[:2], width, width, dtype=attention.dtype)
-    for b in range(attention.shape[0]):
-        keep = real[b].nonzero().squeeze(1)
-        out[b, :, : len(keep), : len(keep)] = attention[b][:, keep][:, :, keep]
-    return out
+    return torch.where(real[:, None, :, None] & real[:, None, None, :], attention, 0.0)
 
 
 def assert_close_all(captured: dict, reference, label: str) -> float:

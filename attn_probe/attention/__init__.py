@@ -9,20 +9,23 @@ to a callback.
 """
 
 from .adapters import register_adapter
-from .discovery import ModuleSelector, find_attention_modules
+from .discovery import Hints, ModuleSelector, NoAttentionFound, find_attention_modules
 from .rebuild import (
     DEFAULT_MATRIX_BUDGET, AttentionInputs, AttentionScores, attention_probabilities,
     probabilities,
 )
 from .recorder import Observed, Recorder
-from .sites import CaptureError, Site, plan_sites
+from .sites import CaptureError, NoKernelCall, Site, plan_sites
 
 __all__ = [
     "DEFAULT_MATRIX_BUDGET",
     "AttentionInputs",
     "AttentionScores",
     "CaptureError",
+    "Hints",
     "ModuleSelector",
+    "NoAttentionFound",
+    "NoKernelCall",
     "Observed",
     "Recorder",
     "Site",

@@ -6,7 +6,7 @@ import fnmatch
 import functools
 import inspect
 import re
-from typing import Callable, Sequence, Union
+from typing import Callable, NamedTuple, Sequence, Union
 
 from torch import nn
 
@@ -18,6 +18,8 @@ ModuleSelector = Union[str, Sequence[str], Callable[[str, nn.Module], bool], Non
 
 _ATTENTION_CLASS = re.compile(r"Attention\d*$")
 _KERNEL_CALL = re.compile(r"\bscaled_dot_product_attention\b")
+_ATTENTION_NAME = re.compile(r"attn|attention", re.IGNORECASE)
+_SHOWN = 6  # modules that look like attention named in a message
 
 SEARCHED_FOR = (
     "classes named *Attention (Hugging Face, nanoGPT), modules with a merged qkvo_w parameter "
@@ -45,6 +47,72 @@ def is_attention_module(module: nn.Module) -> bool:
     )
 
 
+class Hints(NamedTuple):
+    """How to point at modules, in the words of one interface (Python, the command line);
+    ``{example}`` becomes a glob for the modules that look like attention."""
+
+    none_found: str  #: nothing looked like attention
+    no_match: str  #: the names or globs given matched nothing
+    no_kernel: str  #: a monitored module of class ``{cls}`` showed no kernel and has no adapter
+
+
+PYTHON_HINTS = Hints(
+    none_found="Point at modules with modules=['name', 'glob.*.pattern'] or "
+    "modules=lambda name, module: ..., and register an adapter for custom kernels with "
+    "attn_probe.register_adapter(ModuleClass, fn).",
+    no_match="Names are those of model.named_modules().",
+    no_kernel="Register one: attn_probe.register_adapter({cls}, fn) (see "
+    "attn_probe.attention.adapters), or leave it out with modules=...",
+)
+
+
+class NoAttentionFound(LookupError):
+    """Discovery found no module to monitor: what was looked for, what the model has, and the
+    modules that look like attention (:func:`attention_like`). ``str()`` says how to point at
+    modules from Python; :meth:`describe` words it for another interface."""
+
+    def __init__(self, model: nn.Module, modules: ModuleSelector,
+                 named: list[tuple[str, nn.Module]]) -> None:
+        self.model_class = type(model).__name__
+        self.modules = modules  #: the selector that matched nothing (None: the default search)
+        self.names = [n for n, _ in named[1:6]]  #: the model's first module names
+        self.candidates = attention_like(named)  #: (name, class name)
+        super().__init__(self.describe("modules=", PYTHON_HINTS))
+
+    def describe(self, option: str, hints: Hints) -> str:
+        """The message, with the selector shown as ``option`` + its repr (``modules='x'``)."""
+        if self.modules is None:
+            text = f"no attention module found in {self.model_class}: searched for {SEARCHED_FOR}"
+        else:
+            sample = ", ".join(self.names) or "(no submodules)"
+            text = (f"{option}{self.modules!r} matched no module of {self.model_class} "
+                    f"(names look like: {sample}, ...)")
+        if self.candidates:
+            text += "; modules that look like attention: " + ", ".join(
+                f"{name} ({cls})" for name, cls in self.candidates[:_SHOWN])
+            text += ", ..." if len(self.candidates) > _SHOWN else ""
+        elif self.modules is None:
+            text += "; no module's name or class says attention either"
+        hint = hints.none_found if self.modules is None else hints.no_match
+        return f"{text}. {hint.format(example=self.example)}"
+
+    @property
+    def example(self) -> str:
+        """A glob for the modules that look like attention (``blocks.*.attn``)."""
+        name = self.candidates[0][0] if self.candidates else "layers.0.attn"
+        return re.sub(r"(^|\.)\d+(?=\.|$)", r"\1*", name)
+
+
+def attention_like(named: list[tuple[str, nn.Module]]) -> list[tuple[str, str]]:
+    """(name, class name) of the modules that look like attention: those the default search
+    finds, else those whose name or class name says ``attn`` or ``attention``."""
+    found = _by_default(named)
+    if not found:
+        found = [(n, m) for n, m in named[1:]
+                 if _ATTENTION_NAME.search(n.rpartition(".")[2] + " " + type(m).__name__)]
+    return [(n, type(m).__name__) for n, m in found]
+
+
 def find_attention_modules(
     model: nn.Module, modules: ModuleSelector = None
 ) -> list[tuple[str, nn.Module]]:
@@ -53,30 +121,22 @@ def find_attention_modules(
     With ``modules=None`` every attention module is found; where attention modules nest
     (``BertAttention`` around ``BertSelfAttention``) only the innermost is kept, except that a
     ``TransformerEncoderLayer`` stands for its own ``self_attn`` (its fused path skips it).
-    Raises ``LookupError`` saying what was searched for when nothing matches.
+    Raises :class:`NoAttentionFound` (a ``LookupError``) saying what was searched for when
+    nothing matches.
     """
     named = [(name, m) for name, m in model.named_modules()]
     if modules is None:
-        found = [(n, m) for n, m in named if is_attention_module(m)]
-        found = _innermost(found)
-        if not found:
-            raise LookupError(
-                f"no attention module found in {type(model).__name__}: "
-                f"searched for {SEARCHED_FOR}. "
-                "Point at modules with modules=['name', 'glob.*.pattern'] or "
-                "modules=lambda name, module: ..., and register an adapter for custom "
-                "kernels with attn_probe.register_adapter(ModuleClass, fn)."
-            )
-        return found
-    select = _selector(modules)
-    found = [(n, m) for n, m in named if select(n, m)]
+        found = _by_default(named)
+    else:
+        select = _selector(modules)
+        found = [(n, m) for n, m in named if select(n, m)]
     if not found:
-        sample = ", ".join(n for n, _ in named[1:6]) or "(no submodules)"
-        raise LookupError(
-            f"modules={modules!r} matched no module of {type(model).__name__} "
-            f"(names look like: {sample}, ...). Names are those of model.named_modules()."
-        )
+        raise NoAttentionFound(model, modules, named)
     return found
+
+
+def _by_default(named: list[tuple[str, nn.Module]]) -> list[tuple[str, nn.Module]]:
+    return _innermost([(n, m) for n, m in named if is_attention_module(m)])
 
 
 def _selector(modules: ModuleSelector) -> Callable[[str, nn.Module], bool]:

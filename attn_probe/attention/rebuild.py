@@ -12,7 +12,10 @@ Padding is left out where it is made: a key that no query of a sequence may atte
 mask the kernel received) is padding, and so, in self-attention, is the query at its position.
 Each measured sequence's real tokens are moved to the front, in order, and the rest masked: a
 left- or right-padded sequence then gives exactly the matrices and figures of the same sequence
-run unpadded (masked rows are zero rows, left out of every metric).
+run unpadded (masked rows are zero rows, left out of every metric). What the kernel got with
+its padding in place is kept beside (``as_given``), for the matrix at input positions
+(``probabilities(..., at_input_positions=True)``): row i and column j are positions i and j of
+the input, and padding rows and columns are zero.
 
 Cropping to ``max_tokens`` keeps the first T queries. When the mask stops those queries from
 seeing any later key (causal attention, sliding windows, left-aligned padding) it keeps the first
@@ -23,6 +26,7 @@ row is the query's whole distribution, summing to 1; the metrics take rectangula
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -47,6 +51,10 @@ class AttentionInputs:
     scale: float | None = None
     #: (H,) learned per-head sink logits: an extra score column that takes mass but is no key
     sink_logits: Tensor | None = None
+    #: (B, S) bool, True at the real tokens, where padding was left out (None: there was none)
+    key_padding: Tensor | None = None
+    #: where padding was left out: query, key and mask as the kernel got them
+    as_given: "AttentionInputs | None" = None
 
     @classmethod
     def of(cls, query: Tensor, key: Tensor, *, attn_mask: Tensor | None = None,
@@ -57,26 +65,47 @@ class AttentionInputs:
         query, key, attn_mask = _as_heads(query, key, attn_mask)
         n = query.size(0) if max_sequences is None else min(query.size(0), max_sequences)
         query, key = _take_sequences(query.detach(), n), _take_sequences(key.detach(), n)
-        if attn_mask is not None:
-            attn_mask = _take_sequences(_as_4d(attn_mask.detach()), n)
-            real = real_tokens(may_attend(attn_mask))
-            if real is not None:
-                real = real.expand(query.size(0), -1)  # a mask shared by every sequence
-                attn_mask = _compact(_compact(attn_mask, real, 3, _blocked(attn_mask)),
-                                     real, 2, _blocked(attn_mask), query.size(2) == key.size(2))
-                key = _compact(key, real, 2, 0.0)
-                if query.size(2) == real.size(1):  # self-attention: queries are the same tokens
-                    query = _compact(query, real, 2, 0.0)
-        return cls(query, key, attn_mask, bool(is_causal), scale)
+        if attn_mask is None:
+            return cls(query, key, None, bool(is_causal), scale)
+        attn_mask = _take_sequences(_as_4d(attn_mask.detach()), n)
+        given = cls(query, key, attn_mask, bool(is_causal), scale)
+        real = real_tokens(may_attend(attn_mask))
+        if real is None:
+            return given
+        real = real.expand(query.size(0), -1)  # a mask shared by every sequence
+        attn_mask = _compact(_compact(attn_mask, real, 3, _blocked(attn_mask)),
+                             real, 2, _blocked(attn_mask), query.size(2) == key.size(2))
+        key = _compact(key, real, 2, 0.0)
+        if query.size(2) == real.size(1):  # self-attention: queries are the same tokens
+            query = _compact(query, real, 2, 0.0)
+        return cls(query, key, attn_mask, bool(is_causal), scale, key_padding=real,
+                   as_given=given)
 
-    def matrix_shape(self, max_tokens: int | None = None) -> tuple[int, int, int, int]:
+    def _positional(self) -> "AttentionInputs":
+        """This call with its padding in place (itself where there was none)."""
+        if self.as_given is None:
+            return self
+        given = self.as_given
+        return dataclasses.replace(self, query=given.query, key=given.key,
+                                   attn_mask=given.attn_mask, key_padding=None, as_given=None)
+
+    def matrix_shape(self, max_tokens: int | None = None, *,
+                     at_input_positions: bool = False) -> tuple[int, int, int, int]:
         """The largest shape :meth:`probabilities` can return (keys are cropped only where
         the crop is exact)."""
+        if at_input_positions:
+            return self._positional().matrix_shape(max_tokens)
         t = self.query.size(2) if max_tokens is None else min(self.query.size(2), max_tokens)
         return (self.query.size(0), self.query.size(1), t, self.key.size(2))
 
-    def probabilities(self, max_tokens: int | None = None) -> Tensor:
-        """A (B, H, T, S) in float32, cropped to the first ``max_tokens`` tokens."""
+    def probabilities(self, max_tokens: int | None = None, *,
+                      at_input_positions: bool = False) -> Tensor:
+        """A (B, H, T, S) in float32, cropped to the first ``max_tokens`` tokens: each
+        sequence's real tokens first (padding left out), or ``at_input_positions`` as the
+        kernel got them, padding rows and columns zero."""
+        if at_input_positions and self.as_given is not None:
+            return _zero_padding(self._positional().probabilities(max_tokens), self.key_padding,
+                                self.as_given.query.size(2) == self.key_padding.size(1))
         return attention_probabilities(
             self.query, self.key, attn_mask=self.attn_mask, is_causal=self.is_causal,
             scale=self.scale, max_tokens=max_tokens, sink_logits=self.sink_logits,
@@ -92,6 +121,10 @@ class AttentionScores:
     probs: Tensor
     #: (B, H, L) mass of a learned sink logit column the model dropped after its softmax
     sink_mass: Tensor | None = None
+    #: (B, S) bool, True at the real tokens, where padding was left out (None: there was none)
+    key_padding: Tensor | None = None
+    #: where padding was left out: the scores and probabilities as the softmax saw them
+    as_given: "AttentionScores | None" = None
 
     @classmethod
     def of(cls, scores: Tensor, probs: Tensor, *,
@@ -104,25 +137,35 @@ class AttentionScores:
         sink_mass = None
         if _is_sink_column(scores):
             sink_mass, scores, probs = probs[..., -1], scores[..., :-1], probs[..., :-1]
+        given = cls(scores, probs, sink_mass)
         real = real_tokens(may_attend(scores))
-        if real is not None:
-            self_attention = scores.size(2) == real.size(1)
-            scores = _compact(_compact(scores, real, 3, -math.inf), real, 2, -math.inf,
-                              self_attention)
-            probs = _compact(_compact(probs, real, 3, 0.0), real, 2, 0.0, self_attention)
-            if sink_mass is not None:
-                sink_mass = _compact(sink_mass, real, 2, 0.0, self_attention)
-        return cls(scores, probs, sink_mass)
+        if real is None:
+            return given
+        self_attention = scores.size(2) == real.size(1)
+        scores = _compact(_compact(scores, real, 3, -math.inf), real, 2, -math.inf,
+                          self_attention)
+        probs = _compact(_compact(probs, real, 3, 0.0), real, 2, 0.0, self_attention)
+        if sink_mass is not None:
+            sink_mass = _compact(sink_mass, real, 2, 0.0, self_attention)
+        return cls(scores, probs, sink_mass, key_padding=real, as_given=given)
 
-    def matrix_shape(self, max_tokens: int | None = None) -> tuple[int, int, int, int]:
+    def matrix_shape(self, max_tokens: int | None = None, *,
+                     at_input_positions: bool = False) -> tuple[int, int, int, int]:
         """The largest shape :meth:`probabilities` can return."""
+        if at_input_positions and self.as_given is not None:
+            return self.as_given.matrix_shape(max_tokens)
         b, h, length, keys = self.scores.shape
         return (b, h, length if max_tokens is None else min(length, max_tokens), keys)
 
-    def probabilities(self, max_tokens: int | None = None) -> Tensor:
+    def probabilities(self, max_tokens: int | None = None, *,
+                      at_input_positions: bool = False) -> Tensor:
         """A (B, H, T, S) in float32 over the first ``max_tokens`` queries (and keys, where the
-        crop is exact); a query whose every key is masked (NaN out of softmax) becomes a row of
-        zeros."""
+        crop is exact): each sequence's real tokens first (padding left out), or
+        ``at_input_positions`` as the softmax saw them, padding rows and columns zero. A query
+        whose every key is masked (NaN out of softmax) becomes a row of zeros."""
+        if at_input_positions and self.as_given is not None:
+            return _zero_padding(self.as_given.probabilities(max_tokens), self.key_padding,
+                                self.as_given.scores.size(2) == self.key_padding.size(1))
         t = self.scores.size(2) if max_tokens is None else min(max_tokens, self.scores.size(2))
         allowed = may_attend(self.scores[:, :, :t])
         s = self.scores.size(-1) if bool(allowed[..., t:].any()) else t
@@ -136,15 +179,18 @@ DEFAULT_MATRIX_BUDGET = 256 * 2**20
 
 def probabilities(observed: "AttentionInputs | AttentionScores | Tensor",
                   max_tokens: int | None = None,
-                  matrix_budget: int | None = DEFAULT_MATRIX_BUDGET) -> Tensor:
+                  matrix_budget: int | None = DEFAULT_MATRIX_BUDGET, *,
+                  at_input_positions: bool = False) -> Tensor:
     """A (B, H, T, S) float32 from whatever the recorder observed (a user adapter may hand
-    over A itself, already cropped). Raises ``MemoryError`` saying what to do, before anything
-    is allocated, when the matrix would take more than ``matrix_budget`` bytes (None: no
-    bound)."""
+    over A itself, already cropped): each sequence's real tokens first, padding left out (what
+    the figures measure), or ``at_input_positions``: row i and column j are positions i and j
+    of the input, padding rows and columns zero. Raises ``MemoryError`` saying what to do,
+    before anything is allocated, when the matrix would take more than ``matrix_budget`` bytes
+    (None: no bound)."""
     if isinstance(observed, Tensor):
         return observed
     if matrix_budget is not None:
-        shape = observed.matrix_shape(max_tokens)
+        shape = observed.matrix_shape(max_tokens, at_input_positions=at_input_positions)
         size = 4 * math.prod(shape)
         if size > matrix_budget:
             raise MemoryError(
@@ -153,7 +199,18 @@ def probabilities(observed: "AttentionInputs | AttentionScores | Tensor",
                 "max_tokens= or max_sequences=, or raise matrix_budget (the *_full figures and "
                 "max_logit need no matrix and cover every token anyway)"
             )
-    return observed.probabilities(max_tokens)
+    return observed.probabilities(max_tokens, at_input_positions=at_input_positions)
+
+
+def _zero_padding(attention: Tensor, key_padding: Tensor, self_attention: bool) -> Tensor:
+    """(B, H, T, S) ``attention`` at input positions with the columns of the padded keys
+    (``key_padding`` (B, S) False) and, in self-attention, the rows of the padded queries set
+    to zero (in place)."""
+    t, s = attention.shape[-2:]
+    attention.masked_fill_(~key_padding[:, None, None, :s], 0.0)
+    if self_attention:
+        attention.masked_fill_(~key_padding[:, None, :t, None], 0.0)
+    return attention
 
 
 #: An additive mask entry at or below this blocks its key: -inf, ``finfo.min`` and the -10000

@@ -39,7 +39,7 @@ from torch.utils.hooks import RemovableHandle
 from . import hooks
 from .adapters import find_adapter
 from .rebuild import AttentionInputs, AttentionScores
-from .sites import CaptureError, Site
+from .sites import CaptureError, NoKernelCall, Site
 
 _SDPA = F.scaled_dot_product_attention
 _SOFTMAX = (F.softmax, torch.softmax, Tensor.softmax)
@@ -273,12 +273,7 @@ def _no_kernel_call(site: Site) -> CaptureError:
             "softmax that could be intercepted, and strategy='intercept' leaves out the adapter "
             "that serves it: use strategy='auto' or 'adapter'"
         )
-    return CaptureError(
-        f"module {site.name!r} ({cls}) made no call to scaled_dot_product_attention or softmax "
-        "that could be intercepted, and no adapter serves it. Register one: "
-        f"attn_probe.register_adapter({cls}, fn) (see attn_probe.attention.adapters), or leave "
-        "it out with modules=..."
-    )
+    return NoKernelCall(site.name, site.module)
 
 
 def _raise(error: BaseException):

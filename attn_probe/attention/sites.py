@@ -11,13 +11,28 @@ from dataclasses import dataclass
 from torch import nn
 
 from .adapters import AdapterEntry, find_adapter
-from .discovery import ModuleSelector, find_attention_modules
+from .discovery import PYTHON_HINTS, Hints, ModuleSelector, find_attention_modules
 
 STRATEGIES = ("auto", "intercept", "adapter")
 
 
 class CaptureError(RuntimeError):
     """A monitored module's attention could not be rebuilt."""
+
+
+class NoKernelCall(CaptureError):
+    """A monitored module made no kernel call that interception could see, and no adapter
+    serves it. ``str()`` says what to do from Python; :meth:`describe` words it for another
+    interface."""
+
+    def __init__(self, name: str, module: nn.Module) -> None:
+        self.name, self.module_class = name, type(module).__name__
+        super().__init__(self.describe(PYTHON_HINTS))
+
+    def describe(self, hints: Hints) -> str:
+        return (f"module {self.name!r} ({self.module_class}) made no call to "
+                "scaled_dot_product_attention or softmax that could be intercepted, and no "
+                f"adapter serves it. {hints.no_kernel.format(cls=self.module_class)}")
 
 
 @dataclass

@@ -18,6 +18,9 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
+from ..attention import (
+    CaptureError, Hints, NoAttentionFound, NoKernelCall, find_attention_modules, plan_sites,
+)
 from ..models.sampling import model_device
 from ..snapshot import percent
 from .console import Progress, UsageError, deprecated_aliases, one_line
@@ -101,6 +104,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
              "range 0-3 or * for all (write --heatmaps=-1:0 when it starts with a minus). "
              "Default: first and last layer, heads 0-3",
     )
+    parser.add_argument(
+        "--modules", metavar="NAME_OR_GLOB", action="append",
+        help="measure these modules: a name of model.named_modules() or a glob over the names "
+             "(e.g. 'transformer.h.*.attn'); repeat for more. Default: every module that looks "
+             "like attention",
+    )
     parser.add_argument("--batch-size", type=_positive_int, default=8,
                         help="sequences per forward pass (%(default)s)")
     parser.add_argument("--trust-remote-code", action="store_true",
@@ -149,8 +158,38 @@ def _save(figure: Any, path: Path, written: list[Path]) -> None:
     written.append(path)
 
 
+#: How to point at modules on the command line (discovery's messages say it for Python).
+CLI_HINTS = Hints(
+    none_found="Name the attention modules with --modules NAME_OR_GLOB (repeatable), e.g. "
+    "--modules '{example}'; a module whose kernel cannot be seen needs an adapter, which a "
+    "package.module:factory MODEL can register (attn_probe.register_adapter)",
+    no_match="--modules takes names of model.named_modules() or globs over them",
+    no_kernel="Leave it out of --modules, or register an adapter for {cls} in the module of a "
+    "package.module:factory MODEL (attn_probe.register_adapter)",
+)
+
+
+def _sites(model: torch.nn.Module, modules: list[str] | None) -> list[Any]:
+    """The monitored modules; each --modules must match some module (a typo is no silent
+    no-op), and what went wrong is said in the command line's words."""
+    try:
+        for pattern in modules or ():
+            find_attention_modules(model, pattern)
+        return plan_sites(model, modules)
+    except (NoAttentionFound, CaptureError) as error:
+        raise _usage_error(error) from None
+
+
+def _usage_error(error: Exception) -> UsageError:
+    """A discovery or capture error in the command line's words."""
+    if isinstance(error, NoAttentionFound):
+        return UsageError(error.describe("--modules ", CLI_HINTS))
+    if isinstance(error, NoKernelCall):
+        return UsageError(error.describe(CLI_HINTS))
+    return UsageError(one_line(error))
+
+
 def _analyze(args: argparse.Namespace) -> int:
-    from ..attention import CaptureError, plan_sites
     from ..protocol import capture, rank_profile
 
     def warn(message: str) -> None:
@@ -170,18 +209,15 @@ def _analyze(args: argparse.Namespace) -> int:
 
     # Find the attention modules and their head counts on a two-token input before anything
     # slow happens, so that a model without attention or a bad --heatmaps fails at once.
-    try:
-        monitored = [site.name for site in plan_sites(loaded.model)]
-    except (LookupError, CaptureError) as error:  # LookupError: no attention module found
-        raise UsageError(one_line(error)) from None
+    monitored = [site.name for site in _sites(loaded.model, args.modules)]
     probe = torch.full((1, min(2, args.tokens)), loaded.bos, dtype=torch.long, device=device)
     try:
-        with capture(loaded.model, max_sequences=1) as cap:
+        with capture(loaded.model, modules=args.modules, max_sequences=1) as cap:
             with torch.no_grad():
                 loaded(probe)
             heads_per_layer = {name: int(a.shape[1]) for name, a in cap.attention.items()}
     except CaptureError as error:
-        raise UsageError(one_line(error)) from None
+        raise _usage_error(error) from None
     except Exception as error:  # noqa: BLE001 - the model does not take token ids
         raise UsageError(
             f"calling the model on a (1, {probe.shape[1]}) tensor of token ids failed: "
@@ -206,10 +242,10 @@ def _analyze(args: argparse.Namespace) -> int:
     try:
         snapshot = rank_profile(
             loaded.model, _batches(tokens, args.batch_size, loaded, device), max_sequences=n,
-            tau=args.tau, samples=True, on_batch=lambda done: bar(done, n),
+            tau=args.tau, modules=args.modules, samples=True, on_batch=lambda done: bar(done, n),
         )
     except CaptureError as error:
-        raise UsageError(one_line(error)) from None
+        raise _usage_error(error) from None
     samples = snapshot.samples
     if not snapshot.layers:
         raise UsageError("no attention was recorded: the model's attention modules never ran")
@@ -279,6 +315,6 @@ def run_analyze(args: argparse.Namespace) -> int:
     except FileNotFoundError as error:
         raise UsageError(one_line(error)) from None
     except LookupError as error:
-        if type(error) is LookupError:  # discovery's "no attention module" and friends
+        if type(error) is LookupError:
             raise UsageError(one_line(error)) from None
         raise

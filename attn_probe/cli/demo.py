@@ -9,7 +9,8 @@ watches, into one log directory with one TensorBoard run each.
 
 :func:`run_demo` trains one run from a :class:`DemoConfig`, :func:`demo_configs` makes the
 configs of the runs and :func:`run_demos` trains them one after the other;
-:func:`write_summary` draws them into one picture. No download: the corpus is the source of
+:func:`write_summary` draws them into one picture; :func:`replace_runs` clears what earlier runs
+of the same names left in their directories. No download: the corpus is the source of
 modules of the Python standard library that runs the demo, read as bytes (vocabulary 256). The
 model is :class:`attn_probe.models.gpt.GPT`.
 """
@@ -17,6 +18,7 @@ model is :class:`attn_probe.models.gpt.GPT`.
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import os
 import time
 from dataclasses import dataclass, field
@@ -45,6 +47,9 @@ RUNS: dict[str, dict[str, Any]] = {
 UNSTABLE_SHARE = 0.3
 
 SCHEDULES = ("one_cycle", "constant")
+
+#: What the demo writes into a run's directory: TensorBoard event files, nothing else.
+RUN_FILES = "events.out.tfevents.*"
 
 
 @dataclass
@@ -173,6 +178,34 @@ def _train(config: DemoConfig, progress, on_alert) -> DemoResult:
                 progress(step + 1, config.steps, losses[-1])
     return DemoResult(config.log_dir, losses, probe.history, time.perf_counter() - start,
                       config, probe.alerts)
+
+
+def replace_runs(configs: Sequence[DemoConfig]) -> list[str]:
+    """Delete what earlier runs of the same names left in the directories ``configs`` are about
+    to write, so that TensorBoard shows each step of a run once; returns those runs' names.
+    Only the demo's own files (:data:`RUN_FILES`) go: a run directory that holds anything else
+    raises ``FileExistsError`` before anything is deleted."""
+    stale: list[tuple[str, list[str]]] = []
+    for config in configs:
+        path = config.log_dir
+        if not os.path.lexists(path):
+            continue
+        if not os.path.isdir(path):
+            raise FileExistsError(f"{path} exists and is not a directory of the demo's runs")
+        names = sorted(os.listdir(path))
+        foreign = [n for n in names if not (fnmatch.fnmatch(n, RUN_FILES)
+                                            and os.path.isfile(os.path.join(path, n)))]
+        if foreign:
+            more = f" and {len(foreign) - 1} more" if len(foreign) > 1 else ""
+            raise FileExistsError(
+                f"{path} holds {foreign[0]!r}{more}, which the demo did not write: not "
+                f"replacing the {config.name} run there (move it away, or log elsewhere)")
+        if names:
+            stale.append((config.name, [os.path.join(path, n) for n in names]))
+    for _, files in stale:
+        for file in files:
+            os.remove(file)
+    return [name for name, _ in stale]
 
 
 Callbacks = tuple[Callable[[int, int, float], None] | None,

@@ -14,7 +14,9 @@ from typing import Sequence
 from ..options import check_count
 from .console import ArgumentParser, Progress, UsageError, deprecated_aliases
 from .demo import RUNS as DEMO_RUNS
-from .demo import UNSTABLE_SHARE, DemoConfig, DemoResult, demo_configs, run_demos, write_summary
+from .demo import (
+    UNSTABLE_SHARE, DemoConfig, DemoResult, demo_configs, replace_runs, run_demos, write_summary,
+)
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -32,7 +34,22 @@ def _demo(args: argparse.Namespace) -> int:
         n_layer=args.layers, images_every=args.images_every, seed=args.seed,
         threads=args.threads,
     )
-    report_demo(demo_configs(base, args.runs), base.log_dir)
+    configs = demo_configs(base, args.runs)
+    if os.path.exists(base.log_dir) and not os.path.isdir(base.log_dir):
+        raise UsageError(f"--log-dir {base.log_dir} exists and is not a directory")
+    try:
+        os.makedirs(base.log_dir, exist_ok=True)
+    except OSError as error:  # a file on the way to it, no permission, ...
+        raise UsageError(f"--log-dir {base.log_dir}: cannot make the directory: "
+                         f"{error.strerror or error}") from None
+    try:
+        replaced = replace_runs(configs)
+    except FileExistsError as error:
+        raise UsageError(str(error)) from None
+    if replaced:
+        print(f"attn-probe demo: replacing the earlier {', '.join(replaced)} "
+              f"run{'s' if len(replaced) > 1 else ''} in {base.log_dir}")
+    report_demo(configs, base.log_dir)
     return 0
 
 
@@ -229,8 +246,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--log-dir", "--logdir", dest="log_dir", default="runs/demo",
                       action=deprecated_aliases("--logdir"),
-                      help="TensorBoard directory: one subdirectory per run, and summary.png "
-                      "(%(default)s)")
+                      help="TensorBoard directory: one subdirectory per run, and summary.png; "
+                      "the runs of an earlier demo there are replaced (%(default)s)")
     demo.add_argument("--steps", type=int, default=DEMO_DEFAULTS["steps"],
                       help="training steps of the stable run; the unstable runs train "
                       f"{UNSTABLE_SHARE * 100:.0f}%% of it (%(default)s)")

@@ -23,7 +23,7 @@ from toy_models import (
     nano_reference,
     ran_op,
     tokens,
-    without_padding,
+    padding_zeroed,
 )
 
 
@@ -209,7 +209,7 @@ def test_multihead_attention(batch_first, kind):
     _, want = mha(x, x, x, key_padding_mask=padding, attn_mask=attn_mask,
                   need_weights=True, average_attn_weights=False)
     if padding is not None:  # padding is left out of what is measured
-        want = without_padding(want, ~padding)
+        want = padding_zeroed(want, ~padding)
     err = max_error(cap.attention[""], want)
     print(f"max-error multihead-attention {kind} batch_first={batch_first}: {err:.3g}")
     assert err <= TOL
@@ -230,7 +230,7 @@ def test_multihead_attention_fast_path(kind):
         _, want = mha(x, x, x, key_padding_mask=padding, average_attn_weights=False)
     assert fused, "the fused fast path did not run"
     if padding is not None:
-        want = without_padding(want, ~padding)
+        want = padding_zeroed(want, ~padding)
     assert max_error(cap.attention[""], want) <= TOL
 
 
@@ -269,7 +269,7 @@ def test_transformer_encoder_layer(norm_first, train):
     # the layer's input in train mode depends on dropout: replay it with the same seed
     torch.manual_seed(5)
     with torch.no_grad():
-        want = [without_padding(a, ~padding) for a in encoder_reference(stack, x, padding)]
+        want = [padding_zeroed(a, ~padding) for a in encoder_reference(stack, x, padding)]
     assert_close_all(cap.attention, want, f"encoder-layer norm_first={norm_first} train={train}")
 
 

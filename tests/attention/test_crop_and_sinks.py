@@ -13,6 +13,7 @@ from torch import nn
 
 import attn_probe
 from attn_probe import capture
+from reference import reference_counts
 from toy_models import small_gpt
 
 
@@ -33,10 +34,9 @@ def test_crop_under_an_additive_mask_keeps_every_key():
         module(x, x, x, attn_mask=bias, need_weights=False)
     _, want = module(x, x, x, attn_mask=bias, average_attn_weights=False)
     (got,) = cap.attention.values()
-    # key 7 is attended by no query: as padding it is left out, the others keep their order
-    keep = [0, 1, 2, 3, 4, 5, 6, 8]
-    assert got.shape == (2, 4, 4, 8)
-    torch.testing.assert_close(got, want[:, :, :4][..., keep], rtol=0, atol=1e-6)
+    # key 7 is attended by no query: padding, a zero column at its position
+    assert got.shape == (2, 4, 4, 9) and got[..., 7].abs().max() == 0
+    torch.testing.assert_close(got, want[:, :, :4], rtol=0, atol=1e-6)
     torch.testing.assert_close(got.sum(-1), torch.ones(2, 4, 4))
 
 
@@ -54,6 +54,43 @@ def test_cross_attention_longer_than_max_tokens_is_measured_over_all_keys():
     torch.testing.assert_close(got.sum(-1), torch.ones(2, 4, 10))
     (per_head,) = figures.values()
     assert (per_head["tokens_full"] == 10).all()
+
+
+class EagerEncoderAttention(nn.Module):
+    """Bidirectional attention with an explicit softmax (no SDPA): interception takes the
+    softmax's own scores and probabilities."""
+
+    def __init__(self, dim: int = 16, heads: int = 4):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+
+    def forward(self, x):
+        b, t, c = x.shape
+        q, k, v = self.qkv(x).view(b, t, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
+        probs = torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(q.size(-1)), dim=-1)
+        self.weights = probs  # the module's own attention weights
+        return (probs @ v).transpose(1, 2).reshape(b, t, c)
+
+
+def test_eager_bidirectional_crop_keeps_every_key():
+    """Cropping an eager softmax's bidirectional attention keeps the first queries and every
+    key: each row is the query's whole distribution (summing to 1), and the figures are those
+    of that T x S matrix."""
+    torch.manual_seed(0)
+    module = EagerEncoderAttention()
+    x = torch.randn(2, 12, 16, generator=torch.Generator().manual_seed(3)) * 3
+    with torch.no_grad(), capture(module, max_tokens=5) as cap:
+        module(x)
+        figures = cap.metrics()
+    (got,) = cap.attention.values()
+    torch.testing.assert_close(got.sum(-1), torch.ones(2, 4, 5))
+    assert got.shape == (2, 4, 5, 12)  # queries cropped, every key kept
+    torch.testing.assert_close(got, module.weights[:, :, :5], rtol=0, atol=1e-7)
+    (per_head,) = figures.values()
+    want = reference_counts(module.weights[:, :, :5])
+    assert torch.equal(per_head["rank"], want[0]) and torch.equal(per_head["columns"], want[1])
+    assert (per_head["tokens_full"] == 12).all()  # the whole-sequence figures see every query
 
 
 class SinkLogitAttention(nn.Module):

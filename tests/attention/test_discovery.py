@@ -44,3 +44,27 @@ def test_nothing_found_says_what_was_searched_for():
         capture(model)
     message = str(info.value)
     assert "searched for" in message and "Attention" in message and "register_adapter" in message
+    # Python's words: modules=..., not the command line's --modules
+    assert "modules=['name'" in message and "--modules" not in message
+
+
+def test_nothing_found_names_the_modules_that_look_like_attention(gpt2):
+    class Mixer(nn.Module):  # no kernel discovery can see, but named like attention
+        def __init__(self):
+            super().__init__()
+            self.attn = nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.attn(x)
+
+    with pytest.raises(LookupError) as info:
+        find_attention_modules(nn.Sequential(Mixer(), nn.ReLU(), Mixer()))
+    assert "look like attention: 0.attn (Linear), 2.attn (Linear)." in str(info.value)
+    assert info.value.example == "*.attn"
+    with pytest.raises(LookupError) as info:  # a selector that misses: what discovery finds
+        find_attention_modules(gpt2[0], ["transformer.h.*.atn"])
+    message = str(info.value)
+    assert message.startswith(
+        "modules=['transformer.h.*.atn'] matched no module of GPT2LMHeadModel")
+    assert ("look like attention: transformer.h.0.attn (GPT2Attention), transformer.h.1.attn "
+            "(GPT2Attention)") in message

@@ -1,13 +1,14 @@
-"""Padding is left out: a padded sequence gives exactly the figures of the same sequence run
-alone, for every figure (the matrix's and the full sequence's), left or right padded, in a
-Hugging Face decoder (Llama, rotary, grouped-query) and encoder (BERT)."""
+"""Padding is left out of the figures: a padded sequence gives exactly the figures of the same
+sequence run alone, for every figure (the matrix's and the full sequence's), left or right
+padded, in a Hugging Face decoder (Llama, rotary, grouped-query) and encoder (BERT). The
+captured matrices keep input positions: the model's own attention weights, padding zero."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from attn_probe import capture
+from attn_probe import capture, rank_profile
 from toy_models import tokens
 
 LENGTHS = (12, 7, 3)
@@ -63,3 +64,41 @@ def test_padded_batch_gives_the_figures_of_each_sequence_alone(family, side, ker
                 else:
                     assert torch.equal(value[b], want), (layer, name, b, value[b], want)
     assert together[layer]["tokens_full"][:, 0].tolist() == list(LENGTHS)
+
+
+@pytest.mark.parametrize("family", ["llama", "bert"])
+@pytest.mark.parametrize("side", ["left", "right"])
+@pytest.mark.parametrize("kernel", ["sdpa", "eager"])
+def test_captured_attention_keeps_input_positions(family, side, kernel, request):
+    """``capture().attention`` is the model's own ``output_attentions`` (eager twin): row i and
+    column j are positions i and j of the input, at real positions to float32 rounding and
+    exactly 0 at padding; so are the heatmap samples ``rank_profile`` keeps (sequence 0)."""
+    sdpa, eager = request.getfixturevalue(family)
+    model = sdpa if kernel == "sdpa" else eager
+    batch, mask = padded(tokens(), side)
+    batch, mask = batch.flip(0), mask.flip(0)  # sequence 0 padded too: the samples' sequence
+    with torch.no_grad(), capture(model) as cap:
+        model(batch, attention_mask=mask)
+    with torch.no_grad():
+        want = eager(batch, attention_mask=mask, output_attentions=True).attentions
+    real = mask.bool()
+    pairs = real[:, None, :, None] & real[:, None, None, :]  # (B, 1, T, T): both real
+    assert len(cap.attention) == len(want) == 2
+    for (name, got), ref in zip(cap.attention.items(), want):
+        assert got.shape == ref.shape == (3, 4, 12, 12), name
+        pairs_h = pairs.expand_as(got)
+        assert got[~pairs_h].abs().max() == 0, name
+        torch.testing.assert_close(got[pairs_h], ref[pairs_h], rtol=0, atol=1e-6, msg=name)
+        # each real query's row is its whole distribution over the real keys
+        torch.testing.assert_close(got.sum(-1), real[:, None].expand(3, 4, 12).float())
+    snapshot = rank_profile(model, [{"input_ids": batch, "attention_mask": mask}],
+                            max_sequences=3, samples=True)
+    for name, got in cap.attention.items():
+        torch.testing.assert_close(snapshot.samples[name], got[0], rtol=0, atol=0)
+    # max_tokens crops positions: the first 8 queries (and keys, where exact: causal Llama)
+    with torch.no_grad(), capture(model, max_tokens=8) as cropped:
+        model(batch, attention_mask=mask)
+    keys = 8 if family == "llama" else 12
+    for name, got in cropped.attention.items():
+        assert got.shape == (3, 4, 8, keys), name
+        torch.testing.assert_close(got, cap.attention[name][:, :, :8, :keys], rtol=0, atol=1e-6)

@@ -3,6 +3,7 @@ first call recorded, nothing changed in the model's computation, nothing left be
 
 from __future__ import annotations
 
+import copy
 import warnings
 
 import pytest
@@ -13,10 +14,11 @@ from torch import nn
 from attn_probe import capture
 from reference import FIXTURE, no_hooks_left
 from toy_models import (
-    without_padding,
+    padding_zeroed,
     EncoderStack,
     NanoGPT,
     assert_close_all,
+    nano_reference,
     gpt2_config,
     max_error,
     ran_op,
@@ -46,7 +48,7 @@ def test_gpt2_padding_matches_eager(gpt2):
     with torch.no_grad(), capture(model) as cap:
         model(x, attention_mask=mask)
     ref = eager(x, attention_mask=mask, output_attentions=True).attentions
-    assert_close_all(cap.attention, [without_padding(r, mask) for r in ref], "gpt2 padded")
+    assert_close_all(cap.attention, [padding_zeroed(r, mask) for r in ref], "gpt2 padded")
 
 
 def test_llama_grouped_query_matches_eager(llama):
@@ -69,11 +71,11 @@ def test_llama_left_padding_matches_eager(llama):
     with torch.no_grad(), capture(model) as cap:
         model(x, attention_mask=mask)
     ref = eager(x, attention_mask=mask, output_attentions=True).attentions
-    assert_close_all(cap.attention, [without_padding(r, mask) for r in ref], "llama left-padded")
-    # padding is left out: sequence 1's 7 real tokens come first, nothing after them
+    assert_close_all(cap.attention, [padding_zeroed(r, mask) for r in ref], "llama left-padded")
+    # input positions: sequence 1's 5 padding tokens are zero rows and columns in front
     a = cap.attention["model.layers.0.self_attn"]
-    assert a.shape[-1] == 12 and a[1, :, 7:].abs().max() == 0 and a[1, :, :, 7:].abs().max() == 0
-    torch.testing.assert_close(a[1, :, :7].sum(-1), torch.ones(4, 7))
+    assert a.shape[-1] == 12 and a[1, :, :5].abs().max() == 0 and a[1, :, :, :5].abs().max() == 0
+    torch.testing.assert_close(a[1, :, 5:].sum(-1), torch.ones(4, 7))
 
 
 def test_bert_padding_matches_eager(bert):
@@ -86,7 +88,7 @@ def test_bert_padding_matches_eager(bert):
         model(x, attention_mask=mask)
     assert cap.modules == ["encoder.layer.0.attention.self", "encoder.layer.1.attention.self"]
     ref = eager(x, attention_mask=mask, output_attentions=True).attentions
-    assert_close_all(cap.attention, [without_padding(r, mask) for r in ref], "bert padded")
+    assert_close_all(cap.attention, [padding_zeroed(r, mask) for r in ref], "bert padded")
     a = cap.attention["encoder.layer.0.attention.self"]
     assert a[2, :, :, 3:].abs().max() == 0 and a[2, :, 3:].abs().max() == 0
     real_rows = torch.arange(12) < mask.sum(1, keepdim=True)  # (3, 12): padding rows are zero
@@ -103,7 +105,7 @@ def test_hf_eager_models_softmax_is_intercepted(family, request):
     mask[2, 9:] = 1 if family == "llama" else 0
     with torch.no_grad(), capture(eager) as cap:
         ref = eager(x, attention_mask=mask, output_attentions=True).attentions
-    assert_close_all(cap.attention, [without_padding(r, mask) for r in ref],
+    assert_close_all(cap.attention, [padding_zeroed(r, mask) for r in ref],
                      f"{family} eager softmax")
 
 
@@ -281,3 +283,21 @@ def test_nothing_left_behind_when_forward_raises(nanogpt):
     assert no_hooks_left(nanogpt)
     with torch.no_grad():
         nanogpt(x)  # still a working model
+
+
+@pytest.mark.parametrize("strategy", ["intercept", "adapter"])
+def test_a_shallow_copy_of_a_monitored_module_is_not_measured(nanogpt, strategy):
+    """``copy.copy`` of a monitored attention module shares its hook dictionaries: run while
+    the capture is armed, before the model, it is neither measured nor counted, and the model's
+    own layer is measured as if it were alone."""
+    x = tokens()
+    want = nano_reference(nanogpt, x)
+    attn = nanogpt.blocks[0].attn
+    with torch.no_grad(), capture(nanogpt, strategy=strategy) as cap:
+        twin = copy.copy(attn)
+        assert twin._forward_pre_hooks is attn._forward_pre_hooks  # the hooks fire for it
+        twin(torch.randn(2, 5, 32, generator=torch.Generator().manual_seed(4)))
+        nanogpt(x)
+    assert_close_all(cap.attention, want, "nanogpt beside a shallow copy")
+    assert cap.calls == {"blocks.0.attn": 1, "blocks.1.attn": 1}
+    assert no_hooks_left(nanogpt)

@@ -432,7 +432,9 @@ def test_errors_are_one_line(work, in_process):
     """
     runs, root = work["runs"], work["root"]
     check_error(runs["missing"], "no such file or directory")
-    check_error(runs["no_attention"], "no attention module found")
+    # the command line's own advice: --modules, not the Python API's modules=[...]
+    check_error(runs["no_attention"], "no attention module found", "--modules NAME_OR_GLOB")
+    assert "modules=" not in runs["no_attention"].result()[2]
     for name in ("missing", "no_attention"):
         assert not (root / f"out_{name}").exists(), f"{name} wrote output"
     factory = f"{HELPERS}:make_model"
@@ -521,10 +523,25 @@ def test_usage_errors_in_process(work, in_process, args, needles):
         ("make_sized", [], ["callable without arguments", "requires width"]),
         ("make_raising", [], ["the factory raised RuntimeError: no weights here"]),
         ("make_number", [], ["the factory returned int, not a torch.nn.Module"]),
+        # a glob that matches nothing, alone or beside one that matches: the modules that
+        # look like attention are named
+        ("make_model", ["--modules", "blocks.*.atn"],
+         ["--modules 'blocks.*.atn' matched no module of TinyLM",
+          "look like attention: blocks.0.attn (SelfAttention), blocks.1.attn",
+          "--modules takes names of model.named_modules() or globs"]),
+        ("make_model", ["--modules", "blocks.0.attn", "--modules", "nope"],
+         ["--modules 'nope' matched no module of TinyLM"]),
+        # a glob that takes in a module that is no attention
+        ("make_model", ["--modules", "blocks.1.*"],
+         ["module 'blocks.1.norm1' (LayerNorm) made no call", "Leave it out of --modules"]),
+        ("make_mlp", [], ["no attention module found in Sequential", "--modules NAME_OR_GLOB",
+                          "no module's name or class says attention"]),
     ],
 )
 def test_documented_errors_in_process(work, in_process, factory, args, needles):
-    """Each documented error path: exit status 2, one line on stderr, nothing written."""
+    """Each documented error path: exit status 2, one line on stderr, nothing written. The
+    command line's errors name its options (--modules), never the Python API's
+    (``modules=[...]``, ``modules=lambda ...``)."""
     root = work["root"]
     if "--out" not in args:
         args = [*args, "--out", str(root / "nope")]
@@ -535,7 +552,26 @@ def test_documented_errors_in_process(work, in_process, factory, args, needles):
     assert len(lines) == 1 and lines[0].startswith("attn-probe analyze: error: "), err
     for needle in needles:
         assert needle in lines[0], lines[0]
+    assert "modules=" not in lines[0], lines[0]
     assert not (root / "nope").exists()
+
+
+def test_modules_option_picks_the_modules_measured(work, in_process):
+    """--modules NAME_OR_GLOB (repeatable) measures exactly the modules named, as
+    ``AttentionProbe(modules=...)`` takes them; the tables match the reference for those."""
+    root = work["root"]
+    tokens = None
+    for args in (["--modules", "blocks.[02].attn"],
+                 ["--modules", "blocks.2.attn", "--modules", "blocks.0.attn"]):
+        out_dir = root / "out_modules"
+        status, out, err = in_process(f"{HELPERS}:make_model", "--sequences", "2", "--tokens",
+                                      "8", "--seed", "1", *args, "--out", str(out_dir))
+        assert status == 0, err
+        assert "2 attention layers" in out
+        tokens = torch.from_numpy(np.load(out_dir / "tokens.npy"))
+        ranks, columns = factory_reference(root, tokens)
+        keep = ["blocks.0.attn", "blocks.2.attn"]  # in model order
+        check_tables(out_dir, {n: ranks[n] for n in keep}, {n: columns[n] for n in keep})
 
 
 def test_interrupt_is_one_line(work, in_process):

@@ -85,6 +85,66 @@ def test_demo_runs_option_picks_runs_and_bad_options_are_one_line_errors(capsys)
     assert configs[0].log_dir.replace("\\", "/") == "x/unstable_qk_norm"
 
 
+def test_demo_replaces_its_own_earlier_runs_and_nothing_else(tmp_path, capsys, single_thread):
+    """A second demo into the same directory replaces the runs it writes again (TensorBoard
+    shows each step once); it deletes nothing it did not write, and refuses, in one line, to
+    replace a run directory that holds anything else."""
+    log_dir = tmp_path / "tb"
+    tiny = ["--steps", "2", "--every", "1", "--images-every", "0", "--layers", "1",
+            "--batch-size", "1", "--log-dir", str(log_dir)]
+    steps = {"stable": [0, 1], "unstable": [0], "unstable_qk_norm": [0]}
+
+    def check_each_step_once():
+        for name, want in steps.items():
+            scalars = scalar_events(log_dir / name)
+            for tag in ("train/loss", "train/lr", "rank90/max/L00", "max_logit/max/L00"):
+                assert [step for step, _ in scalars[tag]] == want, (name, tag)
+            assert len(list((log_dir / name).glob("events.out.tfevents.*"))) == 1, name
+
+    assert main(["demo", *tiny]) == 0
+    out = capsys.readouterr().out
+    assert "replacing" not in out
+    check_each_step_once()
+    (tmp_path / "notes.txt").write_text("mine")  # beside the log directory: not the demo's
+    (log_dir / "README").write_text("mine")      # in it, beside the runs: not the demo's either
+
+    assert main(["demo", *tiny]) == 0
+    check_each_step_once()
+    out = capsys.readouterr().out
+    assert out.splitlines()[0] == (f"attn-probe demo: replacing the earlier stable, unstable, "
+                                   f"unstable_qk_norm runs in {log_dir}")
+
+    # --runs: only the runs named are replaced; the others' files stay as they were
+    kept = {name: sorted((log_dir / name).iterdir()) for name in ("stable", "unstable_qk_norm")}
+    assert main(["demo", *tiny, "--runs", "unstable"]) == 0
+    assert capsys.readouterr().out.splitlines()[0] == (
+        f"attn-probe demo: replacing the earlier unstable run in {log_dir}")
+    assert {name: sorted((log_dir / name).iterdir()) for name in kept} == kept
+    check_each_step_once()
+
+    # a file the demo did not write in a run's directory: one line, exit 2, nothing deleted
+    (log_dir / "unstable" / "notes.txt").write_text("mine")
+    before = sorted(p for p in tmp_path.rglob("*"))
+    assert main(["demo", *tiny]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("\n") == 1, err
+    assert err.startswith(f"attn-probe demo: error: {log_dir / 'unstable'} holds 'notes.txt', "
+                          "which the demo did not write"), err
+    assert sorted(p for p in tmp_path.rglob("*")) == before
+    assert (tmp_path / "notes.txt").read_text() == (log_dir / "README").read_text() == "mine"
+
+
+def test_demo_log_dir_naming_a_file_is_one_line(tmp_path, capsys):
+    (tmp_path / "file").write_text("mine")
+    for log_dir, says in [(tmp_path / "file", "exists and is not a directory"),
+                          (tmp_path / "file" / "tb", "cannot make the directory")]:
+        assert main(["demo", "--steps", "1", "--log-dir", str(log_dir)]) == 2
+        out, err = capsys.readouterr()
+        assert out == "" and err.count("\n") == 1, err
+        assert err.startswith(f"attn-probe demo: error: --log-dir {log_dir}") and says in err
+    assert (tmp_path / "file").read_text() == "mine"
+
+
 def test_demo_trains_on_one_thread_and_gives_the_others_back(tmp_path):
     """One thread by default (on a busy 2-core machine two were 3-4 times slower), restored
     after the run: the demo may run inside another program."""
