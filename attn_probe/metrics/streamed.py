@@ -33,7 +33,8 @@ so ``logit_spread = query_norm * key_norm * alignment`` exactly, where ``query_n
 root-mean-square norm of the scaled queries ``scale * q_i`` over the measured rows,
 ``key_norm`` that of the centred keys ``k_j - k̄``, and ``alignment`` (computed by the
 aggregation from the other three) the remaining factor: how well the largest scores' queries
-line up with the keys that stand out.  ``kv_head`` is the key head each query head reads.  ``entropy_norm`` is the mean of ``H_i / log n_i`` over rows
+line up with the keys that stand out.  ``kv_head`` is the key head each query head reads
+(key heads the model repeated for the kernel count as one).  ``entropy_norm`` is the mean of ``H_i / log n_i`` over rows
 with ``n_i >= 2`` allowed keys (``H_i / log 1`` is undefined; a row with one key has entropy
 0 anyway), so heads can be compared across lengths and masks: 1 is uniform attention.
 
@@ -216,8 +217,7 @@ class _Pass:
             "logit_spread": torch.full(shape, -math.inf, dtype=_F64, device=device),
             "query_norm": torch.zeros(shape, dtype=_F64, device=device),
             "key_norm": torch.zeros(shape, dtype=_F64, device=device),
-            "kv_head": (torch.arange(self.heads, device=device) // self.group).expand(shape)
-            .clone(),
+            "kv_head": self._kv_heads().expand(shape).clone(),
             "columns": torch.zeros(shape, dtype=torch.int64, device=device),
             "dominant": torch.full(shape, -1, dtype=torch.int64, device=device),
             "tokens": torch.zeros(shape, dtype=torch.int64, device=device),
@@ -245,6 +245,16 @@ class _Pass:
         self.row_sink = None if self.sink_logits is None else torch.empty_like(self.row_max)
         self.row_count = torch.empty(self.mask_heads, self.length, dtype=torch.int64,
                                      device=device)
+
+    def _kv_heads(self) -> Tensor:
+        """(H,) the key/value head each query head reads: ``h // group``, where key heads that
+        are exact copies of the one before (a model that repeats its key/value heads for the
+        kernel, as Hugging Face's ``repeat_kv`` does) count as one."""
+        keys = self.key[: self.sequences]
+        new = torch.ones(self.kv_heads, dtype=torch.int64, device=self.device)
+        for h in range(1, self.kv_heads):
+            new[h] = int(not torch.equal(keys[:, h], keys[:, h - 1]))
+        return (new.cumsum(0) - 1).repeat_interleave(self.group)
 
     # ----------------------------------------------------------------------------------------
     # Sequence and block loops
@@ -518,10 +528,15 @@ def full_context_metrics(observed: object, tau: float = 0.9,
     :func:`scores_stats`), or a bare matrix from a user adapter, which gives ``{}``.
     """
     if isinstance(observed, AttentionInputs):
+        padding = observed.key_padding
+        if padding is not None:  # each sequence's real tokens come first in the inputs
+            keys = torch.arange(observed.key.size(2), device=padding.device)
+            padding = keys < padding.sum(dim=1, keepdim=True)[:, : observed.key.size(2)]
         stats = full_context_stats(
             observed.query, observed.key, attn_mask=observed.attn_mask,
             is_causal=observed.is_causal, scale=observed.scale,
-            sink_logits=observed.sink_logits, tau=tau, memory_budget=memory_budget,
+            sink_logits=observed.sink_logits, key_padding=padding, tau=tau,
+            memory_budget=memory_budget,
         )
     elif isinstance(observed, AttentionScores):
         stats = scores_stats(observed.scores, observed.probs, sink_mass=observed.sink_mass,

@@ -59,7 +59,7 @@ def test_padded_batch_gives_the_figures_of_each_sequence_alone(family, side, ker
             for b in range(len(LENGTHS)):
                 want = alone[b][layer][name][0]
                 if value.dtype.is_floating_point:
-                    torch.testing.assert_close(value[b], want, rtol=1e-5, atol=1e-5,
+                    torch.testing.assert_close(value[b], want, rtol=1e-5, atol=1e-5, equal_nan=True,
                                                msg=f"{layer} {name} sequence {b}")
                 else:
                     assert torch.equal(value[b], want), (layer, name, b, value[b], want)
