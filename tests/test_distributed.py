@@ -294,8 +294,9 @@ def test_lightning_ddp_stop_on_stops_every_process_after_the_same_step(run):
     history = {int(s): figures for s, figures in zero["history"].items()}
     sampled = list(range(3, step + 1, 4))  # Lightning's logging steps: (s + 1) % 4 == 0
     assert sorted(history) == sampled and step in sampled
+    assert tag == "L00"
     unstable_run.assert_clear_of_thresholds(
-        {s: list(zip(f[0], f[2])) for s, f in history.items()})
+        {s: list(zip(f[0], f[2])) for s, f in history.items()}, until=step)
     # every figure is the mean over both processes' sequences
     assert {c for _, counts, _ in history.values() for c in counts} == {WORLD * PROBE[
         "max_sequences"]}

@@ -53,30 +53,30 @@ def layer_figures(history) -> dict[int, list[tuple[float, float]]]:
             for s in history}
 
 
-def assert_clear_of_thresholds(figures: dict[int, list[tuple[float, float]]]) -> None:
-    """Every sampled step's figures (:func:`layer_figures`) are at least ``MARGIN`` away from
-    the thresholds of the default rules' warnings — the logit rule's floor and growth, the
-    entropy rule's level — so that the run, not rounding, decides where the first alerts
-    fire."""
+def assert_clear_of_thresholds(figures: dict[int, list[tuple[float, float]]],
+                               until: int) -> None:
+    """Layer 0's figures (:func:`layer_figures`) at every sampled step up to ``until`` (the
+    step of the alert a test stops on) are at least ``MARGIN`` away from the thresholds of the
+    default rules' warnings — the logit rule's floor and growth, the entropy rule's level — so
+    that the run, not rounding, decides where its first alerts fire."""
     from attn_probe.alerts import AlertRules
 
     rules = AlertRules()
     logit, entropy = rules.logit, rules.entropy
-    steps = sorted(figures)
-    for layer in range(len(figures[steps[0]])):
-        spreads = [figures[step][layer][0] for step in steps]
-        for i, step in enumerate(steps):
-            spread, mean = figures[step][layer]
-            before = spreads[max(0, i - logit.window):i]
-            limits = [logit.min_spread, entropy.warning]
-            values = [spread, mean]
-            if before:
-                limits.append(logit.growth * max(min(before), logit.base))
-                values.append(spread)
-            for value, limit in zip(values, limits):
-                assert abs(value - limit) > MARGIN * limit, (
-                    f"step {step}, layer {layer}: {value:.4g} is too close to {limit:.4g} for a "
-                    f"reliable test; all: {figures}")
+    steps = [step for step in sorted(figures) if step <= until]
+    spreads = [figures[step][0][0] for step in steps]
+    for i, step in enumerate(steps):
+        spread, mean = figures[step][0]
+        before = spreads[max(0, i - logit.window):i]
+        limits = [logit.min_spread, entropy.warning]
+        values = [spread, mean]
+        if before:
+            limits.append(logit.growth * max(min(before), logit.base))
+            values.append(spread)
+        for value, limit in zip(values, limits):
+            assert abs(value - limit) > MARGIN * limit, (
+                f"step {step}: {value:.4g} is too close to {limit:.4g} for a reliable test; "
+                f"all: {figures}")
 
 
 def probe_steps(scalars: dict[str, dict[int, float]]) -> set[int]:

@@ -220,8 +220,9 @@ def test_lightning_stop_on_logit_stops_at_the_step_of_the_alert(tmp_path, single
     sampled = [3, 7, 11, 15, 19]  # Lightning's steps are 0-based; it logs at (s + 1) % 4 == 0
     full = unstable_run.layer_figures(callback.probe.history)
     assert sorted(full) == sampled
-    unstable_run.assert_clear_of_thresholds(full)
     logit = next(a for a in callback.probe.alerts if a.kind == "logit")
+    assert logit.tag == "L00"
+    unstable_run.assert_clear_of_thresholds(full, until=logit.step)
     assert 3 <= logit.step < 19, full  # the collapse comes well before the end
     assert trainer.global_step == 20 and callback.stopped_by is None
     assert not [m for m in messages if "stopping training" in m]
