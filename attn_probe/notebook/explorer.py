@@ -218,7 +218,7 @@ class Explorer:
         chosen = self.layer(layer)
         values = self.figures(chosen.name)
         return figures.head_profiles(
-            values["rank"], values["columns"], tau=self.tau,
+            values["rank"], values["columns"], tau=self.tau, ylabel="one sequence",
             title=f"{chosen.label}: sequence {self.sequence}, first {self.window} tokens")
 
     # ------------------------------------------------------------------------ all sequences

@@ -243,10 +243,12 @@ def head_profiles(
     tau: float = 0.9,
     title: str | None = None,
     lazy: Any = None,
+    ylabel: str = "mean over sequences",
 ) -> Figure:
     """Per-head rank@tau and columns@tau of one layer, as grouped bars.
 
     ``lazy`` (optional (H,) bools) marks collapsed heads: their labels are drawn red.
+    ``ylabel`` says what the bars are of (default: means over sequences).
     """
     rank = as_numpy(rank).reshape(-1)
     columns = as_numpy(columns).reshape(-1)
@@ -282,7 +284,7 @@ def head_profiles(
     ax.tick_params(axis="y", labelsize=8)
     ax.set_xlabel("head" + (" (red: lazy)" if lazy is not None and lazy.any() else ""),
                   fontsize=9)
-    ax.set_ylabel("mean over sequences", fontsize=9)
+    ax.set_ylabel(ylabel, fontsize=9)
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=8, frameon=False, ncols=2, loc="upper right")
     if title:
