@@ -76,9 +76,10 @@ class ExploreView:
         self.sequence = w.IntSlider(value=explorer.sequence, min=0, max=explorer.count - 1,
                                     description="sequence", continuous_update=False,
                                     disabled=explorer.count == 1)
-        image = {"format": "png", "layout": w.Layout(max_width="100%")}
-        self.heatmap, self.heads, self.profile = w.Image(**image), w.Image(**image), \
-            w.Image(**image)
+        def image(width: str) -> Any:  # scaled to its share of the notebook's width
+            return w.Image(format="png", layout=w.Layout(width=width, height="auto"))
+
+        self.heatmap, self.heads, self.profile = image("54%"), image("42%"), image("60%")
         self.table, self.profile_table = w.HTML(), w.HTML()
         self.run = w.Button(description=f"Run over {explorer.count} sequences",
                             button_style="primary", layout=w.Layout(width="auto"))
@@ -87,12 +88,13 @@ class ExploreView:
                                       description="sequences")
         self.status = w.Label(value="MaxRank per layer over every sequence: press Run")
 
-        layer_tab = w.VBox([w.HBox([self.heatmap, w.VBox([self.heads, self.table])])])
+        layer_tab = w.VBox([w.HBox([self.heatmap, self.heads], layout=w.Layout(
+            align_items="flex-start")), self.table])
         batch_tab = w.VBox([w.HBox([self.run, self.cancel, self.progress]), self.status,
-                            w.HBox([self.profile, self.profile_table])])
+                            self.profile, self.profile_table])
         tabs = w.Tab(children=[layer_tab, batch_tab])
         tabs.set_title(0, "layer")
-        tabs.set_title(1, "MaxRank over sequences")
+        tabs.set_title(1, "MaxRank")
         self.widget = w.VBox([
             w.HTML(f"<b>{explorer.source.loaded.description}</b>: "
                    f"{explorer.source.description}"),

@@ -112,16 +112,18 @@ def write_tables(snapshot: Snapshot, out: str | Path) -> list[Path]:
 
 def html_table(rows: list[dict], columns: dict[str, str]) -> str:
     """``rows`` as an HTML ``<table>``: one column per key of ``columns`` (key -> header, both
-    escaped), numbers written with 3 significant digits (empty for NaN)."""
+    escaped), numbers written with 3 significant digits (empty for NaN), right-aligned."""
 
     def cell(value: object) -> str:
         if isinstance(value, float):
             return f"{value:.3g}" if finite(value) else ""
         return html.escape(str(value))
 
-    head = "".join(f"<th>{html.escape(title)}</th>" for title in columns.values())
+    pad = 'style="padding: 1px 8px; text-align: right"'
+    head = "".join(f"<th {pad}>{html.escape(title)}</th>" for title in columns.values())
     body = "".join(
-        "<tr>" + "".join(f"<td>{cell(row.get(key, ''))}</td>" for key in columns) + "</tr>"
+        "<tr>" + "".join(f"<td {pad}>{cell(row.get(key, ''))}</td>" for key in columns) + "</tr>"
         for row in rows
     )
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+    return (f'<table style="border-collapse: collapse"><thead><tr>{head}</tr></thead>'
+            f"<tbody>{body}</tbody></table>")
