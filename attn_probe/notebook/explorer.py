@@ -126,6 +126,8 @@ class Explorer:
     # ------------------------------------------------------------------------ one sequence
 
     def _recorded(self) -> Capture:
+        if self._capture is not None:  # no lock: views stay live while MaxRank runs
+            return self._capture
         with self._lock:
             if self._capture is None:
                 loaded = self.source.loaded

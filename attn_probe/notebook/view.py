@@ -64,6 +64,7 @@ class ExploreView:
         self.shown: dict[str, Figure] = {}
         layers = explorer.layers
         first = explorer.layer(layer)
+        heatmap = explorer.heatmap(first.name, head)  # a bad head is one line, before any widget
         self.layer = w.Dropdown(options=[(item.label, item.name) for item in layers],
                                 value=first.name, description="layer")
         self.head = w.Dropdown(options=self._head_options(first.heads), value=head,
@@ -111,7 +112,7 @@ class ExploreView:
         self.sequence.observe(self._on_sequence, "value")
         self.run.on_click(lambda _: self.start())
         self.cancel.on_click(lambda _: self._cancel_event.set())
-        self._draw_heatmap()
+        self._show("heatmap", self.heatmap, heatmap)
         self._draw_layer()
 
     # --------------------------------------------------------------------------- drawing
@@ -199,6 +200,7 @@ class ExploreView:
                 self.status.value = (
                     f"{'cancelled: ' if cancelled else ''}MaxRank@{percent(snapshot.tau)}% over "
                     f"{explorer.profile_sequences} of {explorer.count} sequences")
+                self._note_stale_profile()  # tau moved while it ran
         except Exception as error:  # noqa: BLE001 - shown in the view, not lost in a thread
             self.status.value = f"failed: {type(error).__name__}: {error}"
         finally:
@@ -246,7 +248,9 @@ def explore(
     ``sequences`` sequences of ``tokens`` tokens sampled from the model (seed ``seed``).
     ``token_strings`` (or a tokenizer) name the tokens on the heatmap's axes. ``window``: the
     tokens the matrices cover (the ``max_tokens`` crop; default the whole sequence, at most
-    256). ``layer`` (name, tag ``"L03"`` or index) and ``head`` are shown first.
+    256). ``layer`` (name, tag ``"L03"`` or index) and ``head`` are shown first. The model
+    runs under ``torch.no_grad`` in the mode it is in (``model.eval()`` for attention without
+    dropout); a model loaded from a path is put in eval mode.
 
     In a notebook (``widget`` None) or with ``widget=True`` it returns an :class:`ExploreView`
     (needs ``ipywidgets``: ``pip install "attn_probe[notebook]"``); changing the layer, head,

@@ -179,6 +179,27 @@ def test_cancel_keeps_what_was_measured(model, view):
     np.testing.assert_array_equal(profile_line(view), want.max_rank_profile())
 
 
+def test_views_stay_live_while_max_rank_runs(model, view):
+    """A layer switched (from another thread, as the browser's does) while the MaxRank run is
+    between two batches is drawn at once, not after the run."""
+    switched = []
+
+    def on_progress(change):
+        if change.new == 2 and not switched:
+            person = threading.Thread(target=setattr, args=(view.layer, "value", LAYERS[2]))
+            person.start()
+            person.join(30)
+            switched.append(not person.is_alive())
+
+    view.progress.observe(on_progress, "value")
+    view.run.click()
+    view.wait(90)
+    assert switched == [True]
+    assert view.status.value == "MaxRank@90% over 6 of 6 sequences"
+    np.testing.assert_allclose(shown_image(view, "heatmap"), reference(model)[2][0].numpy(),
+                               atol=1e-6)
+
+
 def test_cancel_before_the_first_batch_measures_nothing(view):
     cancel = threading.Event()
     cancel.set()
@@ -227,6 +248,6 @@ def test_bad_choices_are_one_line(model, view):
     with pytest.raises(KeyError, match="no layer 'L07'; the layers are: L00"):
         attn_probe.explore(model, TOKENS, layer="L07", widget=True)
     with pytest.raises(ValueError, match="head 4 out of range: L00 transformer.h.0.attn has 4"):
-        view.explorer.heatmap(0, 4)
+        attn_probe.explore(model, TOKENS, head=4, widget=True)
     with pytest.raises(ValueError, match="tau must be in"):
         attn_probe.explore(model, TOKENS, tau=1.5, widget=False)
