@@ -13,7 +13,8 @@ Data flows one way (docs/architecture.md): model → :mod:`.attention` (per-head
 :mod:`.metrics` (per-head numbers) → :mod:`.aggregate` (sums and counts) → :mod:`.snapshot`
 (layer summaries) → :mod:`.outputs` (TensorBoard, figures, tables). :mod:`.probe` drives it
 during training, :mod:`.protocol` on a model at rest; :mod:`.integrations`, :mod:`.cli` and
-:mod:`.models` are built on top.
+:mod:`.models` are built on top, and :func:`explore` (:mod:`.notebook`) looks at a model in a
+notebook.
 """
 
 from typing import Any
@@ -22,6 +23,7 @@ from ._compat import MOVED_MODULES, install_moved_modules
 from .alerts import AlertRules, EntropyRule, LogitRule, SinkRule, UniformRule
 from .attention import CaptureError, register_adapter
 from .metrics import columns_at, dominant_column, head_metrics, rank_at, row_entropy, sink_mass
+from .notebook import explore
 from .probe import AttentionProbe
 from .protocol import Capture, capture, rank_profile
 from .snapshot import Alert, CollapseRule, LayerSummary, Snapshot
@@ -44,6 +46,7 @@ __all__ = [
     "capture",
     "columns_at",
     "dominant_column",
+    "explore",
     "head_metrics",
     "rank_at",
     "rank_profile",

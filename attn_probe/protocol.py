@@ -77,8 +77,11 @@ class Capture:
             observed = dataclasses.replace(observed, as_given=None)  # the model's own tensors
         self._observed[name] = observed
 
-    def _measured(self, name: str) -> Tensor:
-        """The matrix the figures measure: as :attr:`attention`, padding left out."""
+    def _measured(self, name: str, max_tokens: int | None = None) -> Tensor:
+        """The matrix the figures measure: as :attr:`attention` (or :meth:`matrix`, for
+        another crop), padding left out."""
+        if max_tokens is not None and max_tokens != self.max_tokens:
+            return self.matrix(name, max_tokens)
         observed = self._observed[name]
         if isinstance(observed, Tensor) or observed.key_padding is None:
             return self._attention[name]
@@ -100,17 +103,34 @@ class Capture:
         """Forward calls seen per module since the capture started."""
         return dict(self._recorder.calls)
 
-    def metrics(self, tau: float = 0.9) -> dict[str, dict[str, Tensor]]:
+    def matrix(self, name: str, max_tokens: int | None = None) -> Tensor:
+        """``name``'s (B, H, T, S) attention cropped to the first ``max_tokens`` tokens (None:
+        as recorded), rebuilt from what its kernel was given: another crop of the recorded
+        call, without running the model again. A padded sequence's real tokens come first
+        there (padding left out, as the figures measure it)."""
+        attention = self.attention[name]
+        if max_tokens is None or max_tokens == self.max_tokens:
+            return attention
+        check_count("max_tokens", max_tokens, minimum=2, why=ONE_TOKEN)
+        return probabilities(self._observed[name], max_tokens, self.matrix_budget)
+
+    def metrics(self, tau: float = 0.9, *, modules: Iterable[str] | None = None,
+                max_tokens: int | None = None) -> dict[str, dict[str, Tensor]]:
         """Module name -> figure -> (B, H) tensor: ``rank``, ``columns``, ``entropy``, ``sink``,
         ``dominant`` of the (cropped) matrix, and, where the capture saw q and k (or an eager
         softmax's scores), the full-sequence ``*_full`` figures and ``max_logit``
         (see :mod:`attn_probe.metrics.streamed`). Padding is left out: a padded sequence
         gives the figures of the same sequence run alone, its first ``max_tokens`` real
-        tokens."""
+        tokens. ``modules``: only these recorded modules (default: all); ``max_tokens``: the
+        figures of another crop (see :meth:`matrix`)."""
         tau = check_tau(tau)
-        return {name: _figures(self._measured(name), self._observed[name], tau,
+        names = list(self.attention) if modules is None else list(modules)
+        missing = [name for name in names if name not in self._attention]
+        if missing:
+            raise KeyError(f"nothing was recorded for {missing}; recorded: {list(self.attention)}")
+        return {name: _figures(self._measured(name, max_tokens), self._observed[name], tau,
                                self.memory_budget)
-                for name in self.attention}
+                for name in names}
 
     def reset(self) -> None:
         """Forget what was recorded; the next forward call of each module is recorded."""

@@ -6,8 +6,9 @@ Every module under attn_probe/ is parsed (nothing is imported) and every ``from 
 option checks and compatibility shims at the bottom; the data model (snapshot) that aggregation
 and outputs share; model -> attention -> metrics (of the matrix, and of the whole sequence) ->
 aggregate -> alerts and outputs; probe and protocol
-drive those stages; integrations on the probe; models, used by the command line only; the
-command line; the package's own namespace. Modules of one layer may import each other.
+drive those stages; integrations on the probe; models, used by the front ends only; the
+front ends (the command line, and the notebook's explore on the command line's loaders); the
+package's own namespace. Modules of one layer may import each other.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ LAYERS = [
     ["probe", "protocol"],
     ["integrations"],
     ["models"],
-    ["cli"],
+    ["cli", "notebook"],
     ["__init__"],
 ]
 

@@ -10,7 +10,7 @@ import torch
 import attn_probe
 from attn_probe import capture
 from attn_probe.attention import CaptureError
-from reference import GPTAttention, no_hooks_left, reference_counts
+from reference import GPTAttention, gpt_attention, no_hooks_left, reference_counts
 from toy_models import assert_close_all, small_gpt, tokens
 
 
@@ -129,3 +129,43 @@ def test_rank_profile_progress_stops_at_max_sequences_and_needs_batches():
     assert all(layer.counts.tolist() == [10] * 4 for layer in snapshot.layers)
     with pytest.raises(ValueError, match="no batches"):
         attn_probe.rank_profile(model, [], max_sequences=10)
+
+
+def test_another_crop_is_rebuilt_without_running_the_model():
+    """Capture.matrix / metrics(max_tokens=...) of a recorded call equal the float64 reference
+    cropped to that many tokens, and a capture made with that crop; nothing runs the model."""
+    model = small_gpt().eval()
+    x = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(5))
+    reference = [a[:1] for a in gpt_attention(model, x)]
+    names = ["transformer.h.0.attn", "transformer.h.1.attn"]
+    with torch.no_grad(), capture(model, max_sequences=1, max_tokens=12) as cap:
+        model(x)
+    with torch.no_grad(), capture(model, max_sequences=1, max_tokens=5) as cropped:
+        model(x)
+    calls = []
+    handle = model.register_forward_pre_hook(lambda *_: calls.append(1))
+    try:
+        for layer, name in enumerate(names):
+            assert cap.matrix(name) is cap.attention[name]
+            for t in (5, 16):
+                got = cap.matrix(name, t)
+                assert got.shape == (1, 4, t, t)
+                assert (got.double() - reference[layer][..., :t, :t]).abs().max() < 1e-6
+            assert torch.equal(cap.matrix(name, 5), cropped.attention[name])
+        only = cap.metrics(0.9, modules=[names[1]], max_tokens=5)
+        assert list(only) == [names[1]]
+        want = cropped.metrics(0.9)[names[1]]
+        assert only[names[1]].keys() == want.keys()
+        for figure, values in want.items():
+            assert torch.allclose(only[names[1]][figure], values, equal_nan=True), figure
+        rank, columns, _ = reference_counts(reference[1][..., :5, :5])
+        assert torch.equal(only[names[1]]["rank"].double(), rank)
+        assert torch.equal(only[names[1]]["columns"].double(), columns)
+    finally:
+        handle.remove()
+    assert calls == []
+    with pytest.raises(KeyError, match="nothing was recorded for"):
+        cap.metrics(0.9, modules=["transformer.h.9.attn"])
+    with pytest.raises(ValueError, match="max_tokens must be an int >= 2"):
+        cap.matrix(names[0], 1)
+

@@ -24,7 +24,7 @@ from torch import nn
 from .console import UsageError, import_transformers, one_line
 from .shards import is_shard
 
-__all__ = ["LoadedModel", "MODEL_FORMS", "load_model"]
+__all__ = ["LoadedModel", "MODEL_FORMS", "load_model", "loaded_model"]
 
 _FACTORY = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
 
@@ -301,6 +301,19 @@ def load_model(spec: str, *, trust_remote_code: bool = False, device: str = "cpu
         raise UsageError(f"cannot move the model to device {device!r}: {one_line(error)}") \
             from None
     model.eval()
+    return loaded_model(model, name=name, kind=kind, description=description,
+                        tokenizer_dir=tokenizer_dir, hf=hf)
+
+
+def loaded_model(model: nn.Module, *, name: str, kind: str, description: str,
+                 tokenizer_dir: Path | None = None, hf: bool | None = None) -> LoadedModel:
+    """A model in memory as a :class:`LoadedModel`: its vocabulary, BOS token and context read
+    from the model. ``hf`` None: whether its forward takes ``input_ids`` by keyword."""
+    if hf is None:
+        try:
+            hf = "input_ids" in inspect.signature(model.forward).parameters
+        except (TypeError, ValueError):
+            hf = False
     vocab = _vocab_size(model)
     return LoadedModel(
         model=model, name=re.sub(r"[^\w.-]+", "_", name) or "model", kind=kind,

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 import torch
@@ -17,7 +17,7 @@ from .shards import is_shard, read_shard
 if TYPE_CHECKING:
     from .loading import LoadedModel
 
-__all__ = ["load_tokens"]
+__all__ = ["check_tokens", "encode", "load_tokenizer", "load_tokens"]
 
 _TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "vocab.json", "vocab.txt", "tokenizer.model",
@@ -25,30 +25,42 @@ _TOKENIZER_FILES = (
 )
 
 
-def _read_text_tokens(path: Path, loaded: "LoadedModel", needed: int, trust_remote_code: bool,
-                      warn: Callable[[str], None]) -> np.ndarray:
+def load_tokenizer(loaded: "LoadedModel", trust_remote_code: bool, what: str,
+                   instead: str) -> Any:
+    """The tokenizer of ``loaded``'s model directory, or a :class:`UsageError` saying that
+    ``what`` is text and needs one, and what to give ``instead``."""
     if loaded.tokenizer_dir is None:
         raise UsageError(
-            f"--data {path} is text, which needs a tokenizer, and only a Hugging Face model "
-            "directory brings one; give a token shard (.bin) or leave out --data to sample"
+            f"{what} is text, which needs a tokenizer, and only a Hugging Face model "
+            f"directory brings one; {instead}"
         )
     if not any((loaded.tokenizer_dir / name).is_file() for name in _TOKENIZER_FILES):
         raise UsageError(
-            f"--data {path} is text, but {loaded.tokenizer_dir} has no tokenizer (none of "
-            f"{', '.join(_TOKENIZER_FILES[:3])}, ...); give a token shard (.bin) or leave out "
-            "--data to sample"
+            f"{what} is text, but {loaded.tokenizer_dir} has no tokenizer (none of "
+            f"{', '.join(_TOKENIZER_FILES[:3])}, ...); {instead}"
         )
     transformers = import_transformers("this model")
     try:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(
+        return transformers.AutoTokenizer.from_pretrained(
             str(loaded.tokenizer_dir), local_files_only=True,
             trust_remote_code=bool(trust_remote_code),
         )
     except (OSError, ValueError, TypeError, ImportError) as error:
         raise UsageError(
-            f"--data {path} is text, but no tokenizer could be loaded from "
+            f"{what} is text, but no tokenizer could be loaded from "
             f"{loaded.tokenizer_dir}: {one_line(error)}"
         ) from None
+
+
+def encode(tokenizer: Any, text: str) -> list[int]:
+    """The token ids of ``text``, without special tokens (no BOS is added)."""
+    return list(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
+
+
+def _read_text_tokens(path: Path, loaded: "LoadedModel", needed: int, trust_remote_code: bool,
+                      warn: Callable[[str], None]) -> np.ndarray:
+    tokenizer = load_tokenizer(loaded, trust_remote_code, f"--data {path}",
+                               "give a token shard (.bin) or leave out --data to sample")
 
     def tokenize(raw: bytes, complete: bool) -> list[int]:
         if not complete:  # a prefix of a large file: end it at a line break
@@ -60,7 +72,7 @@ def _read_text_tokens(path: Path, loaded: "LoadedModel", needed: int, trust_remo
             raise UsageError(
                 f"--data {path} is neither a token shard nor UTF-8 text"
             ) from None
-        return list(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
+        return encode(tokenizer, text)
 
     limit = max(1 << 20, needed * 64)
     with open(path, "rb") as f:

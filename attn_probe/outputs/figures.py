@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     from ..snapshot import Snapshot
 
 __all__ = [
+    "attention_heatmap",
     "attention_heatmaps",
     "collapse_map",
     "collapse_map_for",
@@ -242,10 +243,12 @@ def head_profiles(
     tau: float = 0.9,
     title: str | None = None,
     lazy: Any = None,
+    ylabel: str = "mean over sequences",
 ) -> Figure:
     """Per-head rank@tau and columns@tau of one layer, as grouped bars.
 
     ``lazy`` (optional (H,) bools) marks collapsed heads: their labels are drawn red.
+    ``ylabel`` says what the bars are of (default: means over sequences).
     """
     rank = as_numpy(rank).reshape(-1)
     columns = as_numpy(columns).reshape(-1)
@@ -281,7 +284,7 @@ def head_profiles(
     ax.tick_params(axis="y", labelsize=8)
     ax.set_xlabel("head" + (" (red: lazy)" if lazy is not None and lazy.any() else ""),
                   fontsize=9)
-    ax.set_ylabel("mean over sequences", fontsize=9)
+    ax.set_ylabel(ylabel, fontsize=9)
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=8, frameon=False, ncols=2, loc="upper right")
     if title:
@@ -405,4 +408,56 @@ def attention_heatmaps(
         bar.set_label("attention probability", fontsize=8)
     if title:
         fig.suptitle(title, fontsize=10, y=1 - 0.06 / height, va="top")
+    return fig
+
+
+def attention_heatmap(
+    attention: Any,
+    *,
+    token_labels: Sequence[str] | None = None,
+    title: str | None = None,
+    cmap: str = "magma",
+    size: float = 5.0,
+) -> Figure:
+    """One head's attention probabilities, key on x, query on y, ``size`` inches square.
+
+    ``attention`` is ``(T, S)``. ``token_labels`` (at least ``S`` strings: the tokens of the
+    sequence) name the rows and columns; at most 64 are written per axis, evenly thinned.
+    """
+    attention = as_numpy(attention, np.float32)
+    if attention.ndim != 2:
+        raise ValueError(f"expected (T, S) attention of one head, got shape {attention.shape}")
+    queries, keys = attention.shape
+    if token_labels is not None:
+        token_labels = [str(label) for label in token_labels]
+        if len(token_labels) < keys:
+            raise ValueError(f"got {len(token_labels)} token labels for {keys} keys")
+    rows, cols = label_ticks(queries, 64), label_ticks(keys, 64)
+    points = 7 if max(queries, keys) <= 32 else 5
+    margin = 0.55
+    if token_labels is not None:
+        margin = 0.35 + min(text_width([token_labels[i] for i in rows + cols], points), 1.6)
+    top = 0.35 if title else 0.15
+    fig = new_figure(margin + size + 0.95, margin + size + top)
+    ax = axes_at(fig, margin, margin, size, size)
+    finite = attention[np.isfinite(attention)]
+    peak = float(finite.max()) if finite.size else 0.0
+    image = ax.imshow(np.ma.masked_invalid(attention), cmap=colour_map(cmap), vmin=0.0,
+                      vmax=peak if peak > 0 else 1.0, interpolation="nearest", aspect="auto")
+    bar = fig.colorbar(image, cax=axes_at(fig, margin + size + 0.12, margin, 0.15, size))
+    bar.set_label("attention probability", fontsize=8)
+    bar.ax.tick_params(labelsize=7)
+    if token_labels is None:
+        locator = {"integer": True, "nbins": 8, "min_n_ticks": 1}
+        ax.xaxis.set_major_locator(MaxNLocator(**locator))
+        ax.yaxis.set_major_locator(MaxNLocator(**locator))
+        ax.tick_params(labelsize=7)
+    else:
+        ax.set_xticks(cols, [token_labels[i] for i in cols], fontsize=points, rotation=90)
+        ax.set_yticks(rows, [token_labels[i] for i in rows], fontsize=points)
+        ax.tick_params(length=2, pad=1)
+    ax.set_xlabel("key", fontsize=9)
+    ax.set_ylabel("query", fontsize=9)
+    if title:
+        ax.set_title(title, fontsize=10)
     return fig

@@ -1,8 +1,10 @@
-"""A Snapshot as tables: per-layer and per-head rows, a terminal table, CSV and JSON files."""
+"""A Snapshot as tables: per-layer and per-head rows, a terminal table, CSV and JSON files, and
+rows of figures as an HTML table."""
 
 from __future__ import annotations
 
 import csv
+import html
 import math
 import json
 from pathlib import Path
@@ -106,3 +108,22 @@ def write_tables(snapshot: Snapshot, out: str | Path) -> list[Path]:
     (out / "profile.json").write_text(json.dumps(document, indent=2))
     written.append(out / "profile.json")
     return written
+
+
+def html_table(rows: list[dict], columns: dict[str, str]) -> str:
+    """``rows`` as an HTML ``<table>``: one column per key of ``columns`` (key -> header, both
+    escaped), numbers written with 3 significant digits (empty for NaN), right-aligned."""
+
+    def cell(value: object) -> str:
+        if isinstance(value, float):
+            return f"{value:.3g}" if finite(value) else ""
+        return html.escape(str(value))
+
+    pad = 'style="padding: 1px 8px; text-align: right"'
+    head = "".join(f"<th {pad}>{html.escape(title)}</th>" for title in columns.values())
+    body = "".join(
+        "<tr>" + "".join(f"<td {pad}>{cell(row.get(key, ''))}</td>" for key in columns) + "</tr>"
+        for row in rows
+    )
+    return (f'<table style="border-collapse: collapse"><thead><tr>{head}</tr></thead>'
+            f"<tbody>{body}</tbody></table>")

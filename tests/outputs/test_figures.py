@@ -245,3 +245,21 @@ def test_run_series_for_takes_the_extremes_over_layers():
     assert list(series.entropy) == pytest.approx([0.95, 0.02])  # the lowest layer mean
     assert series.alerts == {"logit": [5]}
     assert np.isnan(plots.run_series_for([1.0], [make_snapshot()]).max_logit[0])  # no figure
+
+
+def test_attention_heatmap_of_one_head_names_the_tokens():
+    attention = torch.softmax(torch.randn(5, 7), -1)
+    words = ["<s>", "Once", "upon", "a", "time", ",", "there"]
+    fig = plots.attention_heatmap(attention, token_labels=words, title="L01 H02")
+    ax = fig.axes[0]
+    (image,) = ax.images
+    np.testing.assert_array_equal(image.get_array(), attention.numpy())
+    assert [t.get_text() for t in ax.get_xticklabels()] == words
+    assert [t.get_text() for t in ax.get_yticklabels()] == words[:5]
+    assert ax.get_title() == "L01 H02" and ax.get_xlabel() == "key"
+    many = plots.attention_heatmap(torch.eye(200), token_labels=[f"t{i}" for i in range(200)])
+    assert len(many.axes[0].get_xticklabels()) <= 64  # thinned, evenly
+    with pytest.raises(ValueError, match="got 3 token labels for 7 keys"):
+        plots.attention_heatmap(attention, token_labels=words[:3])
+    with pytest.raises(ValueError, match="one head"):
+        plots.attention_heatmap(torch.ones(2, 3, 3))

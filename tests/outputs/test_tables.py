@@ -167,3 +167,22 @@ def test_write_tables_of_a_snapshot_without_layers(tmp_path):
     with open(tmp_path / "layers.csv", newline="") as f:
         assert list(csv.DictReader(f)) == []
     assert json.loads((tmp_path / "profile.json").read_text())["layers"] == []
+
+
+def test_html_table_escapes_and_leaves_nan_empty():
+    import html.parser
+
+    from attn_probe.outputs.tables import html_table
+
+    cells: list[str] = []
+
+    class Cells(html.parser.HTMLParser):
+        def handle_data(self, data):
+            cells.append(data)
+
+    text = html_table([{"layer": "L00 <a&b>", "rank": 2.34567, "lazy": True},
+                       {"layer": "L01", "rank": float("nan"), "lazy": False}],
+                      {"layer": "layer", "rank": "rank@90%"})
+    Cells().feed(text)
+    assert cells == ["layer", "rank@90%", "L00 <a&b>", "2.35", "L01"]
+    assert text.count("<tr>") == 3 and text.count("<td ") == 4  # the NaN cell is empty
