@@ -69,8 +69,16 @@ def logit_condition(history, tag: str) -> list[int]:
 
 
 def entropy_condition(history, tag: str) -> list[int]:
-    return [s.step for s in history
-            if s.layer(tag).reduce("entropy_norm_full", "mean") < RULES.entropy.warning]
+    """The sampled steps at which the entropy rule's condition holds for layer ``tag``: a mean
+    below ``warning``, or a fall of at least ``fall`` within ``window`` measurements."""
+    rule = RULES.entropy
+    means = [s.layer(tag).reduce("entropy_norm_full", "mean") for s in history]
+    steps = []
+    for i, value in enumerate(means):
+        before = means[max(0, i - rule.window):i]
+        if value < rule.warning or (before and max(before) - value >= rule.fall):
+            steps.append(history[i].step)
+    return steps
 
 
 @pytest.mark.slow

@@ -296,7 +296,7 @@ def test_lightning_ddp_stop_on_stops_every_process_after_the_same_step(run):
     assert sorted(history) == sampled and step in sampled
     assert tag == "L00"
     unstable_run.assert_clear_of_thresholds(
-        {s: list(zip(f[0], f[2])) for s, f in history.items()}, until=step)
+        {s: list(zip(f[0], f[2])) for s, f in history.items()}, until=step, kind="logit")
     # every figure is the mean over both processes' sequences
     assert {c for _, counts, _ in history.values() for c in counts} == {WORLD * PROBE[
         "max_sequences"]}

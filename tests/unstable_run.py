@@ -53,29 +53,32 @@ def layer_figures(history) -> dict[int, list[tuple[float, float]]]:
             for s in history}
 
 
-def assert_clear_of_thresholds(figures: dict[int, list[tuple[float, float]]],
-                               until: int) -> None:
+def assert_clear_of_thresholds(figures: dict[int, list[tuple[float, float]]], until: int,
+                               kind: str) -> None:
     """Layer 0's figures (:func:`layer_figures`) at every sampled step up to ``until`` (the
-    step of the alert a test stops on) are at least ``MARGIN`` away from the thresholds of the
-    default rules' warnings — the logit rule's floor and growth, the entropy rule's level — so
-    that the run, not rounding, decides where its first alerts fire."""
+    step of the alert a test stops on) are at least ``MARGIN`` away from the thresholds the
+    default rule of ``kind`` compares them with — for ``logit`` the floor and the growth, for
+    ``entropy`` the level and the fall — so that the run, not rounding, decides where that
+    alert fires."""
     from attn_probe.alerts import AlertRules
 
     rules = AlertRules()
-    logit, entropy = rules.logit, rules.entropy
     steps = [step for step in sorted(figures) if step <= until]
-    spreads = [figures[step][0][0] for step in steps]
-    for i, step in enumerate(steps):
-        spread, mean = figures[step][0]
-        before = spreads[max(0, i - logit.window):i]
-        limits = [logit.min_spread, entropy.warning]
-        values = [spread, mean]
-        if before:
-            limits.append(logit.growth * max(min(before), logit.base))
-            values.append(spread)
-        for value, limit in zip(values, limits):
-            assert abs(value - limit) > MARGIN * limit, (
-                f"step {step}: {value:.4g} is too close to {limit:.4g} for a reliable test; "
+    series = [figures[step][0][0 if kind == "logit" else 1] for step in steps]
+    for i, (step, value) in enumerate(zip(steps, series)):
+        if kind == "logit":
+            before = series[max(0, i - rules.logit.window):i]
+            pairs = [(value, rules.logit.min_spread)]
+            if before:
+                pairs.append((value, rules.logit.growth * max(min(before), rules.logit.base)))
+        else:
+            before = series[max(0, i - rules.entropy.window):i]
+            pairs = [(value, rules.entropy.warning)]
+            if before:
+                pairs.append((max(before) - value, rules.entropy.fall))
+        for figure, limit in pairs:
+            assert abs(figure - limit) > MARGIN * limit, (
+                f"step {step}: {figure:.4g} is too close to {limit:.4g} for a reliable test; "
                 f"all: {figures}")
 
 

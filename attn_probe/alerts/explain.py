@@ -100,6 +100,18 @@ def entropy_cause(before: Point, after: Point, head: int) -> str:
             + REMEDIES.format(tau=clip_level(before)))
 
 
+def fall_cause(before: Point, after: Point, head: int) -> str:
+    """A fast fall of entropy explained by the logits of the head that fell most."""
+    growth = head_growth(before, after, head)
+    if not (math.isfinite(growth.spread) and growth.spread > 1):
+        return ("the softmax sharpened faster than a model learns where to look; warm-up or a "
+                "lower learning rate slows it down")
+    return (f"the softmax sharpened faster than a model learns where to look: the logit "
+            f"spread of head {head} grew {times(growth.spread)} in {growth.steps} steps, "
+            f"{split(growth)}; warm-up or a lower learning rate slows it down, QK-norm bounds "
+            "it")
+
+
 def uniform_cause(now: Point) -> str:
     """What a layer stuck at uniform attention looks like from inside."""
     spread = now.figure("logit_spread", "max")

@@ -9,8 +9,8 @@ hold now as :class:`~attn_probe.snapshot.Alert` records with a severity:
   ``growth`` times within ``window`` measurements to at least ``min_spread``; ``critical`` past
   ``critical``;
 * ``entropy`` (:class:`EntropyRule`) — the layer's mean normalised entropy (1 = uniform,
-  0 = one key per query) has collapsed: ``warning`` below ``warning``, ``critical`` below
-  ``critical``;
+  0 = one key per query) falls fast or collapses: ``warning`` once it has fallen by ``fall``
+  within ``window`` measurements, or below ``warning``; ``critical`` below ``critical``;
 * ``uniform`` (:class:`UniformRule`) — the layer has stayed at uniform attention for
   ``samples`` measurements while another layer of the model has learned where to look:
   ``warning``;
@@ -64,7 +64,7 @@ class LogitRule:
 
     growth: float = 4.0
     window: int = 6
-    min_spread: float = 40.0
+    min_spread: float = 100.0
     base: float = 5.0
     critical: float = 1000.0
     max_logit: float | None = None
@@ -128,13 +128,16 @@ class LogitRule:
 @dataclass(frozen=True, kw_only=True)
 class EntropyRule:
     """``entropy``: entropy collapse (Zhai et al. 2023), on the layer's mean over heads of the
-    normalised entropy (1 = uniform, 0 = one key per query): ``warning`` below ``warning``,
-    ``critical`` below ``critical``. A single low-entropy head (a previous-token head) is
-    normal, so the rule looks at the mean. ``min_entropy``: deprecated, read as ``warning``."""
+    normalised entropy (1 = uniform, 0 = one key per query). ``warning`` when it has fallen by
+    at least ``fall`` within ``window`` measurements (the softmax sharpening faster than a model
+    learns where to look), or is below ``warning``; ``critical`` below ``critical``. A single
+    low-entropy head (a previous-token head) is normal, so the rule looks at the mean.
+    ``min_entropy``: deprecated, read as ``warning``."""
 
-    warning: float = 0.1
-    critical: float = 0.03
-    window: int = 6
+    fall: float = 0.45
+    window: int = 3
+    warning: float = 0.05
+    critical: float = 0.02
     min_entropy: float | None = None
 
     def __post_init__(self) -> None:
@@ -146,28 +149,61 @@ class EntropyRule:
         if not 0 < self.critical <= self.warning < 1:
             raise ValueError(f"EntropyRule needs 0 < critical <= warning < 1, got critical="
                              f"{self.critical}, warning={self.warning}")
+        if not 0 < self.fall < 1:
+            raise ValueError(f"EntropyRule.fall must be in (0, 1), got {self.fall}")
+        if not (isinstance(self.window, int) and self.window >= 1):
+            raise ValueError(f"EntropyRule.window must be a count of measurements >= 1, got "
+                             f"{self.window!r}")
 
     def collapsed(self, layer: LayerSummary) -> np.ndarray:
         """(H,) heads whose own normalised entropy is below ``warning``."""
         with np.errstate(invalid="ignore"):
             return layer.heads["entropy_norm_full"] < self.warning
 
+    def falling(self, track: LayerTrack) -> tuple[float, Point | None]:
+        """How far the layer's mean entropy fell within the window (0 without history), and
+        the earlier point it fell from."""
+        before = track.last(self.window + 1)[:-1]
+        means = [p.figure("entropy_norm_full", "mean") for p in before]
+        if not before or not np.isfinite(means).any():
+            return 0.0, None
+        top = int(np.nanargmax(means))
+        return float(means[top] - track.now.figure("entropy_norm_full", "mean")), before[top]
+
     def check(self, track: LayerTrack, model: ModelView) -> list[Alert]:
         now = track.now
         value = now.figure("entropy_norm_full", "mean")
-        if not value < self.warning:
+        if not np.isfinite(value):
             return []
-        severity, threshold = (("critical", self.critical) if value < self.critical
-                               else ("warning", self.warning))
         heads = now.heads("entropy_norm_full")
-        collapsed = self.collapsed(now.layer) & np.isfinite(heads)
-        before = track.last(self.window + 1)[0]
-        worst = int(np.nanargmin(heads))
         nats = now.figure("entropy_full", "mean")
-        return [_alert("entropy", severity, now, _heads(collapsed), value, threshold,
-                       f"attention entropy collapsed: mean normalised entropy {value:.3f} < "
-                       f"{threshold:g} ({nats:.3f} nats; 1 = uniform)",
-                       explain.entropy_cause(before, now, worst))]
+        found = []
+        if value < self.warning:
+            severity, threshold = (("critical", self.critical) if value < self.critical
+                                   else ("warning", self.warning))
+            before = track.last(self.window + 1)[0]
+            collapsed = self.collapsed(now.layer) & np.isfinite(heads)
+            found.append(_alert(
+                "entropy", severity, now, _heads(collapsed), value, threshold,
+                f"attention entropy collapsed: mean normalised entropy {value:.3f} < "
+                f"{threshold:g} ({nats:.3f} nats; 1 = uniform)",
+                explain.entropy_cause(before, now, int(np.nanargmin(heads)))))
+        drop, start = self.falling(track)
+        if start is not None and drop >= self.fall and not (found and found[0].severity ==
+                                                            "warning"):
+            then = start.heads("entropy_norm_full")
+            with np.errstate(invalid="ignore"):
+                fell = then - heads
+            named = fell >= self.fall
+            if not named.any():
+                named = np.isfinite(fell) & (fell > 0)
+            worst = int(np.nanargmax(np.where(np.isfinite(fell), fell, -np.inf)))
+            found.append(_alert(
+                "entropy", "warning", now, _heads(named), value, self.fall,
+                f"attention entropy fell fast: mean normalised entropy "
+                f"{value + drop:.2f} -> {value:.2f} in {now.step - start.step} steps",
+                explain.fall_cause(start, now, worst)))
+        return found
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -179,7 +215,7 @@ class UniformRule:
 
     entropy: float = 0.99
     samples: int = 6
-    elsewhere: float = 0.8
+    elsewhere: float = 0.5
 
     def __post_init__(self) -> None:
         if not 0 < self.elsewhere < self.entropy < 1:

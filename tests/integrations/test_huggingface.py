@@ -195,7 +195,7 @@ def test_huggingface_stop_on_entropy_stops_at_the_step_of_the_alert(tmp_path, mo
     assert sorted(full) == sampled
     entropy = next(a for a in callback.probe.alerts if a.kind == "entropy")
     assert entropy.tag == "L00"
-    unstable_run.assert_clear_of_thresholds(full, until=entropy.step)
+    unstable_run.assert_clear_of_thresholds(full, until=entropy.step, kind="entropy")
     assert 5 <= entropy.step < 25, full  # the collapse comes well before the end
     assert trainer.state.global_step == 25 and callback.stopped_by is None
     assert not [m for m in messages if "stopping training" in m]

@@ -222,7 +222,7 @@ def test_lightning_stop_on_logit_stops_at_the_step_of_the_alert(tmp_path, single
     assert sorted(full) == sampled
     logit = next(a for a in callback.probe.alerts if a.kind == "logit")
     assert logit.tag == "L00"
-    unstable_run.assert_clear_of_thresholds(full, until=logit.step)
+    unstable_run.assert_clear_of_thresholds(full, until=logit.step, kind="logit")
     assert 3 <= logit.step < 19, full  # the collapse comes well before the end
     assert trainer.global_step == 20 and callback.stopped_by is None
     assert not [m for m in messages if "stopping training" in m]
