@@ -248,6 +248,40 @@ def read_images(log_dir: Path) -> dict[str, list[LoggedImage]]:
     return out
 
 
+def read_texts(log_dir: Path) -> dict[str, list[tuple[int, str]]]:
+    """Every text summary under ``log_dir``: tag (``alerts/text_summary`` for
+    ``add_text("alerts", ...)``) -> [(step, text), ...] in the order written."""
+    out: dict[str, list[tuple[int, str]]] = {}
+    for event in read_events(log_dir):
+        for value in event.summary.value:
+            if value.metadata.plugin_data.plugin_name == "text":
+                text = b"\n".join(value.tensor.string_val).decode()
+                out.setdefault(value.tag, []).append((event.step, text))
+    return out
+
+
+def markdown_rows(text: str) -> list[dict[str, str]]:
+    """The rows of the first markdown table in ``text`` as header -> cell (``\\|`` in a cell is
+    a ``|``, ``\\\\`` a backslash)."""
+    def cells(line: str) -> list[str]:
+        out, cell, chars = [], "", iter(line.strip()[1:-1])
+        for char in chars:
+            if char == "\\":
+                cell += next(chars, "")
+            elif char == "|":
+                out.append(cell.strip())
+                cell = ""
+            else:
+                cell += char
+        return out + [cell.strip()]
+
+    lines = [line for line in text.splitlines() if line.strip().startswith("|")]
+    if len(lines) < 2:
+        return []
+    header = cells(lines[0])
+    return [dict(zip(header, cells(line))) for line in lines[2:]]
+
+
 def read_events(log_dir: Path) -> Iterator:
     """Every raw ``Event`` record of the event files under ``log_dir``, in file order."""
     from tensorboard.backend.event_processing import event_file_loader
