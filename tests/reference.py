@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 from pathlib import Path
 from typing import Iterator, NamedTuple, Sequence
 
@@ -302,6 +303,95 @@ def assert_alert_logged(log_dir: Path, alert) -> None:
     assert math.isclose(float(row["threshold"]), alert.threshold, rel_tol=1e-6)
     counts = read_scalars(log_dir)[f"alert/{alert.kind}"]
     assert counts[alert.step] > max((v for s, v in counts.items() if s < alert.step), default=0)
+
+
+class HTMLPage(NamedTuple):
+    text: str  #: the text of the page, tags left out
+    tables: list[list[list[str]]]  #: every table: its rows, each a list of cell texts
+    elements: list[tuple[str, dict[str, str]]]  #: every start tag and its attributes
+
+
+def read_html(path: Path) -> HTMLPage:
+    """A page parsed back with the standard library's ``html.parser``."""
+    from html.parser import HTMLParser
+
+    class Parser(HTMLParser):
+        def __init__(self):
+            super().__init__()
+            self.text, self.tables, self.elements = [], [], []
+            self.cell: list[str] | None = None
+
+        def handle_starttag(self, tag, attrs):
+            self.elements.append((tag, {k: v or "" for k, v in attrs}))
+            if tag == "table":
+                self.tables.append([])
+            elif tag == "tr" and self.tables:
+                self.tables[-1].append([])
+            elif tag in ("td", "th"):
+                self.cell = []
+
+        def handle_endtag(self, tag):
+            if tag in ("td", "th") and self.cell is not None and self.tables:
+                self.tables[-1][-1].append(" ".join("".join(self.cell).split()))
+                self.cell = None
+
+        def handle_data(self, data):
+            self.text.append(data)
+            if self.cell is not None:
+                self.cell.append(data)
+
+    parser = Parser()
+    parser.feed(Path(path).read_text(encoding="utf-8"))
+    parser.close()
+    return HTMLPage(" ".join(" ".join(parser.text).split()), parser.tables, parser.elements)
+
+
+def shown_number(cell: str, value: float) -> bool:
+    """Whether a number written in a page (``1,497``, ``0.0192``, ``nan``) is ``value`` as far as
+    it shows: to the unit from 100 up, else to three significant digits."""
+    shown = float(cell.replace(",", ""))
+    if math.isnan(value):
+        return math.isnan(shown)
+    return abs(shown - value) <= (0.5 if abs(value) >= 100 else 5e-3 * abs(value))
+
+
+def check_report(page: Path, alerts: Sequence = (), runs: dict | None = None) -> HTMLPage:
+    """What every report must be: self-contained (no ``http``, every ``src`` a ``data:`` URI
+    of a PNG that decodes, no script, stylesheet link or frame), with each of ``alerts`` (run
+    name -> alerts in ``runs``, or the one run's ``alerts``) a row of its alert table giving
+    step, layer, kind, heads, severity, value, threshold and cause. Returns the parsed page."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    html = Path(page).read_text(encoding="utf-8")
+    parsed = read_html(page)
+    # no address anywhere (base64 may spell "http" by chance: the pictures are left out)
+    outside = re.sub(r"data:image/png;base64,[A-Za-z0-9+/=]*", "", html)
+    assert "http" not in outside.lower() and "//" not in outside
+    assert not [tag for tag, _ in parsed.elements if tag in ("script", "link", "iframe", "object",
+                                                           "embed")]
+    sources = [attrs["src"] for _, attrs in parsed.elements if "src" in attrs]
+    hrefs = [attrs["href"] for _, attrs in parsed.elements if "href" in attrs]
+    assert hrefs == [] and sources and html.count("src=") == len(sources)
+    for src in sources:
+        assert src.startswith("data:image/png;base64,"), src[:40]
+        with Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1]))) as picture:
+            picture.load()
+            assert picture.format == "PNG" and min(picture.size) > 50
+    tables = [t for t in parsed.tables if t and t[0][:3] == ["run", "step", "layer"]]
+    rows = [dict(zip(tables[0][0], row)) for row in tables[0][1:]] if tables else []
+    wanted = [(name, alert) for name, found in (runs or {"": alerts}).items() for alert in found]
+    assert len(rows) == len(wanted), (rows, wanted)
+    for name, alert in wanted:
+        (row,) = [row for row in rows if (row["step"], row["layer"], row["kind"]) == (
+            str(alert.step), alert.tag, alert.kind) and (not name or row["run"] == name)]
+        assert row["heads"] == ", ".join(map(str, alert.heads))
+        assert row["severity"] == alert.severity and row["cause"] == (alert.cause or "—")
+        assert shown_number(row["value"], alert.value), (row, alert)
+        assert shown_number(row["threshold"], alert.threshold), (row, alert)
+    return parsed
 
 
 def read_events(log_dir: Path) -> Iterator:

@@ -1,10 +1,10 @@
 """`attn-probe demo`: three runs (stable, unstable, unstable with QK-norm) into one log
-directory, one TensorBoard run each, a summary per run and a summary picture.
+directory, one TensorBoard run each, a summary per run, a summary picture and the HTML report.
 
 End to end in a subprocess with tiny options (the logs and how many tags they hold, the head
-health pictures, the console, the picture), and in process at settings that collapse
+health pictures, the console, the picture, the report), and in process at settings that collapse
 within 15 steps (the demo's width at 64 tokens, as tests/test_alerts.py trains): the unstable
-run's event files hold its alerts, the other runs' none, and the console names them.
+run's event files and report hold its alerts, the other runs' none, and the console names them.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from attn_probe.cli.demo import RUNS, DemoConfig, demo_configs, run_demo
 from attn_probe.cli.main import main, report_demo
 from reference import (
     assert_alert_logged,
+    check_report,
     logged_alerts,
     read_images,
     read_scalars,
@@ -63,6 +64,7 @@ def test_demo_subprocess_writes_three_runs_and_a_summary(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert "tensorboard --logdir tb" in done.stdout
     assert "tb/summary.png" in done.stdout.replace("\\", "/")
+    assert "tb/report.html" in done.stdout.replace("\\", "/")
     # --steps is the stable run's length; the unstable runs train 30 % of it
     steps = {"stable": 6, "unstable": 2, "unstable_qk_norm": 2}
     for name, count in steps.items():
@@ -99,6 +101,11 @@ def test_demo_subprocess_writes_three_runs_and_a_summary(tmp_path):
                 with Image.open(io.BytesIO(image.png)) as png:
                     png.load()  # decodes
                     assert png.format == "PNG" and png.size == (image.width, image.height)
+    page = check_report(tmp_path / "tb" / "report.html", runs={name: [] for name in steps})
+    for name, count in steps.items():
+        assert f"{name} {count} steps of loss" in page.text
+    # per run: the loss, the logits, the entropy, the timeline and the latest head states
+    assert len([tag for tag, _ in page.elements if tag == "img"]) == 5 * len(steps)
     assert_summary_picture(tmp_path / "tb" / "summary.png")
 
 
@@ -209,7 +216,10 @@ def test_unstable_run_raises_alerts_and_the_others_none(tmp_path, capsys, recwar
     for name in RUNS:
         for alert in results[name].alerts:
             assert_alert_logged(tmp_path / name, alert)
-
+    # the report: every alert of every run in its table, and where to look first says when
+    # and where the unstable run collapsed
+    page = check_report(tmp_path / "report.html",
+                        runs={name: result.alerts for name, result in results.items()})
     for name in RUNS:
         scalars = read_scalars(tmp_path / name)
         assert sorted(scalars["train/loss"]) == list(range(15))
@@ -226,6 +236,8 @@ def test_unstable_run_raises_alerts_and_the_others_none(tmp_path, capsys, recwar
         assert f"{alert.kind:<8} {alert.tag}  step {alert.step} " in unstable
     paragraph = " ".join(out[out.index("The stable run"):].split())
     assert f"alerts at step {fired[0].step}" in paragraph
-
+    first = [a for a in results["unstable"].alerts if a.step == results["unstable"].alerts[0].step]
+    assert (f"first alert at step {first[0].step}: "
+            + ", ".join(f"{a.kind} in {a.tag}" for a in first)) in page.text
     assert "QK-norm kept the largest logit" in paragraph
     assert_summary_picture(tmp_path / "summary.png")

@@ -21,9 +21,11 @@ from extras_rule import extra
 import torch
 
 import unstable_run
+from attn_probe.cli.report import write_report
 from reference import (
     assert_alert_logged,
     assert_logged,
+    check_report,
     no_hooks_left,
     read_scalars,
     reference_layer_means,
@@ -232,6 +234,10 @@ def test_huggingface_stop_on_entropy_stops_at_the_step_of_the_alert(tmp_path, mo
     # stops there too. The evaluation that runs after the last step is not measured (the probe
     # measured 2 sequences per step, the training batch's).
     assert_alert_logged(run, alert)
+    # the report reads the framework's run: its loss, and every alert of the probe
+    page = check_report(write_report(run, tmp_path / "report.html"), callback.probe.alerts)
+    assert any(attrs.get("alt", "").endswith("training loss (train/loss)")
+               for tag, attrs in page.elements if tag == "img")
     assert unstable_run.probe_steps(scalars) == set(before)
     assert max(scalars["train/loss"]) == alert.step == max(scalars["eval/runtime"])
     assert {c for s in callback.probe.history for layer in s.layers

@@ -20,10 +20,12 @@ from extras_rule import extra
 import torch
 
 import unstable_run
+from attn_probe.cli.report import write_report
 from attn_probe.models.gpt import GPT, GPTConfig
 from reference import (
     assert_alert_logged,
     assert_logged,
+    check_report,
     gpt_attention,
     no_hooks_left,
     read_scalars,
@@ -251,6 +253,10 @@ def test_lightning_stop_on_logit_stops_at_the_step_of_the_alert(tmp_path, single
     # train_loss stops at the same step. The validation that Lightning runs on stopping is not
     # measured (2 sequences per step: the training batch's).
     assert_alert_logged(run, alert)
+    # the report reads the framework's run: its loss, and every alert of the probe
+    page = check_report(write_report(run, tmp_path / "report.html"), callback.probe.alerts)
+    assert any(attrs.get("alt", "").endswith("training loss (train_loss)")
+               for tag, attrs in page.elements if tag == "img")
     assert unstable_run.probe_steps(scalars) == set(before)
     assert max(scalars["train_loss"]) == alert.step
     assert {c for s in callback.probe.history for layer in s.layers
