@@ -20,6 +20,7 @@ from ..snapshot import HEAD_STATES, SEVERITIES, HeadState
 from .curves import Mark, step_curves
 from .events import LOSS_TAGS
 from .health import health_timeline
+from .runs import value_at
 from .tensorboard import SERIES, Series
 
 if TYPE_CHECKING:
@@ -47,7 +48,7 @@ h2 { font-size: 1.1em; margin: 1.4em 0 0.4em; border-bottom: 1px solid #ccc; }
 .note { color: #555; font-size: 0.9em; }
 .runs { display: grid; gap: 0.6em 1.4em; overflow-x: auto;
         grid-template-columns: repeat(var(--runs), minmax(420px, 1fr)); }
-.runs > h2 { grid-column: 1 / -1; }
+.runs > h2, .runs > .wide { grid-column: 1 / -1; }
 .cell { min-width: 0; }
 .cell h3 { font-size: 1em; margin: 0.2em 0; }
 .cell img { max-width: 100%; height: auto; display: block; }
@@ -87,18 +88,12 @@ def _num(value: float) -> str:
     return f"{value:,.0f}" if abs(value) >= 100 else f"{value:.3g}"
 
 
-def _value_at(series: tuple[np.ndarray, np.ndarray], step: int) -> float:
-    steps, values = series
-    where = np.flatnonzero(steps == step)
-    return float(values[where[0]]) if where.size else float("nan")
-
-
 def _alerts_match(run: "RunEvents", series: Series) -> bool:
     """Whether each ``logit`` alert of the run carries ``series``' value of its layer and step
     (the alerts say which figure their rule watched; true when there is none)."""
     layers = run.layers(series.prefix(0))
     return all(
-        alert.tag in layers and np.isclose(10 ** _value_at(layers[alert.tag], alert.step),
+        alert.tag in layers and np.isclose(10 ** value_at(*layers[alert.tag], alert.step),
                                            alert.value, rtol=1e-3)
         for alert in run.alerts if alert.kind == "logit"
     )
@@ -111,14 +106,14 @@ def _logit_series(run: "RunEvents") -> Series | None:
     return next((s for s in present if _alerts_match(run, s)), present[0] if present else None)
 
 
-def _marks(run: "RunEvents", kind: str, layers: dict, transform=lambda v: v) -> list[Mark]:
+def _marks(run: "RunEvents", kind: str, layers: dict) -> list[Mark]:
     """Crosses at the run's ``kind`` alerts, on the alerted layer's own line and value; the
     layers of the first such alert are named (the others by their colour)."""
     fired = [alert for alert in run.alerts if alert.kind == kind and alert.tag in layers]
     first = min((alert.step for alert in fired), default=None)
     marks = []
     for alert in fired:
-        value = transform(_value_at(layers[alert.tag], alert.step))
+        value = value_at(*layers[alert.tag], alert.step)
         marks.append(Mark(alert.tag, alert.step, value if np.isfinite(value) else alert.value,
                           alert.tag if alert.step == first else ""))
     return marks
@@ -283,18 +278,23 @@ def _definitions() -> str:
 
 def render_report(runs: Sequence["RunEvents"], *, title: str, source: str = "") -> str:
     """The HTML page of ``runs`` side by side (one column each); ``source`` says where the
-    event files were read from."""
+    event files were read from. First what answers "which layer, which head, since when":
+    where to look, the alerts of every run, the timeline of head health; then the curves."""
     sections = (
         ("Where to look first", _where_to_look),
-        ("Training loss", _loss_chart),
+        ("Alerts", None),
+        ("Head health over time", _timeline),
         ("Attention logits", _logit_chart),
         ("Attention entropy", _entropy_chart),
-        ("Head health over time", _timeline),
+        ("Training loss", _loss_chart),
         ("Head states at the latest picture", _head_states),
     )
     body = []
     for heading, part in sections:
         body.append(f"<h2>{heading}</h2>")
+        if part is None:  # one table of every run's alerts, the whole width
+            body.append(f'<div class="wide">{_alert_table(runs)}</div>')
+            continue
         for run in runs:
             body.append(f'<div class="cell"><h3>{html.escape(run.name)}</h3>{part(run)}</div>')
     note = f"Read from the event files under {html.escape(source)}. " if source else ""
@@ -308,5 +308,5 @@ def render_report(runs: Sequence["RunEvents"], *, title: str, source: str = "") 
         "mark alerts, on the line of the layer they fired in; dashed lines are alert "
         "thresholds.</p>"
         f'<div class="runs" style="--runs: {len(runs)}">{"".join(body)}</div>'
-        f"<h2>Alerts</h2>{_alert_table(runs)}{_definitions()}</body></html>\n"
+        f"{_definitions()}</body></html>\n"
     )

@@ -16,7 +16,8 @@ from .canvas import as_numpy, axes_at, new_figure
 if TYPE_CHECKING:
     from ..snapshot import Alert, Snapshot
 
-__all__ = ["AlertMark", "RunSeries", "moving_average", "run_series_for", "run_summary"]
+__all__ = ["AlertMark", "RunSeries", "moving_average", "run_series_for", "run_summary",
+           "value_at"]
 
 
 class AlertMark(NamedTuple):
@@ -77,7 +78,7 @@ def _cross(ax, x: float, y: float, colour: str) -> None:
             markeredgecolor="black", markeredgewidth=0.8, zorder=5)
 
 
-def _value_at(steps: np.ndarray, values: np.ndarray | None, step: int) -> float:
+def value_at(steps: np.ndarray, values: np.ndarray | None, step: int) -> float:
     """The value of a curve at ``step`` (NaN where it has none)."""
     if values is None:
         return float("nan")
@@ -107,7 +108,7 @@ def _mark_alerts(ax, steps: np.ndarray, series: RunSeries, kind: str, column: in
         else:
             values = None
         for alert in (a for a in fired if a.tag == tag):
-            y = _value_at(steps, values, alert.step)
+            y = value_at(steps, values, alert.step)
             y = y if np.isfinite(y) else float(alert.value)
             if not np.isfinite(y) or (kind == "logit" and y <= 0):
                 continue
