@@ -192,7 +192,7 @@ def run_summary(
             first = [a for a in fired if a.step == fired[0].step]
             tags = ", ".join(dict.fromkeys(a.tag for a in first))
             kinds = " and ".join(dict.fromkeys(a.kind for a in first))
-            labels.append(f"{name}: {tags} collapsed at step {first[0].step} ({kinds})")
+            labels.append(f"{name}: {tags} went wrong at step {first[0].step} ({kinds})")
         else:
             labels.append(name)
 

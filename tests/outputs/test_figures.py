@@ -224,7 +224,7 @@ def test_run_summary_draws_each_run_with_thresholds_and_alert_marks():
     assert "L01" in texts(logit) and "L01" in texts(entropy)
     assert "entropy alerts later: L00 at step 10" in texts(entropy)
     legend = [text.get_text() for text in fig.legends[0].get_texts()]
-    assert legend == ["stable", "unstable: L01 collapsed at step 5 (logit and entropy)",
+    assert legend == ["stable", "unstable: L01 went wrong at step 5 (logit and entropy)",
                       "alert fired", "alert threshold"]
     assert plots.figure_to_array(fig).shape[1] > 2 * plots.figure_to_array(fig).shape[0]
     # the loss: faint as it is, solid as a centred moving average (shorter at the ends)
