@@ -28,6 +28,7 @@ from reference import (
     read_images,
     read_scalars,
     repo_env,
+    scalar_events,
 )
 
 #: Figures every run logs for every layer, besides the loss.
