@@ -320,9 +320,11 @@ def read_html(path: Path) -> HTMLPage:
             super().__init__()
             self.text, self.tables, self.elements = [], [], []
             self.cell: list[str] | None = None
+            self.hidden = False
 
         def handle_starttag(self, tag, attrs):
             self.elements.append((tag, {k: v or "" for k, v in attrs}))
+            self.hidden = tag in ("style", "script")
             if tag == "table":
                 self.tables.append([])
             elif tag == "tr" and self.tables:
@@ -331,11 +333,14 @@ def read_html(path: Path) -> HTMLPage:
                 self.cell = []
 
         def handle_endtag(self, tag):
+            self.hidden = False
             if tag in ("td", "th") and self.cell is not None and self.tables:
                 self.tables[-1][-1].append(" ".join("".join(self.cell).split()))
                 self.cell = None
 
         def handle_data(self, data):
+            if self.hidden:
+                return  # a style sheet or script: not text of the page
             self.text.append(data)
             if self.cell is not None:
                 self.cell.append(data)

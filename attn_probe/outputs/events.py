@@ -51,7 +51,7 @@ class RunEvents:
     scalars: dict[str, Series] = field(default_factory=dict)
     #: tag -> (step, PNG bytes) of the latest image
     images: dict[str, tuple[int, bytes]] = field(default_factory=dict)
-    #: every alert of the run, in step order
+    #: every alert of the run, in step order (within a step, as the probe wrote them)
     alerts: tuple[Alert, ...] = ()
 
     @property
@@ -151,7 +151,7 @@ def read_run(path: str | os.PathLike, name: str | None = None) -> RunEvents:
         last = {step: value for step, _, value in sorted(found)}  # the latest write of a step
         steps = np.array(sorted(last), dtype=np.int64)
         scalars[tag] = (steps, np.array([last[s] for s in steps], dtype=np.float64))
-    ordered = sorted(alerts.values(), key=lambda a: (a.step, a.tag, a.kind, a.heads))
+    ordered = sorted(alerts.values(), key=lambda alert: alert.step)  # else as written
     return RunEvents(
         name=name if name is not None else path.name,
         path=path,
