@@ -76,7 +76,8 @@ def test_report_of_every_run_side_by_side(runs, tmp_path, capsys):
     assert "no alert" in page.text  # the QK-norm run
     alts = [attrs["alt"] for tag, attrs in page.elements if tag == "img"]
     for name in alerts:
-        assert {f"{name}: training loss (train/loss)", f"{name}: max_logit of every layer",
+        # the logit chart shows the figure the logit rule watches: the logit spread
+        assert {f"{name}: training loss (train/loss)", f"{name}: logit_spread of every layer",
                 f"{name}: normalised entropy of every layer",
                 f"{name}: worst head state of each layer at each step",
                 f"{name}: head states at step {2 * EVERY}"} <= set(alts)
