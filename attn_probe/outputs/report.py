@@ -88,10 +88,15 @@ def _num(value: float) -> str:
     return f"{value:,.0f}" if abs(value) >= 100 else f"{value:.3g}"
 
 
+def _prefix(series: Series) -> str:
+    """The part of a series' tags before the layer (the report's series hold no tau)."""
+    return series.prefix("")
+
+
 def _alerts_match(run: "RunEvents", series: Series) -> bool:
     """Whether each ``logit`` alert of the run carries ``series``' value of its layer and step
     (the alerts say which figure their rule watched; true when there is none)."""
-    layers = run.layers(series.prefix(0))
+    layers = run.layers(_prefix(series))
     return all(
         alert.tag in layers and np.isclose(10 ** value_at(*layers[alert.tag], alert.step),
                                            alert.value, rtol=1e-3)
@@ -102,7 +107,7 @@ def _alerts_match(run: "RunEvents", series: Series) -> bool:
 def _logit_series(run: "RunEvents") -> Series | None:
     """The logit figure the run's chart shows: the first of :data:`LOGIT_SERIES` the run has
     whose values its ``logit`` alerts carry, else the first it has."""
-    present = [series for series in LOGIT_SERIES if run.layers(series.prefix(0))]
+    present = [series for series in LOGIT_SERIES if run.layers(_prefix(series))]
     return next((s for s in present if _alerts_match(run, s)), present[0] if present else None)
 
 
@@ -141,7 +146,7 @@ def _logit_chart(run: "RunEvents") -> str:
     if series is None:
         return '<p class="note">No attention logit in this run.</p>'
     layers = {tag: (steps, 10 ** values)
-              for tag, (steps, values) in run.layers(series.prefix(0)).items()}
+              for tag, (steps, values) in run.layers(_prefix(series)).items()}
     matches = _alerts_match(run, series)
     figure = step_curves(
         layers, title=f"{_LOGIT_WORDS.get(series.figure, series.figure)}, per layer",
@@ -153,7 +158,7 @@ def _logit_chart(run: "RunEvents") -> str:
 
 
 def _entropy_chart(run: "RunEvents") -> str:
-    layers = run.layers(ENTROPY_SERIES.prefix(0))
+    layers = run.layers(_prefix(ENTROPY_SERIES))
     if not layers:
         return '<p class="note">No normalised entropy in this run.</p>'
     figure = step_curves(
