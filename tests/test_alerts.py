@@ -16,6 +16,7 @@ import torch
 
 import attn_probe
 from attn_probe.alerts import AlertRules
+from reference import assert_alert_logged
 from unstable_run import BATCH, CLIP, WEIGHT_DECAY, unstable_gpt, windows
 
 
@@ -101,6 +102,8 @@ def test_unstable_run_warns_at_the_first_step_its_figures_say_so(tmp_path, singl
                 snapshot = next(s for s in history if s.step == alert.step)
                 assert alert.value == pytest.approx(snapshot.layer(tag).reduce(figure, how))
                 assert alert.severity in ("warning", "critical") and alert.cause
+    for alert in alerts:  # each in the alert table of its step, and counted from its step on
+        assert_alert_logged(tmp_path, alert)
 
 
 @pytest.mark.slow

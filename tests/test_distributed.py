@@ -42,6 +42,7 @@ from attn_probe import AttentionProbe  # noqa: E402
 from reference import (  # noqa: E402
     assert_logged,
     gpt_attention,
+    logged_alerts,
     read_scalars,
     reference_layer_means,
 )
@@ -51,7 +52,7 @@ WORLD = 2
 CONFIG = dict(vocab_size=64, block_size=32, n_layer=2, n_head=4, n_embd=32)
 EVERY, STEPS, ACCUM = 2, 6, 2  # sampled steps 0, 2, 4; two micro-batches per step
 BATCH, LENGTH = 3, 24  # fed per micro-batch; the probe measures 2 sequences x 16 tokens
-PROBE = dict(every=EVERY, max_sequences=2, max_tokens=16, images_every=0)
+PROBE = dict(every=EVERY, max_sequences=2, max_tokens=16, images_every=0, per_head="all")
 TAU = 0.9
 TOL = 1e-9
 LAUNCH_TIMEOUT = 180  # seconds for the whole launch: a deadlock fails instead of hanging
@@ -305,7 +306,10 @@ def test_lightning_ddp_stop_on_stops_every_process_after_the_same_step(run):
     assert len(zero["stop_lines"]) == 1 and one["stop_lines"] == []
     assert f"after step {step}" in zero["stop_lines"][0]
     scalars = read_scalars(folder / "lightning_logs" / "version_0")
-    assert scalars[f"alert/logit/{tag}"] == {step: pytest.approx(value, rel=1e-6)}
+    (row,) = [row for row in logged_alerts(folder / "lightning_logs" / "version_0")
+              if row["kind"] == "logit" and row["layer"] == tag]
+    assert int(row["step"]) == step and float(row["value"]) == pytest.approx(value, rel=1e-6)
+    assert scalars["alert/logit"][step] >= 1
     assert unstable_run.probe_steps(scalars) == set(sampled)
     assert max(scalars["train_loss"]) == step
 

@@ -1,5 +1,6 @@
 """The ``attn-probe`` command: ``demo`` trains and probes a small GPT (stable, and collapsing);
-``analyze`` profiles a model. Argument parsing, and the demo's report on the console."""
+``analyze`` profiles a model; ``report`` writes an HTML page of logged runs. Argument parsing,
+and the demo's report on the console."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from dataclasses import asdict
 from typing import Sequence
 
 from ..options import check_count
+from . import report
 from .console import ArgumentParser, Progress, UsageError, deprecated_aliases
 from .demo import RUNS as DEMO_RUNS
 from .demo import (
@@ -56,7 +58,8 @@ def _demo(args: argparse.Namespace) -> int:
 def report_demo(configs: Sequence[DemoConfig], log_dir: str) -> list[DemoResult]:
     """Train the demo's runs (:func:`.demo.run_demos`) and tell what happened: a progress bar
     (stderr) and a summary per run, then what the runs show, the summary picture
-    (``log_dir/summary.png``) and the TensorBoard command. Returns the runs' results."""
+    (``log_dir/summary.png``), the HTML report (``log_dir/report.html``) and the TensorBoard
+    command. Returns the runs' results."""
     config = configs[0]
     print(f"attn-probe demo: a {config.n_layer}-layer GPT learns Python's own source code in "
           f"{len(configs)} run{'s' if len(configs) > 1 else ''}; attention measured every "
@@ -72,8 +75,11 @@ def report_demo(configs: Sequence[DemoConfig], log_dir: str) -> list[DemoResult]
             print(f"{_run_summary(result)}\n", flush=True)
             results.append(result)
     picture = write_summary(results, os.path.join(log_dir, "summary.png"))
+    page = report.write_report(log_dir, os.path.join(log_dir, "report.html"),
+                               [config.log_dir for config in configs])
     print(textwrap.fill("What the runs show: " + _what_the_runs_show(results), width=100))
     print(f"\nSummary picture (loss, largest logit, entropy of each run): {picture}")
+    print(f"Report (the runs side by side: alerts, head health, every layer): {page}")
     print(f"TensorBoard logs in {log_dir}, one run each. See them with:\n"
           f"  tensorboard --logdir {log_dir}")
     return results
@@ -242,7 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
         "TensorBoard run each under --log-dir: 'stable' (one-cycle schedule, peak learning "
         "rate 3e-3), 'unstable' (3e-2 held constant, no warm-up: attention collapses) and "
         "'unstable_qk_norm' (the same with QK-norm). Prints what the probe saw and writes "
-        "LOG_DIR/summary.png.",
+        "LOG_DIR/summary.png and LOG_DIR/report.html.",
     )
     demo.add_argument("--log-dir", "--logdir", dest="log_dir", default="runs/demo",
                       action=deprecated_aliases("--logdir"),
@@ -279,6 +285,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_arguments(analyze)
     analyze.set_defaults(run=run_analyze)
+
+    report_parser = commands.add_parser(
+        "report", help="one HTML page of the runs under a TensorBoard log directory",
+        description="Write one self-contained HTML page (pictures inline, no network) of the "
+        "runs under LOGDIR, side by side: the loss, every layer's attention logit and entropy, "
+        "the timeline of head health and the table of alerts. Reads only the event files.",
+    )
+    report.add_arguments(report_parser)
+    report_parser.set_defaults(run=report.run_report)
     return parser
 
 

@@ -6,7 +6,11 @@ objects (or plain arrays) and does no torch maths.
 * :mod:`.tensorboard` — :class:`TensorBoardWriter`, the tags and the custom-scalars layout;
 * :mod:`.figures` — matplotlib figures (collapse map, MaxRank profile, heatmaps, head profiles,
   a summary of training runs);
-* :mod:`.tables` — per-layer and per-head rows, the terminal table, CSV and JSON files.
+* :mod:`.health` — the head-state pictures: layers x heads, and each layer over the steps;
+* :mod:`.tables` — per-layer and per-head rows, the terminal table, CSV and JSON files, and
+  alerts as a markdown table that reads back;
+* :mod:`.events` — the runs under a log directory read back from their event files;
+* :mod:`.report` — those runs as one self-contained HTML page, drawn with :mod:`.curves`.
 """
 
 from .tensorboard import TensorBoardWriter

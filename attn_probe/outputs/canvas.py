@@ -11,10 +11,11 @@ import matplotlib
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import LogFormatter
 
 __all__ = [
     "DPI", "NAN_COLOUR", "as_numpy", "axes_at", "clamp", "colour_map", "figure_to_array",
-    "format_cell", "label_ticks", "new_figure", "text_colour", "text_width",
+    "format_cell", "label_ticks", "new_figure", "plain_log_ticks", "text_colour", "text_width",
 ]
 
 DPI = 100
@@ -72,6 +73,20 @@ def format_cell(value: float) -> str:
     if not np.isfinite(value):
         return ""
     return f"{value:.0f}" if abs(value) >= 100 else f"{value:.1f}"
+
+
+class _PlainLogFormatter(LogFormatter):
+    """Labels the ticks matplotlib's log formatter would, written as plain numbers (0.3, 2000)."""
+
+    def __call__(self, x: float, pos: int | None = None) -> str:
+        return f"{x:g}" if super().__call__(x, pos) else ""
+
+
+def plain_log_ticks(axis) -> None:
+    """Tick labels of a log-scaled axis as plain numbers; over less than about two decades the
+    minor ticks between powers of ten are labelled too."""
+    axis.set_major_formatter(_PlainLogFormatter())
+    axis.set_minor_formatter(_PlainLogFormatter(labelOnlyBase=False, minor_thresholds=(2, 0.5)))
 
 
 def text_colour(rgba: Sequence[float]) -> str:

@@ -26,12 +26,13 @@ from .canvas import (
     as_numpy, axes_at, clamp, colour_map, figure_to_array, format_cell, label_ticks, new_figure,
     text_colour, text_width,
 )
-from .runs import RunSeries, run_series_for, run_summary
+from .runs import AlertMark, RunSeries, run_series_for, run_summary
 
 if TYPE_CHECKING:
     from ..snapshot import Snapshot
 
 __all__ = [
+    "AlertMark",
     "attention_heatmap",
     "attention_heatmaps",
     "collapse_map",

@@ -1,6 +1,6 @@
 """Training runs side by side: the loss of each, its largest attention logit and the entropy of
-its most collapsed layer, with the alerts marked (:func:`run_summary`, the demo's summary
-picture)."""
+its most collapsed layer, with each alert marked on the curve of the layer it fired in and the
+layer that collapsed named (:func:`run_summary`, the demo's summary picture)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,18 @@ from .canvas import as_numpy, axes_at, new_figure
 if TYPE_CHECKING:
     from ..snapshot import Alert, Snapshot
 
-__all__ = ["RunSeries", "run_series_for", "run_summary"]
+__all__ = ["AlertMark", "RunSeries", "moving_average", "run_series_for", "run_summary",
+           "value_at"]
+
+
+class AlertMark(NamedTuple):
+    """An alert as :func:`run_summary` draws it (an :class:`~attn_probe.snapshot.Alert` has
+    these fields too)."""
+
+    kind: str  #: ``"logit"``, ``"entropy"``, ...
+    step: int
+    tag: str  #: the layer it fired in (``L00``)
+    value: float  #: the layer's figure that crossed the threshold
 
 
 class RunSeries(NamedTuple):
@@ -24,15 +35,18 @@ class RunSeries(NamedTuple):
 
     ``loss`` holds the loss of steps 0, 1, 2, ...; ``steps`` the probe's sampled steps, with
     ``max_logit`` (the largest over layers and heads) and ``entropy`` (the mean normalised entropy
-    of the most collapsed layer: the lowest layer mean) at each; ``alerts`` maps an alert kind
-    (``"logit"``, ``"entropy"``) to the steps at which it fired.
+    of the most collapsed layer: the lowest layer mean) at each; ``alerts`` the run's alerts
+    (:class:`AlertMark` or :class:`~attn_probe.snapshot.Alert`); ``layers`` maps the tag of
+    each alerted layer to its own ``(max_logit, entropy)`` at ``steps``, the curves its alerts
+    are marked on.
     """
 
     loss: Any
     steps: Any
     max_logit: Any
     entropy: Any
-    alerts: Mapping[str, Sequence[int]] = {}
+    alerts: Sequence[AlertMark] = ()
+    layers: Mapping[str, tuple[Any, Any]] = {}
 
 
 #: Line colours of the runs of :func:`run_summary`, in order (ColorBrewer Dark2), and their
@@ -41,7 +55,7 @@ RUN_COLOURS = ("#1b9e77", "#d95f02", "#7570b3", "#e7298a", "#66a61e", "#e6ab02",
 RUN_DASHES = ("-", (0, (5, 2)), (0, (1.5, 1.5)), "-.")
 
 
-def _moving_average(values: np.ndarray, window: int) -> np.ndarray:
+def moving_average(values: np.ndarray, window: int) -> np.ndarray:
     """Centred moving average over ``window`` points, over fewer at the ends (NaN-aware)."""
     if window <= 1 or values.size == 0:
         return values
@@ -55,15 +69,63 @@ def _moving_average(values: np.ndarray, window: int) -> np.ndarray:
         return (sums[hi] - sums[lo]) / (counts[hi] - counts[lo])
 
 
-def _alert_marks(ax, x: np.ndarray, y: np.ndarray, steps: Iterable[int], colour: str) -> None:
-    """Markers on a curve at the steps where an alert fired (steps the curve lacks are skipped)."""
-    where = {int(step): i for i, step in enumerate(x)}
-    points = [(x[where[s]], y[where[s]]) for s in sorted(set(steps)) if s in where]
-    points = [(px, py) for px, py in points if np.isfinite(py)]
-    if points:
-        px, py = zip(*points)
-        ax.plot(px, py, linestyle="none", marker="X", markersize=9, color=colour,
-                markeredgecolor="black", markeredgewidth=0.8, zorder=5)
+#: The kinds of alert :func:`run_summary` draws: the ones whose figure it has a panel for.
+DRAWN_KINDS = ("logit", "entropy")
+
+
+def _cross(ax, x: float, y: float, colour: str) -> None:
+    ax.plot([x], [y], linestyle="none", marker="X", markersize=9, color=colour,
+            markeredgecolor="black", markeredgewidth=0.8, zorder=5)
+
+
+def value_at(steps: np.ndarray, values: np.ndarray | None, step: int) -> float:
+    """The value of a curve at ``step`` (NaN where it has none)."""
+    if values is None:
+        return float("nan")
+    where = np.flatnonzero(steps == step)
+    return float(values[where[0]]) if where.size else float("nan")
+
+
+def _mark_alerts(ax, steps: np.ndarray, series: RunSeries, kind: str, column: int,
+                 colour: str, dashes: Any, note_row: int) -> list[float]:
+    """Each alerted layer's own curve (thin) and a cross at each alert of ``kind`` on it, at the
+    layer's own value; the layers of the first such alert are named beside their cross, the
+    others in a note in row ``note_row`` of the panel's lower right corner. Returns the values
+    drawn (for the axis limits)."""
+    drawn: list[float] = []
+    fired = [alert for alert in series.alerts if alert.kind == kind]
+    if not fired:
+        return drawn
+    first_step = min(alert.step for alert in fired)
+    later: dict[int, list[str]] = {}
+    for tag in dict.fromkeys(alert.tag for alert in fired):
+        own = series.layers.get(tag)
+        values = None if own is None else as_numpy(own[column]).reshape(-1)
+        if values is not None and values.shape == steps.shape:
+            if kind == "logit":
+                values = np.where(values > 0, values, np.nan)
+            ax.plot(steps, values, color=colour, linewidth=0.9, alpha=0.55, linestyle=dashes)
+        else:
+            values = None
+        for alert in (a for a in fired if a.tag == tag):
+            y = value_at(steps, values, alert.step)
+            y = y if np.isfinite(y) else float(alert.value)
+            if not np.isfinite(y) or (kind == "logit" and y <= 0):
+                continue
+            _cross(ax, alert.step, y, colour)
+            drawn.append(y)
+            if alert.step == first_step:
+                ax.annotate(tag, (alert.step, y), xytext=(7, -3 if kind == "logit" else 3),
+                            textcoords="offset points", fontsize=8, fontweight="bold",
+                            zorder=6)
+            else:
+                later.setdefault(alert.step, []).append(tag)
+    if later:
+        text = "; ".join(f"{', '.join(tags)} at {'step ' * (i == 0)}{step}"
+                         for i, (step, tags) in enumerate(sorted(later.items())))
+        ax.text(0.98, 0.03 + 0.075 * note_row, f"{kind} alerts later: {text}",
+                transform=ax.transAxes, ha="right", va="bottom", fontsize=7, color=colour)
+    return drawn
 
 
 def run_summary(
@@ -79,7 +141,9 @@ def run_summary(
 
     ``thresholds``: the alert thresholds, drawn dashed (``"logit"`` on the logit panel,
     ``"entropy"`` on the entropy panel). Each run's ``logit`` and ``entropy`` alerts are marked
-    with a cross on the panel of their figure and on the loss curve; other kinds are not drawn.
+    with a cross on the panel of their figure, on the curve of the layer they fired in (drawn
+    thin, named by its tag) at that layer's value, and on the loss curve; the legend names the
+    layer of each run's first such alert. Other kinds are not drawn.
     ``smooth``: the loss is drawn faint as it is and solid as a centred moving average over
     this many steps (1: no average).
     """
@@ -107,20 +171,30 @@ def run_summary(
         loss_steps = np.arange(loss.shape[0])
         if smooth > 1:
             loss_ax.plot(loss_steps, loss, color=colour, linewidth=0.8, alpha=0.3)
-            loss = _moving_average(loss, smooth)
+            loss = moving_average(loss, smooth)
         (line,) = loss_ax.plot(loss_steps, loss, color=colour, linewidth=1.5, linestyle=dashes)
         logit = np.where(logit > 0, logit, np.nan)  # a log scale: 0 and below cannot be drawn
         logits.append(logit[np.isfinite(logit)])
         for ax, values in ((logit_ax, logit), (entropy_ax, entropy)):
             ax.plot(steps, values, color=colour, linewidth=1.5, linestyle=dashes, marker="o",
                     markersize=2.5)
-        alerts = series.alerts or {}
-        _alert_marks(logit_ax, steps, logit, alerts.get("logit", ()), colour)
-        _alert_marks(entropy_ax, steps, entropy, alerts.get("entropy", ()), colour)
-        _alert_marks(loss_ax, loss_steps, loss,
-                     [*alerts.get("logit", ()), *alerts.get("entropy", ())], colour)
+        notes = sum(any(a.kind in DRAWN_KINDS for a in s.alerts) for s in list(runs.values())[:i])
+        logits.append(np.asarray(_mark_alerts(logit_ax, steps, series, "logit", 0, colour,
+                                              dashes, notes)))
+        _mark_alerts(entropy_ax, steps, series, "entropy", 1, colour, dashes, notes)
+        fired = sorted((a for a in series.alerts if a.kind in DRAWN_KINDS),
+                       key=lambda alert: alert.step)
+        for step in sorted({alert.step for alert in fired}):
+            if 0 <= step < loss.shape[0] and np.isfinite(loss[step]):
+                _cross(loss_ax, step, loss[step], colour)
         handles.append(line)
-        labels.append(name)
+        if fired:
+            first = [a for a in fired if a.step == fired[0].step]
+            tags = ", ".join(dict.fromkeys(a.tag for a in first))
+            kinds = " and ".join(dict.fromkeys(a.kind for a in first))
+            labels.append(f"{name}: {tags} went wrong at step {first[0].step} ({kinds})")
+        else:
+            labels.append(name)
 
     for ax, kind, sign in ((logit_ax, "logit", ">"), (entropy_ax, "entropy", "<")):
         if kind in thresholds:
@@ -173,9 +247,12 @@ def run_series_for(losses: Sequence[float], snapshots: Sequence["Snapshot"],
         values = [v for v in values if np.isfinite(v)]
         return float(pick(values)) if values else float("nan")
 
-    fired: dict[str, list[int]] = {}
-    for alert in alerts:
-        fired.setdefault(alert.kind, []).append(alert.step)
+    def of_layer(tag: str, metric: str, how: str) -> np.ndarray:
+        return np.asarray([next((layer.reduce(metric, how) for layer in s.layers
+                                 if layer.tag == tag), float("nan")) for s in snapshots])
+
+    fired = tuple(AlertMark(a.kind, int(a.step), a.tag, float(a.value)) for a in alerts)
+    tags = dict.fromkeys(alert.tag for alert in fired if alert.kind in DRAWN_KINDS)
     return RunSeries(
         loss=np.asarray(losses, dtype=np.float64),
         steps=np.asarray([s.step for s in snapshots], dtype=np.int64),
@@ -183,4 +260,6 @@ def run_series_for(losses: Sequence[float], snapshots: Sequence["Snapshot"],
         entropy=np.asarray([over_layers(s, "entropy_norm_full", "mean", min)
                             for s in snapshots]),
         alerts=fired,
+        layers={tag: (of_layer(tag, "max_logit", "max"),
+                      of_layer(tag, "entropy_norm_full", "mean")) for tag in tags},
     )

@@ -1,5 +1,7 @@
 """A Snapshot as tables: per-layer and per-head rows, a terminal table, CSV and JSON files, and
-rows of figures as an HTML table."""
+rows of figures as an HTML table; and alerts as a markdown table that reads back
+(:func:`alerts_markdown`, :func:`parse_alerts_markdown`: the form in which TensorBoard's Text
+tab shows them and ``attn-probe report`` reads them)."""
 
 from __future__ import annotations
 
@@ -7,9 +9,11 @@ import csv
 import html
 import math
 import json
+import re
 from pathlib import Path
+from typing import Iterable
 
-from ..snapshot import METRICS, Snapshot, finite, percent
+from ..snapshot import METRICS, Alert, Snapshot, finite, percent
 
 
 def layer_rows(snapshot: Snapshot) -> list[dict]:
@@ -127,3 +131,68 @@ def html_table(rows: list[dict], columns: dict[str, str]) -> str:
     )
     return (f'<table style="border-collapse: collapse"><thead><tr>{head}</tr></thead>'
             f"<tbody>{body}</tbody></table>")
+
+
+#: The columns of :func:`alerts_markdown`: header -> the :class:`~attn_probe.snapshot.Alert` field.
+ALERT_COLUMNS = {
+    "step": "step", "layer": "tag", "module": "layer", "kind": "kind", "severity": "severity",
+    "heads": "heads", "value": "value", "threshold": "threshold", "cause": "cause",
+    "message": "message",
+}
+
+
+def _cell(value: object) -> str:
+    if isinstance(value, tuple):
+        value = ", ".join(str(v) for v in value)
+    elif isinstance(value, float):
+        value = format(value, ".7g")  # float32 precision, as TensorBoard keeps scalars
+    text = " ".join(str(value).split())  # one line: a markdown row cannot hold a newline
+    return text.replace("\\", "\\\\").replace("|", "\\|")
+
+
+def alerts_markdown(alerts: Iterable[Alert]) -> str:
+    """A markdown table of ``alerts``, one row each with every field of
+    :class:`~attn_probe.snapshot.Alert` (:data:`ALERT_COLUMNS`); :func:`parse_alerts_markdown`
+    reads it back."""
+    fields = list(ALERT_COLUMNS.values())
+    lines = ["| " + " | ".join(ALERT_COLUMNS) + " |", "|" + " --- |" * len(fields)]
+    lines += ["| " + " | ".join(_cell(getattr(alert, f)) for f in fields) + " |"
+              for alert in alerts]
+    return "\n".join(lines)
+
+
+_SPLIT = re.compile(r"(?<!\\)((?:\\\\)*)\|")
+
+
+def _cells(line: str) -> list[str]:
+    """The cells of one markdown table row (``\\|`` is a ``|`` in a cell, ``\\\\`` a backslash)."""
+    inner = line.strip()[1:-1] if line.strip().startswith("|") else line.strip()
+    # split at each | that an even number of backslashes precedes
+    parts, start = [], 0
+    for match in _SPLIT.finditer(inner):
+        parts.append(inner[start:match.end() - 1])
+        start = match.end()
+    parts.append(inner[start:])
+    unescape = lambda cell: re.sub(r"\\(.)", r"\1", cell.strip())  # noqa: E731
+    return [unescape(cell) for cell in parts]
+
+
+def parse_alerts_markdown(text: str) -> list[Alert]:
+    """The alerts of a table written by :func:`alerts_markdown` (other text is ignored; a table
+    whose header is not :data:`ALERT_COLUMNS` gives none)."""
+    lines = [line for line in text.splitlines() if line.strip().startswith("|")]
+    if len(lines) < 2 or _cells(lines[0]) != list(ALERT_COLUMNS):
+        return []
+    alerts = []
+    for line in lines[2:]:
+        row = dict(zip(ALERT_COLUMNS.values(), _cells(line)))
+        if len(row) != len(ALERT_COLUMNS):
+            continue
+        alerts.append(Alert(
+            kind=row["kind"], layer=row["layer"], tag=row["tag"],
+            heads=tuple(int(h) for h in row["heads"].split(",") if h.strip()),
+            step=int(row["step"]), value=float(row["value"]),
+            threshold=float(row["threshold"]), message=row["message"],
+            severity=row["severity"], cause=row["cause"],
+        ))
+    return alerts

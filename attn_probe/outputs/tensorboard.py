@@ -1,70 +1,134 @@
 """TensorBoard output of :class:`~attn_probe.snapshot.Snapshot` objects.
 
-Scalar tags, with ``P = round(tau * 100)`` (e.g. ``90``) and ``Lxx``/``Hyy`` the layer and
-head numbers (:data:`SERIES` lists them; the reduction is over heads)::
+A few cards a person reads: per-layer figures, one unit per card, the headline figures on a
+log10 scale so that TensorBoard's default outlier clipping cannot cut them off. Scalar tags, with
+``Lxx``/``Hyy`` the layer and head numbers and ``P = round(tau * 100)`` (e.g. ``90``); the
+reduction is over heads, and a row is written only when the snapshot has its figure
+(:data:`SERIES`)::
 
-    rank{P}/max/Lxx  rank{P}/mean/Lxx  rank{P}/min/Lxx        the matrix of the first
-    columns{P}/max/Lxx  columns{P}/mean/Lxx  columns{P}/min/Lxx      max_tokens tokens
-    entropy/mean/Lxx  sink/mean/Lxx  first_key_dominant/mean/Lxx
-    max_logit/max/Lxx                                          every token of the sequence
-    columns{P}_full/max/Lxx  columns{P}_full/mean/Lxx
-    entropy_full/mean/Lxx  entropy_full/min/Lxx  entropy_norm_full/mean/Lxx  ...min/Lxx
-    sink_full/mean/Lxx  first_key_dominant_full/mean/Lxx  tokens_full/max/Lxx
-    sink_logit_full/mean/Lxx                                   only when not zero
-    lazy_share/Lxx                                             share of lazy heads
-    rank{P}/head/Lxx/Hyy  columns{P}/head/Lxx/Hyy  max_logit/head/Lxx/Hyy   per_head=True
-    nonfinite/Lxx                                              only when not zero
-    alert/{kind}/Lxx                the figure that fired an alert, at its step (a marker)
-    qk_clip/share_above/Lxx  qk_clip/gamma/Lxx/Hyy             with logit_cap (a dry run)
+    logit_spread/log10/Lxx       log10 of the largest logit spread (headline; when measured)
+    max_logit/log10/Lxx          log10 of the largest attention logit q·k·scale (headline)
+    max_logit/max/Lxx            the same, raw: what QK-Clip compares with its threshold
+    entropy_norm_full/mean/Lxx   mean normalised entropy, 1 = uniform (headline: the entropy rule)
+    entropy_norm_full/min/Lxx    the most collapsed head's normalised entropy
+    rank{P}/max/Lxx              MaxRank: the largest per-head mean rank@tau (the lazy rule)
+    columns{P}/max/Lxx           the largest per-head mean columns@tau (the lazy rule)
+    sink_full/max/Lxx            the largest share of a head's attention on the first key
+    query_norm/max/Lxx  key_norm/max/Lxx  alignment/max/Lxx          when measured
+    sink_logit_full/mean/Lxx     mass a learned sink logit takes (only when not zero)
+    lazy_share/Lxx               share of lazy heads
+    health/Lxx                   the worst head state (a HeadState code, 0-6; when judged)
+    nonfinite/Lxx                sequences with NaN/Inf attention (only when not zero)
+    qk_clip/share_above/Lxx      with logit_cap (a QK-Clip dry run)
+    alert/{kind}                 alerts of each kind so far (logit, entropy, uniform, lazy, sink)
 
-Alerts are also written as text, one entry per step that has any, under the tag ``alerts``.
+At most 13 per layer when every figure is measured, 16 with the ones written only when not zero
+and with ``logit_cap``: a 32-layer model gets a few hundred tags, not thousands. Per-head scalars
+``{figure}/head/Lxx/Hyy`` (and ``qk_clip/gamma/Lxx/Hyy``): by default (``per_head=True``) only
+for the heads an alert names — at most :data:`ALERT_HEADS` per layer and kind, the most extreme
+first, from the alert's step on, the figures of the alert's kind (:data:`ALERT_FIGURES`);
+``per_head="all"``: every head; ``False``: none.
 
-Tags sharing a first component share a TensorBoard card, so each card shows every layer. A
-custom-scalars layout (category ``attn_probe``) adds one multi-line chart per metric and
-reduction. Images: ``collapse_map/rank{P}``, ``profile/max_rank{P}`` and one grid of attention
-heatmaps per chosen layer, ``attention/Lxx``. Everything is logged at ``snapshot.step``.
+Alerts are also written as text under the tag ``alerts``, one markdown table per step that has
+any, with every field of the alert (:func:`~attn_probe.outputs.tables.alerts_markdown`, read back
+by ``attn-probe report``). A custom-scalars layout (category ``attn_probe``) draws every layer
+of each headline figure on one chart, and the count of each kind of alert on its own. Images,
+on picture steps: ``health/heads`` (layers x heads coloured by state), ``health/timeline``
+(each layer's worst state at every sampled step so far, with the alerts),
+``collapse_map/rank{P}``, ``profile/max_rank{P}`` and one grid of attention heatmaps per chosen
+layer, ``attention/Lxx``.
+Everything is logged at ``snapshot.step``.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+import math
+from typing import TYPE_CHECKING, Any, Mapping, NamedTuple, Sequence
 
 import numpy as np
 
 from .._compat import renamed
+from ..alerts import KINDS
 from ..options import check_count
-from ..snapshot import DEFAULT_HEATMAP_HEADS, default_heatmaps, finite, percent
-from . import figures
+from ..snapshot import DEFAULT_HEATMAP_HEADS, HeadState, default_heatmaps, finite, percent
+from . import figures, health
+from .tables import alerts_markdown
 
 if TYPE_CHECKING:
     from torch.utils.tensorboard import SummaryWriter
 
-    from ..snapshot import LayerSummary, Snapshot
+    from ..snapshot import Alert, LayerSummary, Snapshot
 
-__all__ = ["TensorBoardWriter", "LAYOUT_CATEGORY"]
+__all__ = ["TensorBoardWriter", "LAYOUT_CATEGORY", "SERIES", "Series"]
 
 #: Category of the custom-scalars layout.
 LAYOUT_CATEGORY = "attn_probe"
 
-#: Per-layer scalars: (tag name, figure, reductions over heads, logged only when not zero).
-#: ``{P}`` stands for the percentage of tau.
-SERIES: tuple[tuple[str, str, tuple[str, ...], bool], ...] = (
-    ("rank{P}", "rank", ("max", "mean", "min"), False),
-    ("columns{P}", "columns", ("max", "mean", "min"), False),
-    ("entropy", "entropy", ("mean",), False),
-    ("sink", "sink", ("mean",), False),
-    ("first_key_dominant", "first_key_dominant", ("mean",), False),
-    ("max_logit", "max_logit", ("max",), False),
-    ("columns{P}_full", "columns_full", ("max", "mean"), False),
-    ("entropy_full", "entropy_full", ("mean", "min"), False),
-    ("entropy_norm_full", "entropy_norm_full", ("mean", "min"), False),
-    ("sink_full", "sink_full", ("mean",), False),
-    ("first_key_dominant_full", "first_key_dominant_full", ("mean",), False),
-    ("tokens_full", "tokens_full", ("max",), False),
-    ("sink_logit_full", "sink_logit_full", ("mean",), True),
+
+class Series(NamedTuple):
+    """One per-layer scalar: ``{name}/{how}/Lxx`` (``{name}/log10/Lxx`` with ``log10``)."""
+
+    name: str  #: tag name; ``{P}`` stands for the percentage of tau
+    figure: str  #: the per-head figure of :attr:`LayerSummary.heads`
+    how: str  #: the reduction over heads
+    about: str  #: what it says, in one line (the module docstring, README and report use it)
+    log10: bool = False  #: logged as log10 of the value (positive values only)
+    headline: bool = False  #: drawn in the custom-scalars layout, every layer on one chart
+    sparse: bool = False  #: logged only when not zero
+
+    def prefix(self, p: int | str) -> str:
+        """The tag without its layer: ``max_logit/log10``."""
+        return f"{self.name.format(P=p)}/{'log10' if self.log10 else self.how}"
+
+    def tag(self, p: int | str, layer: str) -> str:
+        return f"{self.prefix(p)}/{layer}"
+
+
+#: Per-layer scalars, one row each.
+SERIES: tuple[Series, ...] = (
+    Series("logit_spread", "logit_spread", "max", "log10 of the largest logit spread over "
+           "heads: max over queries of (max - mean allowed score); softmax ignores a shift",
+           log10=True, headline=True),
+    Series("max_logit", "max_logit", "max", "log10 of the largest attention logit q·k·scale "
+           "(readable on one chart from 0.1 to 10,000)", log10=True, headline=True),
+    Series("max_logit", "max_logit", "max", "the largest attention logit q·k·scale, raw: what "
+           "QK-Clip compares with its threshold"),
+    Series("entropy_norm_full", "entropy_norm_full", "mean", "mean over heads of the row "
+           "entropy / log(keys a query sees): 1 = uniform, 0 = one-hot", headline=True),
+    Series("entropy_norm_full", "entropy_norm_full", "min", "the normalised entropy of the "
+           "most collapsed head"),
+    Series("rank{P}", "rank", "max", "MaxRank: the largest per-head mean rank@tau, the fewest "
+           "singular values with tau of the energy", headline=True),
+    Series("columns{P}", "columns", "max", "the largest per-head mean columns@tau, the fewest "
+           "key columns with tau of the squared mass"),
+    Series("sink_full", "sink_full", "max", "the largest share of a head's attention on the "
+           "first key (an attention sink from 0.5)"),
+    Series("query_norm", "query_norm", "max", "the largest per-head rms norm of the queries"),
+    Series("key_norm", "key_norm", "max", "the largest per-head rms norm of the keys"),
+    Series("alignment", "alignment", "max", "the largest per-head alignment of queries and "
+           "keys (the direction part of q·k; the norms are the size part)"),
+    Series("sink_logit_full", "sink_logit_full", "mean", "the mass a learned sink logit takes "
+           "(models with learned sinks only)", sparse=True),
 )
-#: Figures also logged per head with ``per_head=True``.
-PER_HEAD = (("rank{P}", "rank"), ("columns{P}", "columns"), ("max_logit", "max_logit"))
+
+#: Per-head figures of each kind of alert, and whether its worst heads are the largest.
+ALERT_FIGURES: dict[str, tuple[tuple[str, ...], bool]] = {
+    "logit": (("logit_spread", "max_logit"), True),
+    "entropy": (("entropy_norm_full",), False),
+    "uniform": (("entropy_norm_full",), True),
+    "lazy": (("rank", "columns"), False),
+    "sink": (("sink_full",), True),
+}
+#: Per-head figures with ``per_head="all"``: every alert's.
+PER_HEAD = tuple(dict.fromkeys(f for figures_, _ in ALERT_FIGURES.values() for f in figures_))
+#: With ``per_head=True``, the most heads per layer and kind of alert that get scalars.
+ALERT_HEADS = 4
+#: Tag name of a per-head figure where it differs from the figure's name.
+_HEAD_NAMES = {"rank": "rank{P}", "columns": "columns{P}"}
+
+
+def _head_tag(figure: str, p: int, layer: str, head: int) -> str:
+    return f"{_HEAD_NAMES.get(figure, figure).format(P=p)}/head/{layer}/H{head:02d}"
 
 
 class TensorBoardWriter:
@@ -76,7 +140,9 @@ class TensorBoardWriter:
             by :meth:`close`.
         log_dir: directory of the writer made when ``writer`` is ``None`` (``None``: the
             ``SummaryWriter`` default, ``runs/...``).
-        per_head: also log ``rank{P}/head/Lxx/Hyy`` and ``columns{P}/head/Lxx/Hyy``.
+        per_head: per-head scalars ``{figure}/head/Lxx/Hyy``: ``True`` for the heads an alert
+            names (at most :data:`ALERT_HEADS` per layer and kind, from the alert's step on),
+            ``"all"`` for every head, ``False`` for none.
         heatmaps: which attention heatmaps to draw: layer (anything
             :func:`~attn_probe.snapshot.find_layer` takes: module name, tag ``"L07"``, index,
             ``-1`` for the last) -> head numbers (None: heads 0 to 3). Default: the first and
@@ -95,7 +161,7 @@ class TensorBoardWriter:
         writer: "SummaryWriter | None" = None,
         *,
         log_dir: str | None = None,
-        per_head: bool = True,
+        per_head: bool | str = True,
         heatmaps: Mapping[str | int, Sequence[int] | None] | None = None,
         heatmap_tokens: int = 64,
         custom_scalars: bool = True,
@@ -105,6 +171,9 @@ class TensorBoardWriter:
     ) -> None:
         if writer is not None and log_dir is not None:
             raise ValueError("pass either a SummaryWriter or a log_dir, not both")
+        if per_head not in (True, False, "all"):
+            raise ValueError(f"per_head must be True (the heads an alert names), 'all' or "
+                             f"False, got {per_head!r}")
         if heatmap_heads is not None:
             heatmaps = renamed("heatmap_heads", "heatmaps", heatmap_heads)
         if max_heatmap_tokens is not None:
@@ -122,6 +191,14 @@ class TensorBoardWriter:
         self.logit_cap = logit_cap
         self._layout_written = not custom_scalars
         self._closed = False
+        #: (layer name, kind of alert) -> the heads with per-head scalars (per_head=True)
+        self._watched: dict[tuple[str, str], list[int]] = {}
+        #: kind of alert -> alerts of that kind so far
+        self._alert_counts: dict[str, int] = dict.fromkeys(KINDS, 0)
+        #: the health timeline so far: sampled steps, {layer tag: worst state} at each, alerts
+        self._health_steps: list[int] = []
+        self._health: list[dict[str, int]] = []
+        self._health_alerts: list[tuple[int, str]] = []
 
     # ------------------------------------------------------------------------------ writing
 
@@ -132,9 +209,11 @@ class TensorBoardWriter:
         if not self._layout_written:
             self.writer.add_custom_scalars(self.layout(snapshot))
             self._layout_written = True
+        self._watch(snapshot)
         for layer in snapshot.layers:
             self._write_layer(snapshot, layer)
         self._write_alerts(snapshot)
+        self._remember_health(snapshot)
         if images:
             self._write_images(snapshot)
 
@@ -144,26 +223,33 @@ class TensorBoardWriter:
 
     def _write_layer(self, snapshot: "Snapshot", layer: "LayerSummary") -> None:
         step, p, tag = snapshot.step, percent(snapshot.tau), layer.tag
-        for name, figure, reductions, sparse in SERIES:
-            for how in reductions:
-                value = layer.reduce(figure, how)
-                if not (sparse and value == 0):
-                    self._scalar(f"{name.format(P=p)}/{how}/{tag}", value, step)
+        for series in SERIES:
+            value = layer.reduce(series.figure, series.how)
+            if series.sparse and value == 0:
+                continue
+            if series.log10:
+                value = math.log10(value) if value > 0 else math.nan
+            self._scalar(series.tag(p, tag), value, step)
         self._scalar(f"lazy_share/{tag}", layer.lazy_share, step)
-        if self.per_head:
-            for name, figure in PER_HEAD:
-                counts = layer.counts_of(figure)
-                for head in range(layer.num_heads):
-                    if counts[head] > 0:
-                        self._scalar(f"{name.format(P=p)}/head/{tag}/H{head:02d}",
-                                     float(layer.heads[figure][head]), step)
+        if layer.name in snapshot.states:
+            self._scalar(f"health/{tag}", float(np.max(snapshot.states[layer.name],
+                                                       initial=HeadState.NO_DATA)), step)
+        heads = self._head_figures(layer)
+        for figure, chosen in heads.items():
+            if figure not in layer.heads:
+                continue
+            counts = layer.counts_of(figure)
+            for head in chosen:
+                if head < layer.num_heads and counts[head] > 0:
+                    self._scalar(_head_tag(figure, p, tag, head),
+                                 float(layer.heads[figure][head]), step)
         if self.logit_cap is not None:
             gamma = layer.qk_clip(self.logit_cap)
             known = np.isfinite(gamma)
             if known.any():
                 self._scalar(f"qk_clip/share_above/{tag}", float((gamma[known] < 1).mean()), step)
-            if self.per_head:
-                for head in np.flatnonzero(known):
+            for head in heads.get("max_logit", ()):
+                if head < layer.num_heads and known[head]:
                     self._scalar(f"qk_clip/gamma/{tag}/H{head:02d}", float(gamma[head]), step)
         # Sequences with NaN/Inf attention: per head counts, the worst head is reported (a
         # non-finite input usually poisons every head of the layer alike).
@@ -171,15 +257,88 @@ class TensorBoardWriter:
         if nonfinite:
             self.writer.add_scalar(f"nonfinite/{tag}", nonfinite, global_step=step)
 
-    def _write_alerts(self, snapshot: "Snapshot") -> None:
+    def _watch(self, snapshot: "Snapshot") -> None:
+        """Start per-head scalars for the heads the snapshot's alerts name (per_head=True)."""
+        if self.per_head is not True:
+            return
         for alert in snapshot.alerts:
-            self._scalar(f"alert/{alert.kind}/{alert.tag}", alert.value, snapshot.step)
+            if alert.kind not in ALERT_FIGURES:
+                continue
+            watched = self._watched.setdefault((alert.layer, alert.kind), [])
+            new = [head for head in self._most_extreme(snapshot, alert) if head not in watched]
+            watched.extend(new[: max(ALERT_HEADS - len(watched), 0)])
+
+    @staticmethod
+    def _most_extreme(snapshot: "Snapshot", alert: "Alert") -> list[int]:
+        """The heads ``alert`` names, the most extreme in its kind's first figure first."""
+        heads = list(alert.heads)
+        figures_, largest = ALERT_FIGURES[alert.kind]
+        layer = next((layer for layer in snapshot.layers if layer.name == alert.layer), None)
+        present = [f for f in figures_ if layer is not None and f in layer.heads]
+        if present:
+            values = np.asarray(layer.heads[present[0]], dtype=np.float64)
+            key = [values[h] if h < values.shape[0] and np.isfinite(values[h]) else np.nan
+                   for h in heads]
+            order = sorted(range(len(heads)), key=lambda i: (
+                np.isnan(key[i]), -key[i] if largest else key[i]))
+            heads = [heads[i] for i in order]
+        return heads
+
+    def _head_figures(self, layer: "LayerSummary") -> dict[str, list[int]]:
+        """Per-head figure -> the heads of ``layer`` that get its scalar."""
+        if self.per_head == "all":
+            return {figure: list(range(layer.num_heads)) for figure in PER_HEAD}
+        chosen: dict[str, list[int]] = {}
+        if self.per_head:
+            for kind, (figures_, _) in ALERT_FIGURES.items():
+                for head in self._watched.get((layer.name, kind), ()):
+                    for figure in figures_:
+                        if head not in chosen.setdefault(figure, []):
+                            chosen[figure].append(head)
+        return chosen
+
+    def _write_alerts(self, snapshot: "Snapshot") -> None:
+        if not snapshot.layers:
+            return
+        for alert in snapshot.alerts:
+            self._alert_counts[alert.kind] = self._alert_counts.get(alert.kind, 0) + 1
+        for kind, count in self._alert_counts.items():
+            self.writer.add_scalar(f"alert/{kind}", count, global_step=snapshot.step)
         if snapshot.alerts:
-            text = "\n".join(f"- **{alert.kind}** {alert.message}" for alert in snapshot.alerts)
-            self.writer.add_text("alerts", text, global_step=snapshot.step)
+            self.writer.add_text("alerts", alerts_markdown(snapshot.alerts),
+                                 global_step=snapshot.step)
+
+    def _remember_health(self, snapshot: "Snapshot") -> None:
+        """Keep each layer's worst state of this step for the timeline (a few bytes a step)."""
+        if not snapshot.states:
+            return
+        worst = health.worst_states(snapshot)
+        self._health_steps.append(snapshot.step)
+        self._health.append({layer.tag: int(code)
+                             for layer, code in zip(snapshot.layers, worst)})
+        self._health_alerts.extend((snapshot.step, alert.tag) for alert in snapshot.alerts)
+
+    def health_timeline(self) -> Any:
+        """The figure of :func:`~attn_probe.outputs.health.health_timeline` for every step
+        written so far (``None`` before any snapshot with head states)."""
+        if not self._health_steps:
+            return None
+        tags = sorted({tag for row in self._health for tag in row})
+        codes = np.array([[row.get(tag, int(HeadState.NO_DATA)) for row in self._health]
+                          for tag in tags])
+        rows = {tag: i for i, tag in enumerate(tags)}
+        return health.health_timeline(
+            self._health_steps, codes, layer_labels=tags,
+            alerts=[(step, rows[tag]) for step, tag in self._health_alerts if tag in rows],
+            title=f"worst head state of each layer, steps {self._health_steps[0]}-"
+                  f"{self._health_steps[-1]}",
+        )
 
     def _write_images(self, snapshot: "Snapshot") -> None:
         step, p = snapshot.step, percent(snapshot.tau)
+        if snapshot.states:
+            self._image("health/heads", health.head_state_map_for(snapshot), step)
+            self._image("health/timeline", self.health_timeline(), step)
         if snapshot.has_data:
             self._image(f"collapse_map/rank{p}", figures.collapse_map_for(snapshot, "rank"), step)
             self._image(f"profile/max_rank{p}", figures.max_rank_profile_for(snapshot), step)
@@ -226,29 +385,23 @@ class TensorBoardWriter:
     # ------------------------------------------------------------------------------- layout
 
     def layout(self, snapshot: "Snapshot") -> dict[str, dict[str, list[Any]]]:
-        """The custom-scalars layout written with the first snapshot: one multi-line chart per
-        series and reduction, every layer in it."""
+        """The custom-scalars layout written with the first snapshot: one chart per headline
+        figure the snapshot has, every layer on it; the worst head state of every layer (when
+        the snapshot has head states); one chart per kind of alert (how many so far)."""
         p = percent(snapshot.tau)
         charts: dict[str, list[Any]] = {}
-        for name, _, reductions, _ in SERIES:
-            name = name.format(P=p)
-            for how in reductions:
-                charts[f"{name} {how} over heads"] = ["Multiline", [rf"{name}/{how}/L\d+"]]
-        charts["lazy_share"] = ["Multiline", [r"lazy_share/L\d+"]]
-        charts["alerts"] = ["Multiline", [r"alert/\w+/L\d+"]]
+        for series in SERIES:
+            if series.headline and any(finite(layer.reduce(series.figure, series.how))
+                                       for layer in snapshot.layers):
+                name = series.prefix(p)
+                charts[f"{name} ({series.how} over heads)"] = ["Multiline", [rf"{name}/L\d+"]]
+        if snapshot.states:
+            charts["health (worst head state: 1 healthy ... 6 logits exploding)"] = [
+                "Multiline", [r"health/L\d+"]]
         if self.logit_cap is not None:
             charts["qk_clip share above cap"] = ["Multiline", [r"qk_clip/share_above/L\d+"]]
-        charts["nonfinite"] = ["Multiline", [r"nonfinite/L\d+"]]
-        layout = {LAYOUT_CATEGORY: charts}
-        if self.per_head and snapshot.layers:
-            layout[f"{LAYOUT_CATEGORY} per head"] = {
-                f"{name.format(P=p)} {layer.tag}": [
-                    "Multiline", [rf"{name.format(P=p)}/head/{layer.tag}/H\d+"]
-                ]
-                for layer in snapshot.layers
-                for name, _ in PER_HEAD
-            }
-        return layout
+        alerts = {f"{kind} alerts so far": ["Multiline", [rf"alert/{kind}"]] for kind in KINDS}
+        return {LAYOUT_CATEGORY: charts, f"{LAYOUT_CATEGORY} alerts": alerts}
 
     # ---------------------------------------------------------------------------- lifecycle
 
@@ -275,6 +428,6 @@ class TensorBoardWriter:
     def __repr__(self) -> str:
         return (
             f"{type(self).__name__}(log_dir={getattr(self.writer, 'log_dir', None)!r}, "
-            f"per_head={self.per_head}, "
+            f"per_head={self.per_head!r}, "
             f"owns_writer={self._owns_writer})"
         )

@@ -1,15 +1,17 @@
 """`attn-probe demo`: three runs (stable, unstable, unstable with QK-norm) into one log
-directory, one TensorBoard run each, a summary per run and a summary picture.
+directory, one TensorBoard run each, a summary per run, a summary picture and the HTML report.
 
-End to end in a subprocess with tiny options (the logs, the console, the picture), and in
-process at settings that collapse within 15 steps (the demo's width at 64 tokens, as
-tests/test_alerts.py trains): the unstable run's event files hold the alert markers, the other
-runs' hold none, and the console names the alerts.
+End to end in a subprocess with tiny options (the logs and how many tags they hold, the head
+health pictures, the console, the picture, the report), and in process at settings that collapse
+within 15 steps (the demo's width at 64 tokens, as tests/test_alerts.py trains): the unstable
+run's event files and report hold its alerts, the other runs' none, and the console names them.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import io
+import re
 import subprocess
 import sys
 
@@ -19,10 +21,31 @@ from PIL import Image
 
 from attn_probe.cli.demo import RUNS, DemoConfig, demo_configs, run_demo
 from attn_probe.cli.main import main, report_demo
-from reference import read_images, read_scalars, repo_env, scalar_events
+from reference import (
+    assert_alert_logged,
+    check_report,
+    logged_alerts,
+    read_images,
+    read_scalars,
+    repo_env,
+    scalar_events,
+)
 
 #: Figures every run logs for every layer, besides the loss.
-PROBE_TAGS = ("rank90/max", "max_logit/max", "entropy_norm_full/mean")
+PROBE_TAGS = ("rank90/max", "max_logit/max", "max_logit/log10", "entropy_norm_full/mean",
+              "health")
+#: The most scalar tags a layer may have (the alerts' per-head scalars aside).
+TAGS_PER_LAYER = 15
+
+
+def tags_per_layer(scalars: dict) -> dict[str, int]:
+    """Layer (``L00``) -> how many scalar tags end in it."""
+    counts: dict[str, int] = {}
+    for tag in scalars:
+        last = tag.rsplit("/", 1)[-1]
+        if re.fullmatch(r"L\d\d", last):
+            counts[last] = counts.get(last, 0) + 1
+    return counts
 
 
 def assert_summary_picture(path):
@@ -42,6 +65,7 @@ def test_demo_subprocess_writes_three_runs_and_a_summary(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert "tensorboard --logdir tb" in done.stdout
     assert "tb/summary.png" in done.stdout.replace("\\", "/")
+    assert "tb/report.html" in done.stdout.replace("\\", "/")
     # --steps is the stable run's length; the unstable runs train 30 % of it
     steps = {"stable": 6, "unstable": 2, "unstable_qk_norm": 2}
     for name, count in steps.items():
@@ -60,13 +84,29 @@ def test_demo_subprocess_writes_three_runs_and_a_summary(tmp_path):
     stable_lr = [lr for _, lr in sorted(lrs["stable"].items())]  # one-cycle: up to 3e-3, down
     assert max(stable_lr) <= 3e-3 * (1 + 1e-6) and stable_lr[-1] < max(stable_lr) / 10
 
-    stable = tmp_path / "tb" / "stable"
-    scalars = scalar_events(stable)
-    for layer in ("L00", "L01"):
-        heads = [scalars[f"rank90/head/{layer}/H{h:02d}"] for h in range(4)]
-        for i, (_, value) in enumerate(scalars[f"rank90/max/{layer}"]):
-            assert value == pytest.approx(max(h[i][1] for h in heads))
-    assert [image.step for image in read_images(stable)["collapse_map/rank90"]] == [0, 4]
+    kinds = {f"alert/{kind}" for kind in ("logit", "entropy", "uniform", "lazy", "sink")}
+    for name, count in steps.items():
+        run = tmp_path / "tb" / name
+        scalars = read_scalars(run)
+        # a few cards a person reads: at most 15 per layer; besides them the loss, the learning
+        # rate and the count of each kind of alert (none in so few steps: no per-head scalar)
+        per_layer = tags_per_layer(scalars)
+        assert set(per_layer) == {"L00", "L01"}, per_layer
+        assert max(per_layer.values()) <= TAGS_PER_LAYER, (name, per_layer)
+        assert {tag for tag in scalars if not re.search(r"/L\d\d$", tag)} == {
+            "train/loss", "train/lr", *kinds}, name
+        images = read_images(run)
+        for tag in ("health/heads", "health/timeline", "collapse_map/rank90"):
+            assert [image.step for image in images[tag]] == list(range(0, count, 4)), (name, tag)
+            for image in images[tag]:
+                with Image.open(io.BytesIO(image.png)) as png:
+                    png.load()  # decodes
+                    assert png.format == "PNG" and png.size == (image.width, image.height)
+    page = check_report(tmp_path / "tb" / "report.html", runs={name: [] for name in steps})
+    for name, count in steps.items():
+        assert f"{name} {count} steps of loss" in page.text
+    # per run: the loss, the logits, the entropy, the timeline and the latest head states
+    assert len([tag for tag, _ in page.elements if tag == "img"]) == 5 * len(steps)
     assert_summary_picture(tmp_path / "tb" / "summary.png")
 
 
@@ -169,12 +209,18 @@ def test_unstable_run_raises_alerts_and_the_others_none(tmp_path, capsys, recwar
     results = {r.name: r for r in report_demo(configs, str(tmp_path))}
     out, err = capsys.readouterr()
 
-    markers = {name: sorted(tag for tag in read_scalars(tmp_path / name)
-                            if tag.startswith("alert/"))
-               for name in RUNS}
-    assert {"alert/logit/L00", "alert/entropy/L00"} <= set(markers["unstable"])
-    assert not [t for t in markers["stable"] + markers["unstable_qk_norm"]
-                if t.startswith(("alert/logit", "alert/entropy"))]
+    logged = {name: {(row["kind"], row["layer"]) for row in logged_alerts(tmp_path / name)}
+              for name in RUNS}
+    assert {("logit", "L00"), ("entropy", "L00")} <= logged["unstable"]
+    assert not [kind for name in ("stable", "unstable_qk_norm") for kind, _ in logged[name]
+                if kind in ("logit", "entropy")]
+    for name in RUNS:
+        for alert in results[name].alerts:
+            assert_alert_logged(tmp_path / name, alert)
+    # the report: every alert of every run in its table, and where to look first says when
+    # and where the unstable run collapsed
+    page = check_report(tmp_path / "report.html",
+                        runs={name: result.alerts for name, result in results.items()})
     for name in RUNS:
         scalars = read_scalars(tmp_path / name)
         assert sorted(scalars["train/loss"]) == list(range(15))
@@ -191,5 +237,8 @@ def test_unstable_run_raises_alerts_and_the_others_none(tmp_path, capsys, recwar
         assert f"{alert.kind:<8} {alert.tag}  step {alert.step} " in unstable
     paragraph = " ".join(out[out.index("The stable run"):].split())
     assert f"alerts at step {fired[0].step}" in paragraph
+    first = [a for a in results["unstable"].alerts if a.step == results["unstable"].alerts[0].step]
+    assert (f"first alert at step {first[0].step}: "
+            + ", ".join(f"{a.kind} in {a.tag}" for a in first)) in page.text
     assert "QK-norm kept the largest logit" in paragraph
     assert_summary_picture(tmp_path / "summary.png")

@@ -21,7 +21,15 @@ from extras_rule import extra
 import torch
 
 import unstable_run
-from reference import assert_logged, no_hooks_left, read_scalars, reference_layer_means
+from attn_probe.cli.report import write_report
+from reference import (
+    assert_alert_logged,
+    assert_logged,
+    check_report,
+    no_hooks_left,
+    read_scalars,
+    reference_layer_means,
+)
 
 TAU = 0.9
 TOL = 1e-9
@@ -79,7 +87,8 @@ def test_huggingface_trainer_logs_first_micro_batch_of_sampled_steps(tmp_path, m
         eval_strategy="steps", eval_steps=1, eval_on_start=True, disable_tqdm=True,
         dataloader_num_workers=0, seed=0,
     )
-    callback = AttentionProbeCallback(max_sequences=MAX_SEQUENCES, max_tokens=MAX_TOKENS)
+    callback = AttentionProbeCallback(max_sequences=MAX_SEQUENCES, max_tokens=MAX_TOKENS,
+                                      per_head="all")
     trainer = transformers.Trainer(
         model=model, args=args, train_dataset=train, eval_dataset=evaluation,
         data_collator=collate, callbacks=[Weights(), callback],
@@ -96,7 +105,8 @@ def test_huggingface_trainer_logs_first_micro_batch_of_sampled_steps(tmp_path, m
     assert run.parent == tmp_path / "runs"
     scalars = read_scalars(run)
     assert sorted(scalars["train/loss"]) == [2, 4, 6]
-    for tag in ("rank90/max/L00", "rank90/max/L01", "columns90/max/L01", "entropy/mean/L00"):
+    for tag in ("rank90/max/L00", "rank90/max/L01", "columns90/max/L01",
+                "entropy_norm_full/mean/L00"):
         assert sorted(scalars[tag]) == [2, 4, 6], (tag, scalars[tag])
     assert [s.step for s in probe.history] == [2, 4, 6]
 
@@ -179,7 +189,7 @@ def unstable_hf_run(tmp_path, name: str, **callback_options):
                       if type(c).__name__ == "TensorBoardCallback"]
     assert no_hooks_left(model)
     messages = [str(w.message) for w in caught]
-    return trainer, callback, seen, messages, read_scalars(Path(tensorboard.logging_dir))
+    return trainer, callback, seen, messages, Path(tensorboard.logging_dir)
 
 
 def test_huggingface_stop_on_entropy_stops_at_the_step_of_the_alert(tmp_path, monkeypatch,
@@ -189,7 +199,8 @@ def test_huggingface_stop_on_entropy_stops_at_the_step_of_the_alert(tmp_path, mo
     monkeypatch.delenv("TENSORBOARD_LOGGING_DIR", raising=False)
 
     # Without stop_on: the alerts fire and training runs to max_steps.
-    trainer, callback, seen, messages, scalars = unstable_hf_run(tmp_path, "full")
+    trainer, callback, seen, messages, run = unstable_hf_run(tmp_path, "full")
+    scalars = read_scalars(run)
     sampled = [5, 10, 15, 20, 25]
     full = unstable_run.layer_figures(callback.probe.history)
     assert sorted(full) == sampled
@@ -204,8 +215,9 @@ def test_huggingface_stop_on_entropy_stops_at_the_step_of_the_alert(tmp_path, mo
     assert logit and logit[0].step <= entropy.step  # the growth was warned about too
 
     # The same run with stop_on: it stops right after the step of the entropy alert.
-    trainer, callback, seen, messages, scalars = unstable_hf_run(
+    trainer, callback, seen, messages, run = unstable_hf_run(
         tmp_path, "stop", stop_on=("entropy",))
+    scalars = read_scalars(run)
     alert = callback.stopped_by
     # the logit warning is not a stop_on kind: the entropy alert is what stopped training
     assert alert is not None and (alert.kind, alert.tag, alert.step) == (
@@ -218,11 +230,14 @@ def test_huggingface_stop_on_entropy_stops_at_the_step_of_the_alert(tmp_path, mo
     assert seen == callback.probe.alerts and alert in seen
     (stop_line,) = [m for m in messages if "stopping training" in m]
     assert f"after step {alert.step}" in stop_line and "'entropy'" in stop_line
-    # The event files: the marker at the step of the alert, no probe scalar after it; the
-    # Trainer's own loss stops there too. The evaluation that runs after the last step is not
-    # measured (the probe measured 2 sequences per step, the training batch's).
-    assert scalars[f"alert/entropy/{alert.tag}"] == {alert.step: pytest.approx(alert.value,
-                                                                                rel=1e-6)}
+    # The event files: the alert at its step, no probe scalar after it; the Trainer's own loss
+    # stops there too. The evaluation that runs after the last step is not measured (the probe
+    # measured 2 sequences per step, the training batch's).
+    assert_alert_logged(run, alert)
+    # the report reads the framework's run: its loss, and every alert of the probe
+    page = check_report(write_report(run, tmp_path / "report.html"), callback.probe.alerts)
+    assert any(attrs.get("alt", "").endswith("training loss (train/loss)")
+               for tag, attrs in page.elements if tag == "img")
     assert unstable_run.probe_steps(scalars) == set(before)
     assert max(scalars["train/loss"]) == alert.step == max(scalars["eval/runtime"])
     assert {c for s in callback.probe.history for layer in s.layers

@@ -20,9 +20,12 @@ from extras_rule import extra
 import torch
 
 import unstable_run
+from attn_probe.cli.report import write_report
 from attn_probe.models.gpt import GPT, GPTConfig
 from reference import (
+    assert_alert_logged,
     assert_logged,
+    check_report,
     gpt_attention,
     no_hooks_left,
     read_scalars,
@@ -94,7 +97,8 @@ def test_lightning_trainer_logs_first_micro_batch_of_sampled_steps(tmp_path):
     val = torch.utils.data.DataLoader(random_tokens(6, 21, GPT_CONFIG["vocab_size"], seed=4),
                                       batch_size=3)
     logger = TensorBoardLogger(save_dir=str(tmp_path), name="lightning_logs")
-    callback = AttentionProbeCallback(max_sequences=MAX_SEQUENCES, max_tokens=MAX_TOKENS)
+    callback = AttentionProbeCallback(max_sequences=MAX_SEQUENCES, max_tokens=MAX_TOKENS,
+                                      per_head="all")
     trainer = L.Trainer(
         accelerator="cpu", devices=1, max_steps=6, accumulate_grad_batches=2,
         log_every_n_steps=2, logger=logger, enable_checkpointing=False,
@@ -113,7 +117,7 @@ def test_lightning_trainer_logs_first_micro_batch_of_sampled_steps(tmp_path):
     # Lightning logs every 2 steps counting from 1 (steps 1, 3, 5); the probe samples the same
     # steps, so each of its figures shares a step with the train_loss of that step.
     assert sorted(scalars["train_loss"]) == [1, 3, 5]
-    for tag in ("rank90/max/L00", "rank90/max/L01", "columns90/max/L00", "sink/mean/L01"):
+    for tag in ("rank90/max/L00", "rank90/max/L01", "columns90/max/L00", "sink_full/max/L01"):
         assert sorted(scalars[tag]) == [1, 3, 5], (tag, scalars[tag])
 
     worst, closest = 0.0, math.inf
@@ -209,14 +213,15 @@ def unstable_lightning_run(L, tmp_path, name: str, **callback_options):
         trainer.fit(module, train, val)
     assert no_hooks_left(module)
     messages = [str(w.message) for w in caught]
-    return trainer, callback, seen, messages, read_scalars(Path(logger.log_dir))
+    return trainer, callback, seen, messages, Path(logger.log_dir)
 
 
 def test_lightning_stop_on_logit_stops_at_the_step_of_the_alert(tmp_path, single_thread):
     L = extra("lightning")
 
     # Without stop_on: the alerts fire and training runs to max_steps.
-    trainer, callback, seen, messages, scalars = unstable_lightning_run(L, tmp_path, "full")
+    trainer, callback, seen, messages, run = unstable_lightning_run(L, tmp_path, "full")
+    scalars = read_scalars(run)
     sampled = [3, 7, 11, 15, 19]  # Lightning's steps are 0-based; it logs at (s + 1) % 4 == 0
     full = unstable_run.layer_figures(callback.probe.history)
     assert sorted(full) == sampled
@@ -229,8 +234,9 @@ def test_lightning_stop_on_logit_stops_at_the_step_of_the_alert(tmp_path, single
     assert unstable_run.probe_steps(scalars) == set(sampled)
 
     # The same run with stop_on: it stops right after the step of the logit alert.
-    trainer, callback, seen, messages, scalars = unstable_lightning_run(
+    trainer, callback, seen, messages, run = unstable_lightning_run(
         L, tmp_path, "stop", stop_on="logit")
+    scalars = read_scalars(run)
     alert = callback.stopped_by
     assert alert is not None and (alert.kind, alert.tag, alert.step) == ("logit", logit.tag,
                                                                          logit.step)
@@ -243,11 +249,14 @@ def test_lightning_stop_on_logit_stops_at_the_step_of_the_alert(tmp_path, single
     assert all(a.step <= alert.step for a in seen)  # nothing measured after the stop
     (stop_line,) = [m for m in messages if "stopping training" in m]
     assert f"after step {alert.step}" in stop_line and "'logit'" in stop_line
-    # The event files: the marker at the step of the alert, no probe scalar after it, and
-    # Lightning's own train_loss stops at the same step. The validation that Lightning runs
-    # on stopping is not measured (2 sequences per step: the training batch's).
-    assert scalars[f"alert/logit/{alert.tag}"] == {alert.step: pytest.approx(alert.value,
-                                                                              rel=1e-6)}
+    # The event files: the alert at its step, no probe scalar after it, and Lightning's own
+    # train_loss stops at the same step. The validation that Lightning runs on stopping is not
+    # measured (2 sequences per step: the training batch's).
+    assert_alert_logged(run, alert)
+    # the report reads the framework's run: its loss, and every alert of the probe
+    page = check_report(write_report(run, tmp_path / "report.html"), callback.probe.alerts)
+    assert any(attrs.get("alt", "").endswith("training loss (train_loss)")
+               for tag, attrs in page.elements if tag == "img")
     assert unstable_run.probe_steps(scalars) == set(before)
     assert max(scalars["train_loss"]) == alert.step
     assert {c for s in callback.probe.history for layer in s.layers

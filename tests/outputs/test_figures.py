@@ -13,7 +13,7 @@ from matplotlib.figure import Figure
 
 from attn_probe.outputs import figures as plots
 from attn_probe.aggregate import HeadAccumulator
-from attn_probe.snapshot import Snapshot
+from attn_probe.snapshot import Alert, Snapshot
 
 
 def image_axes(fig: Figure):
@@ -190,11 +190,18 @@ def test_attention_heatmaps_single_head_single_token():
 
 def test_run_summary_draws_each_run_with_thresholds_and_alert_marks():
     steps = np.arange(0, 20, 5)
+    mark = plots.AlertMark
     runs = {
         "stable": plots.RunSeries(np.linspace(5, 2, 20), steps, [1.0, 8.0, 20.0, 30.0],
                                   [1.0, 0.6, 0.5, 0.45]),
-        "unstable": plots.RunSeries(np.linspace(5, 3, 12), steps[:3], [1.0, 400.0, 900.0],
-                                    [1.0, 0.05, 0.02], {"logit": [5], "entropy": [5, 10]}),
+        # L01's logit crosses at step 5 while L00's is the largest: the cross goes on L01's
+        # own curve at L01's value (350), not on the largest (400)
+        "unstable": plots.RunSeries(
+            np.linspace(5, 3, 12), steps[:3], [1.0, 400.0, 900.0], [1.0, 0.05, 0.02],
+            [mark("logit", 5, "L01", 350.0), mark("entropy", 5, "L01", 0.05),
+             mark("entropy", 10, "L00", 0.02)],
+            {"L01": ([1.0, 350.0, 600.0], [1.0, 0.05, 0.04]),
+             "L00": ([1.0, 400.0, 900.0], [1.0, 0.3, 0.02])}),
     }
     fig = plots.run_summary(runs, thresholds={"logit": 300.0, "entropy": 0.1}, title="demo")
     loss, logit, entropy = fig.axes
@@ -204,11 +211,21 @@ def test_run_summary_draws_each_run_with_thresholds_and_alert_marks():
     dashed = lambda ax: [l.get_ydata()[0] for l in ax.get_lines()  # noqa: E731
                          if l.get_color() == "#b2182b" and l.get_linestyle() == "--"]
     assert dashed(logit) == [300.0] and dashed(entropy) == [0.1] and dashed(loss) == []
-    marks = lambda ax: [list(l.get_xdata()) for l in ax.get_lines()  # noqa: E731
-                        if l.get_marker() == "X"]
-    assert marks(logit) == [[5]] and marks(entropy) == [[5, 10]] and marks(loss) == [[5, 10]]
+    marks = lambda ax: [(float(line.get_xdata()[0]), float(line.get_ydata()[0]))  # noqa: E731
+                        for line in ax.get_lines() if line.get_marker() == "X"]
+    assert marks(logit) == [(5.0, 350.0)]
+    assert marks(entropy) == [(5.0, 0.05), (10.0, 0.02)]
+    assert [x for x, _ in marks(loss)] == [5.0, 10.0]  # on the loss curve at those steps
+    # each alerted layer's own curve is drawn; the layer of the first alert is named beside
+    # its cross, the later ones in a note
+    curves = lambda ax: [list(line.get_ydata()) for line in ax.get_lines()]  # noqa: E731
+    assert [1.0, 350.0, 600.0] in curves(logit) and [1.0, 0.3, 0.02] in curves(entropy)
+    texts = lambda ax: [t.get_text() for t in ax.texts]  # noqa: E731
+    assert "L01" in texts(logit) and "L01" in texts(entropy)
+    assert "entropy alerts later: L00 at step 10" in texts(entropy)
     legend = [text.get_text() for text in fig.legends[0].get_texts()]
-    assert legend == ["stable", "unstable", "alert fired", "alert threshold"]
+    assert legend == ["stable", "unstable: L01 went wrong at step 5 (logit and entropy)",
+                      "alert fired", "alert threshold"]
     assert plots.figure_to_array(fig).shape[1] > 2 * plots.figure_to_array(fig).shape[0]
     # the loss: faint as it is, solid as a centred moving average (shorter at the ends)
     faint, solid = [l.get_ydata() for l in loss.get_lines() if l.get_marker() != "X"][:2]
@@ -238,12 +255,16 @@ def test_run_series_for_takes_the_extremes_over_layers():
 
     history = [snapshot(0, [[1.0, 2.0], [0.5, 1.5]], [[1.0, 0.9], [0.95, 0.99]]),
                snapshot(5, [[400.0, 2.0], [9.0, 8.0]], [[0.01, 0.03], [0.5, 0.7]])]
-    alert = type("Alert", (), {"kind": "logit", "step": 5})()
+    alert = Alert("logit", "b", "L01", (0,), 5, 9.0, 5.0, "L01: logit")
     series = plots.run_series_for([3.0, 2.5], history, [alert])
     assert list(series.steps) == [0, 5] and list(series.loss) == [3.0, 2.5]
     assert list(series.max_logit) == [2.0, 400.0]  # the largest head of any layer
     assert list(series.entropy) == pytest.approx([0.95, 0.02])  # the lowest layer mean
-    assert series.alerts == {"logit": [5]}
+    assert series.alerts == (plots.AlertMark("logit", 5, "L01", 9.0),)
+    # the alerted layer's own curves: its largest head, its mean entropy
+    (own_logit, own_entropy), = series.layers.values()
+    assert list(series.layers) == ["L01"] and list(own_logit) == [1.5, 9.0]
+    assert list(own_entropy) == pytest.approx([0.97, 0.6])
     assert np.isnan(plots.run_series_for([1.0], [make_snapshot()]).max_logit[0])  # no figure
 
 

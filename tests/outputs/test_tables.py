@@ -9,9 +9,26 @@ import math
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from attn_probe.outputs.tables import format_table, head_rows, layer_rows, write_tables
-from attn_probe.snapshot import METRICS, CollapseRule, LayerSummary, Snapshot
+from attn_probe.outputs.tables import (
+    alerts_markdown,
+    format_table,
+    head_rows,
+    layer_rows,
+    parse_alerts_markdown,
+    write_tables,
+)
+from attn_probe.snapshot import (
+    METRICS,
+    SEVERITIES,
+    Alert,
+    CollapseRule,
+    LayerSummary,
+    Snapshot,
+)
+from reference import markdown_rows
 
 NAN = float("nan")
 
@@ -186,3 +203,41 @@ def test_html_table_escapes_and_leaves_nan_empty():
     Cells().feed(text)
     assert cells == ["layer", "rank@90%", "L00 <a&b>", "2.35", "L01"]
     assert text.count("<tr>") == 3 and text.count("<td ") == 4  # the NaN cell is empty
+
+
+# ------------------------------------------------------------------- alerts as a markdown table
+
+text = st.text(st.characters(blacklist_categories=("Cs",)), max_size=40)
+
+
+@settings(max_examples=60, deadline=None)
+@given(kind=text, module=text, message=text, cause=text, severity=st.sampled_from(SEVERITIES),
+       heads=st.lists(st.integers(0, 63), max_size=5), step=st.integers(0, 10**7),
+       value=st.floats(allow_nan=False, allow_infinity=False, width=32),
+       threshold=st.floats(allow_nan=True, allow_infinity=True))
+def test_alerts_markdown_reads_back(kind, module, message, cause, severity, heads, step, value,
+                                    threshold):
+    """Every field of an alert survives the table, whatever its text holds (pipes, backslashes,
+    newlines become one line: a table row cannot hold more); the tests' own reader of markdown
+    tables finds the same cells."""
+    alert = Alert(kind, module, "L07", tuple(heads), step, value, threshold, message, severity,
+                  cause)
+    table = alerts_markdown([alert, alert])
+    one_line = lambda s: " ".join(s.split())  # noqa: E731
+    for back in parse_alerts_markdown(table):
+        assert (back.kind, back.layer, back.message, back.cause) == tuple(
+            one_line(s) for s in (kind, module, message, cause))
+        assert (back.tag, back.heads, back.step, back.severity) == ("L07", tuple(heads), step,
+                                                                    severity)
+        assert back.value == pytest.approx(value, rel=1e-6, abs=1e-30)
+        assert (math.isnan(back.threshold) if math.isnan(threshold)
+                else back.threshold == pytest.approx(threshold, rel=1e-6))
+    rows = markdown_rows(table)
+    assert len(rows) == 2 and rows[0]["module"] == one_line(module)
+    assert rows[0]["message"] == one_line(message) and rows[0]["cause"] == one_line(cause)
+
+
+def test_a_table_of_something_else_has_no_alerts():
+    assert parse_alerts_markdown("| a | b |\n| --- | --- |\n| 1 | 2 |") == []
+    assert parse_alerts_markdown("no table here") == []
+    assert parse_alerts_markdown(alerts_markdown([])) == []

@@ -14,12 +14,15 @@ from torch.utils.tensorboard import SummaryWriter
 
 from attn_probe.outputs import figures as plots
 from attn_probe.aggregate import HeadAccumulator
-from attn_probe.snapshot import Snapshot
+from attn_probe.snapshot import Alert, Snapshot
 from attn_probe.outputs import TensorBoardWriter
 from reference import (
+    markdown_rows,
     read_events,
     read_images,
     read_layouts,
+    read_scalars,
+    read_texts,
     reference_counts,
     reference_entropy_sink,
     scalar_events,
@@ -140,7 +143,9 @@ def build_run(seed: int = 0, tau: float = 0.9):
 
 
 def expected_scalars(expected: list[dict], tau: float = 0.9, per_head: bool = True) -> dict:
-    """tag -> {step: value} of everything the writer should log."""
+    """tag -> {step: value} of everything the writer should log (these snapshots have only the
+    figures of the matrix, no alert and no head states; ``per_head``: every head's rank and
+    columns, as ``per_head="all"`` logs them)."""
     p = round(tau * 100)
     out: dict[str, dict[int, float]] = {}
 
@@ -153,20 +158,17 @@ def expected_scalars(expected: list[dict], tau: float = 0.9, per_head: bool = Tr
             e, tag = per_layer[name], f"L{index:02d}"
             has = e["count"] > 0
             for metric in ("rank", "columns"):
-                values = e[metric][has]
-                for how, fn in (("max", np.max), ("mean", np.mean), ("min", np.min)):
-                    value = float(fn(values)) if has.any() else math.nan
-                    put(f"{metric}{p}/{how}/{tag}", step, value)
+                put(f"{metric}{p}/max/{tag}", step,
+                    float(e[metric][has].max()) if has.any() else math.nan)
                 if per_head:
                     for head in np.flatnonzero(has):
                         put(f"{metric}{p}/head/{tag}/H{head:02d}", step, float(e[metric][head]))
-            for metric in ("entropy", "sink", "first_key_dominant"):
-                put(f"{metric}/mean/{tag}", step,
-                    float(e[metric][has].mean()) if has.any() else math.nan)
             lazy = (e["rank"][has] <= 1.5) & (e["columns"][has] <= 1.5)
             put(f"lazy_share/{tag}", step, float(lazy.mean()) if has.any() else math.nan)
             if e["nonfinite"].max() > 0:
                 put(f"nonfinite/{tag}", step, float(e["nonfinite"].max()))
+        for kind in ("logit", "entropy", "uniform", "lazy", "sink"):
+            put(f"alert/{kind}", step, 0.0)  # how many alerts so far
     return out
 
 
@@ -184,11 +186,11 @@ def run():
 
 @pytest.fixture(scope="module")
 def scalar_log(run, tmp_path_factory):
-    """The three snapshots written without images, per_head on (owned writer):
+    """The three snapshots written without images, every head's scalars (owned writer):
     (log dir, tag -> [(step, value), ...])."""
     snapshots, _ = run
     path = tmp_path_factory.mktemp("scalars")
-    with TensorBoardWriter(log_dir=str(path)) as writer:
+    with TensorBoardWriter(log_dir=str(path), per_head="all") as writer:
         for snapshot in snapshots:
             writer.write(snapshot, images=False)
     return path, scalar_events(path)
@@ -235,25 +237,25 @@ def test_scalar_tags_steps_and_values(run, scalar_log):
 
 def test_expected_tag_names(scalar_log):
     tags = set(scalar_log[1])
-    for how in ("max", "mean", "min"):
-        assert {f"rank90/{how}/L00", f"columns90/{how}/L03"} <= tags
     assert {
-        "entropy/mean/L00", "sink/mean/L02", "first_key_dominant/mean/L03", "lazy_share/L00",
-        "rank90/head/L00/H03", "columns90/head/L03/H00", "nonfinite/L02",
+        "rank90/max/L00", "columns90/max/L03", "lazy_share/L00", "rank90/head/L00/H03",
+        "columns90/head/L03/H00", "nonfinite/L02", "alert/logit",
     } <= tags
-    # layer 0 (constructed attention) and layer 3 never saw a non-finite sequence
+    # layer 0 (constructed attention) and layer 3 never saw a non-finite sequence; figures of
+    # the whole sequence were not measured, so none of theirs is written (no empty chart)
     assert "nonfinite/L00" not in tags and "nonfinite/L03" not in tags
+    assert not [t for t in tags if t.startswith(("max_logit", "entropy_norm_full", "sink_full",
+                                                 "sink_logit_full", "health"))]
 
 
 def test_constructed_attention_layer_values(scalar_log):
     log = scalar_log[1]
     known = reference_metrics(constructed_attention())
-    assert [value for _, value in log["rank90/min/L00"]] == [1.0] * len(STEPS)
+    assert [value for _, value in log["rank90/head/L00/H00"]] == [1.0] * len(STEPS)
     assert log["rank90/max/L00"][0][1] == known["rank"].max()
     assert log["rank90/head/L00/H01"][0][1] == math.ceil(0.9 * TOKENS)
     # only the all-to-first-key head is lazy: one head in four
     assert log["lazy_share/L00"][0][1] == pytest.approx(0.25, abs=TOL)
-    assert log["sink/mean/L00"][0][1] == pytest.approx(known["sink"].mean(), abs=TOL)
 
 
 def test_layer_without_data_writes_only_nonfinite(scalar_log):
@@ -281,33 +283,33 @@ def test_tau_sets_tag_percent(tmp_path):
     with TensorBoardWriter(log_dir=str(tmp_path), per_head=False, heatmaps={}) as writer:
         writer.write(snapshots[0])
     scalars, images = set(scalar_events(tmp_path)), set(read_images(tmp_path))
-    assert "rank80/max/L00" in scalars and "columns80/min/L03" in scalars
+    assert "rank80/max/L00" in scalars and "columns80/max/L03" in scalars
     assert not [tag for tag in scalars if tag.startswith("rank90")]
     assert {"collapse_map/rank80", "profile/max_rank80"} <= images
 
 
 def test_custom_scalars_layout_written_once(run, scalar_log):
+    """One layout for three writes: a chart per headline figure the snapshots have (every
+    layer on it, one unit), the worst head state, and one chart per kind of alert."""
     path, log = scalar_log
     layouts = read_layouts(path)
     assert len(layouts) == 1  # three writes, one layout
     ((tag, layout),) = layouts
     assert tag == "custom_scalars__config__"
     categories = {category.title: category for category in layout.category}
-    assert "attn_probe" in categories
+    assert set(categories) == {"attn_probe", "attn_probe alerts"}
     charts = {chart.title: list(chart.multiline.tag) for chart in categories["attn_probe"].chart}
-    assert charts["rank90 max over heads"] == [r"rank90/max/L\d+"]
+    # these snapshots measured the matrix only and have no head states: no chart of a logit,
+    # an entropy or a state they lack
+    assert charts == {"rank90/max (max over heads)": [r"rank90/max/L\d+"]}
     scalar_tags = list(log)
-    for metric in ("rank90", "columns90"):
-        for how in ("max", "mean", "min"):
-            (regex,) = charts[f"{metric} {how} over heads"]
-            matched = {tag for tag in scalar_tags if re.fullmatch(regex, tag)}
-            assert matched == {f"{metric}/{how}/L{i:02d}" for i in range(len(NAMES))}
-    for metric in ("entropy", "sink", "first_key_dominant"):
-        (regex,) = charts[f"{metric} mean over heads"]
-        assert sum(bool(re.fullmatch(regex, tag)) for tag in scalar_tags) == len(NAMES)
-    per_head = {c.title: list(c.multiline.tag) for c in categories["attn_probe per head"].chart}
-    (regex,) = per_head["rank90 L02"]
-    assert sum(bool(re.fullmatch(regex, tag)) for tag in scalar_tags) == HEADS
+    (regex,) = charts["rank90/max (max over heads)"]
+    assert {tag for tag in scalar_tags if re.fullmatch(regex, tag)} == {
+        f"rank90/max/L{i:02d}" for i in range(len(NAMES))}
+    alerts = {c.title: list(c.multiline.tag) for c in categories["attn_probe alerts"].chart}
+    for kind in ("logit", "entropy", "uniform", "lazy", "sink"):
+        (regex,) = alerts[f"{kind} alerts so far"]
+        assert [tag for tag in scalar_tags if re.fullmatch(regex, tag)] == [f"alert/{kind}"]
 
 
 def test_empty_snapshot_and_layout_off(tmp_path):
@@ -424,14 +426,14 @@ def test_writer_and_log_dir_exclusive(tmp_path):
         user.close()
 
 
-def test_qk_clip_dry_run_and_alert_markers(tmp_path):
-    """With logit_cap, each head's QK-Clip factor min(1, cap / max_logit) and the share of heads
-    above the cap are logged; alerts become a marker scalar and one text entry per step."""
+def logit_snapshot(step: int = 7) -> Snapshot:
+    """One layer whose heads' max logits are 50, 400, 100 and 250 and logit spreads three times
+    that, judged by the default rules: a critical ``logit`` alert naming head 1 (the only spread
+    past 1,000)."""
     from attn_probe.alerts import AlertMonitor, AlertRules
-    from reference import read_events, read_scalars
 
-    accumulator = HeadAccumulator()
     max_logit = torch.tensor([[50.0, 400.0, 100.0, 250.0]], dtype=torch.float64)
+    accumulator = HeadAccumulator()
     accumulator.update("m.0.attn", {
         "rank": torch.full((1, 4), 5), "columns": torch.full((1, 4), 8),
         "entropy": torch.ones(1, 4, dtype=torch.float64), "sink": torch.zeros(1, 4),
@@ -443,19 +445,156 @@ def test_qk_clip_dry_run_and_alert_markers(tmp_path):
         "query_norm": torch.ones(1, 4, dtype=torch.float64),
         "key_norm": torch.ones(1, 4, dtype=torch.float64), "kv_head": torch.arange(4)[None],
     })
-    snapshot = Snapshot(step=7, tau=0.9, layers=accumulator.compute(["m.0.attn"]))
-    snapshot = Snapshot(step=7, tau=0.9, layers=snapshot.layers,
-                        alerts=tuple(AlertMonitor(AlertRules()).update(snapshot)))
-    assert [a.kind for a in snapshot.alerts] == ["logit"]
-    with TensorBoardWriter(log_dir=str(tmp_path), logit_cap=100.0) as writer:
+    snapshot = Snapshot(step=step, tau=0.9, layers=accumulator.compute(["m.0.attn"]))
+    return AlertMonitor(AlertRules()).judge(snapshot)
+
+
+@pytest.mark.parametrize("per_head", [True, "all"])
+def test_qk_clip_dry_run_and_alerts(tmp_path, per_head):
+    """With logit_cap, the QK-Clip factor min(1, cap / max_logit) of the heads with per-head
+    scalars (every head with per_head="all", the alert's head by default) and the share of heads
+    above the cap; alerts are counted per kind and written as a table, once per step."""
+    snapshot = logit_snapshot()
+    (alert,) = snapshot.alerts
+    assert alert.kind == "logit" and alert.heads == (1,)
+    with TensorBoardWriter(log_dir=str(tmp_path), logit_cap=100.0, per_head=per_head) as writer:
         writer.write(snapshot, images=False)
     scalars = read_scalars(tmp_path)
-    want = np.minimum(1.0, 100.0 / max_logit[0].numpy())  # 1, 0.25, 1, 0.4
-    for head, gamma in enumerate(want):
-        assert scalars[f"qk_clip/gamma/L00/H{head:02d}"] == {7: pytest.approx(gamma)}
+    max_logit = np.array([50.0, 400.0, 100.0, 250.0])
+    want = np.minimum(1.0, 100.0 / max_logit)  # 1, 0.25, 1, 0.4
+    heads = range(4) if per_head == "all" else [1]
+    assert {t for t in scalars if t.startswith("qk_clip/gamma/")} == {
+        f"qk_clip/gamma/L00/H{h:02d}" for h in heads}
+    for head in heads:
+        assert scalars[f"qk_clip/gamma/L00/H{head:02d}"] == {7: pytest.approx(want[head])}
+        assert scalars[f"max_logit/head/L00/H{head:02d}"] == {7: pytest.approx(max_logit[head])}
+        assert scalars[f"logit_spread/head/L00/H{head:02d}"] == {
+            7: pytest.approx(3 * max_logit[head])}
     assert scalars["qk_clip/share_above/L00"] == {7: pytest.approx(0.5)}
     assert scalars["max_logit/max/L00"] == {7: pytest.approx(400.0)}
-    assert scalars["alert/logit/L00"] == {7: pytest.approx(1200.0)}  # spread >= critical
-    texts = [e for e in read_events(tmp_path) if any(v.tag.startswith("alerts")
-                                                      for v in e.summary.value)]
-    assert len(texts) == 1 and texts[0].step == 7
+    assert scalars["max_logit/log10/L00"] == {7: pytest.approx(math.log10(400.0))}
+    assert scalars["logit_spread/log10/L00"] == {7: pytest.approx(math.log10(1200.0))}
+    assert scalars["alert/logit"] == {7: 1.0} and scalars["alert/entropy"] == {7: 0.0}
+    ((step, text),) = read_texts(tmp_path)["alerts/text_summary"]
+    (row,) = markdown_rows(text)
+    assert step == 7 and row == {
+        "step": "7", "layer": "L00", "module": "m.0.attn", "kind": "logit",
+        "severity": "critical", "heads": "1", "value": "1200", "threshold": "1000",
+        "cause": alert.cause, "message": alert.message,
+    }
+
+
+# ------------------------------------------------------------- head states and alerted heads
+
+
+def full_snapshot(step: int, heads: int = 8, alerts=(), states=None, **per_head) -> Snapshot:
+    """One layer (``m.0.attn``) of ``heads`` heads with every figure measured, the per-head
+    values given in ``per_head`` (the rest constant), alerts and states as given."""
+    figures = {
+        "rank": torch.full((1, heads), 5.0), "columns": torch.full((1, heads), 8.0),
+        "entropy": torch.ones(1, heads, dtype=torch.float64), "sink": torch.zeros(1, heads),
+        "dominant": torch.full((1, heads), 2), "columns_full": torch.full((1, heads), 9),
+        "entropy_full": torch.ones(1, heads), "entropy_norm_full": torch.full((1, heads), 0.5),
+        "sink_full": torch.zeros(1, heads), "sink_logit_full": torch.zeros(1, heads),
+        "dominant_full": torch.full((1, heads), 2), "tokens_full": torch.full((1, heads), 64),
+        "max_logit": torch.full((1, heads), 10.0, dtype=torch.float64),
+    }
+    for name, values in per_head.items():
+        figures[name] = torch.tensor([values], dtype=torch.float64)
+    accumulator = HeadAccumulator()
+    accumulator.update("m.0.attn", figures)
+    layers = accumulator.compute(["m.0.attn"])
+    return Snapshot(step=step, tau=0.9, layers=layers, alerts=tuple(alerts),
+                    states={} if states is None else {"m.0.attn": np.asarray(states)})
+
+
+def make_alert(kind: str, step: int, heads, value: float) -> Alert:
+    return Alert(kind, "m.0.attn", "L00", tuple(heads), step, value, 1.0, f"{kind} at {step}")
+
+
+def test_per_head_scalars_follow_the_heads_an_alert_names(tmp_path):
+    """By default a head gets scalars once an alert names it, from that step on: the figures of
+    the alert's kind, for at most four heads per layer and kind, the most extreme first."""
+    entropy = [0.05, 0.5, 0.01, 0.3, 0.02, 0.04, 0.6, 0.7]
+    logits = [10.0, 10.0, 10.0, 10.0, 10.0, 10.0, 10.0, 900.0]
+    snapshots = [
+        full_snapshot(0, entropy_norm_full=entropy, max_logit=logits),
+        full_snapshot(5, entropy_norm_full=entropy, max_logit=logits,
+                      alerts=[make_alert("entropy", 5, range(6), 0.1)]),
+        full_snapshot(10, entropy_norm_full=entropy, max_logit=logits,
+                      alerts=[make_alert("logit", 10, [7], 900.0)]),
+    ]
+    with TensorBoardWriter(log_dir=str(tmp_path)) as writer:
+        for snapshot in snapshots:
+            writer.write(snapshot, images=False)
+    scalars = read_scalars(tmp_path)
+    per_head = {tag: series for tag, series in scalars.items() if "/head/" in tag}
+    # heads 0-5 named; the four with the lowest entropy are 2, 4, 5 and 0
+    want = {f"entropy_norm_full/head/L00/H{h:02d}": {5: entropy[h], 10: entropy[h]}
+            for h in (0, 2, 4, 5)}
+    want["max_logit/head/L00/H07"] = {10: 900.0}  # logit_spread: not measured, not written
+    assert per_head.keys() == want.keys()
+    for tag, series in want.items():
+        assert per_head[tag] == pytest.approx(series), tag
+    assert scalars["alert/entropy"] == {0: 0.0, 5: 1.0, 10: 1.0}
+    assert scalars["alert/logit"] == {0: 0.0, 5: 0.0, 10: 1.0}
+    with pytest.raises(ValueError, match="per_head must be"):
+        TensorBoardWriter(log_dir=str(tmp_path / "x"), per_head="some")
+
+
+def test_health_scalars_images_and_timeline(tmp_path):
+    """``health/Lxx`` is the worst state of the layer's heads at each step; on picture steps the
+    layer x head map and the timeline of every step so far, which is the figure of the states
+    the event files hold."""
+    from attn_probe.outputs import health
+
+    states = [[1, 1, 2, 1], [1, 5, 2, 3], [6, 5, 1, 1]]
+    snapshots = [full_snapshot(step, heads=4, states=codes)
+                 for step, codes in zip((0, 5, 10), states)]
+    with TensorBoardWriter(log_dir=str(tmp_path), heatmaps={}) as writer:
+        for i, snapshot in enumerate(snapshots):
+            writer.write(snapshot, images=i != 1)
+    scalars = read_scalars(tmp_path)
+    assert scalars["health/L00"] == {0: 2.0, 5: 5.0, 10: 6.0}  # the worst (largest) code
+    images = read_images(tmp_path)
+    assert [image.step for image in images["health/heads"]] == [0, 10]
+    assert [image.step for image in images["health/timeline"]] == [0, 10]
+    last = images["health/timeline"][-1]
+    drawn = plots.figure_to_array(health.health_timeline(
+        [0, 5, 10], np.array([[2, 5, 6]]), layer_labels=["L00"],
+        title="worst head state of each layer, steps 0-10"))
+    logged = np.asarray(Image.open(io.BytesIO(last.png)).convert("RGB"))
+    assert np.array_equal(logged, drawn)
+    heads = np.asarray(Image.open(io.BytesIO(images["health/heads"][-1].png)).convert("RGB"))
+    assert np.array_equal(heads, plots.figure_to_array(health.head_state_map(
+        np.array([states[2]]), layer_labels=["L00"], title="head states, step 10")))
+    layout = {c.title for cat in read_layouts(tmp_path)[0][1].category for c in cat.chart}
+    assert {"max_logit/log10 (max over heads)", "entropy_norm_full/mean (mean over heads)",
+            "health (worst head state: 1 healthy ... 6 logits exploding)"} <= layout
+
+
+@pytest.mark.slow
+def test_a_32_layer_32_head_model_stays_within_the_tag_bound(tmp_path):
+    """A 32-layer, 32-head GPT probed under the defaults: at most 15 scalar tags per layer,
+    a few more for the alerts, where per_head used to give 96 per layer."""
+    from attn_probe import AttentionProbe
+    from attn_probe.models.gpt import GPT, GPTConfig
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=64, block_size=16, n_layer=32, n_head=32, n_embd=64))
+    with AttentionProbe(model, log_dir=str(tmp_path), every=1, images_every=0) as probe:
+        for _ in range(2):
+            model(torch.randint(64, (2, 16)))
+            probe.step()
+    tags = set(read_scalars(tmp_path))
+    per_layer: dict[str, int] = {}
+    for tag in tags:
+        match = re.search(r"/(L\d\d)$", tag)
+        if match:
+            per_layer[match.group(1)] = per_layer.get(match.group(1), 0) + 1
+    assert sorted(per_layer) == [f"L{i:02d}" for i in range(32)]
+    assert max(per_layer.values()) <= 15, per_layer
+    others = tags - {tag for tag in tags if re.search(r"/L\d\d$", tag)}
+    kinds = ("logit", "entropy", "uniform", "lazy", "sink")
+    assert others == {f"alert/{kind}" for kind in kinds}
+    assert len(tags) <= 15 * 32 + len(kinds)
