@@ -8,7 +8,6 @@ the thresholds, independently of the rules' code.
 
 from __future__ import annotations
 
-import math
 
 import numpy as np
 import pytest
