@@ -150,6 +150,24 @@ def test_entropy_severity_and_heads_with_data_only():
     assert c.heads == (0, 1, 2)  # the head without data is not named
 
 
+def test_a_fast_fall_to_a_handful_of_keys_warns_a_pattern_forming_does_not():
+    rule = EntropyRule(fall=0.45, window=3, fall_to=0.3, warning=0.05, critical=0.02)
+
+    def steps(means):
+        return [(5 * i, layer_figures(2, entropy_norm_full=[m, m])) for i, m in enumerate(means)]
+
+    collapse = run(only(entropy=rule), *steps([1.0, 0.95, 0.6, 0.25, 0.2]))
+    assert [[(a.severity, a.step) for a in step] for step in collapse] == [
+        [], [], [], [("warning", 15)], []]
+    (fall,) = collapse[3]
+    assert fall.value == pytest.approx(0.75) and fall.threshold == 0.45  # fell from 1.0
+    assert "1.00 -> 0.25 in 15 steps" in fall.message
+    # a head forming fast but staying above fall_to; a slow steady fall: neither warns
+    assert all(not step for step in run(only(entropy=rule), *steps([1.0, 0.95, 0.5, 0.45])))
+    assert all(not step for step in run(only(entropy=rule),
+                                        *steps([1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2])))
+
+
 def test_entropy_at_the_threshold_does_not_fire():
     assert run(only(entropy=EntropyRule(warning=0.1, critical=0.03)),
                (0, layer_figures(2, entropy_norm_full=0.1))) == [[]]

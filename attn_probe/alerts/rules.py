@@ -10,7 +10,8 @@ hold now as :class:`~attn_probe.snapshot.Alert` records with a severity:
   ``critical``;
 * ``entropy`` (:class:`EntropyRule`) — the layer's mean normalised entropy (1 = uniform,
   0 = one key per query) falls fast or collapses: ``warning`` once it has fallen by ``fall``
-  within ``window`` measurements, or below ``warning``; ``critical`` below ``critical``;
+  within ``window`` measurements to ``fall_to`` or less, or below ``warning``; ``critical``
+  below ``critical``;
 * ``uniform`` (:class:`UniformRule`) — the layer has stayed at uniform attention for
   ``samples`` measurements while another layer of the model has learned where to look:
   ``warning``;
@@ -129,13 +130,17 @@ class LogitRule:
 class EntropyRule:
     """``entropy``: entropy collapse (Zhai et al. 2023), on the layer's mean over heads of the
     normalised entropy (1 = uniform, 0 = one key per query). ``warning`` when it has fallen by
-    at least ``fall`` within ``window`` measurements (the softmax sharpening faster than a model
-    learns where to look), or is below ``warning``; ``critical`` below ``critical``. A single
+    at least ``fall`` within ``window`` measurements to ``fall_to`` or less (the softmax
+    sharpening to a handful of keys faster than a model learns where to look; the alert's value
+    is the fall), or is below ``warning``; ``critical`` below ``critical`` (the alert's value is
+    then the entropy). A layer that sharpens fast but stays above ``fall_to`` is a pattern
+    forming (healthy runs do that), not a collapse. A single
     low-entropy head (a previous-token head) is normal, so the rule looks at the mean.
     ``min_entropy``: deprecated, read as ``warning``."""
 
     fall: float = 0.45
     window: int = 3
+    fall_to: float = 0.3
     warning: float = 0.05
     critical: float = 0.02
     min_entropy: float | None = None
@@ -151,6 +156,8 @@ class EntropyRule:
                              f"{self.critical}, warning={self.warning}")
         if not 0 < self.fall < 1:
             raise ValueError(f"EntropyRule.fall must be in (0, 1), got {self.fall}")
+        if not 0 < self.fall_to < 1:
+            raise ValueError(f"EntropyRule.fall_to must be in (0, 1), got {self.fall_to}")
         if not (isinstance(self.window, int) and self.window >= 1):
             raise ValueError(f"EntropyRule.window must be a count of measurements >= 1, got "
                              f"{self.window!r}")
@@ -189,7 +196,7 @@ class EntropyRule:
                 f"{threshold:g} ({nats:.3f} nats; 1 = uniform)",
                 explain.entropy_cause(before, now, int(np.nanargmin(heads)))))
         drop, start = self.falling(track)
-        if start is not None and drop >= self.fall and not (found and found[0].severity ==
+        if start is not None and drop >= self.fall and value <= self.fall_to and not (found and found[0].severity ==
                                                             "warning"):
             then = start.heads("entropy_norm_full")
             with np.errstate(invalid="ignore"):
@@ -199,7 +206,7 @@ class EntropyRule:
                 named = np.isfinite(fell) & (fell > 0)
             worst = int(np.nanargmax(np.where(np.isfinite(fell), fell, -np.inf)))
             found.append(_alert(
-                "entropy", "warning", now, _heads(named), value, self.fall,
+                "entropy", "warning", now, _heads(named), drop, self.fall,
                 f"attention entropy fell fast: mean normalised entropy "
                 f"{value + drop:.2f} -> {value:.2f} in {now.step - start.step} steps",
                 explain.fall_cause(start, now, worst)))

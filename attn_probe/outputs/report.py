@@ -21,6 +21,7 @@ from .curves import Mark, step_curves
 from .events import LOSS_TAGS
 from .health import health_timeline
 from .runs import value_at
+from .tables import figure_text
 from .tensorboard import SERIES, Series
 
 if TYPE_CHECKING:
@@ -80,12 +81,6 @@ def _data_uri(png: bytes) -> str:
 
 def _img(uri: str, alt: str) -> str:
     return f'<img src="{uri}" alt="{html.escape(alt)}">'
-
-
-def _num(value: float) -> str:
-    if not np.isfinite(value):
-        return str(value)
-    return f"{value:,.0f}" if abs(value) >= 100 else f"{value:.3g}"
 
 
 def _prefix(series: Series) -> str:
@@ -212,8 +207,8 @@ def _alert_table(runs: Sequence["RunEvents"]) -> str:
             f"<td>{html.escape(alert.kind)}</td>",
             f"<td>{html.escape(', '.join(map(str, alert.heads)))}</td>",
             f'<td class="sev-{severity}">{severity}</td>',
-            f'<td class="num">{_num(alert.value)}</td>',
-            f'<td class="num">{_num(alert.threshold)}</td>',
+            f'<td class="num">{figure_text(alert.value)}</td>',
+            f'<td class="num">{figure_text(alert.threshold)}</td>',
             f"<td>{html.escape(alert.cause) or '—'}</td>",
         ]
         rows.append(f'<tr title="{html.escape(alert.message)}">{"".join(cells)}</tr>')
@@ -229,8 +224,8 @@ def _where_to_look(run: "RunEvents") -> str:
     last = run.last_step
     if run.loss is not None:
         _, (steps, values) = run.loss
-        items.append(f"{steps.size} steps of loss: {_num(values[0])} at step {steps[0]} → "
-                     f"{_num(values[-1])} at step {steps[-1]}")
+        items.append(f"{steps.size} steps of loss: {figure_text(values[0])} at step {steps[0]} → "
+                     f"{figure_text(values[-1])} at step {steps[-1]}")
     elif last is not None:
         items.append(f"logged up to step {last}")
     if run.alerts:

@@ -1,6 +1,6 @@
-"""Training runs side by side: the loss of each, its largest attention logit and the entropy of
-its most collapsed layer, with each alert marked on the curve of the layer it fired in and the
-layer that collapsed named (:func:`run_summary`, the demo's summary picture)."""
+"""Training runs side by side: the loss of each, its largest logit spread and the entropy of its
+most collapsed layer, with each run's first warnings marked on the curves of the layers they
+fired in and those layers named (:func:`run_summary`, the demo's summary picture)."""
 
 from __future__ import annotations
 
@@ -34,16 +34,16 @@ class RunSeries(NamedTuple):
     """One training run's curves for :func:`run_summary`.
 
     ``loss`` holds the loss of steps 0, 1, 2, ...; ``steps`` the probe's sampled steps, with
-    ``max_logit`` (the largest over layers and heads) and ``entropy`` (the mean normalised entropy
-    of the most collapsed layer: the lowest layer mean) at each; ``alerts`` the run's alerts
-    (:class:`AlertMark` or :class:`~attn_probe.snapshot.Alert`); ``layers`` maps the tag of
-    each alerted layer to its own ``(max_logit, entropy)`` at ``steps``, the curves its alerts
-    are marked on.
+    ``logit_spread`` (the largest over layers and heads) and ``entropy`` (the mean normalised
+    entropy of the most collapsed layer: the lowest layer mean) at each; ``alerts`` the run's
+    warnings (:class:`AlertMark` or :class:`~attn_probe.snapshot.Alert`); ``layers`` maps the
+    tag of each alerted layer to its own ``(logit_spread, entropy)`` at ``steps``, the curves
+    its alerts are marked on.
     """
 
     loss: Any
     steps: Any
-    max_logit: Any
+    logit_spread: Any
     entropy: Any
     alerts: Sequence[AlertMark] = ()
     layers: Mapping[str, tuple[Any, Any]] = {}
@@ -87,19 +87,17 @@ def value_at(steps: np.ndarray, values: np.ndarray | None, step: int) -> float:
 
 
 def _mark_alerts(ax, steps: np.ndarray, series: RunSeries, kind: str, column: int,
-                 colour: str, dashes: Any, note_row: int) -> list[float]:
-    """Each alerted layer's own curve (thin) and a cross at each alert of ``kind`` on it, at the
-    layer's own value; the layers of the first such alert are named beside their cross, the
-    others in a note in row ``note_row`` of the panel's lower right corner. Returns the values
-    drawn (for the axis limits)."""
+                 colour: str, dashes: Any) -> list[float]:
+    """The run's first alerts of ``kind`` (those at the first step any fired): each such
+    layer's own curve (thin), a cross on it at the step of the alert, and the layer named beside
+    it. Returns the values drawn (for the axis limits)."""
     drawn: list[float] = []
     fired = [alert for alert in series.alerts if alert.kind == kind]
     if not fired:
         return drawn
     first_step = min(alert.step for alert in fired)
-    later: dict[int, list[str]] = {}
-    for tag in dict.fromkeys(alert.tag for alert in fired):
-        own = series.layers.get(tag)
+    for alert in (a for a in fired if a.step == first_step):
+        own = series.layers.get(alert.tag)
         values = None if own is None else as_numpy(own[column]).reshape(-1)
         if values is not None and values.shape == steps.shape:
             if kind == "logit":
@@ -107,24 +105,14 @@ def _mark_alerts(ax, steps: np.ndarray, series: RunSeries, kind: str, column: in
             ax.plot(steps, values, color=colour, linewidth=0.9, alpha=0.55, linestyle=dashes)
         else:
             values = None
-        for alert in (a for a in fired if a.tag == tag):
-            y = value_at(steps, values, alert.step)
-            y = y if np.isfinite(y) else float(alert.value)
-            if not np.isfinite(y) or (kind == "logit" and y <= 0):
-                continue
-            _cross(ax, alert.step, y, colour)
-            drawn.append(y)
-            if alert.step == first_step:
-                ax.annotate(tag, (alert.step, y), xytext=(7, -3 if kind == "logit" else 3),
-                            textcoords="offset points", fontsize=8, fontweight="bold",
-                            zorder=6)
-            else:
-                later.setdefault(alert.step, []).append(tag)
-    if later:
-        text = "; ".join(f"{', '.join(tags)} at {'step ' * (i == 0)}{step}"
-                         for i, (step, tags) in enumerate(sorted(later.items())))
-        ax.text(0.98, 0.03 + 0.075 * note_row, f"{kind} alerts later: {text}",
-                transform=ax.transAxes, ha="right", va="bottom", fontsize=7, color=colour)
+        y = value_at(steps, values, alert.step)
+        y = y if np.isfinite(y) else float(alert.value)
+        if not np.isfinite(y) or (kind == "logit" and y <= 0):
+            continue
+        _cross(ax, alert.step, y, colour)
+        drawn.append(y)
+        ax.annotate(alert.tag, (alert.step, y), xytext=(7, -3 if kind == "logit" else 3),
+                    textcoords="offset points", fontsize=8, fontweight="bold", zorder=6)
     return drawn
 
 
@@ -135,15 +123,15 @@ def run_summary(
     title: str | None = None,
     smooth: int = 9,
 ) -> Figure:
-    """Training runs side by side in three panels: the loss of every step, the largest attention
-    logit of every sampled step (log scale) and the normalised entropy of the most collapsed
+    """Training runs side by side in three panels: the loss of every step, the largest logit
+    spread of every sampled step (log scale) and the normalised entropy of the most collapsed
     layer, one line per run.
 
-    ``thresholds``: the alert thresholds, drawn dashed (``"logit"`` on the logit panel,
-    ``"entropy"`` on the entropy panel). Each run's ``logit`` and ``entropy`` alerts are marked
-    with a cross on the panel of their figure, on the curve of the layer they fired in (drawn
-    thin, named by its tag) at that layer's value, and on the loss curve; the legend names the
-    layer of each run's first such alert. Other kinds are not drawn.
+    ``thresholds``: levels to draw dashed (``"logit"`` on the logit panel, ``"entropy"`` on the
+    entropy panel). Each run's first ``logit`` and ``entropy`` warnings (those at the first step
+    any fired) are marked with a cross on the panel of their figure, on the curve of the layer
+    they fired in (drawn thin, named by its tag) at that layer's value, and on the loss curve;
+    the legend names those layers. The report and TensorBoard show every alert.
     ``smooth``: the loss is drawn faint as it is and solid as a centred moving average over
     this many steps (1: no average).
     """
@@ -163,11 +151,11 @@ def run_summary(
         colour, dashes = RUN_COLOURS[i % len(RUN_COLOURS)], RUN_DASHES[i % len(RUN_DASHES)]
         loss = as_numpy(series.loss).reshape(-1)
         steps = as_numpy(series.steps).reshape(-1)
-        logit = as_numpy(series.max_logit).reshape(-1)
+        logit = as_numpy(series.logit_spread).reshape(-1)
         entropy = as_numpy(series.entropy).reshape(-1)
         if not steps.shape == logit.shape == entropy.shape:
             raise ValueError(f"run {name!r}: {steps.shape[0]} sampled steps, {logit.shape[0]} "
-                             f"max logits and {entropy.shape[0]} entropies")
+                             f"logit spreads and {entropy.shape[0]} entropies")
         loss_steps = np.arange(loss.shape[0])
         if smooth > 1:
             loss_ax.plot(loss_steps, loss, color=colour, linewidth=0.8, alpha=0.3)
@@ -178,15 +166,13 @@ def run_summary(
         for ax, values in ((logit_ax, logit), (entropy_ax, entropy)):
             ax.plot(steps, values, color=colour, linewidth=1.5, linestyle=dashes, marker="o",
                     markersize=2.5)
-        notes = sum(any(a.kind in DRAWN_KINDS for a in s.alerts) for s in list(runs.values())[:i])
         logits.append(np.asarray(_mark_alerts(logit_ax, steps, series, "logit", 0, colour,
-                                              dashes, notes)))
-        _mark_alerts(entropy_ax, steps, series, "entropy", 1, colour, dashes, notes)
+                                              dashes)))
+        _mark_alerts(entropy_ax, steps, series, "entropy", 1, colour, dashes)
         fired = sorted((a for a in series.alerts if a.kind in DRAWN_KINDS),
                        key=lambda alert: alert.step)
-        for step in sorted({alert.step for alert in fired}):
-            if 0 <= step < loss.shape[0] and np.isfinite(loss[step]):
-                _cross(loss_ax, step, loss[step], colour)
+        if fired and 0 <= fired[0].step < loss.shape[0] and np.isfinite(loss[fired[0].step]):
+            _cross(loss_ax, fired[0].step, loss[fired[0].step], colour)
         handles.append(line)
         if fired:
             first = [a for a in fired if a.step == fired[0].step]
@@ -213,8 +199,8 @@ def run_summary(
     loss_ax.set_title("training loss" + (f" ({smooth}-step average)" if smooth > 1 else ""),
                       fontsize=10)
     loss_ax.set_ylabel("cross-entropy (nats)", fontsize=9)
-    logit_ax.set_title("largest attention logit (any layer, any head)", fontsize=10)
-    logit_ax.set_ylabel("max q·k·scale (log scale)", fontsize=9)
+    logit_ax.set_title("largest logit spread (any layer, any head)", fontsize=10)
+    logit_ax.set_ylabel("top score - mean score (log scale)", fontsize=9)
     entropy_ax.set_title("entropy of the most collapsed layer", fontsize=10)
     entropy_ax.set_ylabel("mean normalised entropy (1 = uniform)", fontsize=9)
     for ax in axes:
@@ -223,12 +209,12 @@ def run_summary(
         ax.grid(alpha=0.3)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True, nbins=6))
 
-    handles += [
-        Line2D([], [], linestyle="none", marker="X", markersize=9, color="grey",
-               markeredgecolor="black", markeredgewidth=0.8),
-        Line2D([], [], color="#b2182b", linewidth=1.0, linestyle="--"),
-    ]
-    labels += ["alert fired", "alert threshold"]
+    handles.append(Line2D([], [], linestyle="none", marker="X", markersize=9, color="grey",
+                          markeredgecolor="black", markeredgewidth=0.8))
+    labels.append("first warning")
+    if thresholds:
+        handles.append(Line2D([], [], color="#b2182b", linewidth=1.0, linestyle="--"))
+        labels.append("alert threshold")
     height = fig.get_figheight()
     fig.legend(handles, labels, loc="upper center", ncols=len(handles), fontsize=9,
                frameon=False, bbox_to_anchor=(0.5, 1 - (0.34 if title else 0.02) / height))
@@ -240,7 +226,7 @@ def run_summary(
 def run_series_for(losses: Sequence[float], snapshots: Sequence["Snapshot"],
                    alerts: Iterable["Alert"] = ()) -> RunSeries:
     """:class:`RunSeries` of a run: its losses, the probe's snapshots (``probe.history``) and
-    alerts (``probe.alerts``)."""
+    alerts (``probe.alerts``; those of severity ``info`` are left out)."""
 
     def over_layers(snapshot: "Snapshot", metric: str, how: str, pick) -> float:
         values = [layer.reduce(metric, how) for layer in snapshot.layers]
@@ -251,15 +237,17 @@ def run_series_for(losses: Sequence[float], snapshots: Sequence["Snapshot"],
         return np.asarray([next((layer.reduce(metric, how) for layer in s.layers
                                  if layer.tag == tag), float("nan")) for s in snapshots])
 
-    fired = tuple(AlertMark(a.kind, int(a.step), a.tag, float(a.value)) for a in alerts)
+    fired = tuple(AlertMark(a.kind, int(a.step), a.tag, float(a.value)) for a in alerts
+                  if getattr(a, "severity", "warning") != "info")
     tags = dict.fromkeys(alert.tag for alert in fired if alert.kind in DRAWN_KINDS)
     return RunSeries(
         loss=np.asarray(losses, dtype=np.float64),
         steps=np.asarray([s.step for s in snapshots], dtype=np.int64),
-        max_logit=np.asarray([over_layers(s, "max_logit", "max", max) for s in snapshots]),
+        logit_spread=np.asarray([over_layers(s, "logit_spread", "max", max)
+                                 for s in snapshots]),
         entropy=np.asarray([over_layers(s, "entropy_norm_full", "mean", min)
                             for s in snapshots]),
         alerts=fired,
-        layers={tag: (of_layer(tag, "max_logit", "max"),
+        layers={tag: (of_layer(tag, "logit_spread", "max"),
                       of_layer(tag, "entropy_norm_full", "mean")) for tag in tags},
     )

@@ -141,6 +141,13 @@ ALERT_COLUMNS = {
 }
 
 
+def figure_text(value: float) -> str:
+    """A measured figure in a sentence or a table cell: 1,497, 31.8, 4.71, 0.0018."""
+    if not math.isfinite(value):
+        return str(value)
+    return f"{value:,.0f}" if abs(value) >= 100 else f"{value:.3g}"
+
+
 def _cell(value: object) -> str:
     if isinstance(value, tuple):
         value = ", ".join(str(v) for v in value)

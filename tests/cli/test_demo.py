@@ -1,10 +1,11 @@
-"""`attn-probe demo`: three runs (stable, unstable, unstable with QK-norm) into one log
-directory, one TensorBoard run each, a summary per run, a summary picture and the HTML report.
+"""`attn-probe demo`: three runs (stable; unstable, whose queries and keys take steps 30 times
+larger; the same with QK-norm) into one log directory, one TensorBoard run each, a summary per
+run, a summary picture and the HTML report.
 
 End to end in a subprocess with tiny options (the logs and how many tags they hold, the head
 health pictures, the console, the picture, the report), and in process at settings that collapse
-within 15 steps (the demo's width at 64 tokens, as tests/test_alerts.py trains): the unstable
-run's event files and report hold its alerts, the other runs' none, and the console names them.
+within 15 steps (the demo's width at 64 tokens): the unstable run's event files and report hold
+its warnings, the other runs' none, and the console names them.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import io
 import re
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -48,6 +50,15 @@ def tags_per_layer(scalars: dict) -> dict[str, int]:
     return counts
 
 
+def logged_alert(row: dict) -> SimpleNamespace:
+    """An alert as the event files' table holds it (read by the tests' own reader)."""
+    heads = tuple(int(h) for h in row["heads"].split(", ")) if row["heads"] else ()
+    return SimpleNamespace(step=int(row["step"]), tag=row["layer"], kind=row["kind"],
+                           heads=heads, severity=row["severity"],
+                           cause="" if row["cause"] == "—" else row["cause"],
+                           value=float(row["value"]), threshold=float(row["threshold"]))
+
+
 def assert_summary_picture(path):
     with Image.open(path) as png:
         png.load()  # decodes the whole picture
@@ -66,8 +77,8 @@ def test_demo_subprocess_writes_three_runs_and_a_summary(tmp_path):
     assert "tensorboard --logdir tb" in done.stdout
     assert "tb/summary.png" in done.stdout.replace("\\", "/")
     assert "tb/report.html" in done.stdout.replace("\\", "/")
-    # --steps is the stable run's length; the unstable runs train 30 % of it
-    steps = {"stable": 6, "unstable": 2, "unstable_qk_norm": 2}
+    # --steps is every run's length
+    steps = {"stable": 6, "unstable": 6, "unstable_qk_norm": 6}
     for name, count in steps.items():
         assert f"{name}: {count} steps in" in done.stdout
         assert f"{name} [" in done.stderr and f"{count}/{count}" in done.stderr  # its bar
@@ -80,7 +91,7 @@ def test_demo_subprocess_writes_three_runs_and_a_summary(tmp_path):
             for layer in ("L00", "L01"):
                 assert sorted(scalars[f"{tag}/{layer}"]) == list(range(0, count, 2)), (name, tag)
     lrs = {name: read_scalars(tmp_path / "tb" / name)["train/lr"] for name in steps}
-    assert lrs["unstable"] == {0: pytest.approx(3e-2), 1: pytest.approx(3e-2)}
+    assert lrs["unstable"] == lrs["stable"] == lrs["unstable_qk_norm"]  # the same schedule
     stable_lr = [lr for _, lr in sorted(lrs["stable"].items())]  # one-cycle: up to 3e-3, down
     assert max(stable_lr) <= 3e-3 * (1 + 1e-6) and stable_lr[-1] < max(stable_lr) / 10
 
@@ -89,11 +100,14 @@ def test_demo_subprocess_writes_three_runs_and_a_summary(tmp_path):
         run = tmp_path / "tb" / name
         scalars = read_scalars(run)
         # a few cards a person reads: at most 15 per layer; besides them the loss, the learning
-        # rate and the count of each kind of alert (none in so few steps: no per-head scalar)
+        # rate, the count of each kind of alert and, in the run that collapses, per-head
+        # scalars of the heads its alerts named
         per_layer = tags_per_layer(scalars)
         assert set(per_layer) == {"L00", "L01"}, per_layer
         assert max(per_layer.values()) <= TAGS_PER_LAYER, (name, per_layer)
-        assert {tag for tag in scalars if not re.search(r"/L\d\d$", tag)} == {
+        per_head = {tag for tag in scalars if re.search(r"/head/L\d\d/H\d\d$", tag)}
+        assert bool(per_head) == (name == "unstable"), (name, per_head)
+        assert {tag for tag in scalars if not re.search(r"/L\d\d$", tag)} - per_head == {
             "train/loss", "train/lr", *kinds}, name
         images = read_images(run)
         for tag in ("health/heads", "health/timeline", "collapse_map/rank90"):
@@ -102,7 +116,11 @@ def test_demo_subprocess_writes_three_runs_and_a_summary(tmp_path):
                 with Image.open(io.BytesIO(image.png)) as png:
                     png.load()  # decodes
                     assert png.format == "PNG" and png.size == (image.width, image.height)
-    page = check_report(tmp_path / "tb" / "report.html", runs={name: [] for name in steps})
+    # every alert the event files hold is in the report (the unstable run collapses already)
+    logged = {name: [logged_alert(row) for row in logged_alerts(tmp_path / "tb" / name)]
+              for name in steps}
+    assert logged["unstable"] and not logged["stable"]
+    page = check_report(tmp_path / "tb" / "report.html", runs=logged)
     for name, count in steps.items():
         assert f"{name} {count} steps of loss" in page.text
     # per run: the loss, the logits, the entropy, the timeline and the latest head states
@@ -120,8 +138,8 @@ def test_demo_runs_option_picks_runs_and_bad_options_are_one_line_errors(capsys)
         err = capsys.readouterr().err
         assert err.startswith(f"attn-probe demo: error: {bad[0]} must be") and err.count("\n") == 1
     configs = demo_configs(DemoConfig(log_dir="x", steps=40), ["unstable_qk_norm", "stable"])
-    assert [(c.name, c.steps, c.qk_norm, c.lr) for c in configs] == [
-        ("unstable_qk_norm", 12, True, 3e-2), ("stable", 40, False, 3e-3)]
+    assert [(c.name, c.steps, c.qk_norm, c.lr, c.qk_step) for c in configs] == [
+        ("unstable_qk_norm", 40, True, 3e-3, 30.0), ("stable", 40, False, 3e-3, 1.0)]
     assert configs[0].log_dir.replace("\\", "/") == "x/unstable_qk_norm"
 
 
@@ -132,7 +150,7 @@ def test_demo_replaces_its_own_earlier_runs_and_nothing_else(tmp_path, capsys, s
     log_dir = tmp_path / "tb"
     tiny = ["--steps", "2", "--every", "1", "--images-every", "0", "--layers", "1",
             "--batch-size", "1", "--log-dir", str(log_dir)]
-    steps = {"stable": [0, 1], "unstable": [0], "unstable_qk_norm": [0]}
+    steps = {"stable": [0, 1], "unstable": [0, 1], "unstable_qk_norm": [0, 1]}
 
     def check_each_step_once():
         for name, want in steps.items():
@@ -200,6 +218,33 @@ def test_demo_trains_on_one_thread_and_gives_the_others_back(tmp_path):
         torch.set_num_threads(previous)
 
 
+def test_query_and_key_steps_are_scaled_and_nothing_else():
+    """qk_step: after an optimiser step the query and key rows of every block moved exactly
+    qk_step times as far as with qk_step 1 from the same state; the value rows and every other
+    parameter moved the same."""
+    from attn_probe.cli.demo import _scaled_qk_steps
+    from attn_probe.models.gpt import GPT, GPTConfig
+
+    moved = {}
+    for factor in (1.0, 3.0):
+        torch.manual_seed(0)
+        model = GPT(GPTConfig(vocab_size=32, block_size=8, n_layer=2, n_head=2, n_embd=16))
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        x = torch.randint(0, 32, (2, 9), generator=torch.Generator().manual_seed(1))
+        model(x[:, :-1], x[:, 1:])[1].backward()
+        with _scaled_qk_steps(model, factor):
+            optimizer.step()
+        moved[factor] = {n: p.detach() - before[n] for n, p in model.named_parameters()}
+    for name, step in moved[1.0].items():
+        scaled = moved[3.0][name]
+        if "c_attn" in name:
+            torch.testing.assert_close(scaled[:32], 3 * step[:32])  # q and k rows
+            torch.testing.assert_close(scaled[32:], step[32:])  # v rows
+        else:
+            torch.testing.assert_close(scaled, step, msg=name)
+
+
 @pytest.mark.slow
 def test_unstable_run_raises_alerts_and_the_others_none(tmp_path, capsys, recwarn,
                                                         single_thread):
@@ -226,19 +271,27 @@ def test_unstable_run_raises_alerts_and_the_others_none(tmp_path, capsys, recwar
         assert sorted(scalars["train/loss"]) == list(range(15))
         assert all(f"{tag}/L01" in scalars for tag in PROBE_TAGS)
 
-    # the progress bar counts the alerts (the probe's warnings about them are kept off the
-    # console), the run's summary names each, the closing paragraph says when they fired
+    # the progress bar counts the alerts (the probe warns about none: the demo's on_alert
+    # counts them), the run's summary names each warning and says why the first came, the
+    # closing paragraph says when and where it came and what QK-norm did
     assert "15/15 " in err and f"alerts {len(results['unstable'].alerts)}" in err
-    assert not [w for w in recwarn if "attn_probe: L00" in str(w.message)]
+    assert not [w for w in recwarn if "attn_probe:" in str(w.message)]
     unstable = out[out.index("unstable: 15 steps"):out.index("unstable_qk_norm: 15 steps")]
-    fired = [a for a in results["unstable"].alerts if a.kind in ("logit", "entropy")]
-    assert fired and fired[0].tag == "L00"
-    for alert in fired:
-        assert f"{alert.kind:<8} {alert.tag}  step {alert.step} " in unstable
+    warned = [a for a in results["unstable"].alerts if a.severity in ("warning", "critical")]
+    assert warned and warned[0].tag == "L00" and warned[0].step == 5
+    for tag in {alert.tag for alert in warned}:  # a line per layer: its first, then the rest
+        mine = [alert for alert in warned if alert.tag == tag]
+        (line,) = [line for line in unstable.splitlines() if f" {tag}  step " in line]
+        assert f"{mine[0].severity:<8} {mine[0].kind:<8} {tag}  step {mine[0].step:<4} " in line
+        for alert in mine[1:]:
+            assert f"{alert.kind} {alert.severity} ({alert.step})" in line
+    assert " ".join(f"why: {warned[0].cause}".split()) in " ".join(unstable.split())
+    for name in ("stable", "unstable_qk_norm"):
+        assert "warnings: none" in out[out.index(f"{name}: 15 steps"):]
     paragraph = " ".join(out[out.index("The stable run"):].split())
-    assert f"alerts at step {fired[0].step}" in paragraph
+    assert f"at step {warned[0].step} the probe warned that L00's" in paragraph
+    assert "With QK-norm the same setting raised no warning" in paragraph
     first = [a for a in results["unstable"].alerts if a.step == results["unstable"].alerts[0].step]
     assert (f"first alert at step {first[0].step}: "
             + ", ".join(f"{a.kind} in {a.tag}" for a in first)) in page.text
-    assert "QK-norm kept the largest logit" in paragraph
     assert_summary_picture(tmp_path / "summary.png")

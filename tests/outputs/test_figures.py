@@ -188,7 +188,7 @@ def test_attention_heatmaps_single_head_single_token():
     assert image_axes(zeros)[0].images[0].norm.vmax == 1.0
 
 
-def test_run_summary_draws_each_run_with_thresholds_and_alert_marks():
+def test_run_summary_draws_each_run_with_thresholds_and_its_first_warnings():
     steps = np.arange(0, 20, 5)
     mark = plots.AlertMark
     runs = {
@@ -213,19 +213,20 @@ def test_run_summary_draws_each_run_with_thresholds_and_alert_marks():
     assert dashed(logit) == [300.0] and dashed(entropy) == [0.1] and dashed(loss) == []
     marks = lambda ax: [(float(line.get_xdata()[0]), float(line.get_ydata()[0]))  # noqa: E731
                         for line in ax.get_lines() if line.get_marker() == "X"]
+    # the first warnings only (step 5), each on its own layer's curve at its own value
     assert marks(logit) == [(5.0, 350.0)]
-    assert marks(entropy) == [(5.0, 0.05), (10.0, 0.02)]
-    assert [x for x, _ in marks(loss)] == [5.0, 10.0]  # on the loss curve at those steps
-    # each alerted layer's own curve is drawn; the layer of the first alert is named beside
-    # its cross, the later ones in a note
+    assert marks(entropy) == [(5.0, 0.05)]
+    assert [x for x, _ in marks(loss)] == [5.0]  # on the loss curve at that step
     curves = lambda ax: [list(line.get_ydata()) for line in ax.get_lines()]  # noqa: E731
-    assert [1.0, 350.0, 600.0] in curves(logit) and [1.0, 0.3, 0.02] in curves(entropy)
+    assert [1.0, 350.0, 600.0] in curves(logit) and [1.0, 0.05, 0.04] in curves(entropy)
+    assert [1.0, 0.3, 0.02] not in curves(entropy)  # L00 warned later: not drawn
     texts = lambda ax: [t.get_text() for t in ax.texts]  # noqa: E731
     assert "L01" in texts(logit) and "L01" in texts(entropy)
-    assert "entropy alerts later: L00 at step 10" in texts(entropy)
     legend = [text.get_text() for text in fig.legends[0].get_texts()]
     assert legend == ["stable", "unstable: L01 went wrong at step 5 (logit and entropy)",
-                      "alert fired", "alert threshold"]
+                      "first warning", "alert threshold"]
+    plain = plots.run_summary(runs)  # no thresholds: no dashed line, no legend entry for it
+    assert [t.get_text() for t in plain.legends[0].get_texts()][-1] == "first warning"
     assert plots.figure_to_array(fig).shape[1] > 2 * plots.figure_to_array(fig).shape[0]
     # the loss: faint as it is, solid as a centred moving average (shorter at the ends)
     faint, solid = [l.get_ydata() for l in loss.get_lines() if l.get_marker() != "X"][:2]
@@ -248,7 +249,7 @@ def test_run_series_for_takes_the_extremes_over_layers():
             accumulator.update(name, {
                 "rank": ones, "columns": ones, "entropy": ones, "sink": ones,
                 "dominant": ones.long(), "columns_full": ones, "dominant_full": ones.long(),
-                "max_logit": torch.tensor([logit], dtype=torch.float64),
+                "logit_spread": torch.tensor([logit], dtype=torch.float64),
                 "entropy_norm_full": torch.tensor([entropy], dtype=torch.float64),
             })
         return Snapshot(step=step, tau=0.9, layers=accumulator.compute(["a", "b"]))
@@ -256,16 +257,17 @@ def test_run_series_for_takes_the_extremes_over_layers():
     history = [snapshot(0, [[1.0, 2.0], [0.5, 1.5]], [[1.0, 0.9], [0.95, 0.99]]),
                snapshot(5, [[400.0, 2.0], [9.0, 8.0]], [[0.01, 0.03], [0.5, 0.7]])]
     alert = Alert("logit", "b", "L01", (0,), 5, 9.0, 5.0, "L01: logit")
-    series = plots.run_series_for([3.0, 2.5], history, [alert])
+    sink = Alert("sink", "a", "L00", (0,), 5, 0.9, 0.5, "L00: sink", severity="info")
+    series = plots.run_series_for([3.0, 2.5], history, [alert, sink])
     assert list(series.steps) == [0, 5] and list(series.loss) == [3.0, 2.5]
-    assert list(series.max_logit) == [2.0, 400.0]  # the largest head of any layer
+    assert list(series.logit_spread) == [2.0, 400.0]  # the largest head of any layer
     assert list(series.entropy) == pytest.approx([0.95, 0.02])  # the lowest layer mean
     assert series.alerts == (plots.AlertMark("logit", 5, "L01", 9.0),)
     # the alerted layer's own curves: its largest head, its mean entropy
     (own_logit, own_entropy), = series.layers.values()
     assert list(series.layers) == ["L01"] and list(own_logit) == [1.5, 9.0]
     assert list(own_entropy) == pytest.approx([0.97, 0.6])
-    assert np.isnan(plots.run_series_for([1.0], [make_snapshot()]).max_logit[0])  # no figure
+    assert np.isnan(plots.run_series_for([1.0], [make_snapshot()]).logit_spread[0])
 
 
 def test_attention_heatmap_of_one_head_names_the_tokens():
