@@ -2,10 +2,10 @@
 
 A benchmark that nothing runs breaks unnoticed when the package changes under it. Every
 ``benchmarks/*.py`` is found here and run with ``--smoke`` in a subprocess that imports this
-checkout: it must exit 0 and print at least one ratio. A script that lacks ``--smoke`` fails
-(so a new benchmark cannot be left out), and the scripts known here must also print the lines
-of their table and, where a run checks itself, the result that says it did (no head differs from
-the reference, every sampled step measured every token). No timing is judged.
+checkout: it must exit 0 and print its results. A script that lacks ``--smoke`` fails (so a new
+benchmark cannot be left out), and each script listed in :data:`PROMISES` must print the lines
+of its table and ratios and, where a run checks itself, the result that says it did (no head
+differs from the reference, every sampled step measured every token). No timing is judged.
 """
 
 from __future__ import annotations
@@ -21,11 +21,9 @@ from reference import REPO, repo_env
 BENCHMARKS = REPO / "benchmarks"
 SCRIPTS = sorted(path.name for path in BENCHMARKS.glob("*.py"))
 
-#: Any benchmark prints a ratio: "1.23x", or the word "ratio" beside its figures.
-RATIO = re.compile(r"\d\.\d+x\b|\bratio\b")
 NUMBER = r"\d+(?:\.\d+)?"
 
-#: For the scripts known here: patterns that must each match a line of the --smoke output.
+#: Per script: patterns that must each match a line of its --smoke output.
 PROMISES: dict[str, list[str]] = {
     "bench_metrics.py": [
         r"^case +shape +ref ms +fast ms +speedup +mismatch +ranks$",
@@ -63,7 +61,7 @@ PROMISES: dict[str, list[str]] = {
 
 def smoke(script: Path, cwd: Path) -> str:
     """``script --smoke``'s standard output; fails unless the script offers --smoke and exits 0
-    printing a ratio."""
+    having printed something."""
     assert "--smoke" in script.read_text(), (
         f"{script.name} has no --smoke option: every benchmark needs one (a run of a few "
         "seconds exercising the whole script), which this test runs"
@@ -75,7 +73,7 @@ def smoke(script: Path, cwd: Path) -> str:
     assert done.returncode == 0, (
         f"{script.name} --smoke exited with {done.returncode}:\n{done.stderr[-3000:]}"
     )
-    assert RATIO.search(done.stdout), f"{script.name} --smoke printed no ratio:\n{done.stdout}"
+    assert done.stdout.strip(), f"{script.name} --smoke printed nothing"
     assert "nan" not in done.stdout.lower(), done.stdout
     return done.stdout
 
@@ -108,8 +106,8 @@ def test_a_benchmark_without_smoke_fails(source, error, tmp_path):
         smoke(script, tmp_path)
 
 
-def test_a_benchmark_that_prints_no_ratio_fails(tmp_path):
+def test_a_benchmark_that_prints_nothing_fails(tmp_path):
     script = tmp_path / "bench_new.py"
-    script.write_text("import sys\nassert sys.argv[1:] == ['--smoke']\nprint('done')\n")
-    with pytest.raises(AssertionError, match="no ratio"):
+    script.write_text("import sys\nassert sys.argv[1:] == ['--smoke']\n")
+    with pytest.raises(AssertionError, match="printed nothing"):
         smoke(script, tmp_path)
