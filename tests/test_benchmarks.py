@@ -16,12 +16,16 @@ import sys
 from pathlib import Path
 
 import pytest
+from extras_rule import extra
 from reference import REPO, repo_env
 
 BENCHMARKS = REPO / "benchmarks"
 SCRIPTS = sorted(path.name for path in BENCHMARKS.glob("*.py"))
 
 NUMBER = r"\d+(?:\.\d+)?"
+
+#: Per script: the optional dependency it needs (its run skips where that is missing).
+NEEDS = {"bench_explore.py": "ipywidgets"}
 
 #: Per script: patterns that must each match a line of its --smoke output.
 PROMISES: dict[str, list[str]] = {
@@ -39,6 +43,13 @@ PROMISES: dict[str, list[str]] = {
         rf"^  unsampled step {NUMBER} ms, sampled step {NUMBER} ms: {NUMBER}x \(median of 1\)",
         # the training run's sampled steps measured the whole 64-token sequences
         r"^  full-context figures on (\d+) of \1 sampled steps, over 64 tokens$",
+    ],
+    "bench_explore.py": [
+        r"^model: 3 layers, 2 heads, width 16; inputs \(4, 24\); 1 threads$",
+        *(rf"^switch {what}: +median {NUMBER} s over 2 switches \(ratio {NUMBER} of the first "
+          r"capture\)$" for what in ("to a new layer", "back to a layer")),
+        # every layer was visited twice and the model ran once
+        r"^forward passes: 1$",
     ],
     "bench_probe_overhead.py": [
         # one warm-up sampled step, then two a round, each of them measured
@@ -80,6 +91,8 @@ def smoke(script: Path, cwd: Path) -> str:
 
 @pytest.mark.parametrize("name", SCRIPTS)
 def test_benchmark_runs_with_smoke(name, tmp_path):
+    if name in NEEDS:
+        extra(NEEDS[name])
     out = smoke(BENCHMARKS / name, tmp_path)
     lines = out.splitlines()
     for pattern in PROMISES.get(name, []):
