@@ -1,7 +1,8 @@
 """Benchmark: streaming ``full_context_stats`` against the SDPA call it observes.
 
 Run ``python benchmarks/bench_full_context.py [--sizes 1024,4096,8192] [--repeats 5]
-[--threads 2] [--device cpu|cuda] [--budget-mib 64] [--retries 20]``.
+[--threads 2] [--device cpu|cuda] [--budget-mib 64] [--retries 20]`` (``--smoke``: every part
+at a tiny size, one repeat, to check in seconds that the script runs).
 
 For each length ``T`` (B=1, H=8, D=64, causal, float32 q/k/v) three sides see the same
 tensors:
@@ -25,6 +26,9 @@ pool and the BLAS library are warm): on the CPU, the growth of the resident set'
 mark (``VmHWM``, reset through ``/proc/self/clear_refs``; where that is unavailable, the growth
 of ``ru_maxrss``) over the resident set before the call; on CUDA, the growth of
 ``torch.cuda.max_memory_allocated`` over the memory allocated before the call.
+
+Prints a table (one row per length and side: time, ratio to SDPA, extra peak memory), then the
+training run's sampled and unsampled step times and their ratio.
 """
 
 from __future__ import annotations
@@ -47,6 +51,8 @@ HEADS, DIM = 8, 64
 WARM_LENGTH = 256
 MATERIALISE_LIMIT = 6 * 2**30
 SIDES = ("stream", "sdpa", "materialise")
+#: What --smoke runs: every part of the script at a tiny size (no timing judged).
+SMOKE = dict(sizes="128", repeats=1, retries=0, train_tokens=64, threads=1)
 
 
 def inputs(length: int, device: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -185,8 +191,13 @@ def main() -> None:
                         help="reruns of a timed run disturbed by other processes (Linux)")
     parser.add_argument("--train-tokens", type=int, default=2048,
                         help="sequence length of the training run (0: skip it)")
+    parser.add_argument("--smoke", action="store_true",
+                        help="T=128, one repeat, one thread, a 64-token training run (checks the "
+                        "script runs)")
     parser.add_argument("--child", choices=SIDES, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.smoke:
+        vars(args).update(SMOKE)
     budget = int(args.budget_mib * 2**20)
     sizes = [int(s) for s in args.sizes.split(",")]
     if args.child:

@@ -1,9 +1,11 @@
 """Benchmark: batched ``rank_at`` + ``columns_at`` against the per-head float64 reference loop.
 
-Run ``python benchmarks/bench_metrics.py [--device cuda] [--repeats 7] [--threads N]``.  Both
+Run ``python benchmarks/bench_metrics.py [--device cuda] [--repeats 7] [--threads N]``
+(``--smoke``: small matrices and one repeat, to check in seconds that the script runs).  Both
 sides see the same matrices in the same run; times are medians over the repeats, which alternate
-between the two sides.  The script exits with a non-zero status if any head's integers differ
-from the reference.
+between the two sides.  Prints one table row per case: its shape, both times, the speedup
+(``ref / fast``) and how many heads differ.  The script exits with a non-zero status if any
+head's integers differ from the reference.
 """
 
 from __future__ import annotations
@@ -89,8 +91,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None,
                         help="torch.set_num_threads before timing (default: leave as is)")
+    parser.add_argument("--smoke", action="store_true",
+                        help="16 heads of T=16 and 32, one repeat, one thread (checks the script "
+                        "runs)")
     args = parser.parse_args(argv)
-    args.repeats = max(1, args.repeats)
+    args.repeats = 1 if args.smoke else max(1, args.repeats)
+    if args.smoke:
+        args.threads = 1
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
@@ -98,12 +105,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     torch.manual_seed(args.seed)
-    cases = [
-        ("softmax causal T=100", causal_softmax(16, 100, 1.0, args.device)),
-        ("softmax causal T=256", causal_softmax(16, 256, 1.0, args.device)),
-        ("softmax causal T=512", causal_softmax(16, 512, 1.0, args.device)),
-        ("collapsed causal T=256", collapsed_heads(16, 256, args.device)),
-    ]
+    lengths, collapsed = ((16, 32), 32) if args.smoke else ((100, 256, 512), 256)
+    cases = [(f"softmax causal T={t}", causal_softmax(16, t, 1.0, args.device)) for t in lengths]
+    cases.append((f"collapsed causal T={collapsed}", collapsed_heads(16, collapsed, args.device)))
     print(f"torch {torch.__version__}, device {args.device}, "
           f"threads {torch.get_num_threads()}, repeats {args.repeats}, tau {TAU}")
     header = f"{'case':<24} {'shape':<16} {'ref ms':>9} {'fast ms':>9} {'speedup':>8} " \

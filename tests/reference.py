@@ -451,8 +451,16 @@ def process_state() -> dict:
         "autocast": (torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")),
         "default_dtype": torch.get_default_dtype(),
         "function_modes": torch._C._len_torch_function_stack(),
-        "global_hooks": bool(module._has_any_global_hook()),
+        "global_hooks": any(getattr(module, f"_global_{kind}") for kind in GLOBAL_HOOKS),
     }
+
+
+#: The global module hooks of ``torch.nn.modules.module`` (what its ``_has_any_global_hook``
+#: looks at, on the torch versions that have it).
+GLOBAL_HOOKS = (
+    "backward_pre_hooks", "backward_hooks", "forward_pre_hooks", "forward_hooks",
+    "forward_hooks_always_called", "forward_hooks_with_kwargs",
+)
 
 
 def hooks_on(model: torch.nn.Module) -> list[str]:

@@ -62,9 +62,10 @@ def _inert() -> Callable[..., None]:
 
 
 class _SiteHook:
-    """A forward (pre-)hook of one site; calls into the recorder while it is alive."""
+    """A forward (pre-)hook of one site; calls into the recorder while it is alive.
 
-    __slots__ = ("_recorder", "site")
+    No ``__slots__``: Dynamo in torch 2.6 and 2.7 breaks the graph where a hook reads a slot
+    its base class declares, so a compiled model ran in pieces even on unsampled steps."""
 
     def __init__(self, recorder: "Target", site: "Site") -> None:
         self._recorder = weakref.ref(recorder)
@@ -75,8 +76,6 @@ class _SiteHook:
 
 
 class PreHook(_SiteHook):
-    __slots__ = ()
-
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         recorder = self._recorder()
         if recorder is not None and module is self.site.module:
@@ -84,8 +83,6 @@ class PreHook(_SiteHook):
 
 
 class PostHook(_SiteHook):
-    __slots__ = ()
-
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         recorder = self._recorder()
         if recorder is not None and module is self.site.module:
@@ -94,8 +91,6 @@ class PostHook(_SiteHook):
 
 class BeforeForward(_SiteHook):
     """The pre-hook of a site served by a :class:`ForwardWrapper` instead of hooks."""
-
-    __slots__ = ()
 
     def __call__(self, forward: Callable, args: tuple, kwargs: dict) -> Any:
         recorder = self._recorder()

@@ -67,7 +67,7 @@ class AttentionInputs:
         query, key = _take_sequences(query.detach(), n), _take_sequences(key.detach(), n)
         if attn_mask is None:
             return cls(query, key, None, bool(is_causal), scale)
-        attn_mask = _take_sequences(_as_4d(attn_mask.detach()), n)
+        attn_mask = _blocking_as_inf(_take_sequences(_as_4d(attn_mask.detach()), n))
         given = cls(query, key, attn_mask, bool(is_causal), scale)
         real = real_tokens(may_attend(attn_mask))
         if real is None:
@@ -221,6 +221,16 @@ _BLOCKING = -1e4
 def may_attend(mask: Tensor) -> Tensor:
     """Boolean "may attend" of a boolean mask, an additive mask or a score tensor."""
     return mask if mask.dtype == torch.bool else mask > _BLOCKING
+
+
+def _blocking_as_inf(mask: Tensor) -> Tensor:
+    """An additive mask whose blocking entries (``finfo.min``, -10000) are ``-inf``, so that
+    every figure counts the keys a query may attend to as the softmax does (transformers 4
+    hands SDPA such masks); a boolean mask, or one without such entries, as it is."""
+    if mask.dtype == torch.bool:
+        return mask
+    finite_block = torch.isfinite(mask) & ~may_attend(mask)
+    return mask.masked_fill(finite_block, -math.inf) if bool(finite_block.any()) else mask
 
 
 def _blocked(mask: Tensor) -> bool | float:

@@ -1,14 +1,19 @@
 """Padding is left out of the figures: a padded sequence gives exactly the figures of the same
 sequence run alone, for every figure (the matrix's and the full sequence's), left or right
 padded, in a Hugging Face decoder (Llama, rotary, grouped-query) and encoder (BERT). The
-captured matrices keep input positions: the model's own attention weights, padding zero."""
+captured matrices keep input positions: the model's own attention weights, padding zero. An
+additive mask counts the keys a query may attend to as a boolean one does."""
 
 from __future__ import annotations
+
+import math
 
 import pytest
 import torch
 
 from attn_probe import capture, rank_profile
+from attn_probe.attention import AttentionInputs
+from attn_probe.metrics import full_context_metrics
 from toy_models import tokens
 
 LENGTHS = (12, 7, 3)
@@ -102,3 +107,26 @@ def test_captured_attention_keeps_input_positions(family, side, kernel, request)
     for name, got in cropped.attention.items():
         assert got.shape == (3, 4, 8, keys), name
         torch.testing.assert_close(got, cap.attention[name][:, :, :8, :keys], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("blocking", [torch.finfo(torch.float32).min, -10000.0, -math.inf])
+def test_additive_mask_gives_the_figures_of_the_boolean_mask(blocking):
+    """An additive mask that blocks with ``finfo.min`` or -10000 (what transformers 4 hands
+    SDPA, and older models add) counts the keys a query may attend to as the boolean mask does:
+    the same figures, ``entropy_norm_full`` (entropy over the log of those keys) included."""
+    torch.manual_seed(0)
+    q, k = torch.randn(2, 3, 10, 8), torch.randn(2, 3, 10, 8)
+    allowed = torch.ones(10, 10, dtype=torch.bool).tril().repeat(2, 1, 1, 1)
+    allowed[1, ..., 7:] = False  # the second sequence is right-padded to 10 tokens
+    additive = torch.zeros(allowed.shape).masked_fill(~allowed, blocking)
+    want = full_context_metrics(AttentionInputs.of(q, k, attn_mask=allowed), 0.9)
+    got = full_context_metrics(AttentionInputs.of(q, k, attn_mask=additive), 0.9)
+    assert set(got) == set(want)
+    for name, value in want.items():
+        torch.testing.assert_close(got[name], value, rtol=1e-9, atol=1e-12, msg=name)
+    # the normaliser really is the causal count: query i of sequence 0 sees i + 1 keys
+    p = torch.softmax((q[0].double() @ k[0].double().mT / math.sqrt(8)).masked_fill(
+        ~allowed[0, 0], -math.inf), dim=-1)
+    entropy = -torch.xlogy(p, p).sum(-1)[:, 1:]
+    norm = (entropy / torch.arange(2, 11, dtype=torch.float64).log()).mean(-1)
+    torch.testing.assert_close(got["entropy_norm_full"][0], norm, rtol=1e-9, atol=1e-12)

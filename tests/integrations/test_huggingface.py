@@ -44,6 +44,14 @@ def random_tokens(n: int, length: int, vocab: int, seed: int) -> torch.Tensor:
     return torch.randint(0, vocab, (n, length), generator=torch.Generator().manual_seed(seed))
 
 
+def trainer_run(trainer) -> Path:
+    """The directory the Trainer's own TensorBoardCallback wrote to: the callback's
+    ``logging_dir`` (transformers 5), else ``args.logging_dir`` (transformers 4)."""
+    (tensorboard,) = [c for c in trainer.callback_handler.callbacks
+                      if type(c).__name__ == "TensorBoardCallback"]
+    return Path(getattr(tensorboard, "logging_dir", None) or trainer.args.logging_dir)
+
+
 def test_huggingface_trainer_logs_first_micro_batch_of_sampled_steps(tmp_path, monkeypatch):
     transformers = extra("transformers")
     extra("accelerate", reason="transformers.Trainer needs accelerate")
@@ -99,9 +107,7 @@ def test_huggingface_trainer_logs_first_micro_batch_of_sampled_steps(tmp_path, m
     assert probe.every == 2  # from logging_steps
     assert no_hooks_left(model)
     # The probe writes beside the Trainer's own TensorBoard run: one run, shared steps.
-    (tensorboard,) = [c for c in trainer.callback_handler.callbacks
-                      if type(c).__name__ == "TensorBoardCallback"]
-    run = Path(tensorboard.logging_dir)
+    run = trainer_run(trainer)
     assert run.parent == tmp_path / "runs"
     scalars = read_scalars(run)
     assert sorted(scalars["train/loss"]) == [2, 4, 6]
@@ -185,11 +191,9 @@ def unstable_hf_run(tmp_path, name: str, **callback_options):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         trainer.train()
-    (tensorboard,) = [c for c in trainer.callback_handler.callbacks
-                      if type(c).__name__ == "TensorBoardCallback"]
     assert no_hooks_left(model)
     messages = [str(w.message) for w in caught]
-    return trainer, callback, seen, messages, Path(tensorboard.logging_dir)
+    return trainer, callback, seen, messages, trainer_run(trainer)
 
 
 def test_huggingface_stop_on_entropy_stops_at_the_step_of_the_alert(tmp_path, monkeypatch,
