@@ -1,0 +1,132 @@
+"""What the collapse suite prints and draws: the markdown table of the judged runs, the picture
+of every run's lead, and what each layer of a recorded run did."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+from attn_probe.outputs.canvas import axes_at, new_figure
+from attn_probe.snapshot import Alert
+
+from .judge import Summary, Verdict
+
+COLUMNS = ("family", "recipe", "lr", "final loss vs twin", "damaged?", "damage step",
+           "first warning (kind, layer, step)", "lead", "false alarms", "first info")
+
+
+def short(value: float) -> str:
+    """``3e-3``: a learning rate in few characters."""
+    mantissa, exponent = f"{value:.1e}".split("e")
+    return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
+
+
+def describe_lr(config: dict) -> str:
+    how = "warm-up, cosine" if config["schedule"] == "warmup_cosine" else "constant"
+    extra = ""
+    if config["boost"] != 1:
+        extra = f"; L{config['boost_layer']:02d} q, k ×{config['boost']:g}"
+    if config["key_bias"]:
+        extra = f"; key bias |b| {config['key_bias']:g}"
+    return f"{short(config['lr'])} {how}{extra}"
+
+
+def describe_alert(alert: Alert | None) -> str:
+    return "—" if alert is None else f"{alert.kind} {alert.tag} @{alert.step}"
+
+
+def row(verdict: Verdict) -> list[str]:
+    config = verdict.config
+    if config["recipe"] == "healthy":
+        final = f"{verdict.final:.3f} (twin)"
+    else:
+        final = (f"{verdict.final:.3f} vs {verdict.twin_final:.3f} "
+                 f"({verdict.final / verdict.twin_final - 1:+.0%})")
+    lead = verdict.lead
+    if verdict.damage is None:
+        lead_text = "—"
+    elif lead is None:
+        lead_text = "not warned"
+    else:
+        lead_text = f"{lead:+d}"
+    alarms = verdict.false_alarms
+    return [
+        config["family"], config["recipe"], describe_lr(config), final,
+        "yes" if verdict.damaged else "no",
+        "—" if verdict.damage is None else str(verdict.damage),
+        describe_alert(verdict.warning), lead_text, "—" if alarms is None else str(alarms),
+        describe_alert(verdict.info),
+    ]
+
+
+def markdown_table(verdicts: Sequence[Verdict]) -> str:
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + " --- |" * len(COLUMNS)]
+    lines += ["| " + " | ".join(row(v)) + " |" for v in verdicts]
+    return "\n".join(lines)
+
+
+def lead_figure(verdicts: Sequence[Verdict], summary: Summary, title: str):
+    """One row per run: a damaged run's lead as a bar (green: warned before its damage step,
+    red: at or after it), ``not warned`` where it got no warning; a healthy run's false alarms
+    as a count; other runs (not damaged) as such."""
+    n = len(verdicts)
+    fig = new_figure(9.0, 1.4 + 0.28 * n)
+    ax = axes_at(fig, 2.0, 0.6, 6.7, 0.28 * n)
+    leads = [v.lead for v in verdicts if v.lead is not None]
+    reach = max([abs(lead) for lead in leads] + [10])
+    for y, verdict in enumerate(verdicts):
+        lead = verdict.lead
+        if verdict.damaged and lead is not None:
+            ax.barh(y, lead, height=0.6, color="#1a9850" if lead > 0 else "#d73027")
+            ax.text(lead + (0.01 if lead >= 0 else -0.01) * reach * 2, y, f"{lead:+d}",
+                    va="center", ha="left" if lead >= 0 else "right", fontsize=8)
+        elif verdict.damaged:
+            ax.text(0.02 * reach, y, "damaged, not warned", va="center", fontsize=8,
+                    color="#d73027", fontweight="bold")
+        elif verdict.healthy:
+            alarms = verdict.false_alarms
+            ax.plot([0], [y], marker="o", color="#1a9850" if alarms == 0 else "#f46d43")
+            ax.text(0.03 * reach, y, f"healthy: {alarms} false alarm{'s' * (alarms != 1)}",
+                    va="center", fontsize=8, color="black" if alarms == 0 else "#b2182b")
+        else:
+            ax.plot([0], [y], marker="s", color="#999999")
+            ax.text(0.03 * reach, y, "not damaged", va="center", fontsize=8, color="#666666")
+    ax.axvline(0, color="black", linewidth=0.8)
+    ax.set_xlim(-1.15 * reach, 1.15 * reach)
+    ax.set_ylim(n - 0.5, -0.5)
+    ax.set_yticks(range(n), [v.name for v in verdicts], fontsize=8)
+    ax.set_xlabel("lead: damage step − first warning's step (> 0: warned before the damage)",
+                  fontsize=9)
+    ax.grid(axis="x", linewidth=0.4, alpha=0.5)
+    fig.text(0.5, 1 - 0.25 / fig.get_size_inches()[1], title, ha="center", va="center",
+             fontsize=10, fontweight="bold")
+    fig.text(0.5, 1 - 0.55 / fig.get_size_inches()[1], str(summary), ha="center",
+             va="center", fontsize=8)
+    return fig
+
+
+def sampled_points(steps: Sequence[int], shares=(0.0, 0.05, 0.25, 0.5, 1.0)) -> list[int]:
+    """Indices of the sampled steps nearest to these shares of the run."""
+    last = steps[-1]
+    picks = [int(np.argmin([abs(s - share * last) for s in steps])) for share in shares]
+    return sorted(set(picks))
+
+
+def layer_trajectories(record: dict) -> list[str]:
+    """What every layer of a recorded run did: its largest attention logit and its mean
+    normalised entropy over the whole sequence (``entropy_norm_full``) at a few sampled steps."""
+    history = sorted(record["history"], key=lambda s: s.step)
+    if not history:
+        return ["(nothing measured)"]
+    picks = [history[i] for i in sampled_points([s.step for s in history])]
+    lines = ["steps " + ", ".join(str(s.step) for s in picks)]
+    for index, layer in enumerate(history[0].layers):
+        logits = " → ".join(f"{s.layers[index].reduce('max_logit', 'max'):.3g}" for s in picks)
+        entropy = " → ".join(f"{s.layers[index].reduce('entropy_norm_full', 'mean'):.2f}"
+                             for s in picks)
+        peak = max(s.layers[index].reduce("max_logit", "max") for s in history)
+        low = min(s.layers[index].reduce("entropy_norm_full", "mean") for s in history)
+        lines.append(f"{layer.tag}: max logit {logits} (peak {peak:.3g}); mean entropy "
+                     f"{entropy} (lowest {low:.2f})")
+    return lines
