@@ -7,10 +7,12 @@ recorded so that alert rules can be judged, and re-tuned, offline.
     python benchmarks/collapse_suite.py --smoke              # two tiny runs, the whole pipeline
 
 Families (``benchmarks/collapse/families.py``): ``gpt`` (the demo's nanoGPT-style model),
-``llama`` (grouped-query attention, rotary), ``gpt2`` and ``encoder`` (BERT, masked-language
-modelling), all 4 layers of width 128 with 4 heads, on 64-byte sequences of the built-in corpus,
-batch 16, AdamW (weight decay 0.1), gradient clipping at 1, seed 0: every run of a family starts
-from the same weights and sees the same batches.
+``llama`` (grouped-query attention: 4 query heads, 2 key/value heads; rotary), ``gpt2`` and
+``encoder`` (ModernBERT, bidirectional, masked-language modelling of 15 % of the bytes; the
+module says why not BERT), Hugging Face ones with SDPA, all 4 layers of width 128 with 4 heads,
+on 64-byte sequences of the built-in corpus, batch 16, AdamW (weight decay 0.1), gradient
+clipping at 1, seed 0: every run of a family starts from the same weights and sees the same
+batches (and masks).
 
 Recipes (:data:`SUITE`; ``healthy`` is the family's *healthy twin*, which the others are
 measured against):
@@ -48,6 +50,7 @@ import sys
 import time
 import warnings
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -58,44 +61,49 @@ from collapse.families import Shape  # noqa: E402
 from collapse.judge import (  # noqa: E402
     judge_suite, load_record, load_records, replay, summarise, TWIN,
 )
-from collapse.report import layer_trajectories, lead_figure, markdown_table  # noqa: E402
-from collapse.runs import RunConfig, train  # noqa: E402
+from collapse.report import (  # noqa: E402
+    describe_firsts, family_figures, layer_trajectories, lead_figure, markdown_table,
+)
+from collapse.runs import RunConfig, short, train  # noqa: E402
 
-__all__ = ["SUITE", "main", "replay", "smoke_configs", "suite_configs"]
+__all__ = ["LEVELS", "SUITE", "main", "replay", "smoke_configs", "suite_configs"]
 
-STEPS = 200
-#: family -> recipe -> what differs from :class:`RunConfig`'s defaults.
-SUITE: dict[str, dict[str, dict]] = {
-    "gpt": {
-        "healthy": dict(lr=3e-3),
-        "sharp": dict(lr=3e-3, schedule="constant"),
-        "lr_1e-2": dict(lr=1e-2, schedule="constant"),
-        "lr_3e-2": dict(lr=3e-2, schedule="constant"),
-        "qk_boost": dict(lr=3e-3, boost=30),
-    },
-    "llama": {
-        "healthy": dict(lr=3e-3),
-        "sharp": dict(lr=3e-3, schedule="constant"),
-        "lr_1e-2": dict(lr=1e-2, schedule="constant"),
-        "lr_3e-2": dict(lr=3e-2, schedule="constant"),
-        "qk_boost": dict(lr=3e-3, boost=30),
-    },
-    "gpt2": {
-        "healthy": dict(lr=3e-3),
-        "sharp": dict(lr=3e-3, schedule="constant"),
-        "lr_1e-2": dict(lr=1e-2, schedule="constant"),
-        "lr_3e-2": dict(lr=3e-2, schedule="constant"),
-        "qk_boost": dict(lr=3e-3, boost=30),
-        "key_bias": dict(lr=3e-3, key_bias=1000.0),
-    },
-    "encoder": {
-        "healthy": dict(lr=1e-3),
-        "sharp": dict(lr=1e-3, schedule="constant"),
-        "lr_1e-2": dict(lr=1e-2, schedule="constant"),
-        "lr_3e-2": dict(lr=3e-2, schedule="constant"),
-        "qk_boost": dict(lr=1e-3, boost=30),
-    },
+@dataclass(frozen=True)
+class Levels:
+    """A family's learning rates, from which its recipes are made (:func:`recipes`)."""
+
+    healthy: float  #: the healthy twin's peak (also that of ``qk_boost`` and ``key_bias``)
+    sharp: float  #: the ``sharp`` run's constant rate
+    rates: tuple[float, ...]  #: the ``lr_*`` runs' constant rates (no warm-up)
+    boost: float = 30.0  #: ``qk_boost``'s multiplier on layer 0's query and key rows
+    key_bias: float = 0.0  #: ``key_bias``'s vector length per head (0: no such run)
+    steps: int = 200
+
+
+#: The measured levels of each family (the module's docstring says what each showed).
+LEVELS: dict[str, Levels] = {
+    "gpt": Levels(healthy=3e-3, sharp=1.5e-3, rates=(5e-3, 1e-2, 3e-2)),
+    "llama": Levels(healthy=3e-3, sharp=2e-3, rates=(5e-3, 1e-2, 3e-2)),
+    "gpt2": Levels(healthy=3e-3, sharp=1e-3, rates=(5e-3, 1e-2, 3e-2), key_bias=1000.0),
+    "encoder": Levels(healthy=3e-3, sharp=2e-3, rates=(5e-3, 1e-2, 3e-2)),
 }
+
+
+def recipes(levels: Levels) -> dict[str, dict]:
+    """Recipe -> what differs from :class:`RunConfig`'s defaults."""
+    constant = "constant"
+    made = {TWIN: {"lr": levels.healthy},
+            "sharp": {"lr": levels.sharp, "schedule": constant}}
+    made.update({f"lr_{short(rate)}": {"lr": rate, "schedule": constant}
+                 for rate in levels.rates})
+    made["qk_boost"] = {"lr": levels.healthy, "boost": levels.boost}
+    if levels.key_bias:
+        made["key_bias"] = {"lr": levels.healthy, "key_bias": levels.key_bias}
+    return {recipe: values | {"steps": levels.steps} for recipe, values in made.items()}
+
+
+#: family -> recipe -> what differs from :class:`RunConfig`'s defaults.
+SUITE: dict[str, dict[str, dict]] = {family: recipes(levels) for family, levels in LEVELS.items()}
 
 #: ``--smoke``: two tiny runs of the gpt family (2 layers of width 32, 2 heads, 16 tokens,
 #: batch 4, 12 steps): the healthy twin, and layer 0's queries and keys boosted ×30 at a
@@ -108,6 +116,7 @@ SMOKE = dict(steps=12, batch_size=4, shape=SMOKE_SHAPE)
 def smoke_configs() -> list[RunConfig]:
     return [RunConfig("gpt", TWIN, lr=3e-3, **SMOKE),
             RunConfig("gpt", "qk_boost", lr=3e-2, schedule="constant", boost=30, **SMOKE)]
+
 
 PICTURE = "collapse_suite.png"
 
@@ -127,8 +136,7 @@ def suite_configs(selection: Sequence[str] | None = None, **overrides) -> list[R
                              f"{', '.join(SUITE[family])}")
         chosen.update((family, r) for r in ([recipe] if recipe else SUITE[family]))
         chosen.add((family, TWIN))
-    settings = dict(steps=STEPS) | overrides
-    return [RunConfig(family, recipe, **(settings | values))
+    return [RunConfig(family, recipe, **(values | overrides))
             for family, recipes in SUITE.items() for recipe, values in recipes.items()
             if (family, recipe) in chosen]
 
@@ -191,7 +199,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--from-records", metavar="DIR",
                         help="judge the records in DIR under the current default rules; "
                         "no training")
-    parser.add_argument("--steps", type=int, help=f"steps of every run (default {STEPS})")
+    parser.add_argument("--steps", type=int, help="steps of every run (default: the family's, "
+                        "Levels.steps)")
     parser.add_argument("--describe", action="store_true",
                         help="also print what every layer of every run did")
     parser.add_argument("--smoke", action="store_true",
@@ -246,14 +255,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(markdown_table(verdicts))
     print(f"\n{summary}")
     if args.describe:
-        for record in records:
-            print(f"\n{record['config']['family']}-{record['config']['recipe']}:")
+        for verdict, record in zip(verdicts, records):
+            print(f"\n{verdict.name}: first alerts: {describe_firsts(verdict)}")
             print("\n".join("  " + line for line in layer_trajectories(record)))
     os.makedirs(out, exist_ok=True)
     picture = os.path.join(out, PICTURE)
     lead_figure(verdicts, summary, "Collapse suite: lead of the first warning per run").savefig(
         picture, dpi=110)
-    print(f"picture: {picture}")
+    shown = rules if rules is not None else records[0]["rules"]
+    families = family_figures(verdicts, records, shown)
+    for family, figure in families.items():
+        figure.savefig(os.path.join(out, f"{family}.png"), dpi=100)
+    print(f"pictures: {picture}; per family (loss, largest logit, entropy): "
+          f"{', '.join(os.path.join(out, f'{family}.png') for family in families)}")
     print(f"elapsed: {time.perf_counter() - start:.0f} s wall "
           f"({len(records)} runs{'' if args.from_records else f', --jobs {args.jobs}'})")
     return 0

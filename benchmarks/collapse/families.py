@@ -7,8 +7,13 @@ masked-token) logits, and where the query and key weights of a layer are.
   attention (4 query heads share 2 key/value heads), no biases;
 * ``gpt2`` — Hugging Face ``GPT2LMHeadModel``: learned positions, one fused ``c_attn``
   ``Conv1D`` (its weight is (in, 3·width): queries, keys and values are *columns*);
-* ``encoder`` — Hugging Face ``BertForMaskedLM``: a bidirectional post-norm encoder trained by
-  masked-language modelling, with one extra token id, :data:`MASK`, for the masked bytes.
+* ``encoder`` — Hugging Face ``ModernBertForMaskedLM``: a bidirectional encoder (pre-norm,
+  rotary positions, GeGLU, one fused ``Wqkv``, every layer global) trained by masked-language
+  modelling, with one extra token id, :data:`MASK`, for the masked bytes. ``BertForMaskedLM``
+  (post-norm, learned absolute positions) was tried first and left out: at this size it stayed
+  at the loss of byte frequencies alone (3.1, attention uniform) for 840 steps at peak rates of
+  1e-3, 3e-3 and 1e-2, and with sinusoidal or larger initial position embeddings, so no recipe
+  could end worse than its twin; ModernBERT reached 2.4 in 300 steps.
 
 Every Hugging Face model runs ``attn_implementation="sdpa"`` and has no dropout.
 """
@@ -150,19 +155,21 @@ def add_key_bias(model: nn.Module, norm: float, seed: int = 0) -> None:
 
 
 def _build_encoder(shape: Shape) -> nn.Module:
-    config = _transformers().BertConfig(
-        hidden_size=shape.n_embd, intermediate_size=4 * shape.n_embd,
+    config = _transformers().ModernBertConfig(
+        hidden_size=shape.n_embd, intermediate_size=2 * shape.n_embd,
         num_hidden_layers=shape.n_layer, num_attention_heads=shape.n_head,
-        vocab_size=VOCAB + 1, max_position_embeddings=shape.block_size, type_vocab_size=1,
-        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, pad_token_id=0,
+        layer_types=["full_attention"] * shape.n_layer, vocab_size=VOCAB + 1,
+        max_position_embeddings=shape.block_size, pad_token_id=0, mask_token_id=MASK,
+        bos_token_id=0, eos_token_id=0, cls_token_id=0, sep_token_id=0,
     )
-    return _hf("BertForMaskedLM", config)
+    return _hf("ModernBertForMaskedLM", config)
 
 
 def _encoder_rows(model: nn.Module, layer: int) -> Rows:
-    attn = model.bert.encoder.layer[layer].attention.self
-    return [(p, (slice(None),)) for linear in (attn.query, attn.key)
-            for p in (linear.weight, linear.bias)]
+    linear = model.model.layers[layer].attn.Wqkv  # nn.Linear: (3·width, width), rows q|k|v
+    qk = slice(0, 2 * model.config.hidden_size)
+    return [(linear.weight, (qk, slice(None)))] + (
+        [(linear.bias, (qk,))] if linear.bias is not None else [])
 
 
 def mask_bytes(tokens: Tensor, share: float, generator: torch.Generator) -> tuple[Tensor, Tensor]:

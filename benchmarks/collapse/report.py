@@ -7,19 +7,16 @@ from typing import Sequence
 
 import numpy as np
 
+from attn_probe.alerts import AlertRules
 from attn_probe.outputs.canvas import axes_at, new_figure
+from attn_probe.outputs.runs import run_series_for, run_summary
 from attn_probe.snapshot import Alert
 
-from .judge import Summary, Verdict
+from .judge import Summary, Verdict, first_alerts
+from .runs import short
 
 COLUMNS = ("family", "recipe", "lr", "final loss vs twin", "damaged?", "damage step",
            "first warning (kind, layer, step)", "lead", "false alarms", "first info")
-
-
-def short(value: float) -> str:
-    """``3e-3``: a learning rate in few characters."""
-    mantissa, exponent = f"{value:.1e}".split("e")
-    return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
 
 
 def describe_lr(config: dict) -> str:
@@ -58,6 +55,15 @@ def row(verdict: Verdict) -> list[str]:
         describe_alert(verdict.warning), lead_text, "—" if alarms is None else str(alarms),
         describe_alert(verdict.info),
     ]
+
+
+def describe_firsts(verdict: Verdict) -> str:
+    """The first alert of each kind and severity: ``logit/warning L00 @10, ...``."""
+    firsts = first_alerts(verdict.alerts)
+    return ", ".join(f"{kind}/{severity} {alert.tag} @{alert.step}"
+                     for (kind, severity), alert in sorted(firsts.items(),
+                                                           key=lambda item: item[1].step)
+                     ) or "none"
 
 
 def markdown_table(verdicts: Sequence[Verdict]) -> str:
@@ -104,6 +110,25 @@ def lead_figure(verdicts: Sequence[Verdict], summary: Summary, title: str):
     fig.text(0.5, 1 - 0.55 / fig.get_size_inches()[1], str(summary), ha="center",
              va="center", fontsize=8)
     return fig
+
+
+def family_figures(verdicts: Sequence[Verdict], records: Sequence[dict],
+                   rules: AlertRules) -> dict:
+    """Family -> the project's run-summary picture of its runs (loss, largest attention logit,
+    entropy of the most collapsed layer, the alerts of each marked), ``records`` in the order of
+    ``verdicts``."""
+    runs: dict[str, dict] = {}
+    for verdict, record in zip(verdicts, records):
+        runs.setdefault(verdict.config["family"], {})[verdict.config["recipe"]] = (
+            run_series_for(record["losses"], record["history"], verdict.alerts))
+    thresholds = {}
+    if rules.logit is not None:
+        thresholds["logit"] = rules.logit.max_logit
+    if rules.entropy is not None:
+        thresholds["entropy"] = rules.entropy.min_entropy
+    return {family: run_summary(series, thresholds=thresholds,
+                                title=f"collapse suite, {family}: every run of the family")
+            for family, series in runs.items()}
 
 
 def sampled_points(steps: Sequence[int], shares=(0.0, 0.05, 0.25, 0.5, 1.0)) -> list[int]:

@@ -86,6 +86,12 @@ class RunConfig:
         return self.lr * (FLOOR + (1 - FLOOR) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+def short(value: float) -> str:
+    """``3e-3``, ``1.5e-3``: a learning rate in few characters (run names, tables)."""
+    mantissa, exponent = f"{value:.1e}".split("e")
+    return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
+
+
 def train(config: RunConfig, out: str, rules: AlertRules = AlertRules()) -> str:
     """Train ``config`` with the probe watching; write its TensorBoard run and its record under
     ``out``; return the record's path."""
