@@ -121,11 +121,8 @@ def family_figures(verdicts: Sequence[Verdict], records: Sequence[dict],
     for verdict, record in zip(verdicts, records):
         runs.setdefault(verdict.config["family"], {})[verdict.config["recipe"]] = (
             run_series_for(record["losses"], record["history"], verdict.alerts))
-    thresholds = {}
-    if rules.logit is not None:
-        thresholds["logit"] = rules.logit.max_logit
-    if rules.entropy is not None:
-        thresholds["entropy"] = rules.entropy.min_entropy
+    # The logit rule watches the logit spread, not the largest logit drawn: no line for it.
+    thresholds = {} if rules.entropy is None else {"entropy": rules.entropy.warning}
     return {family: run_summary(series, thresholds=thresholds,
                                 title=f"collapse suite, {family}: every run of the family")
             for family, series in runs.items()}
