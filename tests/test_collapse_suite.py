@@ -21,7 +21,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 from collapse.families import FAMILIES, Shape, add_key_bias  # noqa: E402
 from collapse.judge import (  # noqa: E402
-    damage_step, judge_suite, load_record, replay, summarise,
+    damage_step, final_losses, judge_suite, load_record, replay, summarise,
 )
 from collapse.runs import boosted_step, train  # noqa: E402
 from collapse_suite import smoke_configs  # noqa: E402
@@ -58,6 +58,11 @@ def test_damage_step_is_the_definition():
         run = [t * rng.choice([0.95, 1.0, 1.3]) for t in twin]
         skip = int(rng.integers(0, 6))
         assert damage_step(run, twin, skip) == plain_damage_step(run, twin, skip)
+
+
+def test_final_loss_is_the_mean_of_the_last_tenth_of_the_steps_both_runs_have():
+    assert final_losses([float(s) for s in range(40)], [1.0] * 40) == (37.5, 1.0)  # 36-39
+    assert final_losses([float(s) for s in range(40)], [1.0] * 20) == (18.5, 1.0)  # 18, 19
 
 
 def test_lead_damage_and_false_alarms_of_hand_made_runs():

@@ -12,7 +12,7 @@ from attn_probe.outputs.canvas import axes_at, new_figure
 from attn_probe.outputs.runs import run_series_for, run_summary
 from attn_probe.snapshot import Alert
 
-from .judge import Summary, Verdict, first_alerts
+from .judge import WARNS, Summary, Verdict, first_alerts, severity
 from .runs import short
 
 COLUMNS = ("family", "recipe", "lr", "final loss vs twin", "damaged?", "damage step",
@@ -85,8 +85,9 @@ def lead_figure(verdicts: Sequence[Verdict], summary: Summary, title: str):
         lead = verdict.lead
         if verdict.damaged and lead is not None:
             ax.barh(y, lead, height=0.6, color="#1a9850" if lead > 0 else "#d73027")
-            ax.text(lead + (0.01 if lead >= 0 else -0.01) * reach * 2, y, f"{lead:+d}",
-                    va="center", ha="left" if lead >= 0 else "right", fontsize=8)
+            ax.text(lead + (0.02 if lead >= 0 else -0.02) * reach, y,
+                    f"{lead:+d}  ({describe_alert(verdict.warning)})", va="center",
+                    ha="left" if lead >= 0 else "right", fontsize=8)
         elif verdict.damaged:
             ax.text(0.02 * reach, y, "damaged, not warned", va="center", fontsize=8,
                     color="#d73027", fontweight="bold")
@@ -96,10 +97,12 @@ def lead_figure(verdicts: Sequence[Verdict], summary: Summary, title: str):
             ax.text(0.03 * reach, y, f"healthy: {alarms} false alarm{'s' * (alarms != 1)}",
                     va="center", fontsize=8, color="black" if alarms == 0 else "#b2182b")
         else:
+            warned = sum(severity(a) in WARNS for a in verdict.alerts)
             ax.plot([0], [y], marker="s", color="#999999")
-            ax.text(0.03 * reach, y, "not damaged", va="center", fontsize=8, color="#666666")
+            ax.text(0.03 * reach, y, f"not damaged ({warned} warning{'s' * (warned != 1)})",
+                    va="center", fontsize=8, color="#666666")
     ax.axvline(0, color="black", linewidth=0.8)
-    ax.set_xlim(-1.15 * reach, 1.15 * reach)
+    ax.set_xlim(-1.15 * reach, 1.6 * reach)  # room for the labels right of the longest bar
     ax.set_ylim(n - 0.5, -0.5)
     ax.set_yticks(range(n), [v.name for v in verdicts], fontsize=8)
     ax.set_xlabel("lead: damage step − first warning's step (> 0: warned before the damage)",
@@ -122,7 +125,8 @@ def family_figures(verdicts: Sequence[Verdict], records: Sequence[dict],
         runs.setdefault(verdict.config["family"], {})[verdict.config["recipe"]] = (
             run_series_for(record["losses"], record["history"], verdict.alerts))
     # The logit rule watches the logit spread, not the largest logit drawn: no line for it.
-    thresholds = {} if rules.entropy is None else {"entropy": rules.entropy.warning}
+    level = getattr(rules.entropy, "warning", None)  # rules of another shape: no line either
+    thresholds = {} if level is None else {"entropy": level}
     return {family: run_summary(series, thresholds=thresholds,
                                 title=f"collapse suite, {family}: every run of the family")
             for family, series in runs.items()}

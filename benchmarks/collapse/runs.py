@@ -1,16 +1,17 @@
 """The runs of the collapse suite and the training of one run into a record.
 
-A run is one family (:mod:`.families`) trained with one *recipe* (:data:`SUITE`). Every run of a
-family starts from the same initial weights and sees the same batches in the same order (and, for
-the encoder, the same masked bytes): runs differ only by their recipe. The optimiser is AdamW
-(weight decay 0.1 on every parameter) with gradient clipping at 1.0.
+A run is one family (:mod:`.families`) trained with one *recipe* (``collapse_suite.SUITE``).
+Every run of a family starts from the same initial weights and sees the same batches in the same
+order (and, for the encoder, the same masked bytes): runs differ only by their recipe. The
+optimiser is AdamW (weight decay 0.1 on every parameter) with gradient clipping at 1.0.
 
 :func:`train` trains one run with an :class:`attn_probe.AttentionProbe` attached, logs the probe's
 figures, ``train/loss`` and ``train/lr`` to the TensorBoard run ``<out>/<run>/`` and pickles the
 run's record to ``<out>/<run>.pkl``: a dict with ``config`` (:class:`RunConfig` as a dict),
 ``losses`` and ``lrs`` (every step's), ``history`` (the probe's :class:`~attn_probe.Snapshot` of
-every sampled step), ``alerts`` (what the probe raised), ``rules`` (the
-:class:`~attn_probe.AlertRules` it raised them by), ``key_bias_change`` (``key_bias`` runs: the
+every sampled step), ``alerts`` (what the probe raised), ``rules`` (the ``repr`` of the
+:class:`~attn_probe.AlertRules` it raised them by: text, so that a record still loads when the
+rules' classes change), ``key_bias_change`` (``key_bias`` runs: the
 largest change of the logits at initialisation that the added key bias caused), ``seconds``
 (wall) and ``cpu_seconds`` (this process's CPU time: what the run costs on an idle core).
 """
@@ -50,7 +51,7 @@ class RunConfig:
     #: decay to :data:`FLOOR` of the peak) or the constant learning rate (``constant``)
     lr: float
     schedule: str = "warmup_cosine"
-    steps: int = 300
+    steps: int = 200
     batch_size: int = 16
     shape: Shape = field(default_factory=Shape)
     seed: int = 0
@@ -141,7 +142,7 @@ def train(config: RunConfig, out: str, rules: AlertRules = AlertRules()) -> str:
             probe.step(step)
     record = dict(
         config=dataclasses.asdict(config), losses=losses, lrs=lrs, history=probe.history,
-        alerts=probe.alerts, rules=rules, key_bias_change=key_bias_change,
+        alerts=probe.alerts, rules=repr(rules), key_bias_change=key_bias_change,
         seconds=time.perf_counter() - start, cpu_seconds=time.process_time() - cpu,
     )
     path = os.path.join(out, f"{config.name}.pkl")
