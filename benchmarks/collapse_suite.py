@@ -5,6 +5,7 @@ recorded so that alert rules can be judged, and re-tuned, offline.
     python benchmarks/collapse_suite.py --runs gpt,llama/lr_1e-2    # a subset (twins added)
     python benchmarks/collapse_suite.py --from-records runs/collapse_suite   # replay, no training
     python benchmarks/collapse_suite.py --smoke              # two tiny runs, the whole pipeline
+    python benchmarks/collapse_suite.py --seed 1 --out runs/collapse_suite_1   # held-out runs
 
 Families (``benchmarks/collapse/families.py``): ``gpt`` (the demo's nanoGPT-style model),
 ``llama`` (grouped-query attention: 4 query heads, 2 key/value heads; rotary), ``gpt2`` and
@@ -232,6 +233,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         "no training")
     parser.add_argument("--steps", type=int, help="steps of every run (default: the family's, "
                         "Levels.steps)")
+    parser.add_argument("--seed", type=int, help="seed of every run (default 0): another seed "
+                        "gives other initial weights and batches, a held-out suite for rules "
+                        "tuned on the first")
     parser.add_argument("--describe", action="store_true",
                         help="also print what every layer of every run did")
     parser.add_argument("--smoke", action="store_true",
@@ -241,19 +245,23 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error(f"--jobs must be at least 1, got {args.jobs}")
     if args.steps is not None and args.steps < 1:
         parser.error(f"--steps must be at least 1, got {args.steps}")
-    if args.from_records and (args.runs or args.smoke or args.steps):
-        parser.error("--from-records trains nothing: it takes no --runs, --steps or --smoke")
+    if args.from_records and (args.runs or args.smoke or args.steps or args.seed is not None):
+        parser.error("--from-records trains nothing: it takes no --runs, --steps, --seed or "
+                     "--smoke")
     if args.from_records and not os.path.isdir(args.from_records):
         parser.error(f"--from-records: no directory {args.from_records!r}")
-    if args.smoke and (args.runs or args.steps):
-        parser.error("--smoke runs its own two tiny runs: it takes no --runs or --steps")
+    if args.smoke and (args.runs or args.steps or args.seed is not None):
+        parser.error("--smoke runs its own two tiny runs: it takes no --runs, --steps or --seed")
     args.configs = None
     if args.smoke:
         args.configs = smoke_configs()
     elif not args.from_records:
         try:
+            overrides = {name: value for name, value in (("steps", args.steps),
+                                                         ("seed", args.seed))
+                         if value is not None}
             args.configs = suite_configs(args.runs.split(",") if args.runs else None,
-                                         **({"steps": args.steps} if args.steps else {}))
+                                         **overrides)
         except ValueError as error:
             parser.error(f"--runs: {error}")
     return args
