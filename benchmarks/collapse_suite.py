@@ -67,7 +67,10 @@ learning rate, the probe's history and alerts (``benchmarks/collapse/runs.py``).
 downstream works from the records (``benchmarks/collapse/judge.py``): :func:`replay` feeds a
 record's snapshots to a fresh alert monitor under any rules, and each run is judged against its
 twin (damage step, damaged, lead of its first warning, false alarms of the healthy runs). Printed:
-a markdown table, a summary line and the elapsed time; drawn: ``<out>/collapse_suite.png``.
+a markdown table, a summary line and the elapsed time (``--describe``: each run's first alert of
+every kind and severity, and each layer's largest logit and entropy at a few steps); drawn:
+``<out>/collapse_suite.png`` (every run's lead) and ``<out>/<family>.png`` (each family's losses,
+largest logits and lowest entropies, alerts marked).
 """
 
 from __future__ import annotations
@@ -88,7 +91,7 @@ from attn_probe.alerts import AlertRules  # noqa: E402
 
 from collapse.families import Shape  # noqa: E402
 from collapse.judge import (  # noqa: E402
-    judge_suite, load_record, load_records, replay, summarise, TWIN,
+    TWIN, RecordError, judge_suite, load_record, load_records, replay, summarise,
 )
 from collapse.report import (  # noqa: E402
     describe_firsts, family_figures, layer_trajectories, lead_figure, markdown_table,
@@ -96,6 +99,7 @@ from collapse.report import (  # noqa: E402
 from collapse.runs import RunConfig, short, train  # noqa: E402
 
 __all__ = ["LEVELS", "SUITE", "main", "replay", "smoke_configs", "suite_configs"]
+
 
 @dataclass(frozen=True)
 class Levels:
@@ -136,8 +140,8 @@ SUITE: dict[str, dict[str, dict]] = {family: recipes(levels) for family, levels 
 
 #: ``--smoke``: two tiny runs of the gpt family (2 layers of width 32, 2 heads, 16 tokens,
 #: batch 4, 12 steps): the healthy twin, and layer 0's queries and keys boosted ×30 at a
-#: constant 3e-2, which at this size is what it takes for layer 0's logits to pass 300 and its
-#: entropy to collapse by step 5 (the logit and entropy alerts fire).
+#: constant 3e-2, which at this size is what it takes for layer 0's logits to reach thousands
+#: and its entropy to collapse by step 5 (the logit and entropy alerts fire).
 SMOKE_SHAPE = Shape(n_layer=2, n_head=2, n_embd=32, block_size=16)
 SMOKE = dict(steps=12, batch_size=4, shape=SMOKE_SHAPE)
 
@@ -200,15 +204,16 @@ def train_all(configs: Sequence[RunConfig], out: str, jobs: int,
         import torch
 
         threads = torch.get_num_threads()
-        try:
-            _worker_start()
-            for config in ordered:
-                try:
-                    done(config, train(config, out, RULES))
-                except Exception as error:  # noqa: BLE001 - reported, the other runs go on
-                    done(config, error)
-        finally:
-            torch.set_num_threads(threads)
+        with warnings.catch_warnings():  # this process's threads and filters are restored
+            try:
+                _worker_start()
+                for config in ordered:
+                    try:
+                        done(config, train(config, out, RULES))
+                    except Exception as error:  # noqa: BLE001 - reported, the others go on
+                        done(config, error)
+            finally:
+                torch.set_num_threads(threads)
         return
     with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"),
                              initializer=_worker_start) as pool:
@@ -225,7 +230,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--runs", help="family/recipe or family, comma-separated (default: all); "
                         "each family's healthy twin is added")
-    parser.add_argument("--out", help="where records, TensorBoard runs and the picture go "
+    parser.add_argument("--out", help="where records, TensorBoard runs and the pictures go "
                         "(default runs/collapse_suite; with --from-records, that directory)")
     parser.add_argument("--jobs", type=int, default=2, help="runs at a time (default 2)")
     parser.add_argument("--from-records", metavar="DIR",
@@ -272,7 +277,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     if args.from_records:
         out = args.out or args.from_records
-        records = sorted(load_records(args.from_records), key=suite_order)
+        try:
+            records = sorted(load_records(args.from_records), key=suite_order)
+        except RecordError as error:
+            print(f"collapse_suite.py: error: {error}", file=sys.stderr)
+            return 2
         if not records:
             print(f"collapse_suite.py: error: no records (*.pkl) in {args.from_records}",
                   file=sys.stderr)
@@ -282,6 +291,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         out = args.out or ("runs/collapse_suite_smoke" if args.smoke else "runs/collapse_suite")
         records, failed = train_and_check(args.configs, out, args.jobs)
         if failed:
+            print(f"collapse_suite.py: error: {', '.join(failed)} failed; the records that were "
+                  f"written are in {out} (--from-records {out} judges them)", file=sys.stderr)
             return 1
         rules, source = None, "the alerts the probe raised while training (default rules)"
     try:
@@ -339,7 +350,7 @@ def train_and_check(configs: Sequence[RunConfig], out: str,
     print(f"replay: {same} of {len(records)} records give the probe's own alerts again")
     if same != len(records):
         failed.append("replay")
-        print("collapse_suite.py: error: replaying a record did not give the probe's alerts",
+        print("collapse_suite.py: replaying a record did not give the probe's alerts",
               file=sys.stderr)
     return records, failed
 

@@ -36,9 +36,28 @@ HEALTHY_RECIPES = ("healthy", "sharp", "key_bias")
 TWIN = "healthy"
 
 
+#: What every record holds (``runs.train`` writes more).
+RECORD_KEYS = ("config", "losses", "history", "alerts")
+
+
+class RecordError(ValueError):
+    """A file that is not a readable record of the suite."""
+
+
 def load_record(path: str) -> dict:
-    with open(path, "rb") as file:
-        return pickle.load(file)
+    """The record pickled at ``path``; :class:`RecordError` saying why when it cannot be read
+    (a record holds attn_probe's ``Snapshot`` and ``Alert``: it loads where those classes are
+    as they were when it was written)."""
+    try:
+        with open(path, "rb") as file:
+            record = pickle.load(file)
+    except Exception as error:  # unpickling garbage raises almost anything
+        raise RecordError(f"cannot read the record {path}: {type(error).__name__}: "
+                          f"{error}") from error
+    if not (isinstance(record, dict) and all(key in record for key in RECORD_KEYS)):
+        raise RecordError(f"{path} is not a record of the collapse suite (no "
+                          f"{', '.join(RECORD_KEYS)})")
+    return record
 
 
 def load_records(directory: str) -> list[dict]:
