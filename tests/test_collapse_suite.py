@@ -5,6 +5,7 @@ softmax ignores, checked against the models themselves."""
 
 from __future__ import annotations
 
+import pickle
 import statistics
 import sys
 
@@ -21,7 +22,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 from collapse.families import FAMILIES, Shape, add_key_bias  # noqa: E402
 from collapse.judge import (  # noqa: E402
-    damage_step, final_losses, judge_suite, load_record, replay, summarise,
+    RecordError, damage_step, final_losses, judge_suite, load_record, replay, summarise,
 )
 from collapse.runs import boosted_step, train  # noqa: E402
 from collapse_suite import smoke_configs  # noqa: E402
@@ -107,6 +108,15 @@ def test_lead_damage_and_false_alarms_of_hand_made_runs():
 def test_a_run_without_its_twin_is_an_error():
     with pytest.raises(ValueError, match="healthy"):
         judge_suite([record("lr_1", [2.0] * 10)])
+
+
+def test_a_file_that_is_no_record_is_one_error_naming_it(tmp_path):
+    garbage, other = tmp_path / "garbage.pkl", tmp_path / "other.pkl"
+    garbage.write_bytes(b"not a pickle")
+    other.write_bytes(pickle.dumps([1, 2]))
+    for path in (garbage, other):
+        with pytest.raises(RecordError, match=path.name):
+            load_record(str(path))
 
 
 @pytest.mark.filterwarnings("ignore:attn_probe")  # the alerts, expected
