@@ -25,7 +25,7 @@ def describe_lr(config: dict) -> str:
     if config["boost"] != 1:
         extra = f"; L{config['boost_layer']:02d} q, k ×{config['boost']:g}"
     if config["key_bias"]:
-        extra = f"; key bias |b| {config['key_bias']:g}"
+        extra = f"; key bias of norm {config['key_bias']:g} per head"
     return f"{short(config['lr'])} {how}{extra}"
 
 
