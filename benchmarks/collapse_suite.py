@@ -69,8 +69,8 @@ record's snapshots to a fresh alert monitor under any rules, and each run is jud
 twin (damage step, damaged, lead of its first warning, false alarms of the healthy runs). Printed:
 a markdown table, a summary line and the elapsed time (``--describe``: each run's first alert of
 every kind and severity, and each layer's largest logit and entropy at a few steps); drawn:
-``<out>/collapse_suite.png`` (every run's lead) and ``<out>/<family>.png`` (each family's losses,
-largest logits and lowest entropies, alerts marked).
+``<out>/collapse_suite.png`` (every run's lead) and ``<out>/<run>.png`` (each run beside its
+twin: losses, largest logits and lowest entropies, alerts marked).
 """
 
 from __future__ import annotations
@@ -94,7 +94,7 @@ from collapse.judge import (  # noqa: E402
     TWIN, RecordError, judge_suite, load_record, load_records, replay, summarise,
 )
 from collapse.report import (  # noqa: E402
-    describe_firsts, family_figures, layer_trajectories, lead_figure, markdown_table,
+    describe_firsts, layer_trajectories, lead_figure, markdown_table, run_figures,
 )
 from collapse.runs import RunConfig, short, train  # noqa: E402
 
@@ -312,11 +312,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     picture = os.path.join(out, PICTURE)
     lead_figure(verdicts, summary, "Collapse suite: lead of the first warning per run").savefig(
         picture, dpi=110)
-    families = family_figures(verdicts, records, rules or RULES)
-    for family, figure in families.items():
-        figure.savefig(os.path.join(out, f"{family}.png"), dpi=100)
-    print(f"pictures: {picture}; per family (loss, largest logit, entropy): "
-          f"{', '.join(os.path.join(out, f'{family}.png') for family in families)}")
+    runs = run_figures(verdicts, records, rules or RULES)
+    for name, figure in runs.items():
+        figure.savefig(os.path.join(out, f"{name}.png"), dpi=100)
+    print(f"pictures: {picture}; each run beside its twin (loss, largest logit, entropy): "
+          f"{os.path.join(out, '<run>.png')}, {len(runs)} of them")
     print(f"elapsed: {time.perf_counter() - start:.0f} s wall "
           f"({len(records)} runs{'' if args.from_records else f', --jobs {args.jobs}'})")
     return 0

@@ -12,7 +12,7 @@ from attn_probe.outputs.canvas import axes_at, new_figure
 from attn_probe.outputs.runs import run_series_for, run_summary
 from attn_probe.snapshot import Alert
 
-from .judge import WARNS, Summary, Verdict, first_alerts, severity
+from .judge import TWIN, WARNS, Summary, Verdict, first_alerts, severity
 from .runs import short
 
 COLUMNS = ("family", "recipe", "lr", "final loss vs twin", "damaged?", "damage step",
@@ -115,21 +115,24 @@ def lead_figure(verdicts: Sequence[Verdict], summary: Summary, title: str):
     return fig
 
 
-def family_figures(verdicts: Sequence[Verdict], records: Sequence[dict],
-                   rules: AlertRules) -> dict:
-    """Family -> the project's run-summary picture of its runs (loss, largest attention logit,
-    entropy of the most collapsed layer, the alerts of each marked), ``records`` in the order of
-    ``verdicts``."""
-    runs: dict[str, dict] = {}
-    for verdict, record in zip(verdicts, records):
-        runs.setdefault(verdict.config["family"], {})[verdict.config["recipe"]] = (
-            run_series_for(record["losses"], record["history"], verdict.alerts))
+def run_figures(verdicts: Sequence[Verdict], records: Sequence[dict],
+                rules: AlertRules) -> dict:
+    """Run name -> the project's run-summary picture of the run beside its healthy twin (loss,
+    largest attention logit, entropy of the most collapsed layer, each run's alerts marked), for
+    every run but the twins; ``records`` in the order of ``verdicts``."""
+    series = {v.name: run_series_for(r["losses"], r["history"], v.alerts)
+              for v, r in zip(verdicts, records)}
+    twin_of = {v.config["family"]: v.name for v in verdicts if v.config["recipe"] == TWIN}
     # The logit rule watches the logit spread, not the largest logit drawn: no line for it.
     level = getattr(rules.entropy, "warning", None)  # rules of another shape: no line either
     thresholds = {} if level is None else {"entropy": level}
-    return {family: run_summary(series, thresholds=thresholds,
-                                title=f"collapse suite, {family}: every run of the family")
-            for family, series in runs.items()}
+    return {
+        v.name: run_summary(
+            {f"{TWIN} (twin)": series[twin_of[v.config["family"]]],
+             v.config["recipe"]: series[v.name]},
+            thresholds=thresholds, title=f"collapse suite: {v.name} beside its healthy twin")
+        for v in verdicts if v.config["recipe"] != TWIN and v.config["family"] in twin_of
+    }
 
 
 def sampled_points(steps: Sequence[int], shares=(0.0, 0.05, 0.25, 0.5, 1.0)) -> list[int]:
