@@ -155,10 +155,17 @@ def add_key_bias(model: nn.Module, norm: float, seed: int = 0) -> None:
 
 
 def _build_encoder(shape: Shape) -> nn.Module:
-    config = _transformers().ModernBertConfig(
+    transformers = _transformers()
+    if not hasattr(transformers, "ModernBertForMaskedLM"):
+        raise ImportError(f"the encoder family is ModernBERT, which needs Hugging Face "
+                          f"transformers >= 4.48 (this is {transformers.__version__}): "
+                          "pip install -U transformers")
+    # Every layer global: layer_types since transformers 5, global_attn_every_n_layers before.
+    config = transformers.ModernBertConfig(
         hidden_size=shape.n_embd, intermediate_size=2 * shape.n_embd,
         num_hidden_layers=shape.n_layer, num_attention_heads=shape.n_head,
-        layer_types=["full_attention"] * shape.n_layer, vocab_size=VOCAB + 1,
+        layer_types=["full_attention"] * shape.n_layer, global_attn_every_n_layers=1,
+        vocab_size=VOCAB + 1,
         max_position_embeddings=shape.block_size, pad_token_id=0, mask_token_id=MASK,
         bos_token_id=0, eos_token_id=0, cls_token_id=0, sep_token_id=0,
     )
