@@ -72,6 +72,7 @@ def test_lead_damage_and_false_alarms_of_hand_made_runs():
     recovered = [2.0] * 20 + [4.0] * 5 + [2.0] * 15   # damaged at 20, ends equal to the twin
     early = [9.0] + [2.0] * 39                     # above only inside the first interval
     late = [2.0] * 30 + [4.0] * 10
+    on_time = [2.0] * 30 + [4.0] * 10              # warned at its damage step: in time
     records = [
         record("healthy", twin, [alert("logit", 10), alert("sink", 5, "info"),
                                  alert("entropy", 30, "critical")]),
@@ -80,8 +81,9 @@ def test_lead_damage_and_false_alarms_of_hand_made_runs():
         record("lr_2", recovered, [alert("lazy", 25)]),
         record("lr_3", early),
         record("lr_4", late, [alert("logit", 35)]),
+        record("lr_5", on_time, [alert("logit", 30)]),
     ]
-    healthy, collapsed_v, recovered_v, early_v, late_v = judge_suite(records)
+    healthy, collapsed_v, recovered_v, early_v, late_v, on_time_v = judge_suite(records)
 
     assert (collapsed_v.damage, collapsed_v.damaged) == (20, True)
     assert (collapsed_v.final, collapsed_v.twin_final) == (4.0, 2.0)
@@ -99,9 +101,11 @@ def test_lead_damage_and_false_alarms_of_hand_made_runs():
     assert healthy.damage is None and not healthy.damaged
     assert healthy.false_alarms == 2                # the info alert is no alarm
 
-    summary = summarise([healthy, collapsed_v, recovered_v, early_v, late_v])
-    assert (summary.damaged, summary.warned_in_time) == (2, 1)
-    assert summary.median_lead == statistics.median([12, -5])
+    assert (on_time_v.damage, on_time_v.damaged, on_time_v.lead) == (30, True, 0)
+
+    summary = summarise([healthy, collapsed_v, recovered_v, early_v, late_v, on_time_v])
+    assert (summary.damaged, summary.warned_in_time) == (3, 2)
+    assert summary.median_lead == statistics.median([12, -5, 0])
     assert (summary.false_alarms, summary.healthy_runs, summary.families) == (2, 1, 1)
 
 

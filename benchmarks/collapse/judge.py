@@ -6,8 +6,8 @@ healthy twin (the ``healthy`` run of its family): was it damaged, when, and was 
   sampling interval left out;
 * *damaged*: its mean loss over the last :data:`TAIL` of the steps is at least :data:`DAMAGE`
   times the twin's over the same steps;
-* *lead*: damage step − step of its first ``warning`` or ``critical`` alert (positive: warned
-  before the damage);
+* *lead*: damage step − step of its first ``warning`` or ``critical`` alert (zero or positive:
+  warned in time, at or before the damage);
 * *false alarms*: the ``warning`` and ``critical`` alerts of a healthy run
   (:data:`HEALTHY_RECIPES`).
 """
@@ -214,13 +214,13 @@ class Summary:
 
 
 def summarise(verdicts: Sequence[Verdict]) -> Summary:
-    """Damaged runs warned before their damage step (lead > 0), the median lead of the damaged
+    """Damaged runs warned at or before their damage step (lead >= 0), the median lead of the damaged
     runs that were warned at all, and the false alarms of the healthy runs."""
     damaged = [v for v in verdicts if v.damaged]
     leads = [v.lead for v in damaged if v.lead is not None]
     healthy = [v for v in verdicts if v.healthy]
     return Summary(
-        damaged=len(damaged), warned_in_time=sum(lead > 0 for lead in leads),
+        damaged=len(damaged), warned_in_time=sum(lead >= 0 for lead in leads),
         median_lead=statistics.median(leads) if leads else None,
         false_alarms=sum(v.false_alarms for v in healthy), healthy_runs=len(healthy),
         families=len({v.config["family"] for v in healthy}),

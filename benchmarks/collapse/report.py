@@ -84,7 +84,7 @@ def lead_figure(verdicts: Sequence[Verdict], summary: Summary, title: str):
     for y, verdict in enumerate(verdicts):
         lead = verdict.lead
         if verdict.damaged and lead is not None:
-            ax.barh(y, lead, height=0.6, color="#1a9850" if lead > 0 else "#d73027")
+            ax.barh(y, lead, height=0.6, color="#1a9850" if lead >= 0 else "#d73027")
             ax.text(lead + (0.02 if lead >= 0 else -0.02) * reach, y,
                     f"{lead:+d}  ({describe_alert(verdict.warning)})", va="center",
                     ha="left" if lead >= 0 else "right", fontsize=8)
