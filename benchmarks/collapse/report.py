@@ -73,8 +73,8 @@ def markdown_table(verdicts: Sequence[Verdict]) -> str:
 
 
 def lead_figure(verdicts: Sequence[Verdict], summary: Summary, title: str):
-    """One row per run: a damaged run's lead as a bar (green: warned before its damage step,
-    red: at or after it), ``not warned`` where it got no warning; a healthy run's false alarms
+    """One row per run: a damaged run's lead as a bar (green: warned at or before its damage step,
+    red: after it), ``not warned`` where it got no warning; a healthy run's false alarms
     as a count; other runs (not damaged) as such."""
     n = len(verdicts)
     fig = new_figure(9.0, 1.4 + 0.28 * n)
@@ -105,7 +105,7 @@ def lead_figure(verdicts: Sequence[Verdict], summary: Summary, title: str):
     ax.set_xlim(-1.15 * reach, 1.6 * reach)  # room for the labels right of the longest bar
     ax.set_ylim(n - 0.5, -0.5)
     ax.set_yticks(range(n), [v.name for v in verdicts], fontsize=8)
-    ax.set_xlabel("lead: damage step − first warning's step (> 0: warned before the damage)",
+    ax.set_xlabel("lead: damage step − first warning's step (≥ 0: warned in time)",
                   fontsize=9)
     ax.grid(axis="x", linewidth=0.4, alpha=0.5)
     fig.text(0.5, 1 - 0.25 / fig.get_size_inches()[1], title, ha="center", va="center",
