@@ -89,9 +89,11 @@ def value_at(steps: np.ndarray, values: np.ndarray | None, step: int) -> float:
 def _mark_alerts(ax, steps: np.ndarray, series: RunSeries, kind: str, column: int,
                  colour: str, dashes: Any) -> list[float]:
     """The run's first alerts of ``kind`` (those at the first step any fired): each such
-    layer's own curve (thin), a cross on it at the step of the alert, and the layer named beside
-    it. Returns the values drawn (for the axis limits)."""
+    layer's own curve (thin), a cross on it at the step of the alert, and the layers named beside
+    them (one label beside the highest cross: crosses of one step would hide each other's).
+    Returns the values drawn (for the axis limits)."""
     drawn: list[float] = []
+    named: list[tuple[float, str]] = []
     fired = [alert for alert in series.alerts if alert.kind == kind]
     if not fired:
         return drawn
@@ -111,8 +113,12 @@ def _mark_alerts(ax, steps: np.ndarray, series: RunSeries, kind: str, column: in
             continue
         _cross(ax, alert.step, y, colour)
         drawn.append(y)
-        ax.annotate(alert.tag, (alert.step, y), xytext=(7, -3 if kind == "logit" else 3),
-                    textcoords="offset points", fontsize=8, fontweight="bold", zorder=6)
+        named.append((y, alert.tag))
+    if named:
+        top = max(y for y, _ in named)
+        ax.annotate(", ".join(tag for _, tag in sorted(named, reverse=True)), (first_step, top),
+                    xytext=(7, 3), textcoords="offset points", fontsize=8, fontweight="bold",
+                    zorder=6)
     return drawn
 
 

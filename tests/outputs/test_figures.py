@@ -225,6 +225,15 @@ def test_run_summary_draws_each_run_with_thresholds_and_its_first_warnings():
     legend = [text.get_text() for text in fig.legends[0].get_texts()]
     assert legend == ["stable", "unstable: L01 went wrong at step 5 (logit and entropy)",
                       "first warning", "alert threshold"]
+    # two layers warned at one step: both crosses, and one label naming both, highest first
+    together = {"unstable": plots.RunSeries(
+        np.linspace(5, 3, 12), steps[:3], [1.0, 400.0, 900.0], [1.0, 0.05, 0.02],
+        [mark("logit", 5, "L00", 400.0), mark("logit", 5, "L01", 350.0)],
+        {"L01": ([1.0, 350.0, 600.0], [1.0, 0.05, 0.04]),
+         "L00": ([1.0, 400.0, 900.0], [1.0, 0.3, 0.02])})}
+    both = plots.run_summary(together).axes[1]
+    assert sorted(marks(both)) == [(5.0, 350.0), (5.0, 400.0)]
+    assert [(t.get_text(), t.xy) for t in both.texts] == [("L00, L01", (5, 400.0))]
     plain = plots.run_summary(runs)  # no thresholds: no dashed line, no legend entry for it
     assert [t.get_text() for t in plain.legends[0].get_texts()][-1] == "first warning"
     assert plots.figure_to_array(fig).shape[1] > 2 * plots.figure_to_array(fig).shape[0]
