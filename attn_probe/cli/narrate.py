@@ -55,13 +55,13 @@ def run_summary(result: DemoResult) -> str:
     ]
     warned = warnings_of(result)
     information = len(result.alerts) - len(warned)
-    noted = f" ({information} for information: attention sinks, lazy layers)" \
-        if information else ""
+    noted = (f" (and {information} alert{'s' * (information != 1)} for information: attention "
+             f"sinks, lazy layers)") if information else ""
     if not warned:
         lines.append(f"  warnings: none{noted}")
         return "\n".join(lines)
-    lines.append(f"  warnings, the first of each layer (at the first sampled step its condition "
-                 f"held){noted}:")
+    lines.append(f"  warnings, the first of each layer, at the first sampled step its condition "
+                 f"held{noted}:")
     for tag in dict.fromkeys(alert.tag for alert in warned):
         mine = [alert for alert in warned if alert.tag == tag]
         first, later = mine[0], mine[1:]
