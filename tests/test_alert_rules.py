@@ -8,6 +8,7 @@ the thresholds, independently of the rules' code.
 
 from __future__ import annotations
 
+import warnings
 
 import numpy as np
 import pytest
@@ -239,10 +240,12 @@ def test_old_threshold_names_still_work():
 
 def test_figures_without_full_context_raise_no_alert():
     """A user adapter that returns only the matrix gives no q and k: no opinion on entropy,
-    logits or sinks (NaN never crosses a threshold)."""
+    logits or sinks (NaN never crosses a threshold), and no numpy warning about the NaNs."""
     crop_only = {k: v for k, v in layer_figures(2).items() if k in
                  ("rank", "columns", "entropy", "sink", "dominant")}
-    assert run(AlertRules(), *[(5 * i, crop_only) for i in range(4)]) == [[]] * 4
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert run(AlertRules(), *[(5 * i, crop_only) for i in range(4)]) == [[]] * 4
 
 
 def test_head_states_follow_the_rules():

@@ -98,9 +98,8 @@ class LogitRule:
             low = np.maximum(np.nanmin(np.where(np.isnan(past), np.inf, past), axis=0),
                              self.base)
             grown = (spread >= self.min_spread) & (spread >= self.growth * low)
-        layer_low = np.nanmin([p.figure("logit_spread", "max") for p in before])
-        start = next(p for p in before if p.figure("logit_spread", "max") == layer_low) \
-            if np.isfinite(layer_low) else before[0]
+        layer = np.array([p.figure("logit_spread", "max") for p in before], dtype=float)
+        start = before[int(np.nanargmin(layer))] if np.isfinite(layer).any() else before[0]
         return grown, start
 
     def check(self, track: LayerTrack, model: ModelView) -> list[Alert]:
