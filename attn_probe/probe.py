@@ -48,7 +48,7 @@ from .options import ONE_TOKEN, check_count, check_tau
 from . import notices
 from ._compat import renamed
 from .alerts import AlertMonitor, AlertRules
-from .snapshot import Alert, CollapseRule, LayerSummary, Snapshot, find_layer
+from .snapshot import WARNS, Alert, CollapseRule, LayerSummary, Snapshot, find_layer
 
 AlertCallback = Callable[[Alert, Snapshot], None]
 CollapseCallback = Callable[[LayerSummary, int, Snapshot], None]  # deprecated
@@ -349,7 +349,7 @@ class AttentionProbe:
             line = f"attn_probe: {alert.severity}: {alert.message}" + (
                 f" ({alert.cause})" if alert.cause else "")
             notices.inform(line)
-            if alert.severity != "info" and self.on_alert is None:
+            if alert.severity in WARNS and self.on_alert is None:
                 notices.warn(line)
 
     @property

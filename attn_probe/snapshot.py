@@ -209,13 +209,15 @@ HEAD_STATES: dict[HeadState, tuple[str, str, str]] = {
 
 #: Alert severities, from the least to the most urgent.
 SEVERITIES = ("info", "warning", "critical")
+#: The severities a person is warned about (``info`` is only logged).
+WARNS = SEVERITIES[1:]
 
 
 @dataclass(frozen=True)
 class Alert:
     """One kind of collapse seen in one layer at one step."""
 
-    kind: str  #: "lazy", "entropy", "logit" or "sink" (see :mod:`attn_probe.alerts`)
+    kind: str  #: "logit", "entropy", "uniform", "lazy" or "sink" (see :mod:`attn_probe.alerts`)
     layer: str  #: module name
     tag: str  #: ``L07``
     heads: tuple[int, ...]  #: the heads involved

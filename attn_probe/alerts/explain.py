@@ -28,7 +28,6 @@ class Growth(NamedTuple):
     query: float
     key: float
     alignment: float
-    head: int
 
     @property
     def norms_known(self) -> bool:
@@ -44,7 +43,7 @@ def head_growth(before: Point, after: Point, head: int) -> Growth:
             return float(now / then) if then > 0 else float("nan")
 
     return Growth(after.step - before.step, factor("logit_spread"), factor("query_norm"),
-                  factor("key_norm"), factor("alignment"), head)
+                  factor("key_norm"), factor("alignment"))
 
 
 def times(factor: float) -> str:

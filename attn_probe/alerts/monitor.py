@@ -29,7 +29,7 @@ class AlertMonitor:
             track = self.tracks.setdefault(layer.name, LayerTrack())
             track.add(snapshot.step, layer)
             tracks.append(track)
-        model = ModelView(snapshot.step, snapshot.tau, tracks)
+        model = ModelView(snapshot.tau, tracks)
         new = []
         for track in tracks:
             for alert in self.rules.check(track, model):

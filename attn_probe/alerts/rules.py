@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..options import check_count
 from ..snapshot import Alert, CollapseRule, LayerSummary, percent
 from . import explain
 from .track import LayerTrack, ModelView, Point
@@ -76,14 +77,12 @@ class LogitRule:
                           "spread; use LogitRule(critical=)", DeprecationWarning, stacklevel=3)
             object.__setattr__(self, "critical", float(self.max_logit))
             object.__setattr__(self, "max_logit", None)
-        for name in ("growth", "min_spread", "base", "critical"):
+        for name in ("min_spread", "base", "critical"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"LogitRule.{name} must be positive, got {getattr(self, name)}")
         if not self.growth > 1:
             raise ValueError(f"LogitRule.growth must be above 1, got {self.growth}")
-        if not (isinstance(self.window, int) and self.window >= 1):
-            raise ValueError(f"LogitRule.window must be a count of measurements >= 1, got "
-                             f"{self.window!r}")
+        check_count("LogitRule.window", self.window)
 
     def growing(self, track: LayerTrack) -> tuple[np.ndarray, Point | None]:
         """(H,) heads whose spread has grown ``growth`` times within the window to at least
@@ -118,7 +117,7 @@ class LogitRule:
             found.append(_alert("logit", "critical", now, _heads(over), value, self.critical,
                                 f"attention logits exploded: logit spread {value:,.0f} "
                                 f">= {self.critical:g}", cause))
-        if grown.any():
+        elif grown.any():
             found.append(_alert("logit", "warning", now, _heads(grown), value, self.min_spread,
                                 f"attention logits keep growing: logit spread {value:,.1f}",
                                 explain.logit_cause(start, now, worst)))
@@ -157,9 +156,7 @@ class EntropyRule:
             raise ValueError(f"EntropyRule.fall must be in (0, 1), got {self.fall}")
         if not 0 < self.fall_to < 1:
             raise ValueError(f"EntropyRule.fall_to must be in (0, 1), got {self.fall_to}")
-        if not (isinstance(self.window, int) and self.window >= 1):
-            raise ValueError(f"EntropyRule.window must be a count of measurements >= 1, got "
-                             f"{self.window!r}")
+        check_count("EntropyRule.window", self.window)
 
     def collapsed(self, layer: LayerSummary) -> np.ndarray:
         """(H,) heads whose own normalised entropy is below ``warning``."""
@@ -195,8 +192,7 @@ class EntropyRule:
                 f"{threshold:g} ({nats:.3f} nats; 1 = uniform)",
                 explain.entropy_cause(before, now, int(np.nanargmin(heads)))))
         drop, start = self.falling(track)
-        if start is not None and drop >= self.fall and value <= self.fall_to and not (found and found[0].severity ==
-                                                            "warning"):
+        if not found and start is not None and drop >= self.fall and value <= self.fall_to:
             then = start.heads("entropy_norm_full")
             with np.errstate(invalid="ignore"):
                 fell = then - heads
@@ -227,8 +223,7 @@ class UniformRule:
         if not 0 < self.elsewhere < self.entropy < 1:
             raise ValueError(f"UniformRule needs 0 < elsewhere < entropy < 1, got elsewhere="
                              f"{self.elsewhere}, entropy={self.entropy}")
-        if not (isinstance(self.samples, int) and self.samples >= 2):
-            raise ValueError(f"UniformRule.samples must be a count >= 2, got {self.samples!r}")
+        check_count("UniformRule.samples", self.samples, minimum=2)
 
     def uniform(self, layer: LayerSummary) -> np.ndarray:
         """(H,) heads at uniform attention."""
@@ -239,10 +234,8 @@ class UniformRule:
         recent = track.last(self.samples)
         if len(recent) < self.samples:
             return []
-        for point in recent:
-            heads = point.heads("entropy_norm_full")
-            if not (np.isfinite(heads).any() and np.nanmin(heads) >= self.entropy):
-                return []
+        if not all(p.figure("entropy_norm_full", "min") >= self.entropy for p in recent):
+            return []
         learned = [other for other in model.others(track)
                    if all(p.figure("entropy_norm_full", "mean") < self.elsewhere
                           for p in other.last(self.samples))]

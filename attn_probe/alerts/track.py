@@ -1,15 +1,15 @@
 """What the rules look back on: the recent measurements of one layer, and of the whole model.
 
 A :class:`LayerTrack` keeps the last :data:`KEEP` summaries of one layer (memory stays bounded
-however long training runs) and the step since which the layer's attention has been uniform.
-:class:`ModelView` is what a rule may know about the other layers at the same step.
+however long training runs). :class:`ModelView` is what a rule may know about the other layers
+at the same step.
 """
 
 from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import numpy as np
 
@@ -58,19 +58,14 @@ class LayerTrack:
     def __len__(self) -> int:
         return len(self.points)
 
-    def __iter__(self) -> Iterator[Point]:
-        return iter(self.points)
-
 
 @dataclass(frozen=True)
 class ModelView:
-    """Every layer of the model at the current step, and how long each has stayed where it is:
-    what a rule about one layer may compare it with."""
+    """Every layer of the model measured at the current step, with its recent history: what a
+    rule about one layer may compare it with."""
 
-    step: int
     tau: float
     tracks: Sequence[LayerTrack]
 
     def others(self, track: LayerTrack) -> list[LayerTrack]:
-        return [other for other in self.tracks if other is not track and len(other)
-                and other.now.step == self.step]
+        return [other for other in self.tracks if other is not track]

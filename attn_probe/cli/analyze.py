@@ -314,7 +314,3 @@ def run_analyze(args: argparse.Namespace) -> int:
         return _analyze(args)
     except FileNotFoundError as error:
         raise UsageError(one_line(error)) from None
-    except LookupError as error:
-        if type(error) is LookupError:
-            raise UsageError(one_line(error)) from None
-        raise

@@ -36,6 +36,7 @@ import torch
 from ..alerts import AlertRules
 from ..models.corpus import builtin_corpus
 from ..models.gpt import GPT, GPTConfig
+from ..outputs.events import EVENT_FILE
 from ..probe import AttentionProbe
 from ..snapshot import Alert, Snapshot
 
@@ -52,7 +53,7 @@ RUNS: dict[str, dict[str, Any]] = {
 SCHEDULES = ("one_cycle", "constant")
 
 #: What the demo writes into a run's directory: TensorBoard event files, nothing else.
-RUN_FILES = "events.out.tfevents.*"
+RUN_FILES = EVENT_FILE
 
 
 @dataclass

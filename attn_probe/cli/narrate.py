@@ -7,11 +7,10 @@ import textwrap
 from typing import Sequence
 
 from ..outputs.tables import figure_text
-from ..snapshot import Alert
+from ..snapshot import WARNS, Alert
 from .demo import DemoResult
 
 #: Severities that warn a person; ``info`` alerts are counted, not listed.
-WARNS = ("warning", "critical")
 
 
 def _extreme(result: DemoResult, metric: str, how: str, pick) -> tuple[float, str, int]:

@@ -531,7 +531,7 @@ def full_context_metrics(observed: object, tau: float = 0.9,
         padding = observed.key_padding
         if padding is not None:  # each sequence's real tokens come first in the inputs
             keys = torch.arange(observed.key.size(2), device=padding.device)
-            padding = keys < padding.sum(dim=1, keepdim=True)[:, : observed.key.size(2)]
+            padding = keys < padding.sum(dim=1, keepdim=True)
         stats = full_context_stats(
             observed.query, observed.key, attn_mask=observed.attn_mask,
             is_causal=observed.is_causal, scale=observed.scale,

@@ -9,7 +9,7 @@ States are :class:`~attn_probe.snapshot.HeadState` codes, decided by the alert r
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 
 import numpy as np
 from matplotlib.colors import BoundaryNorm, ListedColormap
@@ -23,7 +23,8 @@ from .canvas import as_numpy, axes_at, clamp, label_ticks, new_figure, text_widt
 if TYPE_CHECKING:
     from ..snapshot import Snapshot
 
-__all__ = ["head_state_map", "head_state_map_for", "health_timeline", "worst_states"]
+__all__ = ["head_state_map", "head_state_map_for", "health_timeline", "layer_timeline",
+           "worst_states"]
 
 _MAX_WIDTH = 12.0  # inches
 _MAX_HEIGHT = 10.0
@@ -190,3 +191,21 @@ def health_timeline(
         ax.set_title(title, fontsize=10)
     _legend(fig, legend_x, legend_top, sorted(HEAD_STATES), alerts=bool(marks))
     return fig
+
+
+def layer_timeline(layers: Mapping[str, tuple[Sequence[int], Sequence[int]]],
+                   alerts: Iterable[tuple[int, str]] = (), **options: Any) -> Figure:
+    """:func:`health_timeline` of per-layer series: layer tag -> (steps, worst state at each),
+    one row per layer in the mapping's order, a column per step any layer has (``NO_DATA``
+    where a layer has none); ``alerts``: ``(step, layer tag)`` pairs. ``options`` go to
+    :func:`health_timeline` (``title``, ``max_width``)."""
+    steps = sorted({int(step) for series_steps, _ in layers.values() for step in series_steps})
+    column = {step: i for i, step in enumerate(steps)}
+    codes = np.full((len(layers), len(steps)), int(HeadState.NO_DATA))
+    for row, (series_steps, values) in enumerate(layers.values()):
+        for step, value in zip(series_steps, values):
+            codes[row, column[int(step)]] = int(value)
+    rows = {tag: i for i, tag in enumerate(layers)}
+    return health_timeline(steps, codes, layer_labels=list(layers),
+                           alerts=[(step, rows[tag]) for step, tag in alerts if tag in rows],
+                           **options)

@@ -19,7 +19,7 @@ import numpy as np
 from ..snapshot import HEAD_STATES, SEVERITIES, HeadState
 from .curves import Mark, step_curves
 from .events import LOSS_TAGS
-from .health import health_timeline
+from .health import layer_timeline
 from .runs import value_at
 from .tables import figure_text
 from .tensorboard import SERIES, Series
@@ -169,18 +169,8 @@ def _timeline(run: "RunEvents") -> str:
     if not layers:
         return '<p class="note">No head states in this run (logged by attn_probe from this ' \
                'version on).</p>'
-    steps = sorted({int(step) for series_steps, _ in layers.values() for step in series_steps})
-    column = {step: i for i, step in enumerate(steps)}
-    codes = np.full((len(layers), len(steps)), int(HeadState.NO_DATA))
-    for row, (series_steps, values) in enumerate(layers.values()):
-        for step, value in zip(series_steps, values):
-            codes[row, column[int(step)]] = int(value)
-    rows = {tag: i for i, tag in enumerate(layers)}
-    figure = health_timeline(
-        steps, codes, layer_labels=list(layers),
-        alerts=[(alert.step, rows[alert.tag]) for alert in run.alerts if alert.tag in rows],
-        title="worst head state of each layer", max_width=5.0,
-    )
+    figure = layer_timeline(layers, [(alert.step, alert.tag) for alert in run.alerts],
+                            title="worst head state of each layer", max_width=5.0)
     return _img(_png(figure), f"{run.name}: worst head state of each layer at each step")
 
 

@@ -11,6 +11,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
 
+from ..snapshot import WARNS
 from .canvas import as_numpy, axes_at, new_figure
 
 if TYPE_CHECKING:
@@ -244,7 +245,7 @@ def run_series_for(losses: Sequence[float], snapshots: Sequence["Snapshot"],
                                  if layer.tag == tag), float("nan")) for s in snapshots])
 
     fired = tuple(AlertMark(a.kind, int(a.step), a.tag, float(a.value)) for a in alerts
-                  if getattr(a, "severity", "warning") != "info")
+                  if getattr(a, "severity", "warning") in WARNS)
     tags = dict.fromkeys(alert.tag for alert in fired if alert.kind in DRAWN_KINDS)
     return RunSeries(
         loss=np.asarray(losses, dtype=np.float64),

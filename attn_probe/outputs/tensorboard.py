@@ -50,7 +50,7 @@ import numpy as np
 from .._compat import renamed
 from ..alerts import KINDS
 from ..options import check_count
-from ..snapshot import DEFAULT_HEATMAP_HEADS, HeadState, default_heatmaps, finite, percent
+from ..snapshot import DEFAULT_HEATMAP_HEADS, default_heatmaps, finite, percent
 from . import figures, health
 from .tables import alerts_markdown
 
@@ -196,8 +196,7 @@ class TensorBoardWriter:
         #: kind of alert -> alerts of that kind so far
         self._alert_counts: dict[str, int] = dict.fromkeys(KINDS, 0)
         #: the health timeline so far: sampled steps, {layer tag: worst state} at each, alerts
-        self._health_steps: list[int] = []
-        self._health: list[dict[str, int]] = []
+        self._health: dict[str, tuple[list[int], list[int]]] = {}  # tag -> steps, worst states
         self._health_alerts: list[tuple[int, str]] = []
 
     # ------------------------------------------------------------------------------ writing
@@ -210,10 +209,11 @@ class TensorBoardWriter:
             self.writer.add_custom_scalars(self.layout(snapshot))
             self._layout_written = True
         self._watch(snapshot)
-        for layer in snapshot.layers:
-            self._write_layer(snapshot, layer)
+        worst = health.worst_states(snapshot)
+        for layer, state in zip(snapshot.layers, worst):
+            self._write_layer(snapshot, layer, state)
         self._write_alerts(snapshot)
-        self._remember_health(snapshot)
+        self._remember_health(snapshot, worst)
         if images:
             self._write_images(snapshot)
 
@@ -221,7 +221,8 @@ class TensorBoardWriter:
         if finite(value):
             self.writer.add_scalar(tag, value, global_step=step)
 
-    def _write_layer(self, snapshot: "Snapshot", layer: "LayerSummary") -> None:
+    def _write_layer(self, snapshot: "Snapshot", layer: "LayerSummary", state: int) -> None:
+        """The layer's scalars; ``state``: its worst head state (``health/Lxx``)."""
         step, p, tag = snapshot.step, percent(snapshot.tau), layer.tag
         for series in SERIES:
             value = layer.reduce(series.figure, series.how)
@@ -232,8 +233,7 @@ class TensorBoardWriter:
             self._scalar(series.tag(p, tag), value, step)
         self._scalar(f"lazy_share/{tag}", layer.lazy_share, step)
         if layer.name in snapshot.states:
-            self._scalar(f"health/{tag}", float(np.max(snapshot.states[layer.name],
-                                                       initial=HeadState.NO_DATA)), step)
+            self._scalar(f"health/{tag}", float(state), step)
         heads = self._head_figures(layer)
         for figure, chosen in heads.items():
             if figure not in layer.heads:
@@ -308,31 +308,25 @@ class TensorBoardWriter:
             self.writer.add_text("alerts", alerts_markdown(snapshot.alerts),
                                  global_step=snapshot.step)
 
-    def _remember_health(self, snapshot: "Snapshot") -> None:
+    def _remember_health(self, snapshot: "Snapshot", worst: np.ndarray) -> None:
         """Keep each layer's worst state of this step for the timeline (a few bytes a step)."""
         if not snapshot.states:
             return
-        worst = health.worst_states(snapshot)
-        self._health_steps.append(snapshot.step)
-        self._health.append({layer.tag: int(code)
-                             for layer, code in zip(snapshot.layers, worst)})
+        for layer, code in zip(snapshot.layers, worst):
+            steps, codes = self._health.setdefault(layer.tag, ([], []))
+            steps.append(snapshot.step)
+            codes.append(int(code))
         self._health_alerts.extend((snapshot.step, alert.tag) for alert in snapshot.alerts)
 
     def health_timeline(self) -> Any:
         """The figure of :func:`~attn_probe.outputs.health.health_timeline` for every step
         written so far (``None`` before any snapshot with head states)."""
-        if not self._health_steps:
+        if not self._health:
             return None
-        tags = sorted({tag for row in self._health for tag in row})
-        codes = np.array([[row.get(tag, int(HeadState.NO_DATA)) for row in self._health]
-                          for tag in tags])
-        rows = {tag: i for i, tag in enumerate(tags)}
-        return health.health_timeline(
-            self._health_steps, codes, layer_labels=tags,
-            alerts=[(step, rows[tag]) for step, tag in self._health_alerts if tag in rows],
-            title=f"worst head state of each layer, steps {self._health_steps[0]}-"
-                  f"{self._health_steps[-1]}",
-        )
+        steps = [step for series_steps, _ in self._health.values() for step in series_steps]
+        return health.layer_timeline(
+            self._health, self._health_alerts,
+            title=f"worst head state of each layer, steps {min(steps)}-{max(steps)}")
 
     def _write_images(self, snapshot: "Snapshot") -> None:
         step, p = snapshot.step, percent(snapshot.tau)

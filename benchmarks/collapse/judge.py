@@ -24,13 +24,12 @@ from typing import Sequence
 import numpy as np
 
 from attn_probe.alerts import AlertMonitor, AlertRules
-from attn_probe.snapshot import Alert
+from attn_probe.snapshot import WARNS, Alert
 
 DAMAGE = 1.10
 WINDOW = 5
 TAIL = 0.1
 #: The severities that warn a person (``info`` does not).
-WARNS = ("warning", "critical")
 #: Recipes that train healthily by design: every warning they get is a false alarm.
 HEALTHY_RECIPES = ("healthy", "sharp", "key_bias")
 TWIN = "healthy"
@@ -69,21 +68,16 @@ def replay(record: dict, rules: AlertRules) -> list[Alert]:
     """The alerts ``rules`` raise over the record's snapshots, fed to a fresh
     :class:`~attn_probe.alerts.AlertMonitor` in step order, as the probe does while training."""
     monitor = AlertMonitor(rules)
-    judge = getattr(monitor, "judge", None) or monitor.update
     for snapshot in sorted(record["history"], key=lambda s: s.step):
-        judge(snapshot)
+        monitor.judge(snapshot)
     return list(monitor.fired)
-
-
-def severity(alert: Alert) -> str:
-    return getattr(alert, "severity", "warning")
 
 
 def first_alerts(alerts: Sequence[Alert]) -> dict[tuple[str, str], Alert]:
     """(kind, severity) -> the first alert of that kind and severity."""
     first: dict[tuple[str, str], Alert] = {}
     for alert in sorted(alerts, key=lambda a: a.step):
-        first.setdefault((alert.kind, severity(alert)), alert)
+        first.setdefault((alert.kind, alert.severity), alert)
     return first
 
 
@@ -143,13 +137,13 @@ class Verdict:
     def warning(self) -> Alert | None:
         """The first ``warning`` or ``critical`` alert."""
         return next((a for a in sorted(self.alerts, key=lambda a: a.step)
-                     if severity(a) in WARNS), None)
+                     if a.severity in WARNS), None)
 
     @property
     def info(self) -> Alert | None:
         """The first ``info`` alert."""
         return next((a for a in sorted(self.alerts, key=lambda a: a.step)
-                     if severity(a) == "info"), None)
+                     if a.severity == "info"), None)
 
     @property
     def lead(self) -> int | None:
@@ -162,7 +156,7 @@ class Verdict:
     def false_alarms(self) -> int | None:
         if not self.healthy:
             return None
-        return sum(severity(a) in WARNS for a in self.alerts)
+        return sum(a.severity in WARNS for a in self.alerts)
 
 
 def twins(records: Sequence[dict]) -> dict[str, dict]:

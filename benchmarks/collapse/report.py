@@ -10,9 +10,9 @@ import numpy as np
 from attn_probe.alerts import AlertRules
 from attn_probe.outputs.canvas import axes_at, new_figure
 from attn_probe.outputs.runs import run_series_for, run_summary
-from attn_probe.snapshot import Alert
+from attn_probe.snapshot import WARNS, Alert
 
-from .judge import TWIN, WARNS, Summary, Verdict, first_alerts, severity
+from .judge import TWIN, Summary, Verdict, first_alerts
 from .runs import short
 
 COLUMNS = ("family", "recipe", "lr", "final loss vs twin", "damaged?", "damage step",
@@ -97,7 +97,7 @@ def lead_figure(verdicts: Sequence[Verdict], summary: Summary, title: str):
             ax.text(0.03 * reach, y, f"healthy: {alarms} false alarm{'s' * (alarms != 1)}",
                     va="center", fontsize=8, color="black" if alarms == 0 else "#b2182b")
         else:
-            warned = sum(severity(a) in WARNS for a in verdict.alerts)
+            warned = sum(a.severity in WARNS for a in verdict.alerts)
             ax.plot([0], [y], marker="s", color="#999999")
             ax.text(0.03 * reach, y, f"not damaged ({warned} warning{'s' * (warned != 1)})",
                     va="center", fontsize=8, color="#666666")
