@@ -106,8 +106,9 @@ class Capture:
     def matrix(self, name: str, max_tokens: int | None = None) -> Tensor:
         """``name``'s (B, H, T, S) attention cropped to the first ``max_tokens`` tokens (None:
         as recorded), rebuilt from what its kernel was given: another crop of the recorded
-        call, without running the model again. A padded sequence's real tokens come first
-        there (padding left out, as the figures measure it)."""
+        call, without running the model again. At the recorded crop this is
+        :attr:`attention` (input positions); at another crop a padded sequence's real tokens
+        come first (padding left out, as the figures measure it)."""
         attention = self.attention[name]
         if max_tokens is None or max_tokens == self.max_tokens:
             return attention
