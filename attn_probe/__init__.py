@@ -17,9 +17,6 @@ during training, :mod:`.protocol` on a model at rest; :mod:`.integrations`, :mod
 notebook.
 """
 
-from typing import Any
-
-from ._compat import MOVED_MODULES, install_moved_modules
 from .alerts import AlertRules, EntropyRule, LogitRule, SinkRule, UniformRule
 from .attention import CaptureError, register_adapter
 from .metrics import columns_at, dominant_column, head_metrics, rank_at, row_entropy, sink_mass
@@ -54,15 +51,3 @@ __all__ = [
     "row_entropy",
     "sink_mass",
 ]
-
-install_moved_modules()
-
-
-def __getattr__(name: str) -> Any:
-    """``attn_probe.plots`` and the other old module names of :data:`MOVED_MODULES`."""
-    import sys
-
-    old = f"{__name__}.{name}"
-    if old in MOVED_MODULES:
-        return sys.modules[old]
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

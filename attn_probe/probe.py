@@ -46,12 +46,10 @@ from .attention import (
 from .metrics import DEFAULT_MEMORY_BUDGET, full_context_metrics, head_metrics
 from .options import ONE_TOKEN, check_count, check_tau
 from . import notices
-from ._compat import renamed
 from .alerts import AlertMonitor, AlertRules
-from .snapshot import WARNS, Alert, CollapseRule, LayerSummary, Snapshot, find_layer
+from .snapshot import WARNS, Alert, CollapseRule, Snapshot, find_layer
 
 AlertCallback = Callable[[Alert, Snapshot], None]
-CollapseCallback = Callable[[LayerSummary, int, Snapshot], None]  # deprecated
 
 
 class AttentionProbe:
@@ -97,8 +95,6 @@ class AttentionProbe:
         logit_cap: a QK-Clip threshold τ to watch (a dry run: nothing in the model changes):
             also log each head's factor ``min(1, τ / max_logit)`` and the share of heads above τ.
         history: keep every snapshot in :attr:`history` (pictures' samples are not kept).
-        rule, on_collapse: deprecated; ``alerts=AlertRules(lazy=rule)`` and ``on_alert`` (lazy
-            alerts) replace them.
     """
 
     def __init__(
@@ -124,8 +120,6 @@ class AttentionProbe:
         on_alert: AlertCallback | None = None,
         logit_cap: float | None = None,
         history: bool = True,
-        rule: CollapseRule | None = None,
-        on_collapse: CollapseCallback | None = None,
     ) -> None:
         check_count("every", every)
         if isinstance(offset, bool) or not isinstance(offset, int):
@@ -141,15 +135,10 @@ class AttentionProbe:
             raise ValueError("pass log_dir (the probe makes a SummaryWriter) or writer, not both")
         if logit_cap is not None and not logit_cap > 0:
             raise ValueError(f"logit_cap must be a positive number or None, got {logit_cap!r}")
-        if rule is not None:
-            alerts = dataclasses.replace(alerts, lazy=renamed("rule", "alerts", rule))
-        if on_collapse is not None:
-            renamed("on_collapse", "on_alert", on_collapse)
         self.model, self.every, self.offset, self.tau = model, every, offset, float(tau)
         self.images_every = 10 * every if images_every is None else images_every
         self.rules, self.on_alert, self.keep_history = alerts, on_alert, history
         self.rule = alerts.lazy or CollapseRule()
-        self.on_collapse = on_collapse
         self._monitor = AlertMonitor(alerts)
         self.heatmap_tokens = heatmap_tokens
         self.max_tokens, self.memory_budget = max_tokens, memory_budget
@@ -328,8 +317,6 @@ class AttentionProbe:
         for alert in snapshot.alerts:
             if self.on_alert is not None:
                 self.on_alert(alert, snapshot)
-            if alert.kind == "lazy" and self.on_collapse is not None:
-                self.on_collapse(snapshot.layer(alert.layer), snapshot.step, snapshot)
         return snapshot
 
     def _warn(self, snapshot: Snapshot) -> None:

@@ -19,7 +19,6 @@ from typing import Any, Callable, Iterable, Iterator
 import torch
 from torch import Tensor, nn
 
-from ._compat import renamed
 from .aggregate import HeadAccumulator
 from .alerts import AlertMonitor, AlertRules
 from .attention import (
@@ -220,7 +219,6 @@ def rank_profile(
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
     matrix_budget: int | None = DEFAULT_MATRIX_BUDGET,
     on_batch: Callable[[int], None] | None = None,
-    n_sequences: int | None = None,
 ) -> Snapshot:
     """Per-head mean rank@tau, columns@tau, entropy and sink mass over ``max_sequences``
     sequences (the paper's N).
@@ -236,10 +234,7 @@ def rank_profile(
     ``samples=True`` it keeps each layer's attention of the first sequence in
     ``snapshot.samples`` (for heatmaps; at input positions, as :attr:`Capture.attention`).
     ``on_batch(n)`` is called with the sequences measured so far (for a progress bar).
-    ``n_sequences`` is the deprecated name of ``max_sequences``.
     """
-    if n_sequences is not None:
-        max_sequences = renamed("n_sequences", "max_sequences", n_sequences)
     check_count("max_sequences", max_sequences)
     check_count("max_tokens", max_tokens, optional=True, minimum=2, why=ONE_TOKEN)
     tau = check_tau(tau)

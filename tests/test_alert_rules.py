@@ -231,13 +231,6 @@ def test_rules_validate_their_thresholds_and_can_be_turned_off():
     assert run(only(), (0, everything)) == [[]]
 
 
-def test_old_threshold_names_still_work():
-    with pytest.deprecated_call(match="LogitRule"):
-        assert LogitRule(max_logit=300.0).critical == 300.0
-    with pytest.deprecated_call(match="EntropyRule"):
-        assert EntropyRule(min_entropy=0.2).warning == 0.2
-
-
 def test_figures_without_full_context_raise_no_alert():
     """A user adapter that returns only the matrix gives no q and k: no opinion on entropy,
     logits or sinks (NaN never crosses a threshold), and no numpy warning about the NaNs."""

@@ -24,7 +24,7 @@ PACKAGE = REPO / "attn_probe"
 
 #: Lowest first. A name is a module or a subpackage (with everything in it).
 LAYERS = [
-    ["options", "_compat", "notices"],
+    ["options", "notices"],
     ["snapshot"],
     ["attention"],
     ["metrics"],

@@ -13,6 +13,7 @@ from torch import nn
 
 import attn_probe
 from attn_probe.models.gpt import GPT, GPTConfig
+from attn_probe.alerts import AlertRules
 from attn_probe.snapshot import CollapseRule
 from reference import (
     GPTAttention,
@@ -327,20 +328,20 @@ class SinkAttention(nn.Module):
         return out.transpose(1, 2).reshape(b, t, c)
 
 
-def test_collapse_warns_once_and_calls_back():
+def test_lazy_layer_is_an_info_alert_given_to_on_alert():
     model = nn.Sequential(SinkAttention(collapsed=False), SinkAttention(collapsed=True))
     seen = []
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         with attn_probe.AttentionProbe(
-            model, every=1, on_collapse=lambda layer, step, snap: seen.append((layer.name, step)),
-            rule=CollapseRule(max_rank=1.0, max_columns=1.0),
+            model, every=1, alerts=AlertRules(lazy=CollapseRule(max_rank=1.0, max_columns=1.0)),
+            on_alert=lambda alert, snap: seen.append((alert.kind, alert.layer, snap.step)),
         ) as probe:
             for _ in range(3):
                 model(torch.randn(2, 6, 8))
                 probe.step()
-    assert seen == [("1", 0)]
-    assert sum("collapsed" in str(w.message) for w in caught) == 1
+    assert ("lazy", "1", 0) in seen and [s for s in seen if s[0] == "lazy"] == [("lazy", "1", 0)]
+    assert not [w for w in caught if "lazy" in str(w.message)]
     assert probe.lazy_layers == ["1"]
     assert probe.last.layers[1].heads["rank"].tolist() == [1.0, 1.0]
     assert probe.last.layers[0].lazy_share == 0.0

@@ -24,7 +24,6 @@ The defaults and the runs behind them are in ``docs/alerts.md``.
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -61,7 +60,7 @@ class LogitRule:
     ``warning`` when the layer's largest spread is at least ``min_spread`` and at least
     ``growth`` times its smallest value over the ``window`` measurements before (counted from
     no less than ``base``: every head grows from ~0 at initialisation, which says nothing);
-    ``critical`` when it passes ``critical``. ``max_logit``: deprecated, read as ``critical``.
+    ``critical`` when it passes ``critical``.
     """
 
     growth: float = 4.0
@@ -69,14 +68,8 @@ class LogitRule:
     min_spread: float = 100.0
     base: float = 5.0
     critical: float = 1000.0
-    max_logit: float | None = None
 
     def __post_init__(self) -> None:
-        if self.max_logit is not None:
-            warnings.warn("LogitRule(max_logit=) is deprecated: the rule watches the logit "
-                          "spread; use LogitRule(critical=)", DeprecationWarning, stacklevel=3)
-            object.__setattr__(self, "critical", float(self.max_logit))
-            object.__setattr__(self, "max_logit", None)
         for name in ("min_spread", "base", "critical"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"LogitRule.{name} must be positive, got {getattr(self, name)}")
@@ -133,22 +126,15 @@ class EntropyRule:
     is the fall), or is below ``warning``; ``critical`` below ``critical`` (the alert's value is
     then the entropy). A layer that sharpens fast but stays above ``fall_to`` is a pattern
     forming (healthy runs do that), not a collapse. A single
-    low-entropy head (a previous-token head) is normal, so the rule looks at the mean.
-    ``min_entropy``: deprecated, read as ``warning``."""
+    low-entropy head (a previous-token head) is normal, so the rule looks at the mean."""
 
     fall: float = 0.45
     window: int = 3
     fall_to: float = 0.3
     warning: float = 0.05
     critical: float = 0.02
-    min_entropy: float | None = None
 
     def __post_init__(self) -> None:
-        if self.min_entropy is not None:
-            warnings.warn("EntropyRule(min_entropy=) is deprecated: use EntropyRule(warning=)",
-                          DeprecationWarning, stacklevel=3)
-            object.__setattr__(self, "warning", float(self.min_entropy))
-            object.__setattr__(self, "min_entropy", None)
         if not 0 < self.critical <= self.warning < 1:
             raise ValueError(f"EntropyRule needs 0 < critical <= warning < 1, got critical="
                              f"{self.critical}, warning={self.warning}")

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import inspect
 import math
-import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Protocol
 
@@ -89,15 +88,10 @@ def register_adapter(module_class: type, fn: Adapter, *, replace: bool = False) 
     Registered adapters take precedence over interception and over the built-in adapters, and
     such modules are found by discovery without further configuration. A class has at most one
     adapter: registering a second raises ``ValueError`` unless ``replace=True``. Returns a
-    handle whose ``remove()`` unregisters it (registering ``None`` for that is deprecated).
+    handle whose ``remove()`` unregisters it.
     """
     if not isinstance(module_class, type) or not issubclass(module_class, nn.Module):
         raise TypeError(f"register_adapter expects an nn.Module subclass, got {module_class!r}")
-    if fn is None:
-        warnings.warn("register_adapter(cls, None) is deprecated: call remove() on the handle "
-                      "that register_adapter returned", DeprecationWarning, stacklevel=2)
-        _USER_ADAPTERS.pop(module_class, None)
-        return AdapterHandle(module_class, None)
     if not callable(fn):
         raise TypeError(f"adapter for {module_class.__name__} must be callable, got {fn!r}")
     if module_class in _USER_ADAPTERS and not replace:

@@ -23,7 +23,7 @@ from ..attention import (
 )
 from ..models.sampling import model_device
 from ..snapshot import percent
-from .console import Progress, UsageError, deprecated_aliases, one_line
+from .console import Progress, UsageError, one_line
 from .heads import parse_heads, resolve_heads
 from .loading import LoadedModel, load_model
 from .tokens import check_tokens, load_tokens
@@ -87,8 +87,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
              "token shard (.bin); cut into consecutive sequences of --tokens tokens. "
              "Default: sequences sampled from the model itself, starting at its BOS token",
     )
-    parser.add_argument("--sequences", "--n", type=_positive_int, default=100,
-                        action=deprecated_aliases("--n"),
+    parser.add_argument("--sequences", type=_positive_int, default=100,
                         help="number of sequences, the paper's N (%(default)s)")
     parser.add_argument("--tokens", type=_tokens, default=100,
                         help="tokens per sequence, at least 2 (%(default)s)")
@@ -98,7 +97,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="output directory (default: runs/analyze/<model name>); the files "
                              "of an earlier analysis there are replaced")
     parser.add_argument(
-        "--heatmaps", "--heads", metavar="L:H,...", action=deprecated_aliases("--heads"),
+        "--heatmaps", metavar="L:H,...",
         help="attention heatmaps to draw: comma-separated LAYER:HEADS items; LAYER is a layer "
              "number (negative counts from the end) or a tag like L07, HEADS a head number, a "
              "range 0-3 or * for all (write --heatmaps=-1:0 when it starts with a minus). "

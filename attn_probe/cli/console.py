@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-import warnings
 from typing import NoReturn
 
 
@@ -34,22 +33,6 @@ def import_transformers(purpose: str):
         return load(purpose)
     except ImportError as error:
         raise UsageError(str(error)) from None
-
-
-def deprecated_aliases(*old: str) -> type[argparse.Action]:
-    """An argparse store action under which the option strings ``old`` still work and warn
-    (``DeprecationWarning``, shown on stderr) that the first option string replaces them."""
-
-    class Store(argparse._StoreAction):
-        def __call__(self, parser, namespace, values, option_string=None):
-            if option_string in old:
-                warnings.warn(f"{option_string} is deprecated, use {self.option_strings[0]}",
-                              DeprecationWarning, stacklevel=2)
-                print(f"{parser.prog}: warning: {option_string} is deprecated, use "
-                      f"{self.option_strings[0]}", file=sys.stderr)
-            super().__call__(parser, namespace, values, option_string)
-
-    return Store
 
 
 class Progress:

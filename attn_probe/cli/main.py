@@ -13,7 +13,7 @@ from typing import Sequence
 
 from ..options import check_count
 from . import narrate, report
-from .console import ArgumentParser, Progress, UsageError, deprecated_aliases
+from .console import ArgumentParser, Progress, UsageError
 from .demo import RUNS as DEMO_RUNS
 from .demo import (
     DemoConfig, DemoResult, demo_configs, replace_runs, run_demos, write_summary,
@@ -110,8 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
         "QK-norm). Prints what the probe saw and writes "
         "LOG_DIR/summary.png and LOG_DIR/report.html.",
     )
-    demo.add_argument("--log-dir", "--logdir", dest="log_dir", default="runs/demo",
-                      action=deprecated_aliases("--logdir"),
+    demo.add_argument("--log-dir", dest="log_dir", default="runs/demo",
                       help="TensorBoard directory: one subdirectory per run, and summary.png; "
                       "the runs of an earlier demo there are replaced (%(default)s)")
     demo.add_argument("--steps", type=int, default=DEMO_DEFAULTS["steps"],

@@ -25,7 +25,7 @@ __all__ = ["Source", "load_source"]
 
 #: The command line's option names in its messages, and the keyword arguments that say the same.
 _KEYWORDS = {"--trust-remote-code": "trust_remote_code=True", "--data": "inputs",
-             "--sequences": "sequences", "--n": "sequences", "--tokens": "tokens"}
+             "--sequences": "sequences", "--tokens": "tokens"}
 _OPTION = re.compile(r"(?<![\w-])(%s)(?![\w-])" % "|".join(map(re.escape, _KEYWORDS)))
 
 Labeller = Callable[[torch.Tensor], list[str]]

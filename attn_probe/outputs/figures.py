@@ -20,7 +20,6 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from .._compat import renamed
 from ..snapshot import percent
 from .canvas import (
     as_numpy, axes_at, clamp, colour_map, figure_to_array, format_cell, label_ticks, new_figure,
@@ -318,13 +317,11 @@ def attention_heatmaps(
     shared_scale: bool = False,
     tokens: int | None = None,
     cmap: str = "magma",
-    max_tokens: int | None = None,
 ) -> Figure:
     """Grid of per-head heatmaps of attention probabilities: key on x, query on y.
 
     ``attention`` is ``(H, T, T)`` (or ``(T, T)`` for one head), a tensor or an array.
-    ``heads`` picks heads (default: all); ``tokens`` crops to the first queries and keys
-    (``max_tokens`` is its deprecated name).
+    ``heads`` picks heads (default: all); ``tokens`` crops to the first queries and keys.
     Each head gets its own colour scale from 0 and a colour bar, or, with ``shared_scale``,
     one scale and one colour bar for all.
     """
@@ -333,8 +330,6 @@ def attention_heatmaps(
         attention = attention[None]
     if attention.ndim != 3 or attention.shape[1] != attention.shape[2]:
         raise ValueError(f"expected (heads, T, T) attention, got shape {attention.shape}")
-    if max_tokens is not None:
-        tokens = renamed("max_tokens", "tokens", max_tokens)
     if tokens is not None:
         attention = attention[:, :tokens, :tokens]
     num_heads = attention.shape[0]

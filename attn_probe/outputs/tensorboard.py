@@ -47,7 +47,6 @@ from typing import TYPE_CHECKING, Any, Mapping, NamedTuple, Sequence
 
 import numpy as np
 
-from .._compat import renamed
 from ..alerts import KINDS
 from ..options import check_count
 from ..snapshot import DEFAULT_HEATMAP_HEADS, default_heatmaps, finite, percent
@@ -152,8 +151,6 @@ class TensorBoardWriter:
             keeps one layout per run, so turn this off if you write your own into ``writer``.
         logit_cap: log the QK-Clip view at this threshold: each head's factor
             ``min(1, cap / max_logit)`` and the share of heads above the cap.
-        heatmap_heads, max_heatmap_tokens: deprecated names of ``heatmaps`` and
-            ``heatmap_tokens``.
     """
 
     def __init__(
@@ -166,18 +163,12 @@ class TensorBoardWriter:
         heatmap_tokens: int = 64,
         custom_scalars: bool = True,
         logit_cap: float | None = None,
-        heatmap_heads: Mapping[str | int, Sequence[int] | None] | None = None,
-        max_heatmap_tokens: int | None = None,
     ) -> None:
         if writer is not None and log_dir is not None:
             raise ValueError("pass either a SummaryWriter or a log_dir, not both")
         if per_head not in (True, False, "all"):
             raise ValueError(f"per_head must be True (the heads an alert names), 'all' or "
                              f"False, got {per_head!r}")
-        if heatmap_heads is not None:
-            heatmaps = renamed("heatmap_heads", "heatmaps", heatmap_heads)
-        if max_heatmap_tokens is not None:
-            heatmap_tokens = renamed("max_heatmap_tokens", "heatmap_tokens", max_heatmap_tokens)
         check_count("heatmap_tokens", heatmap_tokens)
         self._owns_writer = writer is None
         if writer is None:
