@@ -21,6 +21,8 @@ from .alerts import AlertRules, EntropyRule, LogitRule, SinkRule, UniformRule
 from .attention import CaptureError, register_adapter
 from .metrics import columns_at, dominant_column, head_metrics, rank_at, row_entropy, sink_mass
 from .notebook import explore
+from .options import CaptureOptions
+from .outputs import Output, TensorBoardOutput
 from .probe import AttentionProbe
 from .protocol import Capture, capture, rank_profile
 from .snapshot import Alert, CollapseRule, LayerSummary, Snapshot
@@ -33,12 +35,15 @@ __all__ = [
     "AttentionProbe",
     "Capture",
     "CaptureError",
+    "CaptureOptions",
     "CollapseRule",
     "EntropyRule",
     "LayerSummary",
     "LogitRule",
+    "Output",
     "SinkRule",
     "Snapshot",
+    "TensorBoardOutput",
     "UniformRule",
     "capture",
     "columns_at",

@@ -1,12 +1,36 @@
-"""Checks of user options shared by every entry point: one message for one kind of mistake.
+"""What the user chooses, checked once: :class:`CaptureOptions` and the checks of counts and tau.
 
-The lowest layer of the package: it imports nothing from it, and every public function that
-takes a count or a threshold checks it here, so the same mistake reads the same everywhere.
+The lowest layer of the package: it imports nothing from it. Every entry point that measures
+(:class:`~attn_probe.AttentionProbe`, :func:`~attn_probe.capture`,
+:func:`~attn_probe.rank_profile`, :func:`~attn_probe.explore`, ``attn-probe analyze``) takes
+its capture settings as one :class:`CaptureOptions`, and every public function that takes a
+count or a threshold checks it here, so the same mistake reads the same everywhere.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, Sequence, Union
+
+if TYPE_CHECKING:
+    from torch import nn
+
+#: ``modules=`` accepts a name, a glob (``"transformer.h.*.attn"``), a list of those, or a
+#: predicate ``fn(name, module) -> bool``.
+ModuleSelector = Union[str, Sequence[str], Callable[[str, "nn.Module"], bool], None]
+
+#: How a module's attention is rebuilt: interception of its kernel calls where it can be seen,
+#: adapters elsewhere (``"auto"``), or one of the two forced.
+STRATEGIES = ("auto", "intercept", "adapter")
+
+#: Default bytes of working memory for one streaming pass over the whole sequence.
+DEFAULT_MEMORY_BUDGET = 64 * 2**20
+
+#: Default bound on one module's attention matrix per pass: (rows, H, T, S) float32 bytes.
+DEFAULT_MATRIX_BUDGET = 256 * 2**20
+
+#: Why attention over fewer than two tokens is refused where figures are computed.
+ONE_TOKEN = "a 1x1 attention matrix has rank 1 whatever the model does"
 
 
 def check_tau(tau: Any) -> float:
@@ -18,10 +42,6 @@ def check_tau(tau: Any) -> float:
     if not 0.0 < value <= 1.0:  # also rejects NaN
         raise ValueError(f"tau must be in (0, 1], got {tau!r}")
     return value
-
-
-#: Why attention over fewer than two tokens is refused where figures are computed.
-ONE_TOKEN = "a 1x1 attention matrix has rank 1 whatever the model does"
 
 
 def check_count(name: str, value: Any, *, optional: bool = False, minimum: int = 1,
@@ -37,3 +57,80 @@ def check_count(name: str, value: Any, *, optional: bool = False, minimum: int =
             + (f": {why}" if why else "")
         )
     return value
+
+
+def check_modules(modules: Any) -> ModuleSelector:
+    """``modules`` when it is a selector (None, a name or glob, a list of those, a predicate),
+    else ``TypeError``."""
+    if modules is None or callable(modules) or isinstance(modules, str):
+        return modules
+    try:
+        patterns = list(modules)
+    except TypeError:
+        patterns = None
+    if patterns is None or not all(isinstance(p, str) for p in patterns):
+        raise TypeError("modules takes None (every attention module), a module name or glob "
+                        "pattern, a list of those, or a predicate fn(name, module); got "
+                        f"{modules!r}")
+    return tuple(patterns)
+
+
+@dataclass(frozen=True, kw_only=True)
+class CaptureOptions:
+    """Which attention is measured, and how much of it: one object for every entry point.
+
+    Args:
+        modules: the modules to watch: None (every attention module the probe finds), a
+            module name or glob (``"transformer.h.*.attn"``), a list of those, or a predicate
+            ``fn(name, module) -> bool``.
+        strategy: ``"auto"`` (intercept each module's kernel calls, rebuild from its weights
+            where the kernel cannot be seen), ``"intercept"`` or ``"adapter"``.
+        tau: the share of energy (rank@tau) and of squared mass (columns@tau); the paper's 0.9.
+        batch_rows: how many rows of each attention call's batch are measured (None: all). A
+            row is a sequence for a language model; for windowed attention (Swin) the kernel's
+            batch holds windows, so a row is one window of the first image.
+        crop: the figures of the attention matrix (rank@tau, columns@tau, and the heatmaps)
+            use its first ``crop`` queries, and keys where that is exact (causal attention:
+            the matrix of a prefix); None: every token. The whole-sequence figures (``*_full``,
+            the logit figures) cover every token whatever the crop, streamed in bounded memory.
+        memory_budget: bytes of working memory the whole-sequence pass may use per module.
+        matrix_budget: the most bytes one module's float32 attention matrix may take per
+            measured call (None: no bound); a module over it is not measured, and the message
+            says how to crop.
+
+    The defaults suit a training run: one row and 256 tokens per call, a few MiB per layer.
+    :func:`~attn_probe.capture` and :func:`~attn_probe.rank_profile` default to every row and
+    token of the passes you give them (``CaptureOptions(batch_rows=None, crop=None)``).
+    """
+
+    modules: ModuleSelector = None
+    strategy: str = "auto"
+    tau: float = 0.9
+    batch_rows: int | None = 1
+    crop: int | None = 256
+    memory_budget: int = DEFAULT_MEMORY_BUDGET
+    matrix_budget: int | None = DEFAULT_MATRIX_BUDGET
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "modules", check_modules(self.modules))
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"strategy must be one of {STRATEGIES}, got {self.strategy!r}")
+        object.__setattr__(self, "tau", check_tau(self.tau))
+        check_count("batch_rows", self.batch_rows, optional=True)
+        check_count("crop", self.crop, optional=True, minimum=2, why=ONE_TOKEN)
+        check_count("memory_budget", self.memory_budget)
+        check_count("matrix_budget", self.matrix_budget, optional=True)
+
+
+#: What :func:`~attn_probe.capture` and :func:`~attn_probe.rank_profile` measure by default:
+#: every row and every token of the passes they are given.
+EVERYTHING = CaptureOptions(batch_rows=None, crop=None)
+
+
+def check_capture(options: Any) -> CaptureOptions:
+    """``options`` when it is a :class:`CaptureOptions`, else ``TypeError`` saying how to make
+    one."""
+    if not isinstance(options, CaptureOptions):
+        raise TypeError("capture takes attn_probe.CaptureOptions(...) (modules, strategy, tau, "
+                        f"batch_rows, crop, memory_budget, matrix_budget), got {options!r}")
+    return options

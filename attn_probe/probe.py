@@ -30,144 +30,99 @@ copies of the model (``copy.deepcopy``, ``torch.save``) are not monitored.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import weakref
-from typing import Callable, Iterable, Mapping, NamedTuple, Sequence
-
-import numpy as np
+from typing import Callable, Iterable
 
 from torch import Tensor, nn
 
 from . import aggregate
 from .aggregate import HeadAccumulator
-from .attention import (
-    DEFAULT_MATRIX_BUDGET, ModuleSelector, Observed, Recorder, plan_sites, probabilities,
-)
-from .metrics import DEFAULT_MEMORY_BUDGET, full_context_metrics, head_metrics
-from .options import ONE_TOKEN, check_count, check_tau
+from .attention import Observed, Recorder, plan_sites, probabilities
+from .metrics import full_context_metrics, head_metrics
+from .options import CaptureOptions, check_capture, check_count
 from . import notices
 from .alerts import AlertMonitor, AlertRules
-from .snapshot import WARNS, Alert, CollapseRule, Snapshot, find_layer
+from .outputs import Output, TensorBoardOutput, check_outputs
+from .snapshot import WARNS, Alert, CollapseRule, Snapshot
 
 AlertCallback = Callable[[Alert, Snapshot], None]
 
 
 class AttentionProbe:
-    """Measures rank@tau and columns@tau of every attention head on sampled training steps.
+    """Measures every attention head on sampled training steps and hands the figures to its
+    outputs.
 
     Args:
         model: the model to watch (never modified: its outputs and gradients stay identical).
-        log_dir: make a TensorBoard ``SummaryWriter`` there (written by process 0 only).
-        writer: or log into your own ``SummaryWriter`` (flushed, never closed, by the probe).
         every: sample steps 0, every, 2·every, ...
-        tau: energy / mass share for rank@tau and columns@tau (the paper uses 0.9).
-        max_sequences: per sampled forward pass, measure the first sequences of the batch.
-        max_tokens: rank@tau and the other figures of the attention matrix use its first
-            ``max_tokens`` queries (and keys, where the crop is exact: causal attention); the
-            ``*_full`` figures and ``max_logit`` cover every token of the measured sequences,
-            streamed in bounded memory without the matrix.
-        memory_budget: bytes of extra working memory the full-context pass may use per module.
-        matrix_budget: the most bytes one module's float32 attention matrix may take per
-            sampled pass (default 256 MiB; None: no bound); a module over it is not measured,
-            with one warning saying how to crop.
-        modules: which modules to watch (None: every attention module; names, globs, predicate).
-        strategy: "auto", "intercept" or "adapter" (see :func:`attn_probe.capture`).
-        per_head: log per-head scalars as well as per-layer ones.
-        offset: sample the steps ``s`` with ``(s - offset) % every == 0`` (default 0: steps 0,
-            every, 2·every, ...; -1: every-1, 2·every-1, ..., the steps Lightning logs at).
-        images_every: write pictures on sampled steps that are multiples of this (default
-            ``10 * every``); 0 disables pictures.
-        heatmaps: layer -> heads whose attention heatmaps are drawn (default: first and last
-            layer, heads 0-3; None as heads: 0-3). Layers are named as
-            :func:`~attn_probe.snapshot.find_layer` takes them (module name, ``"L07"``, index,
-            -1 for the last) and checked against the monitored modules when the probe is made;
-            a head a layer turns out not to have is left out with a warning.
-        heatmap_tokens: heatmaps show at most this many first queries and keys.
-        alerts: the rule of each kind of collapse (:class:`~attn_probe.alerts.AlertRules`:
-            ``logit``, ``entropy``, ``uniform``, ``lazy``, ``sink``; ``None`` turns a kind off).
-        on_alert: ``fn(alert, snapshot)`` called for every new
-            :class:`~attn_probe.snapshot.Alert`, on every process (decided from the figures
-            reduced over all processes, so every process sees the same alerts at the same step).
-            Without it, process 0 warns about each ``warning`` and ``critical`` alert once, at
-            the line that closed the step; with it, the probe warns about none and the function
-            decides what is printed. Every alert is also logged on the ``attn_probe`` logger
-            (level INFO); ``info`` alerts (sinks, lazy layers) are never warned about.
-        logit_cap: a QK-Clip threshold τ to watch (a dry run: nothing in the model changes):
-            also log each head's factor ``min(1, τ / max_logit)`` and the share of heads above τ.
-        history: keep every snapshot in :attr:`history` (pictures' samples are not kept).
+        offset: sample the steps ``s`` with ``(s - offset) % every == 0`` (default 0; -1:
+            every-1, 2·every-1, ..., the steps Lightning logs at).
+        capture: which modules, and how much of each call, are measured
+            (:class:`~attn_probe.CaptureOptions`: modules, strategy, tau, batch_rows, crop,
+            budgets).
+        alerts: the rule of each kind of collapse (:class:`~attn_probe.AlertRules`: ``logit``,
+            ``entropy``, ``uniform``, ``lazy``, ``sink``; ``None`` turns a kind off).
+        outputs: where each sampled step goes (:class:`~attn_probe.Output` objects, e.g.
+            :class:`~attn_probe.TensorBoardOutput`); written by process 0 only.
+        log_dir: short for ``outputs=[TensorBoardOutput(log_dir)]`` (added to ``outputs``).
+        on_alert: ``fn(alert, snapshot)`` called for every new :class:`~attn_probe.Alert`, on
+            every process (decided from the figures reduced over all processes, so every
+            process sees the same alerts at the same step). Without it, process 0 warns about
+            each ``warning`` and ``critical`` alert once, at the line that closed the step;
+            with it, the probe warns about none and the function decides what is printed.
+            Every alert is also logged on the ``attn_probe`` logger (level INFO); ``info``
+            alerts (sinks, lazy layers) are never warned about.
+        history: keep the last ``history`` snapshots in :attr:`history` (without attention
+            samples); 0 keeps none (:attr:`last` always holds the latest).
+
+    Every argument is checked here, on every process: a mistake raises before training starts.
     """
 
     def __init__(
         self,
         model: nn.Module,
         *,
-        log_dir: str | None = None,
-        writer=None,
         every: int = 100,
         offset: int = 0,
-        tau: float = 0.9,
-        max_sequences: int = 1,
-        max_tokens: int = 256,
-        memory_budget: int = DEFAULT_MEMORY_BUDGET,
-        matrix_budget: int | None = DEFAULT_MATRIX_BUDGET,
-        modules: ModuleSelector = None,
-        strategy: str = "auto",
-        per_head: bool = True,
-        images_every: int | None = None,
-        heatmaps: Mapping[str | int, Sequence[int]] | None = None,
-        heatmap_tokens: int = 64,
+        capture: CaptureOptions = CaptureOptions(),
         alerts: AlertRules = AlertRules(),
+        outputs: Iterable[Output] = (),
+        log_dir: str | None = None,
         on_alert: AlertCallback | None = None,
-        logit_cap: float | None = None,
-        history: bool = True,
+        history: int = 0,
     ) -> None:
-        check_count("every", every)
-        if isinstance(offset, bool) or not isinstance(offset, int):
-            raise ValueError(f"offset must be an int, got {offset!r}")
-        tau = check_tau(tau)
-        check_count("max_sequences", max_sequences)
-        check_count("max_tokens", max_tokens, minimum=2, why=ONE_TOKEN)
-        check_count("memory_budget", memory_budget)
-        check_count("matrix_budget", matrix_budget, optional=True)
-        check_count("heatmap_tokens", heatmap_tokens)
-        check_count("images_every", images_every, optional=True, minimum=0)
-        if log_dir is not None and writer is not None:
-            raise ValueError("pass log_dir (the probe makes a SummaryWriter) or writer, not both")
-        if logit_cap is not None and not logit_cap > 0:
-            raise ValueError(f"logit_cap must be a positive number or None, got {logit_cap!r}")
-        self.model, self.every, self.offset, self.tau = model, every, offset, float(tau)
-        self.images_every = 10 * every if images_every is None else images_every
-        self.rules, self.on_alert, self.keep_history = alerts, on_alert, history
+        self.outputs: list[Output] = check_settings(
+            every=every, offset=offset, capture=capture, alerts=alerts, outputs=outputs,
+            log_dir=log_dir, on_alert=on_alert, history=history)
+        self.capture = capture
+        self.model, self.every, self.offset = model, every, offset
+        self.rules, self.on_alert = alerts, on_alert
         self.rule = alerts.lazy or CollapseRule()
         self._monitor = AlertMonitor(alerts)
-        self.heatmap_tokens = heatmap_tokens
-        self.max_tokens, self.memory_budget = max_tokens, memory_budget
-        self.matrix_budget = matrix_budget
-        self.sites = plan_sites(model, modules, strategy)
-        heatmaps = _resolve_heatmaps(heatmaps, self.sites)
-        self._heatmap_heads_checked: set[str] = set()
+        self.sites = plan_sites(model, capture.modules, capture.strategy)
+        for output in self.outputs:
+            output.start([site.name for site in self.sites])
         self._recorder = Recorder(
-            self.sites, _Measure(self), max_sequences=max_sequences, max_tokens=max_tokens,
-            strict=False, root=model,
+            self.sites, _Measure(self), max_sequences=capture.batch_rows,
+            max_tokens=capture.crop, strict=False, root=model,
         )
         self._accumulator = HeadAccumulator()
         self._samples: dict[str, Tensor] = {}
-        self.heatmaps = heatmaps  #: module name -> heads (None: the default heads), or None
-        self._writer_args = dict(
-            writer=writer, log_dir=log_dir, per_head=per_head, heatmaps=heatmaps,
-            heatmap_tokens=heatmap_tokens, logit_cap=logit_cap,
-        )
-        self._writer = None
-        self._close_writer: weakref.finalize | None = None
+        self._picture_crop = 0  # tokens of attention kept for the outputs' pictures this step
+        # Closes the outputs once: at detach(), or when the probe is collected without it.
+        self._close_outputs = weakref.finalize(self, _close, self.outputs)
+        self._failed: set[int] = set()  # outputs that raised once (reported once)
         self._next = 0  # the step the coming forward passes belong to
         self._warned_nonfinite = False
-        self._warned_writer = False
-        self.history: list[Snapshot] = []
+        #: the last ``history`` snapshots, oldest first (without attention samples)
+        self.history: collections.deque[Snapshot] = collections.deque(maxlen=history)
         self.last: Snapshot | None = None
 
     # lifecycle ---------------------------------------------------------------------------
     def attach(self, step: int | None = None) -> "AttentionProbe":
-        """Install the hooks (and the writer, on process 0). Idempotent.
+        """Install the hooks. Idempotent.
 
         ``step``: the number of the step the coming forward passes belong to (default: where
         the counter stands, 0 for a new probe), e.g. the global step when resuming a run.
@@ -177,20 +132,12 @@ class AttentionProbe:
         if self._recorder.attached:
             self._arm_for(self._next)
             return self
-        if self._writer is None and aggregate.is_main_process() and (
-            self._writer_args["writer"] is not None or self._writer_args["log_dir"] is not None
-        ):
-            from .outputs import TensorBoardWriter
-
-            self._writer = TensorBoardWriter(**self._writer_args)
-            # Closed by detach(), or when the probe is collected without it.
-            self._close_writer = weakref.finalize(self, self._writer.close)
         self._recorder.attach()
         self._arm_for(self._next)
         return self
 
     def detach(self, *, collective: bool = True) -> None:
-        """Log what was measured and not yet logged, remove every hook, flush and close.
+        """Log what was measured and not yet logged, remove every hook, close the outputs.
 
         Under torch.distributed every process must call it (it joins the reduction of an open
         sampled step); pass ``collective=False`` after an exception, when other processes may
@@ -202,10 +149,7 @@ class AttentionProbe:
                 self._publish(self._next, reduce=collective)
         finally:
             self._recorder.detach()
-            if self._close_writer is not None:
-                self._close_writer()  # self._writer.close(), once
-                self._close_writer = None
-            self._writer = None
+            self._close_outputs()
 
     @property
     def attached(self) -> bool:
@@ -264,23 +208,23 @@ class AttentionProbe:
         if not self._recorder.attached:
             return
         if self.is_sampled(step):
+            self._picture_crop = max((self._call_output(output, "pictures", step) or 0
+                                      for output in self.outputs), default=0)
             self._recorder.arm()
         else:
             self._recorder.disarm()
-
-    def _images_due(self, step: int) -> bool:
-        return self.images_every > 0 and step % self.images_every == 0
 
     # measuring ---------------------------------------------------------------------------
     def _measure(self, name: str, observed: Observed) -> None:
         """Where the hooks deliver: one module's attention at a sampled step."""
         try:
-            attention = probabilities(observed, self.max_tokens, self.matrix_budget)
-            figures = head_metrics(attention, self.tau)
-            figures.update(full_context_metrics(observed, self.tau, self.memory_budget))
+            options = self.capture
+            attention = probabilities(observed, options.crop, options.matrix_budget)
+            figures = head_metrics(attention, options.tau)
+            figures.update(full_context_metrics(observed, options.tau, options.memory_budget))
             self._accumulator.update(name, figures)
-            if self._images_due(self._next) and self._writer is not None:
-                t = self.heatmap_tokens
+            if self._picture_crop:
+                t = self._picture_crop
                 self._samples[name] = attention[0, :, :t, :t].float().cpu()
         except Exception as error:  # measuring must never stop training
             notices.warn(f"attn_probe: could not measure {name!r}: {error}")
@@ -294,25 +238,15 @@ class AttentionProbe:
         self._accumulator.reset()
         if not layers:
             return None
-        snapshot = Snapshot(step=step, tau=self.tau, layers=layers, samples=samples)
+        snapshot = Snapshot(step=step, tau=self.capture.tau, layers=layers, samples=samples)
         # Every process holds the reduced figures: every process decides the same alerts.
         snapshot = self._monitor.judge(snapshot)
         self.last = snapshot
-        if self.keep_history:
+        if self.history.maxlen:
             self.history.append(dataclasses.replace(snapshot, samples={}))
         if aggregate.is_main_process():
-            if self._writer is not None:
-                try:
-                    self._writer.write(snapshot, images=self._images_due(step) and bool(samples))
-                    self._writer.flush()
-                except Exception as error:  # a full disk, say: writing must never stop training
-                    if not self._warned_writer:
-                        self._warned_writer = True
-                        notices.warn(
-                            f"attn_probe: could not write step {step} to TensorBoard: "
-                            f"{type(error).__name__}: {error}; measuring goes on (in "
-                            "probe.history), this warning is not repeated"
-                        )
+            for output in self.outputs:
+                self._call_output(output, "write", snapshot)
             self._warn(snapshot)
         for alert in snapshot.alerts:
             if self.on_alert is not None:
@@ -323,7 +257,6 @@ class AttentionProbe:
         """Tell the user, once, what this step brought: every alert is logged (the
         ``attn_probe`` logger, level INFO); alerts of severity ``warning`` and ``critical`` are
         also warned about at the user's line, unless ``on_alert`` decides what is printed."""
-        self._check_heatmap_heads(snapshot)
         if snapshot.has_nonfinite and not self._warned_nonfinite:
             self._warned_nonfinite = True
             bad = [l.name for l in snapshot.layers if l.nonfinite.sum()]
@@ -344,21 +277,20 @@ class AttentionProbe:
         """Every alert fired so far, in order."""
         return list(self._monitor.fired)
 
-    def _check_heatmap_heads(self, snapshot: Snapshot) -> None:
-        """Warn once per layer about chosen heads it does not have (known once it ran)."""
-        for layer in snapshot.layers:
-            heads = (self.heatmaps or {}).get(layer.name)
-            if heads is None or layer.name in self._heatmap_heads_checked:
-                continue
-            self._heatmap_heads_checked.add(layer.name)
-            missing = [h for h in heads if h >= layer.num_heads]
-            if missing:
+    def _call_output(self, output: Output, method: str, *args):
+        """``output.method(*args)``; an output that raises is reported once (its name, the
+        step, the error) and the other outputs and the training go on."""
+        try:
+            return getattr(output, method)(*args)
+        except Exception as error:  # a full disk, a tracker offline: never stop training
+            if id(output) not in self._failed:
+                self._failed.add(id(output))
                 notices.warn(
-                    f"attn_probe: heatmaps: layer {layer.tag} ({layer.name}) has "
-                    f"{layer.num_heads} heads (0 to {layer.num_heads - 1}); head"
-                    f"{'s' if len(missing) > 1 else ''} {', '.join(map(str, missing))} "
-                    "cannot be drawn"
+                    f"attn_probe: {type(output).__name__}.{method}() failed at step "
+                    f"{self._next}: {type(error).__name__}: {error}; the other outputs and "
+                    "the measurement go on, this warning is not repeated for this output"
                 )
+            return None
 
     @property
     def lazy_layers(self) -> list[str]:
@@ -383,37 +315,33 @@ class _Measure:
             probe._measure(name, observed)
 
 
-class _Site(NamedTuple):
-    name: str
-    index: int
+def check_settings(*, every: int, offset: int, capture: CaptureOptions, alerts: AlertRules,
+                   outputs: Iterable[Output], log_dir: str | None,
+                   on_alert: AlertCallback | None, history: int) -> list[Output]:
+    """Check the arguments of :class:`AttentionProbe` (the callbacks check theirs with it
+    when they are made); the outputs to write to, with ``log_dir``'s TensorBoard output."""
+    check_count("every", every)
+    if isinstance(offset, bool) or not isinstance(offset, int):
+        raise ValueError(f"offset must be an int, got {offset!r}")
+    check_capture(capture)
+    if not isinstance(alerts, AlertRules):
+        raise TypeError(f"alerts takes attn_probe.AlertRules(...), got {alerts!r}")
+    if on_alert is not None and not callable(on_alert):
+        raise TypeError(f"on_alert must be a function fn(alert, snapshot), got {on_alert!r}")
+    check_count("history", history, minimum=0)
+    checked = check_outputs(outputs)
+    if log_dir is not None:
+        checked.append(TensorBoardOutput(log_dir))
+    return checked
 
 
-def _resolve_heatmaps(heatmaps: Mapping[str | int, Sequence[int] | None] | None,
-                      sites: Sequence) -> dict[str, list[int] | None] | None:
-    """``heatmaps`` with every layer resolved to a monitored module's name, or ``ValueError``
-    for a layer that is not monitored or a head number that cannot be one."""
-    if heatmaps is None:
-        return None
-    if not isinstance(heatmaps, Mapping):
-        raise TypeError(f"heatmaps must map layers to head numbers, got {heatmaps!r}")
-    layers = [_Site(site.name, i) for i, site in enumerate(sites)]
-    resolved: dict[str, list[int] | None] = {}
-    for key, heads in heatmaps.items():
+def _close(outputs: list[Output]) -> None:
+    """Close every output, on the process that wrote to them (the others never opened any)."""
+    if not aggregate.is_main_process():
+        return
+    for output in outputs:
         try:
-            name = find_layer(layers, key).name
-        except KeyError as error:
-            raise ValueError(f"heatmaps: {error.args[0]}") from None
-        if heads is None:
-            resolved.setdefault(name, None)
-            continue
-        if isinstance(heads, (str, bytes)) or not isinstance(heads, Iterable):
-            raise ValueError(f"heatmaps[{key!r}]: expected head numbers, got {heads!r}")
-        heads = list(heads)
-        for head in heads:
-            if isinstance(head, bool) or not isinstance(head, (int, np.integer)) or head < 0:
-                raise ValueError(
-                    f"heatmaps[{key!r}]: heads are numbers from 0, got {head!r}"
-                )
-        merged = resolved.get(name) or []
-        resolved[name] = merged + [int(h) for h in heads if int(h) not in merged]
-    return resolved
+            output.close()
+        except Exception as error:
+            notices.warn(f"attn_probe: {type(output).__name__}.close() failed: "
+                         f"{type(error).__name__}: {error}")

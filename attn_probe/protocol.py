@@ -5,7 +5,7 @@ yourself. :func:`rank_profile` runs the protocol of "When Attention Collapses" (
 2404.08634): N = 100 sequences of T = 100 tokens, each head's rank@tau averaged over the
 sequences, and a layer's MaxRank the largest of its heads' averages.
 
->>> with attn_probe.capture(model, max_sequences=4, max_tokens=128) as cap:
+>>> with attn_probe.capture(model, CaptureOptions(batch_rows=4, crop=128)) as cap:
 ...     model(tokens)
 >>> cap.attention["model.layers.0.self_attn"].shape     # (B, H, T, T), float32
 >>> cap.metrics(tau=0.9)["model.layers.0.self_attn"]["rank"]   # (B, H) rank@90%
@@ -14,6 +14,7 @@ sequences, and a layer's MaxRank the largest of its heads' averages.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Callable, Iterable, Iterator
 
 import torch
@@ -22,11 +23,10 @@ from torch import Tensor, nn
 from .aggregate import HeadAccumulator
 from .alerts import AlertMonitor, AlertRules
 from .attention import (
-    DEFAULT_MATRIX_BUDGET, AttentionInputs, AttentionScores, ModuleSelector, Observed, Recorder,
-    plan_sites, probabilities,
+    AttentionInputs, AttentionScores, Observed, Recorder, plan_sites, probabilities,
 )
-from .metrics import DEFAULT_MEMORY_BUDGET, full_context_metrics, head_metrics
-from .options import ONE_TOKEN, check_count, check_tau
+from .metrics import full_context_metrics, head_metrics
+from .options import EVERYTHING, ONE_TOKEN, CaptureOptions, check_capture, check_count, check_tau
 from .snapshot import CollapseRule, Snapshot
 
 
@@ -39,33 +39,19 @@ class Capture:
     make one.
     """
 
-    def __init__(
-        self,
-        model: nn.Module,
-        *,
-        modules: ModuleSelector = None,
-        max_sequences: int | None = None,
-        max_tokens: int | None = None,
-        strategy: str = "auto",
-        memory_budget: int = DEFAULT_MEMORY_BUDGET,
-        matrix_budget: int | None = DEFAULT_MATRIX_BUDGET,
-    ) -> None:
-        check_count("max_sequences", max_sequences, optional=True)
-        check_count("max_tokens", max_tokens, optional=True)
-        check_count("memory_budget", memory_budget)
-        check_count("matrix_budget", matrix_budget, optional=True)
-        self.sites = plan_sites(model, modules, strategy)
-        self.max_tokens, self.memory_budget = max_tokens, memory_budget
-        self.matrix_budget = matrix_budget
+    def __init__(self, model: nn.Module, options: CaptureOptions = EVERYTHING) -> None:
+        self.options = check_capture(options)
+        self.sites = plan_sites(model, options.modules, options.strategy)
         self._attention: dict[str, Tensor] = {}
         self._observed: dict[str, Observed] = {}
         self._recorder = Recorder(
-            self.sites, self._record, max_sequences=max_sequences, max_tokens=max_tokens,
+            self.sites, self._record, max_sequences=options.batch_rows, max_tokens=options.crop,
             strict=True, root=model,
         )
 
     def _record(self, name: str, observed: Observed) -> None:
-        self._attention[name] = probabilities(observed, self.max_tokens, self.matrix_budget,
+        self._attention[name] = probabilities(observed, self.options.crop,
+                                              self.options.matrix_budget,
                                               at_input_positions=True)
         if isinstance(observed, AttentionInputs):  # keep q and k as they were at this call
             observed = dataclasses.replace(
@@ -76,15 +62,15 @@ class Capture:
             observed = dataclasses.replace(observed, as_given=None)  # the model's own tensors
         self._observed[name] = observed
 
-    def _measured(self, name: str, max_tokens: int | None = None) -> Tensor:
+    def _measured(self, name: str, crop: int | None = None) -> Tensor:
         """The matrix the figures measure: as :attr:`attention` (or :meth:`matrix`, for
         another crop), padding left out."""
-        if max_tokens is not None and max_tokens != self.max_tokens:
-            return self.matrix(name, max_tokens)
+        if crop is not None and crop != self.options.crop:
+            return self.matrix(name, crop)
         observed = self._observed[name]
         if isinstance(observed, Tensor) or observed.key_padding is None:
             return self._attention[name]
-        return probabilities(observed, self.max_tokens, self.matrix_budget)
+        return probabilities(observed, self.options.crop, self.options.matrix_budget)
 
     @property
     def modules(self) -> list[str]:
@@ -93,7 +79,7 @@ class Capture:
     @property
     def attention(self) -> dict[str, Tensor]:
         """Module name -> (B, H, T, S) float32 attention probabilities, in model order. Row i
-        and column j are positions i and j of the input (the first ``max_tokens``); the rows
+        and column j are positions i and j of the input (the first ``crop``); the rows
         and columns of padding are zero."""
         return {n: self._attention[n] for n in self.modules if n in self._attention}
 
@@ -102,34 +88,34 @@ class Capture:
         """Forward calls seen per module since the capture started."""
         return dict(self._recorder.calls)
 
-    def matrix(self, name: str, max_tokens: int | None = None) -> Tensor:
-        """``name``'s (B, H, T, S) attention cropped to the first ``max_tokens`` tokens (None:
+    def matrix(self, name: str, crop: int | None = None) -> Tensor:
+        """``name``'s (B, H, T, S) attention cropped to the first ``crop`` tokens (None:
         as recorded), rebuilt from what its kernel was given: another crop of the recorded
         call, without running the model again. At the recorded crop this is
         :attr:`attention` (input positions); at another crop a padded sequence's real tokens
         come first (padding left out, as the figures measure it)."""
         attention = self.attention[name]
-        if max_tokens is None or max_tokens == self.max_tokens:
+        if crop is None or crop == self.options.crop:
             return attention
-        check_count("max_tokens", max_tokens, minimum=2, why=ONE_TOKEN)
-        return probabilities(self._observed[name], max_tokens, self.matrix_budget)
+        check_count("crop", crop, minimum=2, why=ONE_TOKEN)
+        return probabilities(self._observed[name], crop, self.options.matrix_budget)
 
-    def metrics(self, tau: float = 0.9, *, modules: Iterable[str] | None = None,
-                max_tokens: int | None = None) -> dict[str, dict[str, Tensor]]:
+    def metrics(self, tau: float | None = None, *, modules: Iterable[str] | None = None,
+                crop: int | None = None) -> dict[str, dict[str, Tensor]]:
         """Module name -> figure -> (B, H) tensor: ``rank``, ``columns``, ``entropy``, ``sink``,
         ``dominant`` of the (cropped) matrix, and, where the capture saw q and k (or an eager
         softmax's scores), the full-sequence ``*_full`` figures and ``max_logit``
         (see :mod:`attn_probe.metrics.streamed`). Padding is left out: a padded sequence
-        gives the figures of the same sequence run alone, its first ``max_tokens`` real
-        tokens. ``modules``: only these recorded modules (default: all); ``max_tokens``: the
-        figures of another crop (see :meth:`matrix`)."""
-        tau = check_tau(tau)
+        gives the figures of the same sequence run alone, its first ``crop`` real
+        tokens. ``tau``: default the options'; ``modules``: only these recorded modules
+        (default: all); ``crop``: the figures of another crop (see :meth:`matrix`)."""
+        tau = self.options.tau if tau is None else check_tau(tau)
         names = list(self.attention) if modules is None else list(modules)
         missing = [name for name in names if name not in self._attention]
         if missing:
             raise KeyError(f"nothing was recorded for {missing}; recorded: {list(self.attention)}")
-        return {name: _figures(self._measured(name, max_tokens), self._observed[name], tau,
-                               self.memory_budget)
+        return {name: _figures(self._measured(name, crop), self._observed[name], tau,
+                               self.options.memory_budget)
                 for name in names}
 
     def reset(self) -> None:
@@ -150,34 +136,19 @@ class Capture:
         return iter(self.attention.items())
 
 
-def capture(
-    model: nn.Module,
-    *,
-    modules: ModuleSelector = None,
-    max_sequences: int | None = None,
-    max_tokens: int | None = None,
-    strategy: str = "auto",
-    memory_budget: int = DEFAULT_MEMORY_BUDGET,
-    matrix_budget: int | None = DEFAULT_MATRIX_BUDGET,
-) -> Capture:
-    """Record the attention probabilities of ``model``'s attention modules.
+def capture(model: nn.Module, options: CaptureOptions = EVERYTHING) -> Capture:
+    """Record the attention probabilities of ``model``'s attention modules during the forward
+    passes run inside the ``with`` block.
 
-    ``modules``: None finds every attention module; or names, glob patterns, or a predicate
-    ``fn(name, module)``. ``max_sequences`` / ``max_tokens`` bound what is materialised per
-    forward pass (for causal attention the first T tokens give exactly the attention of that
-    prefix). In :attr:`Capture.attention` row i and column j are positions i and j of the
-    input, and the rows and columns of padding are zero; :meth:`Capture.metrics` leaves
-    padding out. ``strategy``: "auto" (interception, adapters where interception cannot see the
-    kernel), "intercept" or "adapter" to force one. ``memory_budget``: bytes the streaming
-    full-context pass of :meth:`Capture.metrics` may use per module. ``matrix_budget``: the
-    most bytes one module's float32 matrix may take per pass (default 256 MiB, e.g. one
-    sequence of 4,096 tokens with 4 heads); a forward pass that would need more raises
-    ``MemoryError`` saying how to crop, before anything is allocated. None: no bound.
+    ``options`` (:class:`~attn_probe.CaptureOptions`) says which modules and how much of each
+    call; by default every row of the batch and every token. In :attr:`Capture.attention` row i
+    and column j are positions i and j of the input, and the rows and columns of padding are
+    zero; :meth:`Capture.metrics` leaves padding out. For causal attention the first ``crop``
+    tokens give exactly the attention of that prefix. A call whose float32 matrix would take
+    more than ``options.matrix_budget`` bytes raises ``MemoryError`` saying how to crop, before
+    anything is allocated.
     """
-    return Capture(
-        model, modules=modules, max_sequences=max_sequences, max_tokens=max_tokens,
-        strategy=strategy, memory_budget=memory_budget, matrix_budget=matrix_budget,
-    )
+    return Capture(model, options)
 
 
 def _figures(attention: Tensor, observed: Observed, tau: float,
@@ -208,43 +179,38 @@ def rank_profile(
     model: nn.Module,
     batches: Iterable[Any],
     *,
-    max_sequences: int = 100,
-    tau: float = 0.9,
-    max_tokens: int | None = None,
-    modules: ModuleSelector = None,
-    strategy: str = "auto",
-    rule: CollapseRule = CollapseRule(),
+    sequences: int = 100,
+    capture: CaptureOptions = EVERYTHING,
     alerts: AlertRules | None = AlertRules(),
     samples: bool = False,
-    memory_budget: int = DEFAULT_MEMORY_BUDGET,
-    matrix_budget: int | None = DEFAULT_MATRIX_BUDGET,
     on_batch: Callable[[int], None] | None = None,
 ) -> Snapshot:
-    """Per-head mean rank@tau, columns@tau, entropy and sink mass over ``max_sequences``
+    """Per-head mean rank@tau, columns@tau, entropy and sink mass over ``sequences``
     sequences (the paper's N).
 
     ``batches`` yields model inputs: a token tensor (``model(x)``), a tuple (``model(*x)``) or a
-    dict (``model(**x)``), batch first. Batches are consumed until ``max_sequences`` sequences
-    have been measured; runs under ``torch.no_grad`` and leaves the model's mode as it is. The
-    result is a :class:`~attn_probe.snapshot.Snapshot`: ``snapshot.layers[i].heads["rank"]`` is
-    layer i's per-head average, ``snapshot.max_rank_profile()`` the MaxRank per layer; the
-    ``*_full`` figures and ``max_logit`` cover every token of each sequence even when
-    ``max_tokens`` crops the matrices; ``snapshot.alerts`` holds what ``alerts`` (see
-    :mod:`attn_probe.alerts`; None: none) finds in the averaged figures. With
+    dict (``model(**x)``), batch first. Batches are consumed until ``sequences`` sequences
+    have been measured; runs under ``torch.no_grad`` and leaves the model's mode as it is.
+    ``capture`` (:class:`~attn_probe.CaptureOptions`): which modules, tau, and the crop of the
+    matrices (default: every token). The result is a :class:`~attn_probe.snapshot.Snapshot`:
+    ``snapshot.layers[i].heads["rank"]`` is layer i's per-head average,
+    ``snapshot.max_rank_profile()`` the MaxRank per layer; the ``*_full`` figures and
+    ``max_logit`` cover every token of each sequence even when the crop is shorter;
+    ``snapshot.alerts`` holds what ``alerts`` (see :mod:`attn_probe.alerts`; None: none) finds
+    in the averaged figures, whose lazy rule also decides which heads count as lazy. With
     ``samples=True`` it keeps each layer's attention of the first sequence in
     ``snapshot.samples`` (for heatmaps; at input positions, as :attr:`Capture.attention`).
     ``on_batch(n)`` is called with the sequences measured so far (for a progress bar).
     """
-    check_count("max_sequences", max_sequences)
-    check_count("max_tokens", max_tokens, optional=True, minimum=2, why=ONE_TOKEN)
-    tau = check_tau(tau)
+    check_count("sequences", sequences)
+    options = check_capture(capture)
+    rule = alerts.lazy if alerts is not None and alerts.lazy is not None else CollapseRule()
     accumulator = HeadAccumulator()
     kept: dict[str, Tensor] = {}
     measured = 0
-    with capture(model, modules=modules, max_tokens=max_tokens, strategy=strategy,
-                 memory_budget=memory_budget, matrix_budget=matrix_budget) as cap:
+    with Capture(model, options) as cap:
         for batch in batches:
-            take = min(_batch_size(batch), max_sequences - measured)
+            take = min(_batch_size(batch), options.batch_rows or math.inf, sequences - measured)
             cap.reset()
             with torch.no_grad():
                 _call(model, batch)
@@ -254,7 +220,7 @@ def rank_profile(
                         f"rank_profile: {name} attended over {attention.shape[-2]} token; "
                         f"give batches of at least 2 tokens ({ONE_TOKEN})"
                     )
-            for name, figures in cap.metrics(tau).items():
+            for name, figures in cap.metrics().items():
                 accumulator.update(name, {k: v[:take] for k, v in figures.items()})
             for name, attention in cap.attention.items():
                 if samples and name not in kept:
@@ -262,14 +228,13 @@ def rank_profile(
             measured += take
             if on_batch is not None:
                 on_batch(measured)
-            if measured >= max_sequences:
+            if measured >= sequences:
                 break
         order = cap.modules
     if measured == 0:
         raise ValueError("rank_profile got no batches: pass an iterable of model inputs")
-    snapshot = Snapshot(step=0, tau=tau, layers=accumulator.compute(order, rule), samples=kept)
+    snapshot = Snapshot(step=0, tau=options.tau, layers=accumulator.compute(order, rule),
+                        samples=kept)
     if alerts is not None:
-        if alerts.lazy is not None:  # one lazy rule: the one the layers were judged by
-            alerts = dataclasses.replace(alerts, lazy=rule)
         snapshot = AlertMonitor(alerts).judge(snapshot)
     return snapshot

@@ -255,7 +255,7 @@ def training_run(length: int, repeats: int, device: str) -> None:
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     data = torch.randint(0, 256, (4, length + 1), device=device)
     times = {True: [], False: []}
-    with attn_probe.AttentionProbe(model, every=2, images_every=0) as probe:
+    with attn_probe.AttentionProbe(model, every=2, history=1000) as probe:
         for step in range(2 * (repeats + 1)):  # steps 0, 2, 4, ... are sampled
             sync(device)
             start = time.perf_counter()

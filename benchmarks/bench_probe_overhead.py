@@ -37,7 +37,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from attn_probe import AttentionProbe
+from attn_probe import AttentionProbe, TensorBoardOutput
 from attn_probe.attention import Recorder, Site
 from attn_probe.models.gpt import GPT, GPTConfig
 
@@ -168,7 +168,9 @@ def main(argv: list[str] | None = None) -> int:
     work: dict[str, list[float]] = {kind: [] for kind in kinds[2:]}
     with tempfile.TemporaryDirectory(prefix="attn_probe_bench_") as logdir:
         # every=2: even steps sampled, odd steps not; images only when asked for below
-        probe = AttentionProbe(model, log_dir=logdir, every=2, images_every=0)
+        probe = AttentionProbe(
+            model, every=2, outputs=[TensorBoardOutput(logdir, pictures_every=0)], history=1000,
+        )
         clock = HookClock([site.module for site in probe.sites])
         step = 0
 

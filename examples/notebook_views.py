@@ -60,12 +60,13 @@ def main(argv=None):
     sequences = sequences[: args.sequences, : args.tokens]
 
     # MaxRank over layers: per-head rank@0.9 averaged over N sequences, max over heads
-    snapshot = attn_probe.rank_profile(model, sequences.split(10), max_sequences=args.sequences)
+    snapshot = attn_probe.rank_profile(model, sequences.split(10), sequences=args.sequences)
     print(format_table(snapshot))
     layer = snapshot.layers[args.layer]
 
     # heatmaps of every head of the chosen layer, for the first sequence
-    with attn_probe.capture(model, max_sequences=1) as cap, torch.no_grad():
+    options = attn_probe.CaptureOptions(batch_rows=1, crop=None)
+    with attn_probe.capture(model, options) as cap, torch.no_grad():
         model(sequences[:1])
     attention = cap.attention[layer.name][0]
 

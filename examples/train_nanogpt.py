@@ -28,8 +28,10 @@ def main(argv=None):
     model = GPT(GPTConfig(block_size=args.block_size, n_layer=args.layers, n_head=4, n_embd=128))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
 
-    with attn_probe.AttentionProbe(model, log_dir=args.log_dir, every=args.every,
-                                   max_sequences=2) as probe:
+    with attn_probe.AttentionProbe(
+        model, log_dir=args.log_dir, every=args.every,
+        capture=attn_probe.CaptureOptions(batch_rows=2),
+    ) as probe:
         for step in range(args.steps):
             ix = torch.randint(len(data) - args.block_size - 1, (args.batch_size,))
             batch = torch.stack([data[i : i + args.block_size + 1] for i in ix])

@@ -36,10 +36,11 @@ def train(log_dir, *, lr: float, qk_norm: bool = False, one_cycle: bool = False)
     seen = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        with attn_probe.AttentionProbe(model, log_dir=str(log_dir), every=EVERY,
-                                       max_sequences=2, images_every=0,
-                                       on_alert=lambda alert, snapshot: seen.append(alert)
-                                       ) as probe:
+        with attn_probe.AttentionProbe(
+            model, every=EVERY, on_alert=lambda alert, snapshot: seen.append(alert),
+            capture=attn_probe.CaptureOptions(batch_rows=2),
+            outputs=[attn_probe.TensorBoardOutput(str(log_dir), pictures_every=0)], history=1000,
+        ) as probe:
             for step, window in enumerate(batches):
                 _, loss = model(window[:, :-1], window[:, 1:])
                 optimizer.zero_grad()

@@ -16,6 +16,7 @@ scenario records its outcome, so one failing scenario shows up in its own test.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -38,7 +39,7 @@ if str(ROOT) not in sys.path:  # the workers run this file as a script
     sys.path.insert(0, str(ROOT))
 
 import unstable_run  # noqa: E402
-from attn_probe import AttentionProbe  # noqa: E402
+from attn_probe import AttentionProbe, CaptureOptions, TensorBoardOutput  # noqa: E402
 from reference import (  # noqa: E402
     assert_logged,
     gpt_attention,
@@ -52,7 +53,13 @@ WORLD = 2
 CONFIG = dict(vocab_size=64, block_size=32, n_layer=2, n_head=4, n_embd=32)
 EVERY, STEPS, ACCUM = 2, 6, 2  # sampled steps 0, 2, 4; two micro-batches per step
 BATCH, LENGTH = 3, 24  # fed per micro-batch; the probe measures 2 sequences x 16 tokens
-PROBE = dict(every=EVERY, max_sequences=2, max_tokens=16, images_every=0, per_head="all")
+PROBE = dict(every=EVERY, history=1000)
+CAPTURE = CaptureOptions(batch_rows=2, crop=16)
+
+
+def tensorboard(folder: Path, rank: int) -> TensorBoardOutput:
+    """Where a process writes (only process 0 does)."""
+    return TensorBoardOutput(str(folder / f"rank{rank}" / "tb"), pictures_every=0, per_head="all")
 TAU = 0.9
 TOL = 1e-9
 LAUNCH_TIMEOUT = 180  # seconds for the whole launch: a deadlock fails instead of hanging
@@ -88,7 +95,7 @@ def reference_attention(state: dict, tokens: torch.Tensor) -> list[torch.Tensor]
     measures of ``tokens``, from the weights ``state`` the step ran with."""
     model = GPT(GPTConfig(**CONFIG)).eval()
     model.load_state_dict(state)
-    return gpt_attention(model, tokens, PROBE["max_sequences"], PROBE["max_tokens"])
+    return gpt_attention(model, tokens, CAPTURE.batch_rows, CAPTURE.crop)
 
 
 def expected(folder: Path, step: int, ranks) -> dict:
@@ -207,7 +214,7 @@ def test_ddp_logs_mean_over_both_processes(run):
         worst = max(worst, compare(scalars, want, step))
         for layer in range(CONFIG["n_layer"]):
             distinct.update(want[layer]["rank"].tolist())
-            assert want[layer]["sequences"] == WORLD * PROBE["max_sequences"]
+            assert want[layer]["sequences"] == WORLD * CAPTURE.batch_rows
     # the figures are not trivially equal across heads, layers and steps
     assert len(distinct) > 3, distinct
     print(f"ddp: worst |logged - reference| {worst:.3g}; closest reference decision "
@@ -216,7 +223,7 @@ def test_ddp_logs_mean_over_both_processes(run):
     h0, h1 = history(folder, 0), history(folder, 1)
     assert h0 == h1 and sorted(h0) == sampled
     counts = {s for layers in h0.values() for layer in layers for s in layer["sequences"]}
-    assert counts == {WORLD * PROBE["max_sequences"]}
+    assert counts == {WORLD * CAPTURE.batch_rows}
 
 
 def test_only_process_zero_writes(run):
@@ -238,7 +245,7 @@ def test_process_without_forward_on_a_sampled_step(run):
     h0, h1 = history(folder, 0), history(folder, 1)
     assert h0 == h1
     for step, layers in h0.items():
-        n = PROBE["max_sequences"] * (1 if step == 2 else WORLD)
+        n = CAPTURE.batch_rows * (1 if step == 2 else WORLD)
         assert all(s == n for layer in layers for s in layer["sequences"]), (step, layers)
 
 
@@ -299,8 +306,7 @@ def test_lightning_ddp_stop_on_stops_every_process_after_the_same_step(run):
     unstable_run.assert_clear_of_thresholds(
         {s: list(zip(f[0], f[2])) for s, f in history.items()}, until=step, kind="logit")
     # every figure is the mean over both processes' sequences
-    assert {c for _, counts, _ in history.values() for c in counts} == {WORLD * PROBE[
-        "max_sequences"]}
+    assert {c for _, counts, _ in history.values() for c in counts} == {WORLD * CAPTURE.batch_rows}
     # both users' on_alert saw the stopping alert; only process 0 says so
     assert zero["stopped_by"] in zero["seen"] and zero["seen"] == one["seen"]
     assert len(zero["stop_lines"]) == 1 and one["stop_lines"] == []
@@ -339,7 +345,8 @@ def _train(scenario: str, folder: Path, rank: int, model, probed, optimizer, ste
     """``steps`` optimizer steps of ACCUM micro-batches; the probe watches ``probed``."""
     state = state or (lambda: model.state_dict())
     accum_ctx = getattr(probed, "no_sync", None)
-    with AttentionProbe(probed, log_dir=str(folder / f"rank{rank}" / "tb"), **PROBE) as probe:
+    with AttentionProbe(probed, capture=CAPTURE, outputs=[tensorboard(folder, rank)],
+                        **PROBE) as probe:
         for step in range(steps):
             batches = [batch_for(scenario, rank, step, m) for m in range(ACCUM)]
             if step % EVERY == 0:
@@ -386,8 +393,8 @@ def _lightning_stop(folder: Path, rank: int) -> None:
 
     seen = []
     callback = AttentionProbeCallback(
-        stop_on=("logit",), max_sequences=PROBE["max_sequences"], images_every=0,
-        on_alert=lambda alert, snapshot: seen.append(alert),
+        stop_on=("logit",), on_alert=lambda alert, snapshot: seen.append(alert),
+        capture=CaptureOptions(batch_rows=CAPTURE.batch_rows),
     )
     trainer = L.Trainer(
         accelerator="cpu", devices=WORLD, num_nodes=1, strategy="ddp",
@@ -493,8 +500,8 @@ def worker(out: Path) -> None:
         batch = batch_for("fsdp_adapter", rank, 0, 0)
         snapshot = full_state()
         _save_step(folder, rank, 0, batch[:, :-1], snapshot)
-        probe = AttentionProbe(model, log_dir=str(folder / f"rank{rank}" / "tb"),
-                               strategy="adapter", **PROBE)
+        probe = AttentionProbe(model, outputs=[tensorboard(folder, rank)],
+                               capture=dataclasses.replace(CAPTURE, strategy="adapter"), **PROBE)
         with probe, warnings.catch_warnings():
             # FSDP2 on an attention module notes that the module returns a view: harmless here
             warnings.filterwarnings("ignore", message=".*returned a view tensor.*")

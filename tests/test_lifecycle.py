@@ -69,7 +69,9 @@ def test_attached_probe_leaves_other_compiled_code_alone(tmp_path):
     before = process_state()
     model = small_gpt()
     backend = CountingBackend()
-    probe = attn_probe.AttentionProbe(model, log_dir=tmp_path, every=10, images_every=0).attach()
+    probe = attn_probe.AttentionProbe(
+        model, every=10, outputs=[attn_probe.TensorBoardOutput(tmp_path, pictures_every=0)],
+    ).attach()
     # step 0 is sampled: the probe is armed
     assert probe.sampling
     assert_compiles(backend)  # the example: it compiled nothing before
@@ -94,7 +96,7 @@ def test_compiled_model_runs_eagerly_on_sampled_steps_only():
         if not torch.compiler.is_compiling() else None
     )
     runs = []
-    with attn_probe.AttentionProbe(model, every=3) as probe:
+    with attn_probe.AttentionProbe(model, every=3, history=1000) as probe:
         for step in range(6):
             start = backend.runs
             compiled(tokens(seed=step))
@@ -147,13 +149,14 @@ def test_dropped_probe_leaves_nothing(tmp_path):
     import weakref
 
     model = small_gpt()
-    probe = attn_probe.AttentionProbe(model, log_dir=tmp_path, every=1, images_every=0).attach()
+    output = attn_probe.TensorBoardOutput(tmp_path, pictures_every=0)
+    probe = attn_probe.AttentionProbe(model, every=1, outputs=[output]).attach()
     model(tokens())
     probe.step()
     model(tokens())  # step 1 measured, never closed
     assert hooks_on(model)
     gone = weakref.ref(probe)
-    writer = probe._writer.writer
+    writer = output.writer
     del probe
     assert gone() is None
     assert hooks_on(model) == []
@@ -206,8 +209,10 @@ def test_copies_of_a_probed_model_are_not_monitored(make, how, tmp_path):
     model.eval()
     with torch.no_grad():
         want = call(model)
-    with attn_probe.AttentionProbe(model, log_dir=tmp_path, every=1,
-                                   images_every=0) as probe:
+    with attn_probe.AttentionProbe(
+        model, every=1, outputs=[attn_probe.TensorBoardOutput(tmp_path, pictures_every=0)],
+        history=1000,
+    ) as probe:
         call(model)
         probe.step()  # step 0: the original
         twin = COPIES[how](model)
@@ -229,7 +234,7 @@ def test_copies_of_a_probed_model_are_not_monitored(make, how, tmp_path):
         forward = module.__dict__.get("forward")
         assert forward is None or forward.__func__ is type(module).forward
     # A copy can be probed on its own.
-    with attn_probe.AttentionProbe(twin, every=1) as own:
+    with attn_probe.AttentionProbe(twin, every=1, history=1000) as own:
         call(twin)
     assert own.last.layers[0].sequences == 1
 
@@ -256,7 +261,10 @@ def test_huggingface_trainer_raising_mid_run_leaves_the_process_alone(tmp_path):
         output_dir=str(tmp_path), max_steps=5, per_device_train_batch_size=2, logging_steps=1,
         report_to="none", use_cpu=True, save_strategy="no", disable_tqdm=True, seed=0,
     )
-    callback = AttentionProbeCallback(max_tokens=8, log_dir=str(tmp_path / "tb"), images_every=0)
+    callback = AttentionProbeCallback(
+        capture=attn_probe.CaptureOptions(crop=8),
+        outputs=[attn_probe.TensorBoardOutput(str(tmp_path / "tb"), pictures_every=0)],
+    )
     trainer = transformers.Trainer(
         model=model, args=args, train_dataset=data, callbacks=[callback],
         data_collator=lambda f: {"input_ids": torch.stack(f), "labels": torch.stack(f)},

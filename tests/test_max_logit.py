@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from attn_probe import capture
+from attn_probe import CaptureOptions, capture
 from toy_models import small_gpt, tokens
 
 BLOCKED = -1e4  # additive mask entries at or below take no mass (-inf, finfo.min, -10000)
@@ -95,7 +95,7 @@ def test_demo_gpt_causal():
     hooks = [block.attn.register_forward_pre_hook(lambda m, a: inputs.append(a[0]))
              for block in model.transformer.h]
     try:
-        with torch.no_grad(), capture(model, max_tokens=8) as cap:
+        with torch.no_grad(), capture(model, CaptureOptions(batch_rows=None, crop=8)) as cap:
             model(x)
             figures = cap.metrics()
     finally:
@@ -143,7 +143,9 @@ def test_sliding_window_and_soft_capped(kind):
     torch.manual_seed(0)
     module = WindowedOrCapped(kind, window=16 if kind == "softcap" else 4)
     x = torch.randn(2, 12, 16)
-    with torch.no_grad(), capture(module, modules="") as cap:
+    with torch.no_grad(), capture(
+        module, CaptureOptions(batch_rows=None, crop=None, modules=""),
+    ) as cap:
         module(x)
         (got,) = cap.metrics().values()
     q, k = (t.double() for t in module.qk(x))
@@ -179,7 +181,7 @@ def test_qk_clip_takes_one_factor_per_key_value_group(llama):
 
     model = llama[0]
     x = tokens()
-    snapshot = rank_profile(model, [{"input_ids": x}], max_sequences=x.shape[0])
+    snapshot = rank_profile(model, [{"input_ids": x}], sequences=x.shape[0])
     want = softmax_inputs(llama[1], x)
     for layer, scores in zip(snapshot.layers, want):
         per_head = max_allowed(scores).amax(0).numpy()  # over the sequences

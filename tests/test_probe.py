@@ -61,8 +61,11 @@ def test_logged_values_equal_independent_reference(tmp_path):
     model = small_gpt()
     data = batches(7)
     with GPTAttention(model, max_sequences=3, max_tokens=16) as ref:
-        with attn_probe.AttentionProbe(model, log_dir=tmp_path, every=3, max_sequences=3,
-                                       max_tokens=16, images_every=3, per_head="all") as probe:
+        with attn_probe.AttentionProbe(
+            model, every=3, capture=attn_probe.CaptureOptions(batch_rows=3, crop=16),
+            outputs=[attn_probe.TensorBoardOutput(tmp_path, pictures_every=3, per_head="all")],
+            history=1000,
+        ) as probe:
             train(model, data, probe)
     sampled = [0, 3, 6]
     assert [step for step, _ in scalar_events(tmp_path)["rank90/max/L00"]] == sampled
@@ -88,7 +91,9 @@ def test_gradient_accumulation_measures_first_forward_only(tmp_path):
     model = small_gpt()
     data = batches(2, b=8)
     with GPTAttention(model, max_sequences=2, max_tokens=24) as ref:
-        with attn_probe.AttentionProbe(model, every=1, max_sequences=2, max_tokens=24) as probe:
+        with attn_probe.AttentionProbe(
+            model, every=1, capture=attn_probe.CaptureOptions(batch_rows=2, crop=24), history=1000,
+        ) as probe:
             train(model, data, probe, accumulate=2)
     assert len(ref.calls) == 4  # two micro-batches per step
     for step, snapshot in enumerate(probe.history):
@@ -99,7 +104,7 @@ def test_gradient_accumulation_measures_first_forward_only(tmp_path):
 
 def test_global_step_and_schedule(tmp_path):
     model = small_gpt()
-    with attn_probe.AttentionProbe(model, log_dir=tmp_path, every=5) as probe:
+    with attn_probe.AttentionProbe(model, log_dir=tmp_path, every=5, history=1000) as probe:
         for step in range(100, 112):
             model(torch.randint(0, 64, (2, 8)))
             probe.step(step)
@@ -108,7 +113,7 @@ def test_global_step_and_schedule(tmp_path):
     steps = [step for step, _ in scalar_events(tmp_path)["rank90/max/L01"]]
     assert steps == [100, 105, 110]
     # offset=-1: the steps a logger counting from 1 logs at (Lightning)
-    with attn_probe.AttentionProbe(model, every=5, offset=-1, images_every=0) as probe:
+    with attn_probe.AttentionProbe(model, every=5, offset=-1, history=1000) as probe:
         for _ in range(12):
             model(torch.randint(0, 64, (2, 8)))
             probe.step()
@@ -122,7 +127,10 @@ def test_close_step_measures_nothing_until_open_step(tmp_path):
     x = [torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(i))
          for i in range(4)]
     with GPTAttention(model, max_sequences=1, max_tokens=8) as ref:
-        with attn_probe.AttentionProbe(model, log_dir=tmp_path, every=1, max_tokens=8) as probe:
+        with attn_probe.AttentionProbe(
+            model, log_dir=tmp_path, every=1, capture=attn_probe.CaptureOptions(crop=8),
+            history=1000,
+        ) as probe:
             model(x[0])
             assert probe.close_step().step == 0
             assert not probe.sampling
@@ -162,8 +170,10 @@ def test_losses_and_gradients_bitwise_identical(mode, tmp_path):
         data = batches(3, seed=5)
         torch.manual_seed(11)
         grads, losses = [], []
-        probe = attn_probe.AttentionProbe(model, log_dir=tmp_path / str(with_probe), every=1,
-                                          images_every=2) if with_probe else None
+        probe = attn_probe.AttentionProbe(
+            model, every=1,
+            outputs=[attn_probe.TensorBoardOutput(tmp_path / str(with_probe), pictures_every=2)],
+        ) if with_probe else None
         if probe:
             probe.attach()
         try:
@@ -224,7 +234,9 @@ def test_nan_attention_is_flagged_not_a_crash(tmp_path):
         model.transformer.h[1].attn.c_attn.weight[0, 0] = float("nan")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        with attn_probe.AttentionProbe(model, log_dir=tmp_path, every=1, max_sequences=2) as probe:
+        with attn_probe.AttentionProbe(
+            model, log_dir=tmp_path, every=1, capture=attn_probe.CaptureOptions(batch_rows=2),
+        ) as probe:
             model(torch.randint(0, 64, (2, 8)))
             probe.step()
     assert any("NaN or Inf" in str(w.message) for w in caught)
@@ -255,7 +267,9 @@ def test_failing_adapter_skips_its_module_and_training_goes_on(tmp_path):
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
         probe = None
         if probe_dir is not None:
-            probe = attn_probe.AttentionProbe(model, log_dir=probe_dir, every=2, images_every=0)
+            probe = attn_probe.AttentionProbe(
+                model, every=2, outputs=[attn_probe.TensorBoardOutput(probe_dir, pictures_every=0)],
+            )
             assert [s.name for s in probe.sites] == ["0", "1"]
             probe.attach()
         losses = []
@@ -287,26 +301,89 @@ def test_failing_adapter_skips_its_module_and_training_goes_on(tmp_path):
     assert not [tag for tag in scalars if tag.endswith("L01")]
 
 
-def test_failing_writer_warns_once_and_measuring_goes_on():
+class Recording(attn_probe.Output):
+    """A user's own output: keeps what it is given."""
+
+    def __init__(self, crop: int = 0):
+        self.crop, self.layers, self.written, self.closed = crop, None, [], 0
+
+    def start(self, layers):
+        self.layers = list(layers)
+
+    def pictures(self, step):
+        return self.crop if step % 2 == 0 else 0
+
+    def write(self, snapshot):
+        self.written.append(snapshot)
+
+    def close(self):
+        self.closed += 1
+
+
+def test_own_output_receives_every_snapshot_and_alert_and_is_closed_once():
+    model = nn.Sequential(SinkAttention(collapsed=False), SinkAttention(collapsed=True))
+    mine = Recording(crop=4)
+    with attn_probe.AttentionProbe(model, every=2, outputs=[mine], history=3) as probe:
+        for _ in range(7):
+            model(torch.randn(2, 6, 8))
+            probe.step()
+    assert mine.layers == ["0", "1"]
+    assert [s.step for s in mine.written] == [0, 2, 4, 6]
+    assert [a for s in mine.written for a in s.alerts] == probe.alerts and probe.alerts
+    # pictures where the output asked for them (steps 0, 2, 4, 6 are even), cropped as asked
+    assert all(s.samples["0"].shape == (2, 4, 4) for s in mine.written)
+    assert mine.closed == 1
+    # the figures are the probe's own: the same objects as probe.last / probe.history
+    assert mine.written[-1] is probe.last
+    assert [s.step for s in probe.history] == [2, 4, 6]  # bounded: the last 3
+
+
+def test_failing_output_warns_once_and_the_others_go_on():
     class FullDisk:
         def add_scalar(self, *args, **kwargs):
             raise OSError("No space left on device")
 
-        add_custom_scalars = add_image = add_scalar
+        add_custom_scalars = add_image = add_text = add_scalar
 
         def flush(self):
             pass
 
     model = small_gpt()
+    mine = Recording()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        with attn_probe.AttentionProbe(model, writer=FullDisk(), every=1) as probe:
+        with attn_probe.AttentionProbe(
+            model, every=1, outputs=[attn_probe.TensorBoardOutput(writer=FullDisk()), mine],
+        ) as probe:
             for _ in range(3):
                 model(torch.randint(0, 64, (2, 8)))
                 probe.step()
-    about = [str(w.message) for w in caught if "could not write" in str(w.message)]
+    about = [str(w.message) for w in caught if "TensorBoardOutput.write() failed" in str(w.message)]
     assert len(about) == 1 and "No space left on device" in about[0], about
-    assert [s.step for s in probe.history] == [0, 1, 2]
+    assert [s.step for s in mine.written] == [0, 1, 2] and probe.last.step == 2
+
+
+@pytest.mark.parametrize("main_process", [True, False])
+def test_bad_settings_refused_when_the_probe_is_made_on_every_process(monkeypatch, main_process):
+    """Process 0 and the others refuse the same mistakes at once, before any training."""
+    monkeypatch.setattr(attn_probe.aggregate, "is_main_process", lambda: main_process)
+    model = small_gpt()
+    TB = attn_probe.TensorBoardOutput
+    mistakes = {
+        "per_head": lambda: attn_probe.AttentionProbe(model, outputs=[TB(per_head="al")]),
+        "not an attn_probe.Output": lambda: attn_probe.AttentionProbe(model, outputs=["runs/x"]),
+        "heatmaps: .*L09": lambda: attn_probe.AttentionProbe(
+            model, outputs=[TB(heatmaps={"L09": [0]})]),
+        "capture takes attn_probe.CaptureOptions": lambda: attn_probe.AttentionProbe(
+            model, capture={"crop": 16}),
+        "crop must be an int >= 2": lambda: attn_probe.CaptureOptions(crop=1),
+        "history": lambda: attn_probe.AttentionProbe(model, history=-1),
+        "on_alert": lambda: attn_probe.AttentionProbe(model, on_alert="print"),
+        "logit_cap": lambda: TB(logit_cap=0),
+    }
+    for message, make in mistakes.items():
+        with pytest.raises((ValueError, TypeError), match=message):
+            make()
 
 
 class SinkAttention(nn.Module):
@@ -349,31 +426,31 @@ def test_lazy_layer_is_an_info_alert_given_to_on_alert():
 
 def test_bad_arguments_say_what_to_do():
     model = small_gpt()
+    TB = attn_probe.TensorBoardOutput
     with pytest.raises(ValueError, match="every must be a positive int"):
         attn_probe.AttentionProbe(model, every=0)
     with pytest.raises(ValueError, match="tau must be in"):
-        attn_probe.AttentionProbe(model, tau=1.5)
+        attn_probe.CaptureOptions(tau=1.5)
     with pytest.raises(ValueError, match="not both"):
-        attn_probe.AttentionProbe(model, log_dir="x", writer=object())
+        TB("x", writer=object())
     with pytest.raises(LookupError, match="searched for"):
         attn_probe.AttentionProbe(nn.Sequential(nn.Linear(2, 2)))
-    with pytest.raises(ValueError, match=r"max_tokens must be an int >= 2, got 1: a 1x1"):
-        attn_probe.AttentionProbe(model, max_tokens=1)
-    with pytest.raises(ValueError, match="images_every must be a non-negative int"):
-        attn_probe.AttentionProbe(model, images_every=-1)
+    with pytest.raises(ValueError, match=r"crop must be an int >= 2 or None, got 1: a 1x1"):
+        attn_probe.CaptureOptions(crop=1)
+    with pytest.raises(ValueError, match="pictures_every must be a non-negative int"):
+        TB(pictures_every=-1)
     # heatmap layers are checked against the monitored modules, with the package's lookup
     with pytest.raises(ValueError, match=r"no layer 'L09'; the layers are: L00 .*, L01"):
-        attn_probe.AttentionProbe(model, heatmaps={"L09": [0], 0: [7]})
+        attn_probe.AttentionProbe(model, outputs=[TB(heatmaps={"L09": [0], 0: [7]})])
     with pytest.raises(ValueError, match="no layer 2"):
-        attn_probe.AttentionProbe(model, heatmaps={2: [0]})
+        attn_probe.AttentionProbe(model, outputs=[TB(heatmaps={2: [0]})])
     with pytest.raises(ValueError, match=r"heatmaps\[-1\]: heads are numbers from 0, got -2"):
-        attn_probe.AttentionProbe(model, heatmaps={-1: [0, -2]})
+        TB(heatmaps={-1: [0, -2]})
     with pytest.raises(ValueError, match="expected head numbers"):
-        attn_probe.AttentionProbe(model, heatmaps={0: 3})
-    probe = attn_probe.AttentionProbe(model, heatmaps={"L01": [1], -1: [0], 0: None})
-    assert probe.heatmaps == {"transformer.h.1.attn": [1, 0], "transformer.h.0.attn": None}
-    with pytest.raises(ValueError, match=r"max_tokens must be an int >= 2 or None, got 1"):
-        attn_probe.rank_profile(model, [torch.randint(0, 64, (1, 8))], max_tokens=1)
+        TB(heatmaps={0: 3})
+    output = TB(heatmaps={"L01": [1], -1: [0], 0: None})
+    attn_probe.AttentionProbe(model, outputs=[output])
+    assert output.heatmaps == {"transformer.h.1.attn": [1, 0], "transformer.h.0.attn": None}
     with pytest.raises(ValueError, match="attended over 1 token"):
         attn_probe.rank_profile(model, [torch.randint(0, 64, (1, 1))])
 
@@ -382,8 +459,11 @@ def test_heatmap_head_a_layer_lacks_warns_once(tmp_path):
     model = small_gpt()  # 4 heads per layer
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        with attn_probe.AttentionProbe(model, log_dir=tmp_path, every=1, images_every=1,
-                                       heatmaps={0: [7, 1], "L01": [2]}) as probe:
+        with attn_probe.AttentionProbe(
+            model, every=1,
+            outputs=[attn_probe.TensorBoardOutput(tmp_path, pictures_every=1,
+                                                  heatmaps={0: [7, 1], "L01": [2]})],
+        ) as probe:
             for _ in range(2):
                 model(torch.randint(0, 64, (2, 8)))
                 probe.step()
@@ -402,7 +482,7 @@ def test_compiled_model_trains_correctly_with_probe(tmp_path):
     compiled = torch.compile(model)
     data = batches(4, seed=9)
     with GPTAttention(model, max_sequences=1, max_tokens=24) as ref:
-        with attn_probe.AttentionProbe(model, log_dir=tmp_path, every=2) as probe:
+        with attn_probe.AttentionProbe(model, log_dir=tmp_path, every=2, history=1000) as probe:
             losses = train(compiled, data, probe)
     twin_losses = train(eager_twin, data)
     torch.testing.assert_close(torch.stack(losses), torch.stack(twin_losses), rtol=1e-4, atol=1e-5)
@@ -419,7 +499,10 @@ def test_long_sequences_are_measured_whole_under_the_defaults(tmp_path):
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=64, block_size=2048, n_layer=1, n_head=2, n_embd=16))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    with attn_probe.AttentionProbe(model, log_dir=tmp_path, every=2, images_every=0) as probe:
+    with attn_probe.AttentionProbe(
+        model, every=2, outputs=[attn_probe.TensorBoardOutput(tmp_path, pictures_every=0)],
+        history=1000,
+    ) as probe:
         for _ in range(4):
             x = torch.randint(0, 64, (2, 2049))
             _, loss = model(x[:, :-1], x[:, 1:])

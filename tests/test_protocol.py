@@ -19,13 +19,13 @@ from toy_models import assert_close_all, small_gpt, tokens
 
 def test_invalid_arguments(gpt2):
     with pytest.raises(ValueError):
-        capture(gpt2[0], max_tokens=0)
+        capture(gpt2[0], attn_probe.CaptureOptions(batch_rows=None, crop=0))
     with pytest.raises(ValueError):
-        capture(gpt2[0], strategy="magic")
+        capture(gpt2[0], attn_probe.CaptureOptions(batch_rows=None, crop=None, strategy="magic"))
     with pytest.raises(TypeError):
         capture("not a module")
     with pytest.raises(CaptureError, match="no adapter"):
-        capture(gpt2[0], strategy="adapter")
+        capture(gpt2[0], attn_probe.CaptureOptions(batch_rows=None, crop=None, strategy="adapter"))
 
 
 def test_first_call_recorded_calls_counted_reset_rearms(gpt2):
@@ -86,7 +86,7 @@ def test_rank_profile_matches_reference():
     model = small_gpt().eval()
     data = gpt_batches(3, b=4)
     with GPTAttention(model, max_sequences=4, max_tokens=24) as ref:
-        snapshot = attn_probe.rank_profile(model, data, max_sequences=10)
+        snapshot = attn_probe.rank_profile(model, data, sequences=10)
     for layer in range(2):
         a = torch.cat([call[layer] for call in ref.calls])[:10]
         rank, columns, _ = reference_counts(a)
@@ -101,11 +101,14 @@ def test_rank_profile_matches_reference():
 def test_rank_profile_samples_keep_the_first_sequence():
     model = small_gpt().eval()
     first, second = gpt_batches(2, b=3, t=20, seed=5)
-    snapshot = attn_probe.rank_profile(model, [first, second], max_sequences=6, samples=True,
-                                       max_tokens=12)
+    snapshot = attn_probe.rank_profile(
+        model, [first, second], samples=True, sequences=6,
+        capture=attn_probe.CaptureOptions(batch_rows=None, crop=12),
+    )
     names = [layer.name for layer in snapshot.layers]
     assert list(snapshot.samples) == names == ["transformer.h.0.attn", "transformer.h.1.attn"]
-    with torch.no_grad(), capture(model, max_tokens=12) as cap:
+    options = attn_probe.CaptureOptions(batch_rows=None, crop=12)
+    with torch.no_grad(), capture(model, options) as cap:
         model(first[:1])
     for name in names:
         sample = snapshot.samples[name]
@@ -113,22 +116,26 @@ def test_rank_profile_samples_keep_the_first_sequence():
         assert sample.device.type == "cpu"
         torch.testing.assert_close(sample, cap.attention[name][0], rtol=0, atol=1e-6)
     # kept from the first batch: the second batch's first sequence differs
-    with torch.no_grad(), capture(model, max_tokens=12) as cap:
+    options = attn_probe.CaptureOptions(batch_rows=None, crop=12)
+    with torch.no_grad(), capture(model, options) as cap:
         model(second[:1])
     assert not torch.allclose(snapshot.samples[names[0]], cap.attention[names[0]][0])
-    without = attn_probe.rank_profile(model, [first], max_sequences=3, max_tokens=12)
+    without = attn_probe.rank_profile(
+        model, [first], sequences=3, capture=attn_probe.CaptureOptions(batch_rows=None, crop=12),
+    )
     assert dict(without.samples) == {}
 
 
 def test_rank_profile_progress_stops_at_max_sequences_and_needs_batches():
     model = small_gpt().eval()
     seen = []
-    snapshot = attn_probe.rank_profile(model, gpt_batches(5, b=4, t=8), max_sequences=10,
-                                       on_batch=seen.append)
+    snapshot = attn_probe.rank_profile(
+        model, gpt_batches(5, b=4, t=8), on_batch=seen.append, sequences=10,
+    )
     assert seen == [4, 8, 10]  # the third batch is measured in part, the rest not at all
     assert all(layer.counts.tolist() == [10] * 4 for layer in snapshot.layers)
     with pytest.raises(ValueError, match="no batches"):
-        attn_probe.rank_profile(model, [], max_sequences=10)
+        attn_probe.rank_profile(model, [], sequences=10)
 
 
 def test_another_crop_is_rebuilt_without_running_the_model():
@@ -138,9 +145,10 @@ def test_another_crop_is_rebuilt_without_running_the_model():
     x = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(5))
     reference = [a[:1] for a in gpt_attention(model, x)]
     names = ["transformer.h.0.attn", "transformer.h.1.attn"]
-    with torch.no_grad(), capture(model, max_sequences=1, max_tokens=12) as cap:
+    with torch.no_grad(), capture(model, attn_probe.CaptureOptions(batch_rows=1, crop=12)) as cap:
         model(x)
-    with torch.no_grad(), capture(model, max_sequences=1, max_tokens=5) as cropped:
+    options = attn_probe.CaptureOptions(batch_rows=1, crop=5)
+    with torch.no_grad(), capture(model, options) as cropped:
         model(x)
     calls = []
     handle = model.register_forward_pre_hook(lambda *_: calls.append(1))
@@ -152,7 +160,7 @@ def test_another_crop_is_rebuilt_without_running_the_model():
                 assert got.shape == (1, 4, t, t)
                 assert (got.double() - reference[layer][..., :t, :t]).abs().max() < 1e-6
             assert torch.equal(cap.matrix(name, 5), cropped.attention[name])
-        only = cap.metrics(0.9, modules=[names[1]], max_tokens=5)
+        only = cap.metrics(0.9, modules=[names[1]], crop=5)
         assert list(only) == [names[1]]
         want = cropped.metrics(0.9)[names[1]]
         assert only[names[1]].keys() == want.keys()
@@ -166,6 +174,6 @@ def test_another_crop_is_rebuilt_without_running_the_model():
     assert calls == []
     with pytest.raises(KeyError, match="nothing was recorded for"):
         cap.metrics(0.9, modules=["transformer.h.9.attn"])
-    with pytest.raises(ValueError, match="max_tokens must be an int >= 2"):
+    with pytest.raises(ValueError, match="crop must be an int >= 2"):
         cap.matrix(names[0], 1)
 

@@ -25,7 +25,7 @@ from torch.utils.tensorboard import SummaryWriter
 import attn_probe
 import attn_probe.probe
 from attn_probe.models.gpt import GPT, GPTConfig
-from attn_probe.outputs import TensorBoardWriter
+from attn_probe.outputs import TensorBoardOutput
 from reference import hooks_on, process_state, read_scalars
 
 pytestmark = [
@@ -52,7 +52,7 @@ class Injector:
 
     def __init__(self, model: GPT, monkeypatch):
         self.where: str | None = None
-        metrics, write = attn_probe.probe.head_metrics, TensorBoardWriter.write
+        metrics, write = attn_probe.probe.head_metrics, TensorBoardOutput.write
 
         def raise_in_attention(module, args, output):
             if self.where == "attention":
@@ -72,7 +72,7 @@ class Injector:
 
         model.transformer.h[1].attn.c_proj.register_forward_hook(raise_in_attention)
         monkeypatch.setattr(attn_probe.probe, "head_metrics", failing_metrics)
-        monkeypatch.setattr(TensorBoardWriter, "write", failing_write)
+        monkeypatch.setattr(TensorBoardOutput, "write", failing_write)
 
 
 def cycle(model, opt, writer, injector, rng, start: int) -> tuple[int, set[int]]:
@@ -83,8 +83,10 @@ def cycle(model, opt, writer, injector, rng, start: int) -> tuple[int, set[int]]
     fault = rng.choice(["attention", "interrupt", "metrics", "writer", "loop", None, None, None])
     ending = rng.choice(["with", "finally", "drop"])
     context = rng.choice(["train", "no_grad", "autocast"])
-    probe = attn_probe.AttentionProbe(model, writer=writer, every=1, max_tokens=T,
-                                      per_head=False, images_every=0)
+    probe = attn_probe.AttentionProbe(
+        model, every=1, capture=attn_probe.CaptureOptions(crop=T),
+        outputs=[TensorBoardOutput(writer=writer, per_head=False, pictures_every=0)],
+    )
     completed: set[int] = set()
     forward_done = None  # the step whose forward ran but that no step() closed
 

@@ -6,15 +6,12 @@ import fnmatch
 import functools
 import inspect
 import re
-from typing import Callable, NamedTuple, Sequence, Union
+from typing import Callable, NamedTuple
 
 from torch import nn
 
+from ..options import ModuleSelector
 from .adapters import find_adapter
-
-#: ``modules=`` accepts a name, a glob (``"transformer.h.*.attn"``), a list of those, or a
-#: predicate ``fn(name, module) -> bool``.
-ModuleSelector = Union[str, Sequence[str], Callable[[str, nn.Module], bool], None]
 
 _ATTENTION_CLASS = re.compile(r"Attention\d*$")
 _KERNEL_CALL = re.compile(r"\bscaled_dot_product_attention\b")

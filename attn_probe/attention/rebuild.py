@@ -33,6 +33,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ..options import DEFAULT_MATRIX_BUDGET
+
 
 @dataclass(frozen=True)
 class AttentionInputs:
@@ -172,9 +174,6 @@ class AttentionScores:
         attention = self.probs[:, :, :t, :s].to(torch.float32, copy=True)
         return attention.masked_fill_(~allowed[..., :s].any(dim=-1, keepdim=True), 0.0)
 
-
-#: Default bound on one module's attention matrix per pass: (B, H, T, S) float32 bytes.
-DEFAULT_MATRIX_BUDGET = 256 * 2**20
 
 
 def probabilities(observed: "AttentionInputs | AttentionScores | Tensor",

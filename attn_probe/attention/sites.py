@@ -11,9 +11,8 @@ from dataclasses import dataclass
 from torch import nn
 
 from .adapters import AdapterEntry, find_adapter
+from ..options import STRATEGIES
 from .discovery import PYTHON_HINTS, Hints, ModuleSelector, find_attention_modules
-
-STRATEGIES = ("auto", "intercept", "adapter")
 
 
 class CaptureError(RuntimeError):

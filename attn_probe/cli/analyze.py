@@ -22,6 +22,7 @@ from ..attention import (
     CaptureError, Hints, NoAttentionFound, NoKernelCall, find_attention_modules, plan_sites,
 )
 from ..models.sampling import model_device
+from ..options import CaptureOptions
 from ..snapshot import percent
 from .console import Progress, UsageError, one_line
 from .heads import parse_heads, resolve_heads
@@ -211,7 +212,8 @@ def _analyze(args: argparse.Namespace) -> int:
     monitored = [site.name for site in _sites(loaded.model, args.modules)]
     probe = torch.full((1, min(2, args.tokens)), loaded.bos, dtype=torch.long, device=device)
     try:
-        with capture(loaded.model, modules=args.modules, max_sequences=1) as cap:
+        with capture(loaded.model, CaptureOptions(modules=args.modules, batch_rows=1,
+                                                  crop=None)) as cap:
             with torch.no_grad():
                 loaded(probe)
             heads_per_layer = {name: int(a.shape[1]) for name, a in cap.attention.items()}
@@ -240,8 +242,10 @@ def _analyze(args: argparse.Namespace) -> int:
     bar = Progress("measuring")
     try:
         snapshot = rank_profile(
-            loaded.model, _batches(tokens, args.batch_size, loaded, device), max_sequences=n,
-            tau=args.tau, modules=args.modules, samples=True, on_batch=lambda done: bar(done, n),
+            loaded.model, _batches(tokens, args.batch_size, loaded, device), sequences=n,
+            capture=CaptureOptions(modules=args.modules, tau=args.tau, batch_rows=None,
+                                   crop=None),
+            samples=True, on_batch=lambda done: bar(done, n),
         )
     except CaptureError as error:
         raise _usage_error(error) from None
@@ -249,7 +253,7 @@ def _analyze(args: argparse.Namespace) -> int:
     if not snapshot.layers:
         raise UsageError("no attention was recorded: the model's attention modules never ran")
 
-    from ..outputs import TensorBoardWriter, figures
+    from ..outputs import TensorBoardOutput, figures
     from ..outputs.tables import format_table, write_tables
 
     out.mkdir(parents=True, exist_ok=True)
@@ -285,9 +289,9 @@ def _analyze(args: argparse.Namespace) -> int:
             title=f"{collapsed.tag} {collapsed.name} (smallest MaxRank): per-head means"),
             out / f"head_profiles_{collapsed.tag}.png", written)
 
-    with TensorBoardWriter(log_dir=str(out / "tb"), heatmaps=heatmaps,
-                           heatmap_tokens=min(length, 128)) as writer:
-        writer.write(snapshot, images=True)
+    with TensorBoardOutput(str(out / "tb"), heatmaps=heatmaps,
+                           heatmap_crop=min(length, 128)) as output:
+        output.write(snapshot)
 
     print()
     print(format_table(snapshot))

@@ -36,6 +36,8 @@ import torch
 from ..alerts import AlertRules
 from ..models.corpus import builtin_corpus
 from ..models.gpt import GPT, GPTConfig
+from ..options import CaptureOptions
+from ..outputs import TensorBoardOutput
 from ..outputs.events import EVENT_FILE
 from ..probe import AttentionProbe
 from ..snapshot import Alert, Snapshot
@@ -76,8 +78,8 @@ class DemoConfig:
     qk_step: float = 1.0
     qk_norm: bool = False
     every: int = 5
-    images_every: int = 50
-    max_sequences: int = 4
+    pictures_every: int = 50
+    batch_rows: int = 4
     seed: int = 0
     #: PyTorch's intra-op threads during the run (restored after it); None or 0: leave them.
     #: One, because a model this small ran 3-4 times faster on one thread than on two on a
@@ -162,9 +164,10 @@ def _train(config: DemoConfig, progress, on_alert) -> DemoResult:
     losses: list[float] = []
     start = time.perf_counter()
     with SummaryWriter(config.log_dir) as writer, AttentionProbe(
-        model, writer=writer, every=config.every, images_every=config.images_every,
-        max_sequences=config.max_sequences, max_tokens=config.block_size, alerts=RULES,
-        on_alert=on_alert,
+        model, every=config.every, alerts=RULES, on_alert=on_alert,
+        capture=CaptureOptions(batch_rows=config.batch_rows, crop=config.block_size),
+        outputs=[TensorBoardOutput(writer=writer, pictures_every=config.pictures_every)],
+        history=config.steps // config.every + 1,
     ) as probe:
         for step in range(config.steps):
             starts = torch.randint(len(data) - config.block_size - 1, (config.batch_size,),

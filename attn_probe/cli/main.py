@@ -26,13 +26,13 @@ def _demo(args: argparse.Namespace) -> int:
     try:
         for option, value in counts.items():
             check_count(option, value)
-        check_count("--images-every", args.images_every, minimum=0)
+        check_count("--pictures-every", args.pictures_every, minimum=0)
         check_count("--threads", args.threads, minimum=0)
     except ValueError as error:
         raise UsageError(str(error)) from None
     base = DemoConfig(
         log_dir=args.log_dir, steps=args.steps, every=args.every, batch_size=args.batch_size,
-        n_layer=args.layers, images_every=args.images_every, seed=args.seed,
+        n_layer=args.layers, pictures_every=args.pictures_every, seed=args.seed,
         threads=args.threads,
     )
     configs = demo_configs(base, args.runs)
@@ -117,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="training steps of each run (%(default)s)")
     demo.add_argument("--every", type=int, default=DEMO_DEFAULTS["every"],
                       help="measure attention every N steps, in every run (%(default)s)")
-    demo.add_argument("--images-every", type=int, default=DEMO_DEFAULTS["images_every"],
+    demo.add_argument("--pictures-every", type=int, default=DEMO_DEFAULTS["pictures_every"],
                       help="draw TensorBoard pictures every N steps, in every run; 0: none "
                       "(%(default)s)")
     demo.add_argument("--batch-size", type=int, default=DEMO_DEFAULTS["batch_size"],

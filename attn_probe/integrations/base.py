@@ -12,7 +12,9 @@ from typing import Any, Callable, Iterable
 
 from .. import aggregate, notices
 from ..alerts import KINDS, AlertRules
-from ..probe import AttentionProbe
+from ..options import CaptureOptions
+from ..outputs import Output, TensorBoardOutput
+from ..probe import AlertCallback, AttentionProbe, check_settings
 from ..snapshot import Alert
 
 
@@ -70,10 +72,14 @@ class ProbeCallback:
     """The framework-independent half of a callback: makes the probe with the framework's
     defaults, closes the step that is open, and decides whether an alert stops training.
 
-    ``model``: the module to watch (default: the one the framework hands over);
-    ``stop_on``: the kinds of alert (of :data:`attn_probe.alerts.KINDS`) that stop training,
-    checked here (``ValueError``); ``probe_kwargs``: passed to
-    :class:`~attn_probe.AttentionProbe` (with its ``on_alert`` and warnings as there).
+    ``model``: the module to watch (default: the one the framework hands over); ``every``
+    (default: the framework's logging interval), ``offset``, ``capture``, ``alerts``,
+    ``outputs``, ``log_dir``, ``on_alert``, ``history``: as in
+    :class:`~attn_probe.AttentionProbe`, and checked here, when the callback is made; with
+    neither ``outputs`` nor ``log_dir`` the probe logs to TensorBoard in the framework's log
+    directory, where a ``TensorBoardOutput()`` given no directory logs too. ``stop_on``: the
+    kinds of alert (of :data:`attn_probe.alerts.KINDS`) that stop training, checked here
+    (``ValueError``).
 
     The decision to stop comes from the alerts of each closed step, which every process
     decides from the figures reduced over all of them: every process decides the same, at the
@@ -81,12 +87,28 @@ class ProbeCallback:
     none); the framework half asks its trainer to stop when :meth:`_close` says so.
     """
 
-    def __init__(self, model: Any = None, *, stop_on: str | Iterable[str] | None = (),
-                 **probe_kwargs: Any) -> None:
+    def __init__(
+        self,
+        model: Any = None,
+        *,
+        every: int | None = None,
+        offset: int = 0,
+        capture: CaptureOptions = CaptureOptions(),
+        alerts: AlertRules = AlertRules(),
+        outputs: Iterable[Output] = (),
+        log_dir: str | None = None,
+        on_alert: AlertCallback | None = None,
+        history: int = 0,
+        stop_on: str | Iterable[str] | None = (),
+    ) -> None:
         super().__init__()
         self.model = model
-        self.stop_on = check_stop_on(stop_on, probe_kwargs.get("alerts"))
-        self.probe_kwargs = probe_kwargs
+        self.settings = dict(offset=offset, capture=capture, alerts=alerts, on_alert=on_alert,
+                             history=history)
+        self.outputs = check_settings(every=1 if every is None else every, outputs=outputs,
+                                      log_dir=log_dir, **self.settings)
+        self.every = every
+        self.stop_on = check_stop_on(stop_on, alerts)
         self.probe: AttentionProbe | None = None
         self.stopped_by: Alert | None = None  #: the alert that stopped training
         self._open: int | None = None  # the step the coming forward passes belong to
@@ -97,13 +119,13 @@ class ProbeCallback:
         framework's defaults for options the user left out."""
         if self.probe is not None:
             self.probe.detach()
-        options = dict(self.probe_kwargs)
-        if options.get("writer") is None and options.get("log_dir") is None:
-            options.pop("writer", None)
-            options["log_dir"] = log_dir()
-        if "every" not in options:
-            options["every"] = max(1, int(every()))
-        self.probe = AttentionProbe(self.model if self.model is not None else target, **options)
+        for output in self.outputs:
+            if isinstance(output, TensorBoardOutput):
+                output.default_to(log_dir())
+        self.probe = AttentionProbe(
+            self.model if self.model is not None else target,
+            every=max(1, int(every())) if self.every is None else self.every,
+            outputs=self.outputs, log_dir=None if self.outputs else log_dir(), **self.settings)
         self.stopped_by = None
         self._open = None
 

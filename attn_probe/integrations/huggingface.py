@@ -3,10 +3,10 @@
 >>> from transformers import Trainer, TrainingArguments
 >>> from attn_probe.integrations.huggingface import AttentionProbeCallback
 >>> args = TrainingArguments(output_dir="out", logging_steps=50, max_steps=1000)
->>> probe_cb = AttentionProbeCallback(max_sequences=2, max_tokens=256)
+>>> probe_cb = AttentionProbeCallback(capture=CaptureOptions(batch_rows=2))
 >>> trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=[probe_cb])
 >>> trainer.train()          # rank90/max/L00, ... beside train/loss in out/runs/<time>_<host>
->>> probe_cb.probe.history   # the snapshots, also after training
+>>> probe_cb.probe.last   # the last snapshot, also after training
 
 Needs ``transformers`` (``pip install "attn_probe[hf]"``); without it, importing this module
 works but using :class:`AttentionProbeCallback` raises ``ImportError``.
@@ -79,11 +79,11 @@ if _TrainerCallback is not None:
                 ``"logit"``, ``"sink"``; see :mod:`attn_probe.alerts`), e.g.
                 ``("logit", "entropy")``; checked here (``ValueError`` for anything else, or for
                 a kind that ``alerts`` turns off). Default: none.
-            **probe_kwargs: passed to :class:`~attn_probe.AttentionProbe`. Defaults:
-                ``log_dir`` from :func:`default_log_dir` (unless ``writer`` is given) and
-                ``every`` = the Trainer's ``logging_steps`` (in steps, also when given as a
-                fraction of the run). An ``on_alert`` given here is still called for every
-                alert.
+            every, offset, capture, alerts, outputs, log_dir, on_alert, history: as in
+                :class:`~attn_probe.AttentionProbe`, checked when the callback is made.
+                Defaults: ``every`` = the Trainer's ``logging_steps`` (in steps, also when
+                given as a fraction of the run); with neither ``outputs`` nor ``log_dir``,
+                TensorBoard in :func:`default_log_dir`.
 
         Steps are numbered as the Trainer numbers them: optimizer step ``N`` (1-based) is the
         ``N``-th update, and the Trainer logs its loss at ``global_step == N``. The probe
@@ -126,7 +126,7 @@ if _TrainerCallback is not None:
                 model=model,
                 args=TrainingArguments(output_dir="out", logging_steps=50),
                 train_dataset=train_dataset,
-                callbacks=[AttentionProbeCallback(max_sequences=2, max_tokens=256,
+                callbacks=[AttentionProbeCallback(capture=CaptureOptions(batch_rows=2),
                                                   stop_on=("logit", "entropy"))],
             )
             trainer.train()  # then: tensorboard --logdir out/runs

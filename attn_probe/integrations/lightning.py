@@ -2,10 +2,10 @@
 
 >>> import lightning as L
 >>> from attn_probe.integrations.lightning import AttentionProbeCallback
->>> probe_cb = AttentionProbeCallback(every=100, max_sequences=2, max_tokens=256)
+>>> probe_cb = AttentionProbeCallback(every=100, capture=CaptureOptions(batch_rows=2))
 >>> trainer = L.Trainer(max_steps=10_000, callbacks=[probe_cb])
 >>> trainer.fit(lit_module, train_loader)  # rank90/max/L00, ... next to the logger's files
->>> probe_cb.probe.history
+>>> probe_cb.probe.last
 
 Needs ``lightning`` (``pip install "attn_probe[lightning]"``); without it, importing this module
 works but using :class:`AttentionProbeCallback` raises ``ImportError``.
@@ -14,7 +14,7 @@ works but using :class:`AttentionProbeCallback` raises ``ImportError``.
 from __future__ import annotations
 
 import os
-from typing import Any, Iterable
+from typing import Any
 
 from .base import ProbeCallback, optional_base
 
@@ -51,10 +51,11 @@ if _Callback is not None:
                 ``"logit"``, ``"sink"``; see :mod:`attn_probe.alerts`), e.g.
                 ``("logit", "entropy")``; checked here (``ValueError`` for anything else, or for
                 a kind that ``alerts`` turns off). Default: none.
-            **probe_kwargs: passed to :class:`~attn_probe.AttentionProbe`. Defaults:
-                ``log_dir`` from :func:`default_log_dir` (unless ``writer`` is given) and
-                ``every`` = the Trainer's ``log_every_n_steps`` (100 if that is 0). An
-                ``on_alert`` given here is still called for every alert.
+            every, offset, capture, alerts, outputs, log_dir, on_alert, history: as in
+                :class:`~attn_probe.AttentionProbe`, checked when the callback is made.
+                Defaults: ``every`` = the Trainer's ``log_every_n_steps`` (100 if that is 0);
+                with neither ``outputs`` nor ``log_dir``, TensorBoard in
+                :func:`default_log_dir`.
 
         Steps are numbered as Lightning numbers them: step ``s`` is the work that leads to
         optimizer step ``s`` (``trainer.global_step == s`` while its batches run, 0-based),
@@ -97,7 +98,7 @@ if _Callback is not None:
 
             trainer = L.Trainer(
                 max_steps=10_000, log_every_n_steps=50,
-                callbacks=[AttentionProbeCallback(max_sequences=2, max_tokens=256,
+                callbacks=[AttentionProbeCallback(capture=CaptureOptions(batch_rows=2),
                                                   stop_on=("logit", "entropy"))],
             )
             trainer.fit(lit_module, train_dataloader)
@@ -105,10 +106,9 @@ if _Callback is not None:
         """
 
         # lifecycle -------------------------------------------------------------------
-        def __init__(self, model: Any = None, *, stop_on: str | Iterable[str] | None = (),
-                     **probe_kwargs: Any) -> None:
-            probe_kwargs.setdefault("offset", -1)  # Lightning logs at (s + 1) % n == 0
-            super().__init__(model, stop_on=stop_on, **probe_kwargs)
+        def __init__(self, model: Any = None, *, offset: int = -1, **settings: Any) -> None:
+            # offset=-1: Lightning logs at the steps s with (s + 1) % n == 0.
+            super().__init__(model, offset=offset, **settings)
 
         def on_fit_start(self, trainer, pl_module) -> None:
             self._make_probe(pl_module, lambda: default_log_dir(trainer),

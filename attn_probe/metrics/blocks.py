@@ -27,10 +27,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["DEFAULT_MEMORY_BUDGET", "BlockPlan", "block_rows", "plan_blocks"]
+from ..options import DEFAULT_MEMORY_BUDGET
 
-#: Default bytes of working memory for one streaming pass.
-DEFAULT_MEMORY_BUDGET = 64 * 2**20
+__all__ = ["DEFAULT_MEMORY_BUDGET", "BlockPlan", "block_rows", "plan_blocks"]
 
 # Bytes held per score entry: the float64 scores and their float64 exponentials.
 _SCORE_BYTES = 16

@@ -18,9 +18,10 @@ import numpy as np
 import torch
 from matplotlib.figure import Figure
 
-from ..attention import DEFAULT_MATRIX_BUDGET, ModuleSelector
 from ..models.sampling import model_device
-from ..options import ONE_TOKEN, check_count, check_tau
+from ..options import (
+    DEFAULT_MATRIX_BUDGET, ONE_TOKEN, CaptureOptions, ModuleSelector, check_count, check_tau,
+)
 from ..outputs import figures
 from ..outputs.tables import html_table, layer_rows
 from ..protocol import Capture, capture, rank_profile
@@ -133,8 +134,9 @@ class Explorer:
                 loaded = self.source.loaded
                 ids = self.tokens[self.sequence : self.sequence + 1]
                 ids = ids.to(model_device(loaded.model))
-                with capture(loaded.model, modules=self.modules, max_sequences=1,
-                             max_tokens=self.window, matrix_budget=self.matrix_budget) as cap:
+                options = CaptureOptions(modules=self.modules, batch_rows=1, crop=self.window,
+                                         matrix_budget=self.matrix_budget)
+                with capture(loaded.model, options) as cap:
                     with torch.no_grad():
                         loaded(ids)
                 self.runs += 1
@@ -174,7 +176,7 @@ class Explorer:
         name = self.layer(layer).name
         key = (name, self.window, self.tau)
         if key not in self._figures:
-            found = self._recorded().metrics(self.tau, modules=[name], max_tokens=self.window)
+            found = self._recorded().metrics(self.tau, modules=[name], crop=self.window)
             self._figures[key] = {k: v[0].double().cpu().numpy() for k, v in found[name].items()}
         return self._figures[key]
 
@@ -250,9 +252,10 @@ class Explorer:
 
         with self._lock:
             try:
-                snapshot = rank_profile(loaded.model, batches(), max_sequences=count, tau=tau,
-                                        max_tokens=window, modules=self.modules,
-                                        matrix_budget=self.matrix_budget, on_batch=measured)
+                options = CaptureOptions(modules=self.modules, tau=tau, batch_rows=None,
+                                         crop=window, matrix_budget=self.matrix_budget)
+                snapshot = rank_profile(loaded.model, batches(), sequences=count,
+                                        capture=options, on_batch=measured)
             except ValueError:
                 if done[0] == 0 and cancel is not None and cancel.is_set():
                     return None

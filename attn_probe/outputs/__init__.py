@@ -3,7 +3,8 @@
 The last stage of the data flow: everything here reads :class:`~attn_probe.snapshot.Snapshot`
 objects (or plain arrays) and does no torch maths.
 
-* :mod:`.tensorboard` — :class:`TensorBoardWriter`, the tags and the custom-scalars layout;
+* :mod:`.base` — :class:`Output`, what the probe hands every output, and how;
+* :mod:`.tensorboard` — :class:`TensorBoardOutput`, the tags and the custom-scalars layout;
 * :mod:`.figures` — matplotlib figures (collapse map, MaxRank profile, heatmaps, head profiles,
   a summary of training runs);
 * :mod:`.health` — the head-state pictures: layers x heads, and each layer over the steps;
@@ -13,6 +14,7 @@ objects (or plain arrays) and does no torch maths.
 * :mod:`.report` — those runs as one self-contained HTML page, drawn with :mod:`.curves`.
 """
 
-from .tensorboard import TensorBoardWriter
+from .base import Output, check_outputs
+from .tensorboard import TensorBoardOutput
 
-__all__ = ["TensorBoardWriter"]
+__all__ = ["Output", "TensorBoardOutput", "check_outputs"]

@@ -43,14 +43,16 @@ Everything is logged at ``snapshot.step``.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any, Mapping, NamedTuple, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Mapping, NamedTuple, Sequence
 
 import numpy as np
 
 from ..alerts import KINDS
+from .. import notices
 from ..options import check_count
-from ..snapshot import DEFAULT_HEATMAP_HEADS, default_heatmaps, finite, percent
+from ..snapshot import DEFAULT_HEATMAP_HEADS, default_heatmaps, find_layer, finite, percent
 from . import figures, health
+from .base import Output
 from .tables import alerts_markdown
 
 if TYPE_CHECKING:
@@ -58,7 +60,7 @@ if TYPE_CHECKING:
 
     from ..snapshot import Alert, LayerSummary, Snapshot
 
-__all__ = ["TensorBoardWriter", "LAYOUT_CATEGORY", "SERIES", "Series"]
+__all__ = ["TensorBoardOutput", "LAYOUT_CATEGORY", "SERIES", "Series"]
 
 #: Category of the custom-scalars layout.
 LAYOUT_CATEGORY = "attn_probe"
@@ -130,58 +132,68 @@ def _head_tag(figure: str, p: int, layer: str, head: int) -> str:
     return f"{_HEAD_NAMES.get(figure, figure).format(P=p)}/head/{layer}/H{head:02d}"
 
 
-class TensorBoardWriter:
-    """Logs snapshots to TensorBoard.
+class TensorBoardOutput(Output):
+    """Logs snapshots to TensorBoard: the probe's default output (``log_dir=`` is short for
+    ``outputs=[TensorBoardOutput(log_dir)]``).
 
     Args:
-        writer: a ``torch.utils.tensorboard.SummaryWriter`` to log into. It stays the caller's:
-            :meth:`close` only flushes it. When ``None``, one is made in ``log_dir`` and closed
-            by :meth:`close`.
-        log_dir: directory of the writer made when ``writer`` is ``None`` (``None``: the
-            ``SummaryWriter`` default, ``runs/...``).
+        log_dir: where to make a ``SummaryWriter`` (``None``: the framework's log directory
+            when given to a Lightning or Hugging Face callback, else the ``SummaryWriter``
+            default ``runs/...``). It is made at the first write, on the process that logs.
+        writer: or a ``torch.utils.tensorboard.SummaryWriter`` of yours to log into; it stays
+            yours: :meth:`close` only flushes it.
         per_head: per-head scalars ``{figure}/head/Lxx/Hyy``: ``True`` for the heads an alert
             names (at most :data:`ALERT_HEADS` per layer and kind, from the alert's step on),
             ``"all"`` for every head, ``False`` for none.
-        heatmaps: which attention heatmaps to draw: layer (anything
-            :func:`~attn_probe.snapshot.find_layer` takes: module name, tag ``"L07"``, index,
-            ``-1`` for the last) -> head numbers (None: heads 0 to 3). Default: the first and
-            last layer, heads 0 to 3. An empty mapping draws none.
-        heatmap_tokens: heatmaps show at most this many first queries and keys.
+        pictures_every: draw pictures (head health, collapse map, MaxRank profile, heatmaps)
+            at the first sampled step and then at the first sampled step at or after each
+            multiple of this many steps; 0: never.
+        heatmaps: which attention heatmaps to draw: layer (a module name, a tag ``"L07"``, an
+            index, ``-1`` for the last) -> head numbers (None: heads 0 to 3). Default: the
+            first and last layer, heads 0 to 3. An empty mapping draws none. Layers are checked
+            against the monitored modules when the probe is made.
+        heatmap_crop: heatmaps show at most this many first queries and keys.
+        logit_cap: log a QK-Clip dry run at this threshold (nothing in the model changes):
+            each alerted head's factor ``min(1, cap / max_logit)`` and the share of heads above
+            the cap.
         custom_scalars: write the custom-scalars layout with the first snapshot. TensorBoard
             keeps one layout per run, so turn this off if you write your own into ``writer``.
-        logit_cap: log the QK-Clip view at this threshold: each head's factor
-            ``min(1, cap / max_logit)`` and the share of heads above the cap.
     """
 
     def __init__(
         self,
-        writer: "SummaryWriter | None" = None,
-        *,
         log_dir: str | None = None,
+        *,
+        writer: "SummaryWriter | None" = None,
         per_head: bool | str = True,
+        pictures_every: int = 1000,
         heatmaps: Mapping[str | int, Sequence[int] | None] | None = None,
-        heatmap_tokens: int = 64,
-        custom_scalars: bool = True,
+        heatmap_crop: int = 64,
         logit_cap: float | None = None,
+        custom_scalars: bool = True,
     ) -> None:
         if writer is not None and log_dir is not None:
-            raise ValueError("pass either a SummaryWriter or a log_dir, not both")
+            raise ValueError("pass log_dir (a SummaryWriter is made there) or writer, not both")
         if per_head not in (True, False, "all"):
             raise ValueError(f"per_head must be True (the heads an alert names), 'all' or "
                              f"False, got {per_head!r}")
-        check_count("heatmap_tokens", heatmap_tokens)
+        check_count("pictures_every", pictures_every, minimum=0)
+        check_count("heatmap_crop", heatmap_crop)
+        if logit_cap is not None and not (isinstance(logit_cap, (int, float)) and logit_cap > 0):
+            raise ValueError(f"logit_cap must be a positive number or None, got {logit_cap!r}")
+        self.log_dir = log_dir
+        self._writer = writer
         self._owns_writer = writer is None
-        if writer is None:
-            from torch.utils.tensorboard import SummaryWriter
-
-            writer = SummaryWriter(log_dir=log_dir)
-        self.writer = writer
         self.per_head = per_head
-        self.heatmaps = None if heatmaps is None else dict(heatmaps)
-        self.heatmap_tokens = int(heatmap_tokens)
+        self.pictures_every = pictures_every
+        self.heatmaps = None if heatmaps is None else _check_heatmaps(heatmaps)
+        self.heatmap_crop = heatmap_crop
         self.logit_cap = logit_cap
         self._layout_written = not custom_scalars
         self._closed = False
+        self._picture_due = 0  # the next step at or after which pictures are drawn
+        self._asked: tuple[int, int] | None = None  # the last step asked, and the answer
+        self._heads_checked: set[str] = set()
         #: (layer name, kind of alert) -> the heads with per-head scalars (per_head=True)
         self._watched: dict[tuple[str, str], list[int]] = {}
         #: kind of alert -> alerts of that kind so far
@@ -190,12 +202,59 @@ class TensorBoardWriter:
         self._health: dict[str, tuple[list[int], list[int]]] = {}  # tag -> steps, worst states
         self._health_alerts: list[tuple[int, str]] = []
 
+    @property
+    def writer(self) -> "SummaryWriter":
+        """The ``SummaryWriter`` written to (made in ``log_dir`` at the first use)."""
+        if self._writer is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._writer = SummaryWriter(log_dir=self.log_dir)
+        return self._writer
+
+    def default_to(self, log_dir: str) -> None:
+        """Log in ``log_dir`` if neither a directory nor a writer was given (what a framework
+        callback does with its run's directory)."""
+        if self.log_dir is None and self._writer is None:
+            self.log_dir = log_dir
+
+    # ------------------------------------------------------------------------- the protocol
+
+    def start(self, layers: Sequence[str]) -> None:
+        """Resolve ``heatmaps`` to the monitored modules' names (``ValueError`` for a layer
+        that is not monitored)."""
+        if self.heatmaps is None:
+            return
+        sites = [_Layer(name, index) for index, name in enumerate(layers)]
+        resolved: dict[str, list[int] | None] = {}
+        for key, heads in self.heatmaps.items():
+            try:
+                name = find_layer(sites, key).name
+            except KeyError as error:
+                raise ValueError(f"heatmaps: {error.args[0]}") from None
+            if heads is None:
+                resolved.setdefault(name, None)
+                continue
+            merged = resolved.get(name) or []
+            resolved[name] = merged + [h for h in heads if h not in merged]
+        self.heatmaps = resolved
+
+    def pictures(self, step: int) -> int:
+        if self._asked is not None and self._asked[0] == step:
+            return self._asked[1]
+        crop = 0
+        if self.pictures_every and step >= self._picture_due:
+            crop = self.heatmap_crop
+            self._picture_due = (step // self.pictures_every + 1) * self.pictures_every
+        self._asked = (step, crop)
+        return crop
+
     # ------------------------------------------------------------------------------ writing
 
-    def write(self, snapshot: "Snapshot", *, images: bool = True) -> None:
-        """Log a snapshot's scalars and, when ``images``, its figures, at ``snapshot.step``."""
+    def write(self, snapshot: "Snapshot") -> None:
+        """Log a snapshot's scalars and, at the steps :meth:`pictures` chooses, its pictures
+        (heatmaps of the attention samples it holds), at ``snapshot.step``."""
         if self._closed:
-            raise RuntimeError("TensorBoardWriter.write() after close()")
+            raise RuntimeError("TensorBoardOutput.write() after close()")
         if not self._layout_written:
             self.writer.add_custom_scalars(self.layout(snapshot))
             self._layout_written = True
@@ -205,8 +264,10 @@ class TensorBoardWriter:
             self._write_layer(snapshot, layer, state)
         self._write_alerts(snapshot)
         self._remember_health(snapshot, worst)
-        if images:
+        if self.pictures(snapshot.step):
+            self._check_heatmap_heads(snapshot)
             self._write_images(snapshot)
+        self.writer.flush()
 
     def _scalar(self, tag: str, value: float, step: int) -> None:
         if finite(value):
@@ -334,15 +395,31 @@ class TensorBoardWriter:
                 continue
             total = int(attention.shape[-1])
             crop = ""
-            if total > self.heatmap_tokens:
-                crop = f", first {self.heatmap_tokens} of {total} tokens"
+            if total > self.heatmap_crop:
+                crop = f", first {self.heatmap_crop} of {total} tokens"
             figure = figures.attention_heatmaps(
                 attention,
                 heads=available,
-                tokens=self.heatmap_tokens,
+                tokens=self.heatmap_crop,
                 title=f"{layer.tag} {layer.name}, step {step}{crop}",
             )
             self._image(f"attention/{layer.tag}", figure, step)
+
+    def _check_heatmap_heads(self, snapshot: "Snapshot") -> None:
+        """Warn once per layer about chosen heads it does not have (known once it ran)."""
+        for layer in snapshot.layers:
+            heads = (self.heatmaps or {}).get(layer.name)
+            if heads is None or layer.name in self._heads_checked:
+                continue
+            self._heads_checked.add(layer.name)
+            missing = [h for h in heads if h >= layer.num_heads]
+            if missing:
+                notices.warn(
+                    f"attn_probe: heatmaps: layer {layer.tag} ({layer.name}) has "
+                    f"{layer.num_heads} heads (0 to {layer.num_heads - 1}); head"
+                    f"{'s' if len(missing) > 1 else ''} {', '.join(map(str, missing))} "
+                    "cannot be drawn"
+                )
 
     def _image(self, tag: str, figure: Any, step: int) -> None:
         self.writer.add_image(tag, figures.figure_to_array(figure), global_step=step,
@@ -390,29 +467,50 @@ class TensorBoardWriter:
 
     # ---------------------------------------------------------------------------- lifecycle
 
-    def flush(self) -> None:
-        if not self._closed:
-            self.writer.flush()
-
     def close(self) -> None:
         """Close the writer this object made; only flush a writer it was given."""
         if self._closed:
             return
-        if self._owns_writer:
-            self.writer.close()
-        else:
-            self.writer.flush()
         self._closed = True
+        if self._writer is None:
+            return
+        if self._owns_writer:
+            self._writer.close()
+        else:
+            self._writer.flush()
 
-    def __enter__(self) -> "TensorBoardWriter":
+    def __enter__(self) -> "TensorBoardOutput":
         return self
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
     def __repr__(self) -> str:
-        return (
-            f"{type(self).__name__}(log_dir={getattr(self.writer, 'log_dir', None)!r}, "
-            f"per_head={self.per_head!r}, "
-            f"owns_writer={self._owns_writer})"
-        )
+        log_dir = self.log_dir if self._writer is None else getattr(self._writer, "log_dir", None)
+        return (f"{type(self).__name__}(log_dir={log_dir!r}, per_head={self.per_head!r}, "
+                f"owns_writer={self._owns_writer})")
+
+
+class _Layer(NamedTuple):
+    name: str
+    index: int
+
+
+def _check_heatmaps(heatmaps: Any) -> dict[str | int, list[int] | None]:
+    """``heatmaps`` as layer -> head numbers (None: the default heads), or ``ValueError`` /
+    ``TypeError`` for anything that cannot be one; the layers are resolved in ``start``."""
+    if not isinstance(heatmaps, Mapping):
+        raise TypeError(f"heatmaps must map layers to head numbers, got {heatmaps!r}")
+    checked: dict[str | int, list[int] | None] = {}
+    for key, heads in heatmaps.items():
+        if heads is None:
+            checked[key] = None
+            continue
+        if isinstance(heads, (str, bytes)) or not isinstance(heads, Iterable):
+            raise ValueError(f"heatmaps[{key!r}]: expected head numbers, got {heads!r}")
+        heads = list(heads)
+        for head in heads:
+            if isinstance(head, bool) or not isinstance(head, (int, np.integer)) or head < 0:
+                raise ValueError(f"heatmaps[{key!r}]: heads are numbers from 0, got {head!r}")
+        checked[key] = [int(h) for h in heads]
+    return checked

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from attn_probe import AttentionProbe
+from attn_probe import AttentionProbe, CaptureOptions, TensorBoardOutput
 from attn_probe.alerts import AlertRules
 from attn_probe.models.corpus import builtin_corpus
 
@@ -114,8 +114,9 @@ def train(config: RunConfig, out: str, rules: AlertRules = AlertRules()) -> str:
     from torch.utils.tensorboard import SummaryWriter
 
     with SummaryWriter(run_dir) as writer, AttentionProbe(
-        model, writer=writer, every=config.every, max_sequences=4,
-        max_tokens=shape.block_size, images_every=0, history=True, alerts=rules,
+        model, every=config.every, history=1000, alerts=rules,
+        capture=CaptureOptions(batch_rows=4, crop=shape.block_size),
+        outputs=[TensorBoardOutput(writer=writer, pictures_every=0)],
     ) as probe:
         for step in range(steps):
             lr = config.learning_rate(step)

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from attn_probe import capture
+from attn_probe import CaptureOptions, capture
 from attn_probe.attention import CaptureError, find_attention_modules, register_adapter
 from attn_probe.attention.adapters import find_adapter
 from reference import no_hooks_left
@@ -34,7 +34,9 @@ from toy_models import (
 def test_nanogpt_flash_matches_manual_softmax(nanogpt, strategy):
     x = tokens()
     ref = nano_reference(nanogpt, x)
-    with torch.no_grad(), capture(nanogpt, strategy=strategy) as cap:
+    with torch.no_grad(), capture(
+        nanogpt, CaptureOptions(batch_rows=None, crop=None, strategy=strategy),
+    ) as cap:
         nanogpt(x)
     assert cap.modules == ["blocks.0.attn", "blocks.1.attn"]
     want = "adapter:nanogpt-c_attn" if strategy == "adapter" else "intercept"
@@ -48,7 +50,9 @@ def test_adapter_sees_the_precision_the_model_used(nanogpt):
     got = {}
     for strategy in ("intercept", "adapter"):
         with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-            with capture(nanogpt, strategy=strategy) as cap:
+            with capture(
+                nanogpt, CaptureOptions(batch_rows=None, crop=None, strategy=strategy),
+            ) as cap:
                 nanogpt(x)
         got[strategy] = cap.attention
     assert_close_all(got["adapter"], got["intercept"].values(), "nanogpt autocast")
@@ -160,7 +164,7 @@ def test_merged_qkvo_adapter(merged_model, kind):
     print(f"max-error merged-qkvo {kind}: {err:.3g}")
     assert err <= TOL
     # cropped: the prefix's attention, for the first sequence only
-    with torch.no_grad(), capture(merged_model, max_tokens=20, max_sequences=1) as cap:
+    with torch.no_grad(), capture(merged_model, CaptureOptions(batch_rows=1, crop=20)) as cap:
         merged_model(x, block_mask)
     assert max_error(cap.attention["layers.0"], want[:1, :, :20, :20]) <= TOL
 
@@ -169,7 +173,9 @@ def test_merged_qkvo_adapter(merged_model, kind):
 def test_merged_qkvo_forced_interception_says_why(merged_model):
     block_mask, _ = merged_case("causal", 2, 16)
     with pytest.raises(CaptureError, match="strategy='auto'"):
-        with torch.no_grad(), capture(merged_model, strategy="intercept"):
+        with torch.no_grad(), capture(
+            merged_model, CaptureOptions(batch_rows=None, crop=None, strategy="intercept"),
+        ):
             merged_model(torch.randn(2, 16, 32), block_mask)
     assert no_hooks_left(merged_model)
 

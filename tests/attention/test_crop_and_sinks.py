@@ -30,7 +30,8 @@ def test_crop_under_an_additive_mask_keeps_every_key():
     bias = torch.zeros(9, 9)
     bias[:, 7] = -math.inf  # nobody sees key 7; every other key is open to every query
     bias[2, 3] = -2.5
-    with torch.no_grad(), capture(module, max_tokens=4) as cap:
+    options = attn_probe.CaptureOptions(batch_rows=None, crop=4)
+    with torch.no_grad(), capture(module, options) as cap:
         module(x, x, x, attn_mask=bias, need_weights=False)
     _, want = module(x, x, x, attn_mask=bias, average_attn_weights=False)
     (got,) = cap.attention.values()
@@ -44,7 +45,8 @@ def test_cross_attention_longer_than_max_tokens_is_measured_over_all_keys():
     module = mha()
     g = torch.Generator().manual_seed(2)
     queries, memory = torch.randn(2, 10, 16, generator=g), torch.randn(2, 400, 16, generator=g)
-    with torch.no_grad(), capture(module, max_tokens=256) as cap:
+    options = attn_probe.CaptureOptions(batch_rows=None, crop=256)
+    with torch.no_grad(), capture(module, options) as cap:
         module(queries, memory, memory, need_weights=False)
         figures = cap.metrics()
     _, want = module(queries, memory, memory, average_attn_weights=False)
@@ -80,7 +82,8 @@ def test_eager_bidirectional_crop_keeps_every_key():
     torch.manual_seed(0)
     module = EagerEncoderAttention()
     x = torch.randn(2, 12, 16, generator=torch.Generator().manual_seed(3)) * 3
-    with torch.no_grad(), capture(module, max_tokens=5) as cap:
+    options = attn_probe.CaptureOptions(batch_rows=None, crop=5)
+    with torch.no_grad(), capture(module, options) as cap:
         module(x)
         figures = cap.metrics()
     (got,) = cap.attention.values()
@@ -137,15 +140,22 @@ def test_matrix_budget_is_checked_before_anything_is_allocated():
     model = small_gpt().eval()
     x = torch.randint(0, 64, (2, 16))
     with pytest.raises(MemoryError, match=r"\(2, 4, 16, 16\) float32.*max_tokens="):
-        with torch.no_grad(), capture(model, matrix_budget=1000) as cap:
+        with torch.no_grad(), capture(
+            model, attn_probe.CaptureOptions(batch_rows=None, crop=None, matrix_budget=1000),
+        ) as cap:
             model(x)
-    with torch.no_grad(), capture(model, matrix_budget=2 * 4 * 16 * 16 * 4) as cap:
+    with torch.no_grad(), capture(
+        model,
+        attn_probe.CaptureOptions(batch_rows=None, crop=None, matrix_budget=2 * 4 * 16 * 16 * 4),
+    ) as cap:
         model(x)  # exactly at the budget: fine
     assert len(cap.attention) == 2
     # the probe never stops training for it: one warning, the step goes on unmeasured
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        with attn_probe.AttentionProbe(model, every=1, matrix_budget=1000) as probe:
+        with attn_probe.AttentionProbe(
+            model, every=1, capture=attn_probe.CaptureOptions(matrix_budget=1000), history=1000,
+        ) as probe:
             model(x)
             probe.step()
     assert any("matrix_budget" in str(w.message) for w in caught)

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from attn_probe import capture
+from attn_probe import CaptureOptions, capture
 from attn_probe.attention import find_attention_modules
 from toy_models import EncoderStack, tokens
 
@@ -31,7 +31,9 @@ def test_discovery_selectors(gpt2):
     assert pick("transformer.h.*.attn") == ["transformer.h.0.attn", "transformer.h.1.attn"]
     assert pick(lambda n, m: n.endswith("0.attn")) == ["transformer.h.0.attn"]
     x = tokens()
-    with torch.no_grad(), capture(model, modules="transformer.h.1.attn") as cap:
+    with torch.no_grad(), capture(
+        model, CaptureOptions(batch_rows=None, crop=None, modules="transformer.h.1.attn"),
+    ) as cap:
         model(x)
     assert list(cap.attention) == ["transformer.h.1.attn"]
     with pytest.raises(LookupError, match="nope"):

@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 
-from attn_probe import capture, rank_profile
+from attn_probe import CaptureOptions, capture, rank_profile
 from attn_probe.attention import AttentionInputs
 from attn_probe.metrics import full_context_metrics
 from toy_models import tokens
@@ -96,12 +96,13 @@ def test_captured_attention_keeps_input_positions(family, side, kernel, request)
         torch.testing.assert_close(got[pairs_h], ref[pairs_h], rtol=0, atol=1e-6, msg=name)
         # each real query's row is its whole distribution over the real keys
         torch.testing.assert_close(got.sum(-1), real[:, None].expand(3, 4, 12).float())
-    snapshot = rank_profile(model, [{"input_ids": batch, "attention_mask": mask}],
-                            max_sequences=3, samples=True)
+    snapshot = rank_profile(
+        model, [{"input_ids": batch, "attention_mask": mask}], samples=True, sequences=3,
+    )
     for name, got in cap.attention.items():
         torch.testing.assert_close(snapshot.samples[name], got[0], rtol=0, atol=0)
     # max_tokens crops positions: the first 8 queries (and keys, where exact: causal Llama)
-    with torch.no_grad(), capture(model, max_tokens=8) as cropped:
+    with torch.no_grad(), capture(model, CaptureOptions(batch_rows=None, crop=8)) as cropped:
         model(batch, attention_mask=mask)
     keys = 8 if family == "llama" else 12
     for name, got in cropped.attention.items():

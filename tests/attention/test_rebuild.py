@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from attn_probe import capture
+from attn_probe import CaptureOptions, capture
 from attn_probe.attention import attention_probabilities
 from toy_models import TOL, assert_close_all, max_error, nano_reference, tokens
 
@@ -60,7 +60,9 @@ def test_fully_masked_rows_are_zero(manual):
     mask = torch.rand(2, 1, 6, 6) < 0.7
     mask[..., torch.arange(6), torch.arange(6)] = True
     mask[0, :, 3] = False  # query 3 of sequence 0 may see no key
-    with torch.no_grad(), capture(module, modules="") as cap:
+    with torch.no_grad(), capture(
+        module, CaptureOptions(batch_rows=None, crop=None, modules=""),
+    ) as cap:
         module(x, mask)
     a = cap.attention[""]
     assert not torch.isnan(a).any()
@@ -93,7 +95,7 @@ def test_fully_masked_rows_multihead_attention():
 def test_causal_cropping_equals_prefix(gpt2, llama, nanogpt):
     x = tokens(t=16)
     for name, (model, eager) in {"gpt2": gpt2, "llama": llama}.items():
-        with torch.no_grad(), capture(model, max_tokens=7) as cap:
+        with torch.no_grad(), capture(model, CaptureOptions(batch_rows=None, crop=7)) as cap:
             model(x)
         assert all(a.shape[-2:] == (7, 7) for a in cap.attention.values())
         with torch.no_grad():
@@ -103,7 +105,9 @@ def test_causal_cropping_equals_prefix(gpt2, llama, nanogpt):
         torch.testing.assert_close(rows, torch.ones_like(rows))
     ref = nano_reference(nanogpt, x[:, :7])
     for strategy in ("intercept", "adapter"):
-        with torch.no_grad(), capture(nanogpt, max_tokens=7, strategy=strategy) as cap:
+        with torch.no_grad(), capture(
+            nanogpt, CaptureOptions(batch_rows=None, crop=7, strategy=strategy),
+        ) as cap:
             nanogpt(x)
         assert_close_all(cap.attention, ref, f"nanogpt cropped {strategy}")
 
@@ -112,9 +116,13 @@ def test_max_sequences_keeps_first_sequences(gpt2, nanogpt):
     x = tokens(b=5)
     for model in (gpt2[0], nanogpt):
         for strategy in ("intercept", "adapter") if model is nanogpt else ("auto",):
-            with torch.no_grad(), capture(model, strategy=strategy) as full:
+            with torch.no_grad(), capture(
+                model, CaptureOptions(batch_rows=None, crop=None, strategy=strategy),
+            ) as full:
                 model(x)
-            with torch.no_grad(), capture(model, max_sequences=2, strategy=strategy) as few:
+            with torch.no_grad(), capture(
+                model, CaptureOptions(batch_rows=2, crop=None, strategy=strategy),
+            ) as few:
                 model(x)
             for name, a in few.attention.items():
                 assert a.shape[0] == 2
@@ -128,7 +136,7 @@ def test_bidirectional_cropping_keeps_every_key(bert):
     x = tokens()
     mask = torch.ones_like(x)
     mask[1, 9:] = 0
-    with torch.no_grad(), capture(model, max_tokens=5) as cap:
+    with torch.no_grad(), capture(model, CaptureOptions(batch_rows=None, crop=5)) as cap:
         model(x, attention_mask=mask)
     with torch.no_grad():
         ref = eager(x, attention_mask=mask, output_attentions=True).attentions

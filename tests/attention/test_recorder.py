@@ -11,7 +11,7 @@ from extras_rule import extra
 import torch
 from torch import nn
 
-from attn_probe import capture
+from attn_probe import CaptureOptions, capture
 from reference import FIXTURE, no_hooks_left
 from toy_models import (
     padding_zeroed,
@@ -191,7 +191,7 @@ def test_stories260k_matches_eager():
     # drift apart (the SDPA kernel and eager attention round differently), not by the capture.
     assert max_error(cap.attention["model.layers.0.self_attn"], ref[0]) <= 1e-6
     assert_close_all(cap.attention, ref, "stories260K")
-    with torch.no_grad(), capture(model, max_tokens=20) as cap:
+    with torch.no_grad(), capture(model, CaptureOptions(batch_rows=None, crop=20)) as cap:
         model(x)
     with torch.no_grad():
         ref = eager(x[:, :20], output_attentions=True).attentions
@@ -293,7 +293,9 @@ def test_a_shallow_copy_of_a_monitored_module_is_not_measured(nanogpt, strategy)
     x = tokens()
     want = nano_reference(nanogpt, x)
     attn = nanogpt.blocks[0].attn
-    with torch.no_grad(), capture(nanogpt, strategy=strategy) as cap:
+    with torch.no_grad(), capture(
+        nanogpt, CaptureOptions(batch_rows=None, crop=None, strategy=strategy),
+    ) as cap:
         twin = copy.copy(attn)
         assert twin._forward_pre_hooks is attn._forward_pre_hooks  # the hooks fire for it
         twin(torch.randn(2, 5, 32, generator=torch.Generator().manual_seed(4)))

@@ -30,7 +30,8 @@ def train(log_dir, qk_norm: bool) -> list:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the probe warns about each alert
         with SummaryWriter(str(log_dir)) as writer, attn_probe.AttentionProbe(
-            model, writer=writer, every=EVERY, images_every=2 * EVERY, max_sequences=2
+            model, every=EVERY, capture=attn_probe.CaptureOptions(batch_rows=2),
+            outputs=[attn_probe.TensorBoardOutput(writer=writer, pictures_every=2 * EVERY)],
         ) as probe:
             for step, window in enumerate(batches):
                 _, loss = model(window[:, :-1], window[:, 1:])

@@ -22,6 +22,7 @@ import torch
 
 import unstable_run
 from attn_probe.cli.report import write_report
+from attn_probe import CaptureOptions, TensorBoardOutput
 from reference import (
     assert_alert_logged,
     assert_logged,
@@ -95,8 +96,10 @@ def test_huggingface_trainer_logs_first_micro_batch_of_sampled_steps(tmp_path, m
         eval_strategy="steps", eval_steps=1, eval_on_start=True, disable_tqdm=True,
         dataloader_num_workers=0, seed=0,
     )
-    callback = AttentionProbeCallback(max_sequences=MAX_SEQUENCES, max_tokens=MAX_TOKENS,
-                                      per_head="all")
+    callback = AttentionProbeCallback(
+        capture=CaptureOptions(batch_rows=MAX_SEQUENCES, crop=MAX_TOKENS),
+        outputs=[TensorBoardOutput(per_head="all")],
+    )
     trainer = transformers.Trainer(
         model=model, args=args, train_dataset=train, eval_dataset=evaluation,
         data_collator=collate, callbacks=[Weights(), callback],
@@ -180,9 +183,10 @@ def unstable_hf_run(tmp_path, name: str, **callback_options):
         save_strategy="no", disable_tqdm=True, dataloader_num_workers=0, seed=0,
     )
     seen = []
-    callback = AttentionProbeCallback(max_sequences=2, images_every=0,
-                                      on_alert=lambda alert, snapshot: seen.append(alert),
-                                      **callback_options)
+    callback = AttentionProbeCallback(
+        on_alert=lambda alert, snapshot: seen.append(alert), capture=CaptureOptions(batch_rows=2),
+        **callback_options,
+    )
     trainer = transformers.Trainer(
         model=model, args=args, train_dataset=list(unstable_run.windows(8 * 25)),
         eval_dataset=list(unstable_run.windows(8, seed=1)),

@@ -22,6 +22,7 @@ import torch
 import unstable_run
 from attn_probe.cli.report import write_report
 from attn_probe.models.gpt import GPT, GPTConfig
+from attn_probe import CaptureOptions, TensorBoardOutput
 from reference import (
     assert_alert_logged,
     assert_logged,
@@ -97,8 +98,10 @@ def test_lightning_trainer_logs_first_micro_batch_of_sampled_steps(tmp_path):
     val = torch.utils.data.DataLoader(random_tokens(6, 21, GPT_CONFIG["vocab_size"], seed=4),
                                       batch_size=3)
     logger = TensorBoardLogger(save_dir=str(tmp_path), name="lightning_logs")
-    callback = AttentionProbeCallback(max_sequences=MAX_SEQUENCES, max_tokens=MAX_TOKENS,
-                                      per_head="all")
+    callback = AttentionProbeCallback(
+        capture=CaptureOptions(batch_rows=MAX_SEQUENCES, crop=MAX_TOKENS),
+        outputs=[TensorBoardOutput(per_head="all")],
+    )
     trainer = L.Trainer(
         accelerator="cpu", devices=1, max_steps=6, accumulate_grad_batches=2,
         log_every_n_steps=2, logger=logger, enable_checkpointing=False,
@@ -137,7 +140,9 @@ def test_lightning_exception_removes_hooks_and_keeps_what_was_measured(tmp_path)
     from attn_probe.integrations.lightning import AttentionProbeCallback
 
     module = lit_gpt_class(L, fail_at_step=3)()
-    callback = AttentionProbeCallback(every=2, max_sequences=MAX_SEQUENCES, max_tokens=MAX_TOKENS)
+    callback = AttentionProbeCallback(
+        every=2, capture=CaptureOptions(batch_rows=MAX_SEQUENCES, crop=MAX_TOKENS),
+    )
     trainer = L.Trainer(
         accelerator="cpu", devices=1, max_steps=6, logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(tmp_path),
@@ -193,9 +198,10 @@ def unstable_lightning_run(L, tmp_path, name: str, **callback_options):
             return unstable_run.optimizer(self.parameters())
 
     seen = []
-    callback = AttentionProbeCallback(max_sequences=2, images_every=0,
-                                      on_alert=lambda alert, snapshot: seen.append(alert),
-                                      **callback_options)
+    callback = AttentionProbeCallback(
+        on_alert=lambda alert, snapshot: seen.append(alert), capture=CaptureOptions(batch_rows=2),
+        **callback_options,
+    )
     logger = TensorBoardLogger(save_dir=str(tmp_path / name), name="lightning_logs")
     trainer = L.Trainer(
         accelerator="cpu", devices=1, max_steps=20, log_every_n_steps=4,

@@ -93,7 +93,8 @@ def test_the_pickers_name_layers_as_the_package_does(view):
 
 def test_heatmap_and_per_head_figures_follow_the_pickers(model, view, calls):
     ref = reference(model)
-    with attn_probe.capture(model, max_sequences=1) as cap, torch.no_grad():
+    options = attn_probe.CaptureOptions(batch_rows=1, crop=None)
+    with attn_probe.capture(model, options) as cap, torch.no_grad():
         model(TOKENS[:1])
     figures = cap.metrics(0.9)
     calls.clear()  # the reference and capture() passes
@@ -157,8 +158,10 @@ def test_run_measures_max_rank_over_every_sequence(model, view):
     view.window.value = 12
     view.run.click()
     view.wait(60)
-    want = attn_probe.rank_profile(model, TOKENS.split(2), max_sequences=6, tau=0.8,
-                                   max_tokens=12)
+    want = attn_probe.rank_profile(
+        model, TOKENS.split(2), sequences=6,
+        capture=attn_probe.CaptureOptions(batch_rows=None, crop=12, tau=0.8),
+    )
     np.testing.assert_array_equal(profile_line(view), want.max_rank_profile())
     assert view.progress.value == 6
     assert view.status.value == "MaxRank@80% over 6 of 6 sequences"
@@ -175,7 +178,7 @@ def test_cancel_keeps_what_was_measured(model, view):
     view.wait(60)
     assert view.status.value == "cancelled: MaxRank@90% over 4 of 6 sequences"
     assert not view.run.disabled and view.cancel.disabled
-    want = attn_probe.rank_profile(model, TOKENS[:4].split(2), max_sequences=4)
+    want = attn_probe.rank_profile(model, TOKENS[:4].split(2), sequences=4)
     np.testing.assert_array_equal(profile_line(view), want.max_rank_profile())
 
 
@@ -224,7 +227,7 @@ def test_outside_a_notebook_explore_returns_the_figures(model):
     assert sorted(figures) == ["head_profiles", "heatmap", "max_rank_profile"]
     (image,) = figures["heatmap"].axes[0].images
     np.testing.assert_allclose(image.get_array(), reference(model)[2][1].numpy(), atol=1e-6)
-    want = attn_probe.rank_profile(model, TOKENS.split(4), max_sequences=6)
+    want = attn_probe.rank_profile(model, TOKENS.split(4), sequences=6)
     line = figures["max_rank_profile"].axes[0].lines[0]
     np.testing.assert_array_equal(line.get_ydata(), want.max_rank_profile())
 

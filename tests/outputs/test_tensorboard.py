@@ -1,4 +1,4 @@
-"""TensorBoardWriter: snapshots written to event files, read back and checked."""
+"""TensorBoardOutput: snapshots written to event files, read back and checked."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from torch.utils.tensorboard import SummaryWriter
 from attn_probe.outputs import figures as plots
 from attn_probe.aggregate import HeadAccumulator
 from attn_probe.snapshot import Alert, Snapshot
-from attn_probe.outputs import TensorBoardWriter
+from attn_probe.outputs import TensorBoardOutput
 from reference import (
     markdown_rows,
     read_events,
@@ -190,9 +190,9 @@ def scalar_log(run, tmp_path_factory):
     (log dir, tag -> [(step, value), ...])."""
     snapshots, _ = run
     path = tmp_path_factory.mktemp("scalars")
-    with TensorBoardWriter(log_dir=str(path), per_head="all") as writer:
+    with TensorBoardOutput(str(path), pictures_every=0, per_head="all") as writer:
         for snapshot in snapshots:
-            writer.write(snapshot, images=False)
+            writer.write(snapshot)
     return path, scalar_events(path)
 
 
@@ -203,7 +203,7 @@ def image_log(run, tmp_path_factory):
     snapshots, _ = run
     path = tmp_path_factory.mktemp("images")
     user = SummaryWriter(log_dir=str(path))
-    writer = TensorBoardWriter(user, per_head=False)
+    writer = TensorBoardOutput(per_head=False, writer=user, pictures_every=STEPS[1])
     for snapshot in snapshots[:2]:
         writer.write(snapshot)
     writer.close()
@@ -270,9 +270,9 @@ def test_layer_without_data_writes_only_nonfinite(scalar_log):
 
 def test_per_head_off(run, tmp_path):
     snapshots, expected = run
-    with TensorBoardWriter(log_dir=str(tmp_path), per_head=False) as writer:
+    with TensorBoardOutput(str(tmp_path), pictures_every=0, per_head=False) as writer:
         for snapshot in snapshots:
-            writer.write(snapshot, images=False)
+            writer.write(snapshot)
     tags = set(scalar_events(tmp_path))
     assert tags == set(expected_scalars(expected, per_head=False))
     assert not [tag for tag in tags if "/head/" in tag]
@@ -280,7 +280,7 @@ def test_per_head_off(run, tmp_path):
 
 def test_tau_sets_tag_percent(tmp_path):
     snapshots, _ = build_run(seed=1, tau=0.8)
-    with TensorBoardWriter(log_dir=str(tmp_path), per_head=False, heatmaps={}) as writer:
+    with TensorBoardOutput(str(tmp_path), per_head=False, heatmaps={}) as writer:
         writer.write(snapshots[0])
     scalars, images = set(scalar_events(tmp_path)), set(read_images(tmp_path))
     assert "rank80/max/L00" in scalars and "columns80/max/L03" in scalars
@@ -313,9 +313,9 @@ def test_custom_scalars_layout_written_once(run, scalar_log):
 
 
 def test_empty_snapshot_and_layout_off(tmp_path):
-    with TensorBoardWriter(log_dir=str(tmp_path), custom_scalars=False) as writer:
+    with TensorBoardOutput(str(tmp_path), custom_scalars=False) as writer:
         writer.write(Snapshot(step=1, tau=0.9, layers=()))
-        assert "TensorBoardWriter" in repr(writer)
+        assert "TensorBoardOutput" in repr(writer)
     # nothing at all was written: no scalar, image, tensor or layout
     assert not [value for event in read_events(tmp_path) for value in event.summary.value]
 
@@ -365,8 +365,7 @@ def test_heatmap_choice_and_crop(run, tmp_path, monkeypatch):
 
     monkeypatch.setattr(plots, "attention_heatmaps", spy)
     choice = {"encoder.2.attn": [1, 99], "L00": [3], -1: [0, 2], "not.a.layer": [0], 1: [0]}
-    with TensorBoardWriter(log_dir=str(tmp_path), heatmaps=choice,
-                           heatmap_tokens=16) as writer:
+    with TensorBoardOutput(str(tmp_path), heatmaps=choice, heatmap_crop=16) as writer:
         writer.write(snapshot)
     # layer 1 has no sample; head 99 does not exist; unknown names are skipped
     assert set(read_images(tmp_path)) == {
@@ -378,10 +377,10 @@ def test_heatmap_choice_and_crop(run, tmp_path, monkeypatch):
 
 def test_images_off_and_no_heatmaps(run, tmp_path):
     snapshots, _ = run
-    with TensorBoardWriter(log_dir=str(tmp_path / "off")) as writer:
-        writer.write(snapshots[0], images=False)
+    with TensorBoardOutput(str(tmp_path / "off"), pictures_every=0) as writer:
+        writer.write(snapshots[0])
     assert read_images(tmp_path / "off") == {}
-    with TensorBoardWriter(log_dir=str(tmp_path / "none"), heatmaps={}) as writer:
+    with TensorBoardOutput(str(tmp_path / "none"), heatmaps={}) as writer:
         writer.write(snapshots[0])
     assert set(read_images(tmp_path / "none")) == {
         "collapse_map/rank90", "profile/max_rank90"}
@@ -390,8 +389,8 @@ def test_images_off_and_no_heatmaps(run, tmp_path):
 def test_user_writer_is_flushed_not_closed(run, tmp_path):
     snapshots, _ = run
     user = SummaryWriter(log_dir=str(tmp_path))
-    with TensorBoardWriter(user) as writer:
-        writer.write(snapshots[0], images=False)
+    with TensorBoardOutput(writer=user, pictures_every=0) as writer:
+        writer.write(snapshots[0])
     assert user.file_writer is not None and user.all_writers is not None
     # flushed on close: readable while the user's writer is still open
     assert "rank90/max/L00" in scalar_events(tmp_path)
@@ -403,9 +402,9 @@ def test_user_writer_is_flushed_not_closed(run, tmp_path):
 
 def test_owned_writer_closed_and_complete(run, tmp_path):
     snapshots, expected = run
-    writer = TensorBoardWriter(log_dir=str(tmp_path), per_head=False, heatmaps={})
+    writer = TensorBoardOutput(str(tmp_path), pictures_every=0, per_head=False, heatmaps={})
     for snapshot in snapshots:
-        writer.write(snapshot, images=False)
+        writer.write(snapshot)
     writer.close()
     assert writer.writer.all_writers is None  # the SummaryWriter it made is closed
     writer.close()  # idempotent
@@ -421,7 +420,7 @@ def test_writer_and_log_dir_exclusive(tmp_path):
     user = SummaryWriter(log_dir=str(tmp_path))
     try:
         with pytest.raises(ValueError):
-            TensorBoardWriter(user, log_dir=str(tmp_path))
+            TensorBoardOutput(str(tmp_path), writer=user)
     finally:
         user.close()
 
@@ -457,8 +456,9 @@ def test_qk_clip_dry_run_and_alerts(tmp_path, per_head):
     snapshot = logit_snapshot()
     (alert,) = snapshot.alerts
     assert alert.kind == "logit" and alert.heads == (1,)
-    with TensorBoardWriter(log_dir=str(tmp_path), logit_cap=100.0, per_head=per_head) as writer:
-        writer.write(snapshot, images=False)
+    with TensorBoardOutput(str(tmp_path), pictures_every=0, logit_cap=100.0,
+                           per_head=per_head) as writer:
+        writer.write(snapshot)
     scalars = read_scalars(tmp_path)
     max_logit = np.array([50.0, 400.0, 100.0, 250.0])
     want = np.minimum(1.0, 100.0 / max_logit)  # 1, 0.25, 1, 0.4
@@ -524,9 +524,9 @@ def test_per_head_scalars_follow_the_heads_an_alert_names(tmp_path):
         full_snapshot(10, entropy_norm_full=entropy, max_logit=logits,
                       alerts=[make_alert("logit", 10, [7], 900.0)]),
     ]
-    with TensorBoardWriter(log_dir=str(tmp_path)) as writer:
+    with TensorBoardOutput(str(tmp_path), pictures_every=0) as writer:
         for snapshot in snapshots:
-            writer.write(snapshot, images=False)
+            writer.write(snapshot)
     scalars = read_scalars(tmp_path)
     per_head = {tag: series for tag, series in scalars.items() if "/head/" in tag}
     # heads 0-5 named; the four with the lowest entropy are 2, 4, 5 and 0
@@ -539,7 +539,7 @@ def test_per_head_scalars_follow_the_heads_an_alert_names(tmp_path):
     assert scalars["alert/entropy"] == {0: 0.0, 5: 1.0, 10: 1.0}
     assert scalars["alert/logit"] == {0: 0.0, 5: 0.0, 10: 1.0}
     with pytest.raises(ValueError, match="per_head must be"):
-        TensorBoardWriter(log_dir=str(tmp_path / "x"), per_head="some")
+        TensorBoardOutput(str(tmp_path / "x"), per_head="some")
 
 
 def test_health_scalars_images_and_timeline(tmp_path):
@@ -551,9 +551,9 @@ def test_health_scalars_images_and_timeline(tmp_path):
     states = [[1, 1, 2, 1], [1, 5, 2, 3], [6, 5, 1, 1]]
     snapshots = [full_snapshot(step, heads=4, states=codes)
                  for step, codes in zip((0, 5, 10), states)]
-    with TensorBoardWriter(log_dir=str(tmp_path), heatmaps={}) as writer:
-        for i, snapshot in enumerate(snapshots):
-            writer.write(snapshot, images=i != 1)
+    with TensorBoardOutput(str(tmp_path), heatmaps={}, pictures_every=10) as writer:
+        for snapshot in snapshots:  # pictures at steps 0 and 10
+            writer.write(snapshot)
     scalars = read_scalars(tmp_path)
     assert scalars["health/L00"] == {0: 2.0, 5: 5.0, 10: 6.0}  # the worst (largest) code
     images = read_images(tmp_path)
@@ -582,7 +582,9 @@ def test_a_32_layer_32_head_model_stays_within_the_tag_bound(tmp_path):
 
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=64, block_size=16, n_layer=32, n_head=32, n_embd=64))
-    with AttentionProbe(model, log_dir=str(tmp_path), every=1, images_every=0) as probe:
+    with AttentionProbe(
+        model, every=1, outputs=[TensorBoardOutput(str(tmp_path), pictures_every=0)],
+    ) as probe:
         for _ in range(2):
             model(torch.randint(64, (2, 16)))
             probe.step()
