@@ -393,7 +393,7 @@ def _lightning_stop(folder: Path, rank: int) -> None:
 
     seen = []
     callback = AttentionProbeCallback(
-        stop_on=("logit",), on_alert=lambda alert, snapshot: seen.append(alert),
+        history=1000, stop_on=("logit",), on_alert=lambda alert, snapshot: seen.append(alert),
         capture=CaptureOptions(batch_rows=CAPTURE.batch_rows),
     )
     trainer = L.Trainer(

@@ -25,6 +25,7 @@ from torch.utils.tensorboard import SummaryWriter
 import attn_probe
 import attn_probe.probe
 from attn_probe.models.gpt import GPT, GPTConfig
+from attn_probe.options import CaptureOptions
 from attn_probe.outputs import TensorBoardOutput
 from reference import hooks_on, process_state, read_scalars
 
@@ -217,7 +218,8 @@ def test_framework_runs_raising_mid_run_leave_nothing(tmp_path):
                 per_device_train_batch_size=2, report_to="none", use_cpu=True,
                 save_strategy="no", disable_tqdm=True, dataloader_num_workers=0,
             )
-            callback = HFCallback(log_dir=str(log_dir), max_tokens=T, images_every=0)
+            callback = HFCallback(outputs=[TensorBoardOutput(str(log_dir), pictures_every=0)],
+                                  capture=CaptureOptions(crop=T))
             trainer = transformers.Trainer(
                 model=module, args=args, train_dataset=data, callbacks=[callback],
                 data_collator=lambda f: {"input_ids": torch.stack(f)},
@@ -225,7 +227,8 @@ def test_framework_runs_raising_mid_run_leave_nothing(tmp_path):
             sampled = range(1, steps + 1)  # the Trainer's 1-based steps
         else:
             module = LitModel()
-            callback = LCallback(log_dir=str(log_dir), every=1, max_tokens=T, images_every=0)
+            callback = LCallback(outputs=[TensorBoardOutput(str(log_dir), pictures_every=0)],
+                                 every=1, capture=CaptureOptions(crop=T))
             trainer = L.Trainer(
                 accelerator="cpu", max_steps=steps, logger=False, enable_checkpointing=False,
                 enable_progress_bar=False, enable_model_summary=False,

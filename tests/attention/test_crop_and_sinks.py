@@ -159,4 +159,4 @@ def test_matrix_budget_is_checked_before_anything_is_allocated():
             model(x)
             probe.step()
     assert any("matrix_budget" in str(w.message) for w in caught)
-    assert probe.history == []
+    assert list(probe.history) == []

@@ -70,7 +70,7 @@ def assert_summary_picture(path):
 def test_demo_subprocess_writes_three_runs_and_a_summary(tmp_path):
     done = subprocess.run(
         [sys.executable, "-m", "attn_probe.cli", "demo", "--steps", "6", "--every", "2",
-         "--images-every", "4", "--layers", "2", "--batch-size", "4", "--log-dir", "tb"],
+         "--pictures-every", "4", "--layers", "2", "--batch-size", "4", "--log-dir", "tb"],
         cwd=tmp_path, env=repo_env(), capture_output=True, text=True, timeout=300,
     )
     assert done.returncode == 0, done.stderr[-3000:]
@@ -133,7 +133,7 @@ def test_demo_runs_option_picks_runs_and_bad_options_are_one_line_errors(capsys)
         main(["demo", "--runs", "unstable,nope"])
     err = capsys.readouterr().err
     assert exited.value.code == 2 and "'nope'" in err and "stable," in err
-    for bad in (["--steps", "0"], ["--every", "0"], ["--images-every", "-1"]):
+    for bad in (["--steps", "0"], ["--every", "0"], ["--pictures-every", "-1"]):
         assert main(["demo", *bad]) == 2
         err = capsys.readouterr().err
         assert err.startswith(f"attn-probe demo: error: {bad[0]} must be") and err.count("\n") == 1
@@ -148,7 +148,7 @@ def test_demo_replaces_its_own_earlier_runs_and_nothing_else(tmp_path, capsys, s
     shows each step once); it deletes nothing it did not write, and refuses, in one line, to
     replace a run directory that holds anything else."""
     log_dir = tmp_path / "tb"
-    tiny = ["--steps", "2", "--every", "1", "--images-every", "0", "--layers", "1",
+    tiny = ["--steps", "2", "--every", "1", "--pictures-every", "0", "--layers", "1",
             "--batch-size", "1", "--log-dir", str(log_dir)]
     steps = {"stable": [0, 1], "unstable": [0, 1], "unstable_qk_norm": [0, 1]}
 
@@ -210,7 +210,7 @@ def test_demo_trains_on_one_thread_and_gives_the_others_back(tmp_path):
     torch.set_num_threads(2)
     try:
         config = DemoConfig(log_dir=str(tmp_path), steps=2, n_layer=1, batch_size=1,
-                            block_size=8, every=1, images_every=0)
+                            block_size=8, every=1, pictures_every=0)
         assert config.threads == 1
         run_demo(config, progress=lambda *_: seen.append(torch.get_num_threads()))
         assert seen == [1, 1] and torch.get_num_threads() == 2
@@ -249,7 +249,7 @@ def test_query_and_key_steps_are_scaled_and_nothing_else():
 def test_unstable_run_raises_alerts_and_the_others_none(tmp_path, capsys, recwarn,
                                                         single_thread):
     base = DemoConfig(log_dir=str(tmp_path), block_size=64, batch_size=8, n_layer=2,
-                      every=5, images_every=0, max_sequences=2)
+                      every=5, pictures_every=0, batch_rows=2)
     configs = [dataclasses.replace(c, steps=15) for c in demo_configs(base, RUNS)]
     results = {r.name: r for r in report_demo(configs, str(tmp_path))}
     out, err = capsys.readouterr()

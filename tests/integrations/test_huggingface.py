@@ -97,7 +97,7 @@ def test_huggingface_trainer_logs_first_micro_batch_of_sampled_steps(tmp_path, m
         dataloader_num_workers=0, seed=0,
     )
     callback = AttentionProbeCallback(
-        capture=CaptureOptions(batch_rows=MAX_SEQUENCES, crop=MAX_TOKENS),
+        history=1000, capture=CaptureOptions(batch_rows=MAX_SEQUENCES, crop=MAX_TOKENS),
         outputs=[TensorBoardOutput(per_head="all")],
     )
     trainer = transformers.Trainer(
@@ -184,7 +184,8 @@ def unstable_hf_run(tmp_path, name: str, **callback_options):
     )
     seen = []
     callback = AttentionProbeCallback(
-        on_alert=lambda alert, snapshot: seen.append(alert), capture=CaptureOptions(batch_rows=2),
+        history=1000, on_alert=lambda alert, snapshot: seen.append(alert),
+        capture=CaptureOptions(batch_rows=2),
         **callback_options,
     )
     trainer = transformers.Trainer(

@@ -99,7 +99,7 @@ def test_lightning_trainer_logs_first_micro_batch_of_sampled_steps(tmp_path):
                                       batch_size=3)
     logger = TensorBoardLogger(save_dir=str(tmp_path), name="lightning_logs")
     callback = AttentionProbeCallback(
-        capture=CaptureOptions(batch_rows=MAX_SEQUENCES, crop=MAX_TOKENS),
+        history=1000, capture=CaptureOptions(batch_rows=MAX_SEQUENCES, crop=MAX_TOKENS),
         outputs=[TensorBoardOutput(per_head="all")],
     )
     trainer = L.Trainer(
@@ -141,7 +141,8 @@ def test_lightning_exception_removes_hooks_and_keeps_what_was_measured(tmp_path)
 
     module = lit_gpt_class(L, fail_at_step=3)()
     callback = AttentionProbeCallback(
-        every=2, capture=CaptureOptions(batch_rows=MAX_SEQUENCES, crop=MAX_TOKENS),
+        history=1000, every=2,
+        capture=CaptureOptions(batch_rows=MAX_SEQUENCES, crop=MAX_TOKENS),
     )
     trainer = L.Trainer(
         accelerator="cpu", devices=1, max_steps=6, logger=False, enable_checkpointing=False,
@@ -199,7 +200,8 @@ def unstable_lightning_run(L, tmp_path, name: str, **callback_options):
 
     seen = []
     callback = AttentionProbeCallback(
-        on_alert=lambda alert, snapshot: seen.append(alert), capture=CaptureOptions(batch_rows=2),
+        history=1000, on_alert=lambda alert, snapshot: seen.append(alert),
+        capture=CaptureOptions(batch_rows=2),
         **callback_options,
     )
     logger = TensorBoardLogger(save_dir=str(tmp_path / name), name="lightning_logs")

@@ -143,7 +143,7 @@ def test_mistakes_are_one_line_in_explores_words(gpt, tmp_path, model, inputs, k
 
 def test_command_line_words_become_keywords():
     assert in_keywords("--data x.txt: no such file") == "inputs x.txt: no such file"
-    assert in_keywords("measuring 3 instead of --n 10; see --tokens") == \
+    assert in_keywords("measuring 3 instead of --sequences 10; see --tokens") == \
         "measuring 3 instead of sequences 10; see tokens"
     assert in_keywords("pass --trust-remote-code if you trust it") == \
         "pass trust_remote_code=True if you trust it"
