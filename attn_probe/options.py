@@ -86,9 +86,13 @@ class CaptureOptions:
         strategy: ``"auto"`` (intercept each module's kernel calls, rebuild from its weights
             where the kernel cannot be seen), ``"intercept"`` or ``"adapter"``.
         tau: the share of energy (rank@tau) and of squared mass (columns@tau); the paper's 0.9.
-        batch_rows: how many rows of each attention call's batch are measured (None: all). A
-            row is a sequence for a language model; for windowed attention (Swin) the kernel's
-            batch holds windows, so a row is one window of the first image.
+        batch_rows: how many rows of the model's input batch are measured per sampled pass
+            (None: all): sequences for a language model, images for a vision model. Where an
+            attention kernel's batch holds several rows per input row (windowed attention such
+            as Swin: each image's windows, in order) every window of those rows is measured.
+            The batch of the model's input is its first tensor argument's first dimension when
+            that tensor is token ids ``(B, T)`` or images ``(B, C, H, W)``; otherwise, and
+            for adapters, a row is a row of the attention call.
         crop: the figures of the attention matrix (rank@tau, columns@tau, and the heatmaps)
             use its first ``crop`` queries, and keys where that is exact (causal attention:
             the matrix of a prefix); None: every token. The whole-sequence figures (``*_full``,

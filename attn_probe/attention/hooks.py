@@ -46,6 +46,9 @@ class Target(Protocol):
     def unwind(self, depth: int) -> None:
         """Close what the site forwards above ``depth`` opened (they will not return)."""
 
+    def model_input(self, args: tuple, kwargs: dict) -> None:
+        """The watched model's forward is about to run with ``args`` and ``kwargs``."""
+
 _set_stance = getattr(torch.compiler, "set_stance", None)  # torch >= 2.6
 
 #: Whether this torch can run a compiled model's forward eagerly on demand.
@@ -100,7 +103,8 @@ class BeforeForward(_SiteHook):
 
 
 class EagerWhileArmed:
-    """Around the root module's forward: while the recorder is armed, the call runs eagerly."""
+    """Around the root module's forward: while the recorder is armed, the call runs eagerly
+    (and the recorder sees the model's input)."""
 
     __slots__ = ("_recorder",)
 
@@ -110,6 +114,7 @@ class EagerWhileArmed:
     def __call__(self, forward: Callable, args: tuple, kwargs: dict) -> Any:
         recorder = self._recorder()
         if recorder is not None and recorder.armed:
+            recorder.model_input(args, kwargs)
             return run_eagerly(recorder, forward, args, kwargs)
         return forward(*args, **kwargs)
 

@@ -100,6 +100,8 @@ class Recorder:
         self.sites, self.on_attention = sites, on_attention
         self.max_sequences, self.max_tokens, self.strict = max_sequences, max_tokens, strict
         self.root = root  #: its forward calls run eagerly while armed (None: no eager forcing)
+        #: rows of the model's input batch in the armed pass (None: not known)
+        self.input_rows: int | None = None
         self.armed = False
         self.calls: dict[str, int] = {}
         self._done: set[str] = set()
@@ -171,6 +173,7 @@ class Recorder:
     def arm(self) -> None:
         """Measure each site's next forward call."""
         self._done.clear()
+        self.input_rows = None
         self.armed = True
 
     def disarm(self) -> None:
@@ -217,9 +220,30 @@ class Recorder:
             self._deliver(site, lambda: _raise(_no_kernel_call(site)))
 
     # rebuilding --------------------------------------------------------------------------
+    def model_input(self, args: tuple, kwargs: dict) -> None:
+        """Note the batch size of the model's input: token ids ``(B, T)`` or images
+        ``(B, C, H, W)``, the first tensor argument (other layouts, such as sequence-first
+        ``(T, B, E)``, say nothing about the batch)."""
+        first = next((a for a in (*args, *kwargs.values()) if isinstance(a, Tensor)), None)
+        self.input_rows = int(first.size(0)) if first is not None and first.dim() in (2, 4) \
+            else None
+
+    def rows(self, batch: int) -> int | None:
+        """How many rows of a kernel call's ``batch`` hold the first ``max_sequences`` rows of
+        the model's input: the same number, or, when the kernel's batch is ``k`` times the
+        input's (windowed attention such as Swin splits each image into ``k`` windows, in
+        order), ``k`` times as many: every window of the first images."""
+        if self.max_sequences is None:
+            return None
+        inputs = self.input_rows
+        if inputs and batch > inputs and batch % inputs == 0:
+            return self.max_sequences * (batch // inputs)
+        return self.max_sequences
+
     def _adapt(self, site: Site, args: tuple, kwargs: dict) -> Observed:
         # Under the caller's autocast, as the module's own projections run: q and k come out in
-        # the precision the model used (rebuild then works in float32).
+        # the precision the model used (rebuild then works in float32). Which dimension of a
+        # module's input is its batch is the adapter's to know: rows are the model's.
         with torch.no_grad():
             return site.adapter.fn(
                 site.module, args, kwargs,
@@ -227,9 +251,9 @@ class Recorder:
             )
 
     def _from_call(self, func, args: tuple, kwargs: dict, out: Any) -> Observed | None:
-        n = self.max_sequences
         if func is _SDPA:
             bound = dict(zip(_SDPA_ARGS, args), **kwargs)
+            n = self.rows(int(bound["query"].size(0)))
             return AttentionInputs.of(
                 bound["query"], bound["key"], attn_mask=bound.get("attn_mask"),
                 is_causal=bool(bound.get("is_causal", False)), scale=bound.get("scale"),
@@ -239,7 +263,7 @@ class Recorder:
         dim = args[1] if len(args) > 1 else kwargs.get("dim")
         if not isinstance(out, Tensor) or scores.dim() != 4 or dim not in (-1, 3):
             return None  # a softmax that is not over attention scores
-        return AttentionScores.of(scores, out, max_sequences=n)
+        return AttentionScores.of(scores, out, max_sequences=self.rows(int(scores.size(0))))
 
     def _deliver(self, site: Site, make: Callable[[], Observed]) -> None:
         self._done.add(site.name)
