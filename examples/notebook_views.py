@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 import attn_probe
-from attn_probe.outputs import figures as plots
+from attn_probe.outputs import plots
 from attn_probe.outputs.tables import format_table
 
 
