@@ -241,7 +241,8 @@ class Snapshot:
     step: int
     tau: float
     layers: tuple[LayerSummary, ...]
-    #: layer name -> (H, T, T) float32 CPU attention of the first measured sequence (for heatmaps)
+    #: layer name -> (H, queries, keys) float32 CPU attention of the first measured sequence, at
+    #: most the heatmaps' crop of each (for heatmaps)
     samples: Mapping[str, torch.Tensor] = field(default_factory=dict)
     #: the alerts that fired at this step (see :mod:`attn_probe.alerts`)
     alerts: tuple[Alert, ...] = ()

@@ -153,8 +153,8 @@ def _batches(tokens: torch.Tensor, batch_size: int, loaded: LoadedModel,
         yield loaded.inputs(tokens[start : start + batch_size].to(device))
 
 
-def _save(figure: Any, path: Path, written: list[Path]) -> None:
-    figure.savefig(path)
+def _save(plot: Any, path: Path, written: list[Path]) -> None:
+    plot.savefig(path)
     written.append(path)
 
 
@@ -277,11 +277,11 @@ def _analyze(args: argparse.Namespace) -> int:
     for name, heads in heatmaps.items():
         if not heads or name not in samples:
             continue
-        figure = plots.attention_heatmaps(
+        plot = plots.attention_heatmaps(
             samples[name], heads=heads,
             title=f"{tags[name]} {name}: attention of sequence 0 ({length} tokens)",
         )
-        _save(figure, out / f"heatmaps_{tags[name]}.png", written)
+        _save(plot, out / f"heatmaps_{tags[name]}.png", written)
     collapsed = _most_collapsed(snapshot)
     if collapsed is not None:
         _save(plots.head_profiles_for(

@@ -251,10 +251,10 @@ def run_demos(
 def write_summary(results: Sequence[DemoResult], path: str) -> str:
     """Draw the runs' loss, largest logit spread and lowest layer entropy into one PNG at
     ``path`` (:func:`attn_probe.outputs.plots.plot_runs`); returns ``path``."""
-    from ..outputs.plots import run_series_for, plot_runs
+    from ..outputs.plots import plot_runs, run_series_for
 
-    figure = plot_runs(
+    plot = plot_runs(
         {r.name: run_series_for(r.losses, r.snapshots, r.alerts) for r in results})
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    figure.savefig(path, dpi=130)  # crisper than the screen default, for a README
+    plot.savefig(path, dpi=130)  # crisper than the screen default, for a README
     return path

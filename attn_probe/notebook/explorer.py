@@ -263,7 +263,7 @@ class Explorer:
         self.profile, self.profile_sequences, self._profile_window = snapshot, done[0], window
         return snapshot
 
-    def profile_figure(self) -> Figure:
+    def profile_plot(self) -> Figure:
         """MaxRank per layer of the last run (:meth:`run_profile`)."""
         if self.profile is None:
             raise ValueError("no MaxRank run yet: call run_profile() first")

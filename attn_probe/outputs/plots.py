@@ -22,10 +22,10 @@ from matplotlib.ticker import MaxNLocator
 
 from ..snapshot import percent
 from .canvas import (
-    as_numpy, axes_at, clamp, colour_map, plot_to_array, format_cell, label_ticks, new_plot,
+    as_numpy, axes_at, clamp, colour_map, format_cell, label_ticks, new_plot, plot_to_array,
     text_colour, text_width,
 )
-from .runs import AlertMark, RunSeries, run_series_for, plot_runs
+from .runs import AlertMark, RunSeries, plot_runs, run_series_for
 
 if TYPE_CHECKING:
     from ..snapshot import Snapshot
@@ -36,14 +36,14 @@ __all__ = [
     "attention_heatmaps",
     "collapse_map",
     "collapse_map_for",
-    "plot_to_array",
     "head_profiles",
     "head_profiles_for",
     "max_rank_profile",
     "max_rank_profile_for",
+    "plot_runs",
+    "plot_to_array",
     "RunSeries",
     "run_series_for",
-    "plot_runs",
 ]
 
 #: Largest grid whose cells get their value written in them.

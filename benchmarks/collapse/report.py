@@ -9,7 +9,7 @@ import numpy as np
 
 from attn_probe.alerts import AlertRules
 from attn_probe.outputs.canvas import axes_at, new_plot
-from attn_probe.outputs.runs import run_series_for, plot_runs
+from attn_probe.outputs.runs import plot_runs, run_series_for
 from attn_probe.snapshot import WARNS, Alert
 
 from .judge import TWIN, Summary, Verdict, first_alerts
@@ -72,7 +72,7 @@ def markdown_table(verdicts: Sequence[Verdict]) -> str:
     return "\n".join(lines)
 
 
-def lead_figure(verdicts: Sequence[Verdict], summary: Summary, title: str):
+def lead_plot(verdicts: Sequence[Verdict], summary: Summary, title: str):
     """One row per run: a damaged run's lead as a bar (green: warned at or before its damage step,
     red: after it), ``not warned`` where it got no warning; a healthy run's false alarms
     as a count; other runs (not damaged) as such."""
@@ -115,8 +115,8 @@ def lead_figure(verdicts: Sequence[Verdict], summary: Summary, title: str):
     return fig
 
 
-def run_figures(verdicts: Sequence[Verdict], records: Sequence[dict],
-                rules: AlertRules) -> dict:
+def run_plots(verdicts: Sequence[Verdict], records: Sequence[dict],
+              rules: AlertRules) -> dict:
     """Run name -> the project's run-summary picture of the run beside its healthy twin (loss,
     largest attention logit, entropy of the most collapsed layer, each run's alerts marked), for
     every run but the twins; ``records`` in the order of ``verdicts``."""

@@ -37,7 +37,7 @@ def make_snapshot(layers: int = 3, heads: int = 4, tokens: int = 6) -> Snapshot:
                     samples={names[0]: attention})
 
 
-def test_figures_are_not_registered_with_pyplot():
+def test_plots_are_not_registered_with_pyplot():
     before = pylab_helpers.Gcf.get_num_fig_managers()
     fig = plots.collapse_map(np.ones((2, 2)))
     assert isinstance(fig, Figure) and isinstance(fig.canvas, FigureCanvasAgg)
@@ -45,7 +45,7 @@ def test_figures_are_not_registered_with_pyplot():
     assert pylab_helpers.Gcf.get_num_fig_managers() == before
 
 
-def test_figure_to_array_shape_and_dtype():
+def test_plot_to_array_shape_and_dtype():
     fig = plots.max_rank_profile(np.array([4.0, 2.0, 1.0]))
     array = plots.plot_to_array(fig)
     width, height = fig.get_size_inches() * fig.dpi
