@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from attn_probe.figures import FIGURES, LAYER_TAGS, SERIES, Figure, markdown, table_columns
-from attn_probe.outputs import TensorBoardWriter
+from attn_probe.outputs import TensorBoardOutput
 from attn_probe.outputs.events import read_run
 from attn_probe.outputs.report import render_report
 from attn_probe.outputs.tables import layer_rows
@@ -55,8 +55,8 @@ def one_layer(rule: CollapseRule) -> Snapshot:
 def test_the_tags_columns_and_definitions_of_a_run_are_the_registrys(tmp_path):
     rule = CollapseRule(max_rank=2.5, max_columns=3.0)
     snapshot = one_layer(rule)
-    with TensorBoardWriter(log_dir=str(tmp_path), per_head=False) as writer:
-        writer.write(snapshot, images=False)
+    with TensorBoardOutput(str(tmp_path), per_head=False, pictures_every=0) as output:
+        output.write(snapshot)
 
     # the scalars: one per logged reduction of each figure (tau 0.8: rank80), value checked
     # against the reduction of the per-head values by numpy

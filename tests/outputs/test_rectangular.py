@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from attn_probe import AttentionProbe
+from attn_probe import AttentionProbe, CaptureOptions
 from reference import read_images
 
 QUERIES, KEYS, HEADS, WIDTH = 8, 17, 4, 16
@@ -79,7 +79,8 @@ def test_a_crop_below_the_key_count_of_non_causal_attention_draws_8_queries_by_1
         _, want = model.attn(x, x, x, average_attn_weights=False)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        with AttentionProbe(model, every=1, log_dir=str(tmp_path), max_tokens=QUERIES) as probe:
+        with AttentionProbe(model, every=1, log_dir=str(tmp_path),
+                            capture=CaptureOptions(crop=QUERIES)) as probe:
             with torch.no_grad():
                 model(x)
             snapshot = probe.step()
