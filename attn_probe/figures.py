@@ -181,7 +181,7 @@ LAYER_TAGS: tuple[tuple[str, str], ...] = (
                        "on about one key)"),
     ("health/Lxx", "the worst head state of the layer (a HeadState code: 0 no data, 1 healthy, "
                    "2 sharp, 3 sink, 4 uniform, 5 one-hot, 6 logits exploding; when judged)"),
-    ("nonfinite/Lxx", "batch rows whose attention had NaN or Inf entries (only when not zero)"),
+    ("nonfinite/Lxx", "sequences whose attention had NaN or Inf entries (only when not zero)"),
     ("qk_clip/share_above/Lxx", "with logit_cap: the share of heads whose max_logit is above "
                                 "the cap"),
     ("alert/{kind}", "the alerts of each kind so far (logit, entropy, uniform, lazy, sink)"),
