@@ -11,7 +11,7 @@ Collapses", arXiv 2404.08634) and log it to TensorBoard.
 
 Data flows one way (docs/architecture.md): model → :mod:`.attention` (per-head A) →
 :mod:`.metrics` (per-head numbers) → :mod:`.aggregate` (sums and counts) → :mod:`.snapshot`
-(layer summaries) → :mod:`.outputs` (TensorBoard, figures, tables). :mod:`.probe` drives it
+(layer summaries) → :mod:`.outputs` (TensorBoard, plots, tables). :mod:`.probe` drives it
 during training, :mod:`.protocol` on a model at rest; :mod:`.integrations`, :mod:`.cli` and
 :mod:`.models` are built on top, and :func:`explore` (:mod:`.notebook`) looks at a model in a
 notebook.

@@ -15,14 +15,15 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .snapshot import FIGURES, CollapseRule, LayerSummary
+from .figures import FIGURES
+from .snapshot import CollapseRule, LayerSummary
 
-MEANS = tuple(f for f, (_, how) in FIGURES.items() if how == "mean")
-MAXIMA = tuple(f for f, (_, how) in FIGURES.items() if how == "max")
+MEANS = tuple(f.name for f in FIGURES.values() if f.over_sequences == "mean")
+MAXIMA = tuple(f.name for f in FIGURES.values() if f.over_sequences == "max")
 
 
 def derived(heads: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """The ``"derived"`` figures of :data:`~attn_probe.snapshot.FIGURES` from the combined
+    """The ``"derived"`` figures of :data:`~attn_probe.figures.FIGURES` from the combined
     others: ``alignment = logit_spread / (query_norm * key_norm)``."""
     with np.errstate(invalid="ignore", divide="ignore"):
         return {"alignment": heads["logit_spread"] / (heads["query_norm"] * heads["key_norm"])}
@@ -75,7 +76,7 @@ class HeadAccumulator:
         def stacked(names: tuple[str, ...], empty: float) -> torch.Tensor:
             columns = []
             for name in names:
-                ok = finite[FIGURES[name][0]]
+                ok = finite[FIGURES[name].scope]
                 value = per_sequence.get(name)
                 value = torch.full_like(rank, empty, dtype=torch.float64) if value is None \
                     else value.double()
@@ -136,12 +137,12 @@ class HeadAccumulator:
             heads = {}
             with np.errstate(invalid="ignore", divide="ignore"):
                 for i, figure in enumerate(MEANS):
-                    heads[figure] = state["sums"][:, i] / group[FIGURES[figure][0]]
+                    heads[figure] = state["sums"][:, i] / group[FIGURES[figure].scope]
             for i, figure in enumerate(MAXIMA):
                 heads[figure] = state["maxima"][:, i].copy()
             heads.update(derived(heads))
             for figure, values in heads.items():
-                values[group[FIGURES[figure][0]] == 0] = np.nan
+                values[group[FIGURES[figure].scope] == 0] = np.nan
             summaries.append(LayerSummary(
                 name=name, index=index, heads=heads, counts=group["crop"].copy(),
                 nonfinite=state["nonfinite"].copy(),

@@ -17,44 +17,8 @@ from typing import Mapping, Protocol, Sequence, TypeVar
 import numpy as np
 import torch
 
-#: Per-head figures: name -> (the tokens they are computed over, how sequences combine).
-#: ``"crop"``: the attention matrix of the first ``max_tokens`` tokens (rank@tau needs the whole
-#: matrix); ``"full"``: every token of the measured sequence, streamed without the matrix. The
-#: ``_full`` suffix marks the second, so a tag always says which tokens it covers; the logit
-#: figures exist over the full sequence only. Sequences combine by ``"mean"`` or ``"max"``;
-#: ``"derived"`` figures are computed from the others once combined.
-#: ``first_key_dominant`` is the share of sequences in which key 0 is the column with the most
-#: squared mass; ``entropy_norm_full`` divides each query's entropy by the log of the number of
-#: keys it may see (1: uniform); ``sink_logit_full`` is the mass a learned sink logit takes;
-#: ``tokens_full`` the number of query tokens measured. ``max_logit`` is the largest scaled
-#: pre-softmax score (what QK-Clip clips); ``logit_spread`` the largest amount by which a
-#: query's top score stands above the mean of its allowed scores (softmax ignores a constant
-#: added to all of a query's scores; this figure does too); ``query_norm`` and ``key_norm`` the
-#: root-mean-square norms of the scaled queries and of the keys centred on their mean, and
-#: ``alignment = logit_spread / (query_norm * key_norm)``: the spread is exactly the product of
-#: the three, so its growth splits into theirs. ``kv_head`` is the key/value head a query head
-#: reads (grouped-query attention).
-FIGURES: dict[str, tuple[str, str]] = {
-    "rank": ("crop", "mean"),
-    "columns": ("crop", "mean"),
-    "entropy": ("crop", "mean"),
-    "sink": ("crop", "mean"),
-    "first_key_dominant": ("crop", "mean"),
-    "columns_full": ("full", "mean"),
-    "entropy_full": ("full", "mean"),
-    "entropy_norm_full": ("full", "mean"),
-    "sink_full": ("full", "mean"),
-    "sink_logit_full": ("full", "mean"),
-    "first_key_dominant_full": ("full", "mean"),
-    "tokens_full": ("full", "mean"),
-    "max_logit": ("full", "max"),
-    "logit_spread": ("full", "max"),
-    "query_norm": ("full", "mean"),
-    "key_norm": ("full", "mean"),
-    "alignment": ("full", "derived"),
-    "kv_head": ("full", "max"),
-}
-METRICS = tuple(FIGURES)
+from .figures import FIGURES
+
 
 #: Heads drawn by default in attention heatmaps, in the first and the last layer.
 DEFAULT_HEATMAP_HEADS = (0, 1, 2, 3)
@@ -134,7 +98,7 @@ class LayerSummary:
 
     def counts_of(self, figure: str) -> np.ndarray:
         """(H,) sequences behind ``figure`` of each head."""
-        if FIGURES[figure][0] == "full":
+        if FIGURES[figure].scope == "full":
             return self.full_counts if self.full_counts is not None else 0 * self.counts
         return self.counts
 
@@ -277,7 +241,8 @@ class Snapshot:
     step: int
     tau: float
     layers: tuple[LayerSummary, ...]
-    #: layer name -> (H, T, T) float32 CPU attention of the first measured sequence (for heatmaps)
+    #: layer name -> (H, queries, keys) float32 CPU attention of the first measured sequence, at
+    #: most the heatmaps' crop of each (for heatmaps)
     samples: Mapping[str, torch.Tensor] = field(default_factory=dict)
     #: the alerts that fired at this step (see :mod:`attn_probe.alerts`)
     alerts: tuple[Alert, ...] = ()

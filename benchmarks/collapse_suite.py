@@ -94,7 +94,7 @@ from collapse.judge import (  # noqa: E402
     TWIN, RecordError, judge_suite, load_record, load_records, replay, summarise,
 )
 from collapse.report import (  # noqa: E402
-    describe_firsts, layer_trajectories, lead_figure, markdown_table, run_figures,
+    describe_firsts, layer_trajectories, lead_plot, markdown_table, run_plots,
 )
 from collapse.runs import RunConfig, short, train  # noqa: E402
 
@@ -310,9 +310,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             print("\n".join("  " + line for line in layer_trajectories(record)))
     os.makedirs(out, exist_ok=True)
     picture = os.path.join(out, PICTURE)
-    lead_figure(verdicts, summary, "Collapse suite: lead of the first warning per run").savefig(
+    lead_plot(verdicts, summary, "Collapse suite: lead of the first warning per run").savefig(
         picture, dpi=110)
-    runs = run_figures(verdicts, records, rules or RULES)
+    runs = run_plots(verdicts, records, rules or RULES)
     for name, figure in runs.items():
         figure.savefig(os.path.join(out, f"{name}.png"), dpi=100)
     print(f"pictures: {picture}; each run beside its twin (loss, largest logit, entropy): "

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 import attn_probe
-from attn_probe.outputs import figures as plots
+from attn_probe.outputs import plots
 from attn_probe.outputs.tables import format_table
 
 
@@ -70,15 +70,15 @@ def main(argv=None):
         model(sequences[:1])
     attention = cap.attention[layer.name][0]
 
-    figures = {
+    drawn = {
         "max_rank_profile.png": plots.max_rank_profile_for(snapshot),
         "collapse_map.png": plots.collapse_map_for(snapshot),
         f"head_profiles_{layer.tag}.png": plots.head_profiles_for(snapshot, layer.name),
         f"heatmaps_{layer.tag}.png": plots.attention_heatmaps(
             attention, title=f"{layer.name}: attention of every head"),
     }
-    for name, figure in figures.items():
-        figure.savefig(out / name)
+    for name, plot in drawn.items():
+        plot.savefig(out / name)
         print(f"wrote {out / name}")
 
 

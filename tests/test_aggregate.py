@@ -16,7 +16,8 @@ from attn_probe.aggregate import (
     is_distributed,
     is_main_process,
 )
-from attn_probe.snapshot import METRICS, CollapseRule
+from attn_probe.figures import FIGURES
+from attn_probe.snapshot import CollapseRule
 
 HEADS = 3
 
@@ -95,8 +96,8 @@ def assert_layer_equals(summary, want: dict[str, np.ndarray]) -> None:
     assert summary.counts.tolist() == want["counts"].tolist()
     assert summary.full_counts.tolist() == want["full_counts"].tolist()
     assert summary.nonfinite.tolist() == want["nonfinite"].tolist()
-    assert set(summary.heads) == set(METRICS)
-    for name in METRICS:
+    assert set(summary.heads) == set(FIGURES)
+    for name in FIGURES:
         np.testing.assert_allclose(summary.heads[name], want[name], rtol=1e-12, atol=0,
                                    equal_nan=True, err_msg=name)
 
@@ -178,7 +179,7 @@ def test_layer_with_only_nonfinite_sequences():
     broken_layer, partly_layer = acc.compute(["broken", "partly"])
     assert broken_layer.counts.tolist() == [0] * HEADS
     assert broken_layer.nonfinite.tolist() == [3] * HEADS
-    for name in METRICS:
+    for name in FIGURES:
         assert np.isnan(broken_layer.heads[name]).all(), name
     assert not broken_layer.has_data.any() and not broken_layer.lazy.any()
     assert math.isnan(broken_layer.reduce("rank", "max"))

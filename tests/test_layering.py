@@ -25,7 +25,7 @@ PACKAGE = REPO / "attn_probe"
 #: Lowest first. A name is a module or a subpackage (with everything in it).
 LAYERS = [
     ["options", "notices"],
-    ["snapshot"],
+    ["figures", "snapshot"],
     ["attention"],
     ["metrics"],
     ["aggregate"],

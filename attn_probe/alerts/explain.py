@@ -1,7 +1,7 @@
 """Why a layer's logits moved, and what to do about it: the words of an alert's ``cause``.
 
 The logit spread of a head is exactly ``query_norm * key_norm * alignment`` (see
-:data:`attn_probe.snapshot.FIGURES`), so its growth between two measurements splits exactly into
+:data:`attn_probe.figures.FIGURES`), so its growth between two measurements splits exactly into
 the growth of the three. Wortsman et al. (2023) found that logits grow through the query and key
 norms; the split says whether that is what happens here, or whether queries and keys line up.
 """

@@ -153,8 +153,8 @@ def _batches(tokens: torch.Tensor, batch_size: int, loaded: LoadedModel,
         yield loaded.inputs(tokens[start : start + batch_size].to(device))
 
 
-def _save(figure: Any, path: Path, written: list[Path]) -> None:
-    figure.savefig(path)
+def _save(plot: Any, path: Path, written: list[Path]) -> None:
+    plot.savefig(path)
     written.append(path)
 
 
@@ -253,7 +253,7 @@ def _analyze(args: argparse.Namespace) -> int:
     if not snapshot.layers:
         raise UsageError("no attention was recorded: the model's attention modules never ran")
 
-    from ..outputs import TensorBoardOutput, figures
+    from ..outputs import TensorBoardOutput, plots
     from ..outputs.tables import format_table, write_tables
 
     out.mkdir(parents=True, exist_ok=True)
@@ -267,24 +267,24 @@ def _analyze(args: argparse.Namespace) -> int:
 
     pct = percent(args.tau)
     short = loaded.name if len(loaded.name) <= 28 else loaded.name[:27] + "…"
-    _save(figures.max_rank_profile_for(
+    _save(plots.max_rank_profile_for(
         snapshot, title=f"{short}: MaxRank@{pct}%, {n} seqs x {length} tokens"),
         out / "max_rank_profile.png", written)
-    _save(figures.collapse_map_for(snapshot, "rank", title=f"{short}: mean rank@{pct}%",
+    _save(plots.collapse_map_for(snapshot, "rank", title=f"{short}: mean rank@{pct}%",
                                  colorbar_label=f"rank@{pct}%"),
           out / "collapse_map.png", written)
     tags = {layer.name: layer.tag for layer in snapshot.layers}
     for name, heads in heatmaps.items():
         if not heads or name not in samples:
             continue
-        figure = figures.attention_heatmaps(
+        plot = plots.attention_heatmaps(
             samples[name], heads=heads,
             title=f"{tags[name]} {name}: attention of sequence 0 ({length} tokens)",
         )
-        _save(figure, out / f"heatmaps_{tags[name]}.png", written)
+        _save(plot, out / f"heatmaps_{tags[name]}.png", written)
     collapsed = _most_collapsed(snapshot)
     if collapsed is not None:
-        _save(figures.head_profiles_for(
+        _save(plots.head_profiles_for(
             snapshot, collapsed.name,
             title=f"{collapsed.tag} {collapsed.name} (smallest MaxRank): per-head means"),
             out / f"head_profiles_{collapsed.tag}.png", written)

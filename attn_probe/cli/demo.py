@@ -250,11 +250,11 @@ def run_demos(
 
 def write_summary(results: Sequence[DemoResult], path: str) -> str:
     """Draw the runs' loss, largest logit spread and lowest layer entropy into one PNG at
-    ``path`` (:func:`attn_probe.outputs.figures.run_summary`); returns ``path``."""
-    from ..outputs.figures import run_series_for, run_summary
+    ``path`` (:func:`attn_probe.outputs.plots.plot_runs`); returns ``path``."""
+    from ..outputs.plots import plot_runs, run_series_for
 
-    figure = run_summary(
+    plot = plot_runs(
         {r.name: run_series_for(r.losses, r.snapshots, r.alerts) for r in results})
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    figure.savefig(path, dpi=130)  # crisper than the screen default, for a README
+    plot.savefig(path, dpi=130)  # crisper than the screen default, for a README
     return path

@@ -22,7 +22,7 @@ from ..models.sampling import model_device
 from ..options import (
     DEFAULT_MATRIX_BUDGET, ONE_TOKEN, CaptureOptions, ModuleSelector, check_count, check_tau,
 )
-from ..outputs import figures
+from ..outputs import plots
 from ..outputs.tables import html_table, layer_rows
 from ..protocol import Capture, capture, rank_profile
 from ..snapshot import Snapshot, find_layer, layer_tag, percent
@@ -212,7 +212,7 @@ class Explorer:
         if not 0 <= head < chosen.heads:
             raise ValueError(f"head {head} out of range: {chosen.label} has {chosen.heads} "
                              f"heads (0 to {chosen.heads - 1})")
-        return figures.attention_heatmap(
+        return plots.attention_heatmap(
             self.attention(chosen.name)[head], token_labels=self.token_labels(),
             title=f"{chosen.tag} H{head:02d}: sequence {self.sequence}, first {self.window} "
                   "tokens")
@@ -221,7 +221,7 @@ class Explorer:
         """Per-head rank@tau and columns@tau of the layer over the window."""
         chosen = self.layer(layer)
         values = self.figures(chosen.name)
-        return figures.head_profiles(
+        return plots.head_profiles(
             values["rank"], values["columns"], tau=self.tau, ylabel="one sequence",
             title=f"{chosen.label}: sequence {self.sequence}, first {self.window} tokens")
 
@@ -263,12 +263,12 @@ class Explorer:
         self.profile, self.profile_sequences, self._profile_window = snapshot, done[0], window
         return snapshot
 
-    def profile_figure(self) -> Figure:
+    def profile_plot(self) -> Figure:
         """MaxRank per layer of the last run (:meth:`run_profile`)."""
         if self.profile is None:
             raise ValueError("no MaxRank run yet: call run_profile() first")
         snapshot = self.profile
-        return figures.max_rank_profile_for(
+        return plots.max_rank_profile_for(
             snapshot, title=f"MaxRank@{percent(snapshot.tau)}% per layer: "
                             f"{self.profile_sequences} sequences, first {self._profile_window} "
                             "tokens")
@@ -279,7 +279,7 @@ class Explorer:
             raise ValueError("no MaxRank run yet: call run_profile() first")
         pct = percent(self.profile.tau)
         return html_table(layer_rows(self.profile), {
-            "layer": "layer", "module": "module", "max_rank": f"MaxRank@{pct}%",
-            "mean_rank": f"mean rank@{pct}%", "max_columns": f"max columns@{pct}%",
+            "layer": "layer", "module": "module", "rank/max": f"MaxRank@{pct}%",
+            "rank/mean": f"mean rank@{pct}%", "columns/max": f"max columns@{pct}%",
             "lazy": "lazy",
         })

@@ -195,7 +195,7 @@ class ExploreView:
             if snapshot is None:
                 self.status.value = "cancelled before the first batch: nothing measured"
             else:
-                self._show("profile", self.profile, explorer.profile_figure())
+                self._show("profile", self.profile, explorer.profile_plot())
                 self.profile_table.value = explorer.profile_table()
                 self.status.value = (
                     f"{'cancelled: ' if cancelled else ''}MaxRank@{percent(snapshot.tau)}% over "
@@ -273,5 +273,5 @@ def explore(
     return {
         "heatmap": explorer.heatmap(chosen.name, head),
         "head_profiles": explorer.head_profiles(chosen.name),
-        "max_rank_profile": explorer.profile_figure(),
+        "max_rank_profile": explorer.profile_plot(),
     }

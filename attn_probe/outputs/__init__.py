@@ -1,11 +1,11 @@
-"""Snapshot → what a person sees: TensorBoard scalars and images, matplotlib figures, tables.
+"""Snapshot → what a person sees: TensorBoard scalars and images, matplotlib plots, tables.
 
 The last stage of the data flow: everything here reads :class:`~attn_probe.snapshot.Snapshot`
 objects (or plain arrays) and does no torch maths.
 
 * :mod:`.base` — :class:`Output`, what the probe hands every output, and how;
 * :mod:`.tensorboard` — :class:`TensorBoardOutput`, the tags and the custom-scalars layout;
-* :mod:`.figures` — matplotlib figures (collapse map, MaxRank profile, heatmaps, head profiles,
+* :mod:`.plots` — matplotlib plots (collapse map, MaxRank profile, heatmaps, head profiles,
   a summary of training runs);
 * :mod:`.health` — the head-state pictures: layers x heads, and each layer over the steps;
 * :mod:`.tables` — per-layer and per-head rows, the terminal table, CSV and JSON files, and

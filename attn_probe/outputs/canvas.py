@@ -1,6 +1,6 @@
-"""What every figure of :mod:`attn_probe.outputs` is drawn with: a figure laid out in inches on
-its own Agg canvas (no pyplot, no global registry), array conversion, colours, tick thinning,
-and rendering a figure to an RGB array."""
+"""What every plot of :mod:`attn_probe.outputs` is drawn with: a matplotlib figure laid out in
+inches on its own Agg canvas (no pyplot, no global registry), array conversion, colours, tick
+thinning, and rendering a plot to an RGB array."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import LogFormatter
 
 __all__ = [
-    "DPI", "NAN_COLOUR", "as_numpy", "axes_at", "clamp", "colour_map", "figure_to_array",
-    "format_cell", "label_ticks", "new_figure", "plain_log_ticks", "text_colour", "text_width",
+    "DPI", "NAN_COLOUR", "as_numpy", "axes_at", "clamp", "colour_map", "plot_to_array",
+    "format_cell", "label_ticks", "new_plot", "plain_log_ticks", "text_colour", "text_width",
 ]
 
 DPI = 100
@@ -23,8 +23,8 @@ DPI = 100
 NAN_COLOUR = "#d9d9d9"
 
 
-def new_figure(width: float, height: float) -> Figure:
-    """An empty figure of ``width`` x ``height`` inches on its own Agg canvas."""
+def new_plot(width: float, height: float) -> Figure:
+    """An empty plot of ``width`` x ``height`` inches on its own Agg canvas."""
     # Margins are laid out by hand, in inches: a layout engine would cost more than the drawing.
     fig = Figure(figsize=(width, height), dpi=DPI)
     FigureCanvasAgg(fig)
@@ -95,8 +95,8 @@ def text_colour(rgba: Sequence[float]) -> str:
     return "black" if 0.299 * r + 0.587 * g + 0.114 * b > 0.5 else "white"
 
 
-def figure_to_array(fig: Figure) -> np.ndarray:
-    """Render a figure to an ``(height, width, 3)`` uint8 RGB array (Agg; nothing is closed)."""
+def plot_to_array(fig: Figure) -> np.ndarray:
+    """Render a plot to an ``(height, width, 3)`` uint8 RGB array (Agg; nothing is closed)."""
     canvas = fig.canvas
     if not isinstance(canvas, FigureCanvasAgg):
         canvas = FigureCanvasAgg(fig)

@@ -1,4 +1,4 @@
-"""A figure over training steps with one line per series (a run's loss, or one line per layer),
+"""A plot over training steps with one line per series (a run's loss, or one line per layer),
 its alert thresholds and the points where alerts fired (:func:`step_curves`): the charts of
 ``attn-probe report``."""
 
@@ -12,7 +12,7 @@ from matplotlib.colors import BoundaryNorm, ListedColormap
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from .canvas import as_numpy, axes_at, colour_map, label_ticks, new_figure, plain_log_ticks
+from .canvas import as_numpy, axes_at, colour_map, label_ticks, new_plot, plain_log_ticks
 from .runs import moving_average
 
 __all__ = ["Mark", "step_curves"]
@@ -70,7 +70,7 @@ def step_curves(
     else:
         right = 0.15
     left, bottom, top = 0.7, 0.45, 0.3
-    fig = new_figure(width, height)
+    fig = new_plot(width, height)
     ax = axes_at(fig, left, bottom, width - left - right, height - bottom - top)
     lines = {}
     for label, colour in zip(labels, colours):

@@ -1,6 +1,6 @@
 """Reading TensorBoard event files back: the runs under a log directory, each run's scalars, its
 latest images and its alerts (from the ``alerts`` text written by
-:class:`~attn_probe.outputs.TensorBoardWriter`).
+:class:`~attn_probe.outputs.TensorBoardOutput`).
 
 Only the event files are read (with TensorBoard's own ``EventAccumulator``), so this works on a
 run that crashed, on another machine, and on runs logged through the Hugging Face or Lightning
@@ -19,7 +19,7 @@ from typing import Iterable
 import numpy as np
 
 from ..snapshot import Alert
-from .tables import parse_alerts_markdown
+from .tables import markdown_rows, parse_alerts_markdown
 
 __all__ = ["EventsError", "LOSS_TAGS", "RunEvents", "find_runs", "read_run", "read_runs"]
 
@@ -31,6 +31,8 @@ EVENT_FILE = "events.out.tfevents.*"
 LOSS_TAGS = ("train/loss", "train_loss", "train_loss_step", "loss")
 #: The text tag of the alerts (TensorBoard stores ``add_text("alerts")`` under this name).
 ALERTS_TAG = "alerts/text_summary"
+#: The text tag of the figures' definitions at the run's tau and rules (``add_text("figures")``).
+FIGURES_TAG = "figures/text_summary"
 _LAYER = re.compile(r"L(\d+)$")
 
 
@@ -53,6 +55,9 @@ class RunEvents:
     images: dict[str, tuple[int, bytes]] = field(default_factory=dict)
     #: every alert of the run, in step order (within a step, as the probe wrote them)
     alerts: tuple[Alert, ...] = ()
+    #: (tag, meaning) of its scalars at the run's tau and rules, as the run wrote them (empty
+    #: when it did not)
+    definitions: tuple[tuple[str, str], ...] = ()
 
     @property
     def loss(self) -> tuple[str, Series] | None:
@@ -130,6 +135,7 @@ def read_run(path: str | os.PathLike, name: str | None = None) -> RunEvents:
     points: dict[str, list[tuple[int, float, float]]] = {}
     images: dict[str, tuple[int, float, bytes]] = {}
     alerts: dict[tuple, Alert] = {}
+    definitions: tuple[tuple[str, str], ...] = ()
     for file in files:
         accumulator = _accumulate(file)
         if accumulator is None:
@@ -146,6 +152,10 @@ def read_run(path: str | os.PathLike, name: str | None = None) -> RunEvents:
             for event in accumulator.Tensors(ALERTS_TAG):
                 for alert in parse_alerts_markdown(_text(event)):
                     alerts[(alert.step, alert.layer, alert.kind, alert.heads)] = alert
+        if FIGURES_TAG in tags["tensors"]:
+            for event in accumulator.Tensors(FIGURES_TAG):
+                definitions = tuple((row[0], row[1]) for row in markdown_rows(_text(event))
+                                    if len(row) == 2)
     scalars = {}
     for tag, found in points.items():
         last = {step: value for step, _, value in sorted(found)}  # the latest write of a step
@@ -158,6 +168,7 @@ def read_run(path: str | os.PathLike, name: str | None = None) -> RunEvents:
         scalars=dict(sorted(scalars.items())),
         images={tag: (step, png) for tag, (step, _, png) in sorted(images.items())},
         alerts=tuple(ordered),
+        definitions=definitions,
     )
 
 

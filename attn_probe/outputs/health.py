@@ -18,7 +18,7 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
 from ..snapshot import HEAD_STATES, HeadState
-from .canvas import as_numpy, axes_at, clamp, label_ticks, new_figure, text_width
+from .canvas import as_numpy, axes_at, clamp, label_ticks, new_plot, text_width
 
 if TYPE_CHECKING:
     from ..snapshot import Snapshot
@@ -60,7 +60,7 @@ def _codes(states: Any) -> np.ndarray:
 def _legend(fig: Figure, left: float, top: float, states: Iterable[int],
             alerts: bool = False) -> None:
     """The state legend (every state, so that a colour always means the same) at ``left`` inches
-    from the figure's left edge, its top ``top`` inches from the bottom."""
+    from the plot's left edge, its top ``top`` inches from the bottom."""
     handles: list[Any] = [
         Patch(facecolor=HEAD_STATES[HeadState(code)][1], edgecolor="#555555", linewidth=0.5,
               label=HEAD_STATES[HeadState(code)][0])
@@ -76,7 +76,7 @@ def _legend(fig: Figure, left: float, top: float, states: Iterable[int],
 
 def _layout(rows: int, cols: int, row_labels: Sequence[str], cell: tuple[float, float],
             title: str | None, x_labels: Sequence[str], max_width: float = _MAX_WIDTH):
-    """A figure for a rows x cols grid with a legend column on the right: (figure, axes, the
+    """A plot for a rows x cols grid with a legend column on the right: (figure, axes, the
     legend's left edge and top in inches). ``x_labels``: the column labels that are shown."""
     y_ticks = label_ticks(rows, 40)
     left = 0.3 + min(text_width([row_labels[i] for i in y_ticks], 8), 2.5) + 0.1
@@ -86,7 +86,7 @@ def _layout(rows: int, cols: int, row_labels: Sequence[str], cell: tuple[float, 
     legend_w = 1.55
     grid_w = clamp(cell[0] * cols, 2.0, max_width - left - legend_w)
     grid_h = clamp(cell[1] * rows, 1.9, _MAX_HEIGHT - top - bottom)
-    fig = new_figure(left + grid_w + legend_w, bottom + grid_h + top)
+    fig = new_plot(left + grid_w + legend_w, bottom + grid_h + top)
     ax = axes_at(fig, left, bottom, grid_w, grid_h)
     return fig, ax, left + grid_w + 0.1, bottom + grid_h
 
@@ -164,7 +164,7 @@ def health_timeline(
     ``states``: ``(L, S)`` :class:`~attn_probe.snapshot.HeadState` codes at the ``S`` sampled
     ``steps`` (``NO_DATA`` where a layer was not measured); ``alerts``: ``(step, row)`` pairs
     marked with a cross (an alert of the layer in that row fired at that step); ``max_width``:
-    the widest the figure may be, in inches (columns get narrower).
+    the widest the plot may be, in inches (columns get narrower).
     """
     codes = _codes(states)
     steps = [int(step) for step in steps]

@@ -12,17 +12,18 @@ from __future__ import annotations
 import base64
 import html
 import io
+import re
 from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
+from ..figures import SERIES, Series, definitions
 from ..snapshot import HEAD_STATES, SEVERITIES, HeadState
 from .curves import Mark, step_curves
 from .events import LOSS_TAGS
 from .health import layer_timeline
 from .runs import value_at
 from .tables import figure_text
-from .tensorboard import SERIES, Series
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -33,9 +34,9 @@ __all__ = ["render_report"]
 
 #: The logit figures a chart can show, the rule's first: the chart shows the first a run has
 #: (and whose values its ``logit`` alerts carry, when it has any).
-LOGIT_SERIES = tuple(s for s in SERIES if s.log10)
+LOGIT_SERIES = tuple(s for s in SERIES if s.how == "log10")
 ENTROPY_SERIES = next(s for s in SERIES
-                      if s.figure == "entropy_norm_full" and s.how == "mean")
+                      if s.figure.name == "entropy_norm_full" and s.how == "mean")
 #: Words for the logit figures on a chart's axis.
 _LOGIT_WORDS = {"logit_spread": "largest logit spread (max - mean score)",
                 "max_logit": "largest attention logit q·k·scale"}
@@ -144,12 +145,12 @@ def _logit_chart(run: "RunEvents") -> str:
               for tag, (steps, values) in run.layers(_prefix(series)).items()}
     matches = _alerts_match(run, series)
     figure = step_curves(
-        layers, title=f"{_LOGIT_WORDS.get(series.figure, series.figure)}, per layer",
-        ylabel=f"{series.figure} (log scale)", log=True,
+        layers, title=f"{_LOGIT_WORDS.get(series.figure.name, series.figure.name)}, per layer",
+        ylabel=f"{series.figure.name} (log scale)", log=True,
         thresholds=_threshold(run, "logit", ">") if matches else None,
         marks=_marks(run, "logit", layers) if matches else (),
     )
-    return _img(_png(figure), f"{run.name}: {series.figure} of every layer")
+    return _img(_png(figure), f"{run.name}: {series.figure.name} of every layer")
 
 
 def _entropy_chart(run: "RunEvents") -> str:
@@ -242,15 +243,31 @@ def _where_to_look(run: "RunEvents") -> str:
     return "<ul>" + "".join(f"<li>{item}</li>" for item in items) + "</ul>"
 
 
-def _definitions() -> str:
-    rows = [(series.tag("{P}", "Lxx"), series.about)
-            for series in SERIES]
-    rows += [
-        ("lazy_share/Lxx", "the share of a layer's heads that are lazy: mean rank@tau and "
-                           "columns@tau both at most 1.5 (every query on about one key)"),
-        ("health/Lxx", "the worst head state of the layer at a sampled step (the colours "
-                       "below); the timeline draws it for every layer and step"),
-    ]
+_RANK_TAG = re.compile(r"rank(\d+)/max/L\d+$")
+
+
+def _run_definitions(run: "RunEvents") -> tuple[tuple[str, str], ...]:
+    """(tag, meaning) of the run's scalars: as the run wrote them, at its tau and rules; else
+    from the registry, at the tau its tags say (the lazy rule's thresholds by name)."""
+    if run.definitions:
+        return run.definitions
+    found = {int(m.group(1)) for tag in run.scalars if (m := _RANK_TAG.match(tag))}
+    tau = found.pop() / 100 if len(found) == 1 else None
+    return tuple(definitions(tau=tau))
+
+
+def _definitions(runs: Sequence["RunEvents"]) -> str:
+    """What each tag means, at each run's tau and rules: a line that differs between runs is
+    given for each, with the runs it holds for."""
+    meanings: dict[str, dict[str, list[str]]] = {}
+    for run in runs:
+        for tag, about in _run_definitions(run):
+            meanings.setdefault(tag, {}).setdefault(about, []).append(run.name)
+    rows = []
+    for tag, by_meaning in meanings.items():
+        for about, names in by_meaning.items():
+            note = f" ({', '.join(names)})" if len(by_meaning) > 1 else ""
+            rows.append((tag, about + note))
     items = "".join(f"<dt>{html.escape(tag)}</dt><dd>{html.escape(about)}</dd>"
                     for tag, about in rows)
     states = "".join(
@@ -261,9 +278,9 @@ def _definitions() -> str:
             f"<h2>Head states</h2><dl>{states}</dl>"
             '<p class="note">Each figure is measured per head on sampled steps and reduced '
             "over the heads of a layer; <code>_full</code> figures and the logits cover every "
-            "token of the measured sequences, rank and columns the first "
-            "<code>max_tokens</code>. Alerts fire once, at the first sampled step at which "
-            "their condition holds.</p>")
+            "token of the measured sequences, rank and columns the first <code>crop</code> "
+            "tokens. Alerts fire once, at the first sampled step at which their condition "
+            "holds.</p>")
 
 
 def render_report(runs: Sequence["RunEvents"], *, title: str, source: str = "") -> str:
@@ -298,5 +315,5 @@ def render_report(runs: Sequence["RunEvents"], *, title: str, source: str = "") 
         "mark alerts, on the line of the layer they fired in; dashed lines are alert "
         "thresholds.</p>"
         f'<div class="runs" style="--runs: {len(runs)}">{"".join(body)}</div>'
-        f"{_definitions()}</body></html>\n"
+        f"{_definitions(runs)}</body></html>\n"
     )

@@ -1,6 +1,6 @@
 """Training runs side by side: the loss of each, its largest logit spread and the entropy of its
 most collapsed layer, with each run's first warnings marked on the curves of the layers they
-fired in and those layers named (:func:`run_summary`, the demo's summary picture)."""
+fired in and those layers named (:func:`plot_runs`, the demo's summary picture)."""
 
 from __future__ import annotations
 
@@ -12,17 +12,17 @@ from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
 
 from ..snapshot import WARNS
-from .canvas import as_numpy, axes_at, new_figure
+from .canvas import as_numpy, axes_at, new_plot
 
 if TYPE_CHECKING:
     from ..snapshot import Alert, Snapshot
 
-__all__ = ["AlertMark", "RunSeries", "moving_average", "run_series_for", "run_summary",
+__all__ = ["AlertMark", "RunSeries", "moving_average", "run_series_for", "plot_runs",
            "value_at"]
 
 
 class AlertMark(NamedTuple):
-    """An alert as :func:`run_summary` draws it (an :class:`~attn_probe.snapshot.Alert` has
+    """An alert as :func:`plot_runs` draws it (an :class:`~attn_probe.snapshot.Alert` has
     these fields too)."""
 
     kind: str  #: ``"logit"``, ``"entropy"``, ...
@@ -32,7 +32,7 @@ class AlertMark(NamedTuple):
 
 
 class RunSeries(NamedTuple):
-    """One training run's curves for :func:`run_summary`.
+    """One training run's curves for :func:`plot_runs`.
 
     ``loss`` holds the loss of steps 0, 1, 2, ...; ``steps`` the probe's sampled steps, with
     ``logit_spread`` (the largest over layers and heads) and ``entropy`` (the mean normalised
@@ -50,7 +50,7 @@ class RunSeries(NamedTuple):
     layers: Mapping[str, tuple[Any, Any]] = {}
 
 
-#: Line colours of the runs of :func:`run_summary`, in order (ColorBrewer Dark2), and their
+#: Line colours of the runs of :func:`plot_runs`, in order (ColorBrewer Dark2), and their
 #: dashes (runs whose curves lie on each other stay apart).
 RUN_COLOURS = ("#1b9e77", "#d95f02", "#7570b3", "#e7298a", "#66a61e", "#e6ab02", "#a6761d")
 RUN_DASHES = ("-", (0, (5, 2)), (0, (1.5, 1.5)), "-.")
@@ -70,7 +70,7 @@ def moving_average(values: np.ndarray, window: int) -> np.ndarray:
         return (sums[hi] - sums[lo]) / (counts[hi] - counts[lo])
 
 
-#: The kinds of alert :func:`run_summary` draws: the ones whose figure it has a panel for.
+#: The kinds of alert :func:`plot_runs` draws: the ones whose figure it has a panel for.
 DRAWN_KINDS = ("logit", "entropy")
 
 
@@ -123,7 +123,7 @@ def _mark_alerts(ax, steps: np.ndarray, series: RunSeries, kind: str, column: in
     return drawn
 
 
-def run_summary(
+def plot_runs(
     runs: Mapping[str, RunSeries],
     *,
     thresholds: Mapping[str, float] | None = None,
@@ -143,12 +143,12 @@ def run_summary(
     this many steps (1: no average).
     """
     if not runs:
-        raise ValueError("run_summary needs at least one run")
+        raise ValueError("plot_runs needs at least one run")
     thresholds = dict(thresholds or {})
     panel_w, panel_h, left, gap = 3.25, 2.7, 0.72, 0.2
     bottom, top = 0.5, 0.62 + (0.34 if title else 0.0)
     width = 3 * (left + panel_w) + gap
-    fig = new_figure(width, bottom + panel_h + top)
+    fig = new_plot(width, bottom + panel_h + top)
     axes = [axes_at(fig, left + i * (left + panel_w), bottom, panel_w, panel_h)
             for i in range(3)]
     loss_ax, logit_ax, entropy_ax = axes

@@ -13,32 +13,25 @@ import re
 from pathlib import Path
 from typing import Iterable
 
-from ..snapshot import METRICS, Alert, Snapshot, finite, percent
+from ..figures import FIGURES, table_columns
+from ..snapshot import Alert, Snapshot, finite, percent
 
 
 def layer_rows(snapshot: Snapshot) -> list[dict]:
-    """One row per layer: MaxRank (max over heads of the per-head mean rank@tau) and friends;
-    names ending in ``_full`` (and ``max_logit``) cover every token of the sequences, the others
-    the matrix of the first ``max_tokens`` tokens."""
+    """One row per layer: a column ``{figure}/{how}`` for each reduction over heads of each
+    figure the registry puts in tables (:func:`~attn_probe.figures.table_columns`; NaN where
+    the layer has no such figure), e.g. ``rank/max``, MaxRank; then the share of lazy heads.
+    Figures ending in ``_full`` (and the logit figures) cover every token of the sequences,
+    the others the attention matrix of the crop."""
+    columns = table_columns()
     return [
         {
             "layer": layer.tag,
             "module": layer.name,
             "heads": layer.num_heads,
             "sequences": layer.sequences,
-            "max_rank": layer.reduce("rank", "max"),
-            "mean_rank": layer.reduce("rank", "mean"),
-            "min_rank": layer.reduce("rank", "min"),
-            "max_columns": layer.reduce("columns", "max"),
-            "mean_columns": layer.reduce("columns", "mean"),
-            "entropy": layer.reduce("entropy", "mean"),
-            "sink": layer.reduce("sink", "mean"),
-            "max_logit": layer.reduce("max_logit", "max"),
-            "tokens_full": layer.reduce("tokens_full", "max"),
-            "max_columns_full": layer.reduce("columns_full", "max"),
-            "entropy_full": layer.reduce("entropy_full", "mean"),
-            "entropy_norm_full": layer.reduce("entropy_norm_full", "mean"),
-            "sink_full": layer.reduce("sink_full", "mean"),
+            **{column: layer.reduce(figure, column.rpartition("/")[2])
+               for column, figure in columns},
             "lazy_share": layer.lazy_share,
             "lazy": layer.is_lazy,
         }
@@ -55,7 +48,7 @@ def head_rows(snapshot: Snapshot) -> list[dict]:
             "head": h,
             "sequences": int(layer.counts[h]),
             **{metric: float(layer.heads[metric][h]) if metric in layer.heads else math.nan
-               for metric in METRICS},
+               for metric in FIGURES},
             "lazy": bool(layer.lazy[h]),
         }
         for layer in snapshot.layers
@@ -74,16 +67,16 @@ def format_table(snapshot: Snapshot) -> str:
     for row in rows:
         module = row["module"] if len(row["module"]) <= 30 else "…" + row["module"][-29:]
         lines.append(
-            f"{row['layer']:<6} {module:<30} {row['max_rank']:>10.2f} {row['mean_rank']:>9.2f} "
-            f"{row['max_columns']:>10.2f} {row['entropy']:>8.3f} {row['sink']:>6.3f} "
-            f"{row['max_logit']:>9.1f} {row['lazy_share']:>10.0%}"
+            f"{row['layer']:<6} {module:<30} {row['rank/max']:>10.2f} {row['rank/mean']:>9.2f} "
+            f"{row['columns/max']:>10.2f} {row['entropy/mean']:>8.3f} {row['sink/mean']:>6.3f} "
+            f"{row['max_logit/max']:>9.1f} {row['lazy_share']:>10.0%}"
             + ("  LAZY" if row["lazy"] else "")
         )
-    tokens = {row["tokens_full"] for row in rows if finite(row["tokens_full"])}
+    tokens = {row["tokens_full/max"] for row in rows if finite(row["tokens_full/max"])}
     if tokens:
         lines.append(f"max logit: over all {', '.join(f'{t:.0f}' for t in sorted(tokens))} "
                      "tokens of each sequence; the other columns: its attention matrix "
-                     "(cropped where max_tokens says)")
+                     "(cropped to the first crop tokens)")
     return "\n".join(lines)
 
 
@@ -182,6 +175,13 @@ def _cells(line: str) -> list[str]:
     parts.append(inner[start:])
     unescape = lambda cell: re.sub(r"\\(.)", r"\1", cell.strip())  # noqa: E731
     return [unescape(cell) for cell in parts]
+
+
+def markdown_rows(text: str) -> list[list[str]]:
+    """The cells of each row of a markdown table in ``text``, its header and separator left
+    out (other text is ignored)."""
+    lines = [line for line in text.splitlines() if line.strip().startswith("|")]
+    return [_cells(line) for line in lines[2:]]
 
 
 def parse_alerts_markdown(text: str) -> list[Alert]:

@@ -1,42 +1,29 @@
 """TensorBoard output of :class:`~attn_probe.snapshot.Snapshot` objects.
 
 A few cards a person reads: per-layer figures, one unit per card, the headline figures on a
-log10 scale so that TensorBoard's default outlier clipping cannot cut them off. Scalar tags, with
-``Lxx``/``Hyy`` the layer and head numbers and ``P = round(tau * 100)`` (e.g. ``90``); the
-reduction is over heads, and a row is written only when the snapshot has its figure
-(:data:`SERIES`)::
-
-    logit_spread/log10/Lxx       log10 of the largest logit spread (headline; when measured)
-    max_logit/log10/Lxx          log10 of the largest attention logit q·k·scale (headline)
-    max_logit/max/Lxx            the same, raw: what QK-Clip compares with its threshold
-    entropy_norm_full/mean/Lxx   mean normalised entropy, 1 = uniform (headline: the entropy rule)
-    entropy_norm_full/min/Lxx    the most collapsed head's normalised entropy
-    rank{P}/max/Lxx              MaxRank: the largest per-head mean rank@tau (the lazy rule)
-    columns{P}/max/Lxx           the largest per-head mean columns@tau (the lazy rule)
-    sink_full/max/Lxx            the largest share of a head's attention on the first key
-    query_norm/max/Lxx  key_norm/max/Lxx  alignment/max/Lxx          when measured
-    sink_logit_full/mean/Lxx     mass a learned sink logit takes (only when not zero)
-    lazy_share/Lxx               share of lazy heads
-    health/Lxx                   the worst head state (a HeadState code, 0-6; when judged)
-    nonfinite/Lxx                sequences with NaN/Inf attention (only when not zero)
-    qk_clip/share_above/Lxx      with logit_cap (a QK-Clip dry run)
-    alert/{kind}                 alerts of each kind so far (logit, entropy, uniform, lazy, sink)
-
-At most 13 per layer when every figure is measured, 16 with the ones written only when not zero
-and with ``logit_cap``: a 32-layer model gets a few hundred tags, not thousands. Per-head scalars
-``{figure}/head/Lxx/Hyy`` (and ``qk_clip/gamma/Lxx/Hyy``): by default (``per_head=True``) only
-for the heads an alert names — at most :data:`ALERT_HEADS` per layer and kind, the most extreme
-first, from the alert's step on, the figures of the alert's kind (:data:`ALERT_FIGURES`);
-``per_head="all"``: every head; ``False``: none.
+log10 scale so that TensorBoard's default outlier clipping cannot cut them off. The scalar tags
+are ``{tag}/{how}/Lxx``, one for each reduction over heads of each figure of
+:data:`attn_probe.figures.FIGURES` that says it is logged (:data:`~attn_probe.figures.SERIES`),
+with ``Lxx`` the layer and ``{P}`` in a tag the percentage of tau; with them ``lazy_share/Lxx``,
+``health/Lxx``, ``nonfinite/Lxx``, ``qk_clip/share_above/Lxx`` (with ``logit_cap``) and
+``alert/{kind}`` (:data:`~attn_probe.figures.LAYER_TAGS`). The reference page
+``docs/figures.md`` lists them all, generated from the registry. A row is written only when the
+snapshot has its figure: a 32-layer model gets a few hundred tags, not thousands. Per-head
+scalars ``{tag}/head/Lxx/Hyy`` (and ``qk_clip/gamma/Lxx/Hyy``): by default (``per_head=True``)
+only for the heads an alert names — at most :data:`ALERT_HEADS` per layer and kind, the most
+extreme first, from the alert's step on, the figures of the alert's kind
+(:data:`ALERT_FIGURES`); ``per_head="all"``: every head; ``False``: none.
 
 Alerts are also written as text under the tag ``alerts``, one markdown table per step that has
 any, with every field of the alert (:func:`~attn_probe.outputs.tables.alerts_markdown`, read back
-by ``attn-probe report``). A custom-scalars layout (category ``attn_probe``) draws every layer
-of each headline figure on one chart, and the count of each kind of alert on its own. Images,
+by ``attn-probe report``), and the figures' definitions at the run's tau and lazy rule under the
+tag ``figures`` with the first snapshot (:func:`~attn_probe.figures.definitions_markdown`). A
+custom-scalars layout (category ``attn_probe``) draws every layer of each headline figure on one
+chart, and the count of each kind of alert on its own. Images,
 on picture steps: ``health/heads`` (layers x heads coloured by state), ``health/timeline``
 (each layer's worst state at every sampled step so far, with the alerts),
-``collapse_map/rank{P}``, ``profile/max_rank{P}`` and one grid of attention heatmaps per chosen
-layer, ``attention/Lxx``.
+``collapse_map/rank{P}``, ``profile/max_rank{P}`` and one grid of attention heatmaps (queries x
+keys) per chosen layer, ``attention/Lxx``.
 Everything is logged at ``snapshot.step``.
 """
 
@@ -49,9 +36,10 @@ import numpy as np
 
 from ..alerts import KINDS
 from .. import notices
+from ..figures import FIGURES, SERIES, definitions_markdown
 from ..options import check_count
 from ..snapshot import DEFAULT_HEATMAP_HEADS, default_heatmaps, find_layer, finite, percent
-from . import figures, health
+from . import health, plots
 from .base import Output
 from .tables import alerts_markdown
 
@@ -60,57 +48,11 @@ if TYPE_CHECKING:
 
     from ..snapshot import Alert, LayerSummary, Snapshot
 
-__all__ = ["TensorBoardOutput", "LAYOUT_CATEGORY", "SERIES", "Series"]
+__all__ = ["TensorBoardOutput", "LAYOUT_CATEGORY"]
 
 #: Category of the custom-scalars layout.
 LAYOUT_CATEGORY = "attn_probe"
 
-
-class Series(NamedTuple):
-    """One per-layer scalar: ``{name}/{how}/Lxx`` (``{name}/log10/Lxx`` with ``log10``)."""
-
-    name: str  #: tag name; ``{P}`` stands for the percentage of tau
-    figure: str  #: the per-head figure of :attr:`LayerSummary.heads`
-    how: str  #: the reduction over heads
-    about: str  #: what it says, in one line (the module docstring, README and report use it)
-    log10: bool = False  #: logged as log10 of the value (positive values only)
-    headline: bool = False  #: drawn in the custom-scalars layout, every layer on one chart
-    sparse: bool = False  #: logged only when not zero
-
-    def prefix(self, p: int | str) -> str:
-        """The tag without its layer: ``max_logit/log10``."""
-        return f"{self.name.format(P=p)}/{'log10' if self.log10 else self.how}"
-
-    def tag(self, p: int | str, layer: str) -> str:
-        return f"{self.prefix(p)}/{layer}"
-
-
-#: Per-layer scalars, one row each.
-SERIES: tuple[Series, ...] = (
-    Series("logit_spread", "logit_spread", "max", "log10 of the largest logit spread over "
-           "heads: max over queries of (max - mean allowed score); softmax ignores a shift",
-           log10=True, headline=True),
-    Series("max_logit", "max_logit", "max", "log10 of the largest attention logit q·k·scale "
-           "(readable on one chart from 0.1 to 10,000)", log10=True, headline=True),
-    Series("max_logit", "max_logit", "max", "the largest attention logit q·k·scale, raw: what "
-           "QK-Clip compares with its threshold"),
-    Series("entropy_norm_full", "entropy_norm_full", "mean", "mean over heads of the row "
-           "entropy / log(keys a query sees): 1 = uniform, 0 = one-hot", headline=True),
-    Series("entropy_norm_full", "entropy_norm_full", "min", "the normalised entropy of the "
-           "most collapsed head"),
-    Series("rank{P}", "rank", "max", "MaxRank: the largest per-head mean rank@tau, the fewest "
-           "singular values with tau of the energy", headline=True),
-    Series("columns{P}", "columns", "max", "the largest per-head mean columns@tau, the fewest "
-           "key columns with tau of the squared mass"),
-    Series("sink_full", "sink_full", "max", "the largest share of a head's attention on the "
-           "first key (an attention sink from 0.5)"),
-    Series("query_norm", "query_norm", "max", "the largest per-head rms norm of the queries"),
-    Series("key_norm", "key_norm", "max", "the largest per-head rms norm of the keys"),
-    Series("alignment", "alignment", "max", "the largest per-head alignment of queries and "
-           "keys (the direction part of q·k; the norms are the size part)"),
-    Series("sink_logit_full", "sink_logit_full", "mean", "the mass a learned sink logit takes "
-           "(models with learned sinks only)", sparse=True),
-)
 
 #: Per-head figures of each kind of alert, and whether its worst heads are the largest.
 ALERT_FIGURES: dict[str, tuple[tuple[str, ...], bool]] = {
@@ -124,12 +66,10 @@ ALERT_FIGURES: dict[str, tuple[tuple[str, ...], bool]] = {
 PER_HEAD = tuple(dict.fromkeys(f for figures_, _ in ALERT_FIGURES.values() for f in figures_))
 #: With ``per_head=True``, the most heads per layer and kind of alert that get scalars.
 ALERT_HEADS = 4
-#: Tag name of a per-head figure where it differs from the figure's name.
-_HEAD_NAMES = {"rank": "rank{P}", "columns": "columns{P}"}
 
 
 def _head_tag(figure: str, p: int, layer: str, head: int) -> str:
-    return f"{_HEAD_NAMES.get(figure, figure).format(P=p)}/head/{layer}/H{head:02d}"
+    return f"{FIGURES[figure].tag.format(P=p)}/head/{layer}/H{head:02d}"
 
 
 class TensorBoardOutput(Output):
@@ -190,6 +130,7 @@ class TensorBoardOutput(Output):
         self.heatmap_crop = heatmap_crop
         self.logit_cap = logit_cap
         self._layout_written = not custom_scalars
+        self._definitions_written = False
         self._closed = False
         self._picture_due = 0  # the next step at or after which pictures are drawn
         self._asked: tuple[int, int] | None = None  # the last step asked, and the answer
@@ -251,13 +192,17 @@ class TensorBoardOutput(Output):
     # ------------------------------------------------------------------------------ writing
 
     def write(self, snapshot: "Snapshot") -> None:
-        """Log a snapshot's scalars and, at the steps :meth:`pictures` chooses, its pictures
+        """Log a snapshot's scalars and, at the steps :meth:`pictures` chooses, its plots
         (heatmaps of the attention samples it holds), at ``snapshot.step``."""
         if self._closed:
             raise RuntimeError("TensorBoardOutput.write() after close()")
         if not self._layout_written:
             self.writer.add_custom_scalars(self.layout(snapshot))
             self._layout_written = True
+        if not self._definitions_written and snapshot.layers:
+            self.writer.add_text("figures", definitions_markdown(
+                tau=snapshot.tau, lazy=snapshot.layers[0].rule), global_step=snapshot.step)
+            self._definitions_written = True
         self._watch(snapshot)
         worst = health.worst_states(snapshot)
         for layer, state in zip(snapshot.layers, worst):
@@ -277,10 +222,10 @@ class TensorBoardOutput(Output):
         """The layer's scalars; ``state``: its worst head state (``health/Lxx``)."""
         step, p, tag = snapshot.step, percent(snapshot.tau), layer.tag
         for series in SERIES:
-            value = layer.reduce(series.figure, series.how)
-            if series.sparse and value == 0:
+            value = layer.reduce(series.figure.name, series.reduction)
+            if series.figure.sparse and value == 0:
                 continue
-            if series.log10:
+            if series.how == "log10":
                 value = math.log10(value) if value > 0 else math.nan
             self._scalar(series.tag(p, tag), value, step)
         self._scalar(f"lazy_share/{tag}", layer.lazy_share, step)
@@ -371,7 +316,7 @@ class TensorBoardOutput(Output):
         self._health_alerts.extend((snapshot.step, alert.tag) for alert in snapshot.alerts)
 
     def health_timeline(self) -> Any:
-        """The figure of :func:`~attn_probe.outputs.health.health_timeline` for every step
+        """The plot of :func:`~attn_probe.outputs.health.health_timeline` for every step
         written so far (``None`` before any snapshot with head states)."""
         if not self._health:
             return None
@@ -386,24 +331,23 @@ class TensorBoardOutput(Output):
             self._image("health/heads", health.head_state_map_for(snapshot), step)
             self._image("health/timeline", self.health_timeline(), step)
         if snapshot.has_data:
-            self._image(f"collapse_map/rank{p}", figures.collapse_map_for(snapshot, "rank"), step)
-            self._image(f"profile/max_rank{p}", figures.max_rank_profile_for(snapshot), step)
+            self._image(f"collapse_map/rank{p}", plots.collapse_map_for(snapshot, "rank"), step)
+            self._image(f"profile/max_rank{p}", plots.max_rank_profile_for(snapshot), step)
         for layer, heads in self._heatmap_choice(snapshot):
             attention = snapshot.samples[layer.name]
             available = [h for h in heads if 0 <= h < attention.shape[0]]
-            if not available or attention.shape[-1] == 0:
+            if not available or attention.shape[-1] == 0 or attention.shape[-2] == 0:
                 continue
-            total = int(attention.shape[-1])
-            crop = ""
-            if total > self.heatmap_crop:
-                crop = f", first {self.heatmap_crop} of {total} tokens"
-            figure = figures.attention_heatmaps(
-                attention,
-                heads=available,
-                tokens=self.heatmap_crop,
-                title=f"{layer.tag} {layer.name}, step {step}{crop}",
+            queries, keys = (int(n) for n in attention.shape[-2:])
+            crop = self.heatmap_crop
+            shape = f"{min(queries, crop)} of {queries} queries" if queries > crop else \
+                f"{queries} queries"
+            shape += f" x {min(keys, crop)} of {keys} keys" if keys > crop else f" x {keys} keys"
+            plot = plots.attention_heatmaps(
+                attention, heads=available, crop=crop,
+                title=f"{layer.tag} {layer.name}, step {step}, {shape}",
             )
-            self._image(f"attention/{layer.tag}", figure, step)
+            self._image(f"attention/{layer.tag}", plot, step)
 
     def _check_heatmap_heads(self, snapshot: "Snapshot") -> None:
         """Warn once per layer about chosen heads it does not have (known once it ran)."""
@@ -421,8 +365,8 @@ class TensorBoardOutput(Output):
                     "cannot be drawn"
                 )
 
-    def _image(self, tag: str, figure: Any, step: int) -> None:
-        self.writer.add_image(tag, figures.figure_to_array(figure), global_step=step,
+    def _image(self, tag: str, plot: Any, step: int) -> None:
+        self.writer.add_image(tag, plots.plot_to_array(plot), global_step=step,
                               dataformats="HWC")
 
     def _heatmap_choice(self, snapshot: "Snapshot") -> list[tuple["LayerSummary", list[int]]]:
@@ -453,10 +397,11 @@ class TensorBoardOutput(Output):
         p = percent(snapshot.tau)
         charts: dict[str, list[Any]] = {}
         for series in SERIES:
-            if series.headline and any(finite(layer.reduce(series.figure, series.how))
+            if series.headline and any(finite(layer.reduce(series.figure.name, series.reduction))
                                        for layer in snapshot.layers):
                 name = series.prefix(p)
-                charts[f"{name} ({series.how} over heads)"] = ["Multiline", [rf"{name}/L\d+"]]
+                charts[f"{name} ({series.reduction} over heads)"] = [
+                    "Multiline", [rf"{name}/L\d+"]]
         if snapshot.states:
             charts["health (worst head state: 1 healthy ... 6 logits exploding)"] = [
                 "Multiline", [r"health/L\d+"]]

@@ -8,8 +8,8 @@ from typing import Sequence
 import numpy as np
 
 from attn_probe.alerts import AlertRules
-from attn_probe.outputs.canvas import axes_at, new_figure
-from attn_probe.outputs.runs import run_series_for, run_summary
+from attn_probe.outputs.canvas import axes_at, new_plot
+from attn_probe.outputs.runs import plot_runs, run_series_for
 from attn_probe.snapshot import WARNS, Alert
 
 from .judge import TWIN, Summary, Verdict, first_alerts
@@ -72,12 +72,12 @@ def markdown_table(verdicts: Sequence[Verdict]) -> str:
     return "\n".join(lines)
 
 
-def lead_figure(verdicts: Sequence[Verdict], summary: Summary, title: str):
+def lead_plot(verdicts: Sequence[Verdict], summary: Summary, title: str):
     """One row per run: a damaged run's lead as a bar (green: warned at or before its damage step,
     red: after it), ``not warned`` where it got no warning; a healthy run's false alarms
     as a count; other runs (not damaged) as such."""
     n = len(verdicts)
-    fig = new_figure(9.0, 1.4 + 0.28 * n)
+    fig = new_plot(9.0, 1.4 + 0.28 * n)
     ax = axes_at(fig, 2.0, 0.6, 6.7, 0.28 * n)
     leads = [v.lead for v in verdicts if v.lead is not None]
     reach = max([abs(lead) for lead in leads] + [10])
@@ -115,8 +115,8 @@ def lead_figure(verdicts: Sequence[Verdict], summary: Summary, title: str):
     return fig
 
 
-def run_figures(verdicts: Sequence[Verdict], records: Sequence[dict],
-                rules: AlertRules) -> dict:
+def run_plots(verdicts: Sequence[Verdict], records: Sequence[dict],
+              rules: AlertRules) -> dict:
     """Run name -> the project's run-summary picture of the run beside its healthy twin (loss,
     largest attention logit, entropy of the most collapsed layer, each run's alerts marked), for
     every run but the twins; ``records`` in the order of ``verdicts``."""
@@ -127,7 +127,7 @@ def run_figures(verdicts: Sequence[Verdict], records: Sequence[dict],
     level = getattr(rules.entropy, "warning", None)  # rules of another shape: no line either
     thresholds = {} if level is None else {"entropy": level}
     return {
-        v.name: run_summary(
+        v.name: plot_runs(
             {f"{TWIN} (twin)": series[twin_of[v.config["family"]]],
              v.config["recipe"]: series[v.name]},
             thresholds=thresholds, title=f"collapse suite: {v.name} beside its healthy twin")

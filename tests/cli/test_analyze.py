@@ -207,9 +207,9 @@ def check_tables(out_dir: Path, reference: dict[str, torch.Tensor],
             for row, value in zip(rows, columns[name].mean(0).tolist()):
                 assert abs(float(row["columns"]) - value) <= TOL, (name, row["head"])
         max_rank = float(expected.max())
-        assert abs(float(layers[i]["max_rank"]) - max_rank) <= TOL
+        assert abs(float(layers[i]["rank/max"]) - max_rank) <= TOL
         assert abs(profile["max_rank_profile"][i] - max_rank) <= TOL
-        assert abs(float(layers[i]["mean_rank"]) - float(expected.mean())) <= TOL
+        assert abs(float(layers[i]["rank/mean"]) - float(expected.mean())) <= TOL
 
 
 def check_pictures(out_dir: Path, heatmap_tags: list[str]) -> None:
@@ -236,7 +236,7 @@ def check_tensorboard(out_dir: Path, layers: int) -> None:
     for i in range(layers):
         assert f"rank90/max/L{i:02d}" in scalars, sorted(scalars)[:10]
         ((_, value),) = scalars[f"rank90/max/L{i:02d}"]
-        assert value == pytest.approx(float(rows[i]["max_rank"]), rel=1e-6)
+        assert value == pytest.approx(float(rows[i]["rank/max"]), rel=1e-6)
     images = set(read_images(tb))
     assert {"collapse_map/rank90", "profile/max_rank90", "attention/L00"} <= images, images
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from attn_probe.outputs import health
-from attn_probe.outputs.canvas import figure_to_array
+from attn_probe.outputs.canvas import plot_to_array
 from attn_probe.snapshot import HEAD_STATES, HeadState, Snapshot
 
 from .test_tensorboard import build_run
@@ -19,7 +19,7 @@ def rgb(hex_colour: str) -> np.ndarray:
 
 def cell_colours(figure, rows: int, cols: int) -> np.ndarray:
     """(rows, cols, 3) RGB of the pixel at the centre of each cell of the figure's grid."""
-    pixels = figure_to_array(figure)
+    pixels = plot_to_array(figure)
     (ax,) = [ax for ax in figure.axes if ax.images]
     height = pixels.shape[0]
     out = np.zeros((rows, cols, 3), dtype=int)

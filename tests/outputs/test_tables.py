@@ -20,8 +20,8 @@ from attn_probe.outputs.tables import (
     parse_alerts_markdown,
     write_tables,
 )
+from attn_probe.figures import FIGURES as REGISTRY
 from attn_probe.snapshot import (
-    METRICS,
     SEVERITIES,
     Alert,
     CollapseRule,
@@ -29,6 +29,8 @@ from attn_probe.snapshot import (
     Snapshot,
 )
 from reference import markdown_rows
+
+METRICS = tuple(REGISTRY)
 
 NAN = float("nan")
 
@@ -67,9 +69,10 @@ def expected_layer(name: str) -> dict:
     rank, columns = np.array(f["rank"])[has], np.array(f["columns"])[has]
     lazy = (rank <= 1.5) & (columns <= 1.5)
     return {
-        "max_rank": rank.max(), "mean_rank": rank.mean(), "min_rank": rank.min(),
-        "max_columns": columns.max(), "mean_columns": columns.mean(),
-        "entropy": np.array(f["entropy"])[has].mean(), "sink": np.array(f["sink"])[has].mean(),
+        "rank/max": rank.max(), "rank/mean": rank.mean(), "rank/min": rank.min(),
+        "columns/max": columns.max(), "columns/mean": columns.mean(),
+        "entropy/mean": np.array(f["entropy"])[has].mean(),
+        "sink/mean": np.array(f["sink"])[has].mean(),
         "lazy_share": lazy.mean(), "sequences": max(f["counts"]),
     }
 
@@ -171,7 +174,7 @@ def test_json_writes_null_for_a_layer_without_data(tmp_path):
     document = json.loads((tmp_path / "profile.json").read_text())
     assert document["max_rank_profile"] == [None]
     (row,) = document["layers"]
-    for key in ("max_rank", "mean_rank", "min_rank", "entropy", "sink", "lazy_share"):
+    for key in ("rank/max", "rank/mean", "rank/min", "entropy/mean", "sink/mean", "lazy_share"):
         assert row[key] is None, key
     assert row["lazy"] is False and document["lazy_layers"] == []
 

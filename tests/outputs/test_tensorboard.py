@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 from torch.utils.tensorboard import SummaryWriter
 
-from attn_probe.outputs import figures as plots
+from attn_probe.outputs import plots
 from attn_probe.aggregate import HeadAccumulator
 from attn_probe.snapshot import Alert, Snapshot
 from attn_probe.outputs import TensorBoardOutput
@@ -328,9 +328,9 @@ def test_images_tags_steps_and_png_shapes(run, image_log):
                       "attention/L03"}
     first = snapshots[0]
     shapes = {
-        "collapse_map/rank90": plots.figure_to_array(plots.collapse_map_for(first)).shape,
-        "profile/max_rank90": plots.figure_to_array(plots.max_rank_profile_for(first)).shape,
-        "attention/L00": plots.figure_to_array(
+        "collapse_map/rank90": plots.plot_to_array(plots.collapse_map_for(first)).shape,
+        "profile/max_rank90": plots.plot_to_array(plots.max_rank_profile_for(first)).shape,
+        "attention/L00": plots.plot_to_array(
             plots.attention_heatmaps(first.samples[NAMES[0]], heads=range(4), title="t")
         ).shape,
     }
@@ -560,13 +560,13 @@ def test_health_scalars_images_and_timeline(tmp_path):
     assert [image.step for image in images["health/heads"]] == [0, 10]
     assert [image.step for image in images["health/timeline"]] == [0, 10]
     last = images["health/timeline"][-1]
-    drawn = plots.figure_to_array(health.health_timeline(
+    drawn = plots.plot_to_array(health.health_timeline(
         [0, 5, 10], np.array([[2, 5, 6]]), layer_labels=["L00"],
         title="worst head state of each layer, steps 0-10"))
     logged = np.asarray(Image.open(io.BytesIO(last.png)).convert("RGB"))
     assert np.array_equal(logged, drawn)
     heads = np.asarray(Image.open(io.BytesIO(images["health/heads"][-1].png)).convert("RGB"))
-    assert np.array_equal(heads, plots.figure_to_array(health.head_state_map(
+    assert np.array_equal(heads, plots.plot_to_array(health.head_state_map(
         np.array([states[2]]), layer_labels=["L00"], title="head states, step 10")))
     layout = {c.title for cat in read_layouts(tmp_path)[0][1].category for c in cat.chart}
     assert {"max_logit/log10 (max over heads)", "entropy_norm_full/mean (mean over heads)",

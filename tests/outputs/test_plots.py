@@ -11,7 +11,7 @@ import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from attn_probe.outputs import figures as plots
+from attn_probe.outputs import plots
 from attn_probe.aggregate import HeadAccumulator
 from attn_probe.snapshot import Alert, Snapshot
 
@@ -37,17 +37,17 @@ def make_snapshot(layers: int = 3, heads: int = 4, tokens: int = 6) -> Snapshot:
                     samples={names[0]: attention})
 
 
-def test_figures_are_not_registered_with_pyplot():
+def test_plots_are_not_registered_with_pyplot():
     before = pylab_helpers.Gcf.get_num_fig_managers()
     fig = plots.collapse_map(np.ones((2, 2)))
     assert isinstance(fig, Figure) and isinstance(fig.canvas, FigureCanvasAgg)
-    plots.figure_to_array(fig)
+    plots.plot_to_array(fig)
     assert pylab_helpers.Gcf.get_num_fig_managers() == before
 
 
-def test_figure_to_array_shape_and_dtype():
+def test_plot_to_array_shape_and_dtype():
     fig = plots.max_rank_profile(np.array([4.0, 2.0, 1.0]))
-    array = plots.figure_to_array(fig)
+    array = plots.plot_to_array(fig)
     width, height = fig.get_size_inches() * fig.dpi
     assert array.dtype == np.uint8 and array.ndim == 3 and array.shape[2] == 3
     assert array.shape[:2] == (round(height), round(width))
@@ -55,7 +55,7 @@ def test_figure_to_array_shape_and_dtype():
     # a bare Figure (no canvas attached by us) renders as well
     bare = Figure(figsize=(2, 1), dpi=50)
     bare.add_subplot().plot([0, 1])
-    assert plots.figure_to_array(bare).shape == (50, 100, 3)
+    assert plots.plot_to_array(bare).shape == (50, 100, 3)
 
 
 def test_collapse_map_small_grid_is_annotated():
@@ -71,7 +71,7 @@ def test_collapse_map_small_grid_is_annotated():
     image = ax.images[0]
     assert image.norm.vmax == 20 and image.norm.vmin == 1.0
     assert image.get_array().mask[0, 2]
-    assert plots.figure_to_array(fig).dtype == np.uint8
+    assert plots.plot_to_array(fig).dtype == np.uint8
 
 
 def test_collapse_map_large_grid_not_annotated_and_capped():
@@ -166,7 +166,7 @@ def test_attention_heatmaps_grid():
 
 def test_attention_heatmaps_subset_shared_scale_and_crop():
     attention = np.random.default_rng(0).dirichlet(np.ones(30), size=(4, 30))
-    fig = plots.attention_heatmaps(attention, heads=[3, 1], shared_scale=True, tokens=10)
+    fig = plots.attention_heatmaps(attention, heads=[3, 1], shared_scale=True, crop=10)
     panels = image_axes(fig)
     assert [ax.get_title() for ax in panels] == ["H03", "H01"]
     assert len(fig.axes) == 3  # one shared colour bar
@@ -175,20 +175,44 @@ def test_attention_heatmaps_subset_shared_scale_and_crop():
     with pytest.raises(ValueError):
         plots.attention_heatmaps(attention, heads=[4])
     with pytest.raises(ValueError):
-        plots.attention_heatmaps(np.ones((2, 3, 4)))
+        plots.attention_heatmaps(np.ones((2, 3, 4, 5)))
+    with pytest.raises(ValueError, match="0 queries over 4 keys"):
+        plots.attention_heatmaps(np.ones((2, 0, 4)))
+
+
+def test_attention_heatmaps_draw_rectangles_of_queries_by_keys():
+    """Cross-attention, an attention pooler, a crop below the key count: (heads, queries, keys)
+    with queries != keys is drawn as it is, cells square, the axes named."""
+    attention = np.random.default_rng(1).dirichlet(np.ones(17), size=(2, 8))  # 8 queries x 17
+    fig = plots.attention_heatmaps(attention, title="pooler")
+    panels = image_axes(fig)
+    np.testing.assert_allclose(panels[1].images[0].get_array(), attention[1], rtol=1e-6)
+    assert panels[0].get_xlabel() == "keys" and panels[0].get_ylabel() == "queries"
+    box = panels[0].get_position().transformed(fig.transFigure)  # in pixels
+    assert box.width / box.height == pytest.approx(17 / 8, rel=0.05)
+    # a crop keeps the first queries and keys of each: 8 x 5
+    cropped = image_axes(plots.attention_heatmaps(attention, crop=5))
+    assert cropped[0].images[0].get_array().shape == (5, 5)
+    tall = image_axes(plots.attention_heatmaps(attention.transpose(0, 2, 1)))  # 17 x 8
+    box = tall[0].get_position().transformed(tall[0].figure.transFigure)
+    assert box.height / box.width == pytest.approx(17 / 8, rel=0.05)
+    one = plots.attention_heatmap(attention[0], title="H00")
+    (ax,) = image_axes(one)
+    assert ax.images[0].get_array().shape == (8, 17)
+    assert (ax.get_xlabel(), ax.get_ylabel()) == ("keys", "queries")
 
 
 def test_attention_heatmaps_single_head_single_token():
     for attention in (torch.ones(1, 1, 1, requires_grad=True), np.ones((1, 1))):
         fig = plots.attention_heatmaps(attention, title="T=1")
         assert [ax.get_title() for ax in image_axes(fig)] == ["H00"]
-        array = plots.figure_to_array(fig)
+        array = plots.plot_to_array(fig)
         assert array.dtype == np.uint8 and array.shape[2] == 3 and array.std() > 0
     zeros = plots.attention_heatmaps(np.zeros((1, 3, 3)))  # a blank head still has a scale
     assert image_axes(zeros)[0].images[0].norm.vmax == 1.0
 
 
-def test_run_summary_draws_each_run_with_thresholds_and_its_first_warnings():
+def test_plot_runs_draws_each_run_with_thresholds_and_its_first_warnings():
     steps = np.arange(0, 20, 5)
     mark = plots.AlertMark
     runs = {
@@ -203,7 +227,7 @@ def test_run_summary_draws_each_run_with_thresholds_and_its_first_warnings():
             {"L01": ([1.0, 350.0, 600.0], [1.0, 0.05, 0.04]),
              "L00": ([1.0, 400.0, 900.0], [1.0, 0.3, 0.02])}),
     }
-    fig = plots.run_summary(runs, thresholds={"logit": 300.0, "entropy": 0.1}, title="demo")
+    fig = plots.plot_runs(runs, thresholds={"logit": 300.0, "entropy": 0.1}, title="demo")
     loss, logit, entropy = fig.axes
     assert logit.get_yscale() == "log" and entropy.get_ylim() == (0, 1.05)
     low, high = logit.get_ylim()
@@ -231,23 +255,23 @@ def test_run_summary_draws_each_run_with_thresholds_and_its_first_warnings():
         [mark("logit", 5, "L00", 400.0), mark("logit", 5, "L01", 350.0)],
         {"L01": ([1.0, 350.0, 600.0], [1.0, 0.05, 0.04]),
          "L00": ([1.0, 400.0, 900.0], [1.0, 0.3, 0.02])})}
-    both = plots.run_summary(together).axes[1]
+    both = plots.plot_runs(together).axes[1]
     assert sorted(marks(both)) == [(5.0, 350.0), (5.0, 400.0)]
     assert [(t.get_text(), t.xy) for t in both.texts] == [("L00, L01", (5, 400.0))]
-    plain = plots.run_summary(runs)  # no thresholds: no dashed line, no legend entry for it
+    plain = plots.plot_runs(runs)  # no thresholds: no dashed line, no legend entry for it
     assert [t.get_text() for t in plain.legends[0].get_texts()][-1] == "first warning"
-    assert plots.figure_to_array(fig).shape[1] > 2 * plots.figure_to_array(fig).shape[0]
+    assert plots.plot_to_array(fig).shape[1] > 2 * plots.plot_to_array(fig).shape[0]
     # the loss: faint as it is, solid as a centred moving average (shorter at the ends)
     faint, solid = [l.get_ydata() for l in loss.get_lines() if l.get_marker() != "X"][:2]
     assert list(faint) == list(runs["stable"].loss)
     assert solid[10] == pytest.approx(np.mean(runs["stable"].loss[6:15]))
     assert solid[0] == pytest.approx(np.mean(runs["stable"].loss[:5]))
-    unsmoothed = plots.run_summary(runs, smooth=1).axes[0]
+    unsmoothed = plots.plot_runs(runs, smooth=1).axes[0]
     assert len([l for l in unsmoothed.get_lines() if l.get_marker() != "X"]) == 2
     with pytest.raises(ValueError, match="sampled steps"):
-        plots.run_summary({"bad": plots.RunSeries([1.0], [0, 5], [1.0], [1.0])})
+        plots.plot_runs({"bad": plots.RunSeries([1.0], [0, 5], [1.0], [1.0])})
     with pytest.raises(ValueError, match="at least one run"):
-        plots.run_summary({})
+        plots.plot_runs({})
 
 
 def test_run_series_for_takes_the_extremes_over_layers():
@@ -288,7 +312,7 @@ def test_attention_heatmap_of_one_head_names_the_tokens():
     np.testing.assert_array_equal(image.get_array(), attention.numpy())
     assert [t.get_text() for t in ax.get_xticklabels()] == words
     assert [t.get_text() for t in ax.get_yticklabels()] == words[:5]
-    assert ax.get_title() == "L01 H02" and ax.get_xlabel() == "key"
+    assert ax.get_title() == "L01 H02" and ax.get_xlabel() == "keys"
     many = plots.attention_heatmap(torch.eye(200), token_labels=[f"t{i}" for i in range(200)])
     assert len(many.axes[0].get_xticklabels()) <= 64  # thinned, evenly
     with pytest.raises(ValueError, match="got 3 token labels for 7 keys"):

@@ -1,13 +1,13 @@
-"""Matplotlib figures of attention collapse.
+"""Matplotlib plots of attention collapse.
 
-Every function builds a :class:`matplotlib.figure.Figure` directly (Agg canvas, no pyplot, no
-global figure registry), so it is safe in training processes, threads and notebooks alike: the
-figure is garbage collected like any other object. The functions take plain arrays; the
-``*_for`` variants are thin conveniences that pull the arrays out of a
-:class:`~attn_probe.snapshot.Snapshot`.
+A *plot* is a drawing; a *figure* is a measured number (:mod:`attn_probe.figures`). Every
+function builds a :class:`matplotlib.figure.Figure` directly (Agg canvas, no pyplot, no global
+registry), so it is safe in training processes, threads and notebooks alike: the plot is garbage
+collected like any other object. The functions take plain arrays; the ``*_for`` variants are thin
+conveniences that pull the arrays out of a :class:`~attn_probe.snapshot.Snapshot`.
 
-Use :func:`figure_to_array` to turn a figure into an ``(height, width, 3)`` uint8 image, e.g. for
-``SummaryWriter.add_image(..., dataformats="HWC")``. In a notebook a returned figure displays
+Use :func:`plot_to_array` to turn a plot into an ``(height, width, 3)`` uint8 image, e.g. for
+``SummaryWriter.add_image(..., dataformats="HWC")``. In a notebook a returned plot displays
 itself as the cell's value.
 """
 
@@ -22,10 +22,10 @@ from matplotlib.ticker import MaxNLocator
 
 from ..snapshot import percent
 from .canvas import (
-    as_numpy, axes_at, clamp, colour_map, figure_to_array, format_cell, label_ticks, new_figure,
+    as_numpy, axes_at, clamp, colour_map, format_cell, label_ticks, new_plot, plot_to_array,
     text_colour, text_width,
 )
-from .runs import AlertMark, RunSeries, run_series_for, run_summary
+from .runs import AlertMark, RunSeries, plot_runs, run_series_for
 
 if TYPE_CHECKING:
     from ..snapshot import Snapshot
@@ -36,14 +36,14 @@ __all__ = [
     "attention_heatmaps",
     "collapse_map",
     "collapse_map_for",
-    "figure_to_array",
     "head_profiles",
     "head_profiles_for",
     "max_rank_profile",
     "max_rank_profile_for",
+    "plot_runs",
+    "plot_to_array",
     "RunSeries",
     "run_series_for",
-    "run_summary",
 ]
 
 #: Largest grid whose cells get their value written in them.
@@ -66,7 +66,7 @@ def _layer_matrix(snapshot: "Snapshot", metric: str) -> np.ndarray:
     return values
 
 
-# ----------------------------------------------------------------------------------- figures
+# ------------------------------------------------------------------------------------- plots
 
 
 def collapse_map(
@@ -123,7 +123,7 @@ def collapse_map(
     cell_w, cell_h = (0.42, 0.3) if annotate else (0.25, 0.22)
     map_w = clamp(cell_w * heads, 2.4, _MAX_WIDTH - left - right)
     map_h = clamp(cell_h * layers, 1.2, _MAX_HEIGHT - top - bottom)
-    fig = new_figure(left + map_w + right, bottom + map_h + top)
+    fig = new_plot(left + map_w + right, bottom + map_h + top)
     ax = axes_at(fig, left, bottom, map_w, map_h)
     image = ax.imshow(
         np.ma.masked_invalid(values),
@@ -200,7 +200,7 @@ def max_rank_profile(
     bottom = 0.45 + (min(text_width([layer_labels[i] for i in ticks], 8), 2.0) if rotate
                      else 0.15)
     width = clamp(2.5 + 0.3 * layers, 5.0, _MAX_WIDTH)
-    fig = new_figure(width, bottom + 2.4 + 0.35)
+    fig = new_plot(width, bottom + 2.4 + 0.35)
     ax = axes_at(fig, 0.7, bottom, width - 0.85, 2.4)
     x = np.arange(layers)
     ax.plot(x, max_rank, marker="o", markersize=4, linewidth=1.5, color="#3b528b",
@@ -260,7 +260,7 @@ def head_profiles(
     rotate = heads > 12
     width = clamp(2.2 + 0.38 * heads, 4.5, _MAX_WIDTH)
     bottom = 0.85 if rotate else 0.6
-    fig = new_figure(width, bottom + 2.2 + 0.35)
+    fig = new_plot(width, bottom + 2.2 + 0.35)
     ax = axes_at(fig, 0.7, bottom, width - 0.85, 2.2)
     x = np.arange(heads)
     width = 0.4
@@ -315,24 +315,28 @@ def attention_heatmaps(
     title: str | None = None,
     max_cols: int = 4,
     shared_scale: bool = False,
-    tokens: int | None = None,
+    crop: int | None = None,
     cmap: str = "magma",
 ) -> Figure:
-    """Grid of per-head heatmaps of attention probabilities: key on x, query on y.
+    """Grid of per-head heatmaps of attention probabilities: keys on x, queries on y.
 
-    ``attention`` is ``(H, T, T)`` (or ``(T, T)`` for one head), a tensor or an array.
-    ``heads`` picks heads (default: all); ``tokens`` crops to the first queries and keys.
-    Each head gets its own colour scale from 0 and a colour bar, or, with ``shared_scale``,
-    one scale and one colour bar for all.
+    ``attention`` is ``(H, queries, keys)`` (or ``(queries, keys)`` for one head), a tensor or
+    an array: square for self-attention, a rectangle for cross-attention, an attention pooler or
+    a crop below the key count. ``heads`` picks heads (default: all); ``crop`` keeps the first
+    ``crop`` queries and keys. Each head gets its own colour scale from 0 and a colour bar, or,
+    with ``shared_scale``, one scale and one colour bar for all.
     """
     attention = as_numpy(attention, np.float32)
     if attention.ndim == 2:
         attention = attention[None]
-    if attention.ndim != 3 or attention.shape[1] != attention.shape[2]:
-        raise ValueError(f"expected (heads, T, T) attention, got shape {attention.shape}")
-    if tokens is not None:
-        attention = attention[:, :tokens, :tokens]
-    num_heads = attention.shape[0]
+    if attention.ndim != 3:
+        raise ValueError(f"expected (heads, queries, keys) attention, got shape "
+                         f"{attention.shape}")
+    if crop is not None:
+        attention = attention[:, :crop, :crop]
+    num_heads, queries, keys = attention.shape
+    if queries == 0 or keys == 0:
+        raise ValueError(f"no attention to draw: {queries} queries over {keys} keys")
     heads = list(range(num_heads)) if heads is None else [int(h) for h in heads]
     if not heads:
         raise ValueError("no heads to draw")
@@ -344,8 +348,9 @@ def attention_heatmaps(
 
     cols = min(max_cols, len(heads))
     rows = math.ceil(len(heads) / cols)
-    # One panel: y tick labels and "query" | square image | colour bar and its labels; above it
-    # the head title, below it the x tick labels and "key".
+    # One panel: y tick labels and "queries" | image | colour bar and its labels; above it the
+    # head title, below it the x tick labels and "keys". The image's longer side is ``side``
+    # and its cells are square (a rectangle of queries x keys keeps its shape).
     pad_left, pad_bottom, pad_title = 0.5, 0.45, 0.28
     pad_right = 0.2 if shared_scale else 0.62
     shared_bar = 0.95 if shared_scale else 0.0
@@ -356,11 +361,13 @@ def attention_heatmaps(
         (_MAX_HEIGHT - suptitle) / rows - pad_bottom - pad_title,
     )
     side = max(side, 0.6)
-    cell_w = pad_left + side + pad_right
-    cell_h = pad_title + side + pad_bottom
+    image_w = max(side * min(1.0, keys / queries), 0.3)
+    image_h = max(side * min(1.0, queries / keys), 0.3)
+    cell_w = pad_left + image_w + pad_right
+    cell_h = pad_title + image_h + pad_bottom
     width = max(cols * cell_w + shared_bar, 2.6 if title else 0.0)
     height = rows * cell_h + suptitle
-    fig = new_figure(width, height)
+    fig = new_plot(width, height)
     colormap = colour_map(cmap)
 
     def top(values: np.ndarray) -> float:
@@ -375,7 +382,7 @@ def attention_heatmaps(
         row, col = divmod(slot, cols)
         x0 = col * cell_w + pad_left
         y0 = height - suptitle - (row + 1) * cell_h + pad_bottom
-        ax = axes_at(fig, x0, y0, side, side)
+        ax = axes_at(fig, x0, y0, image_w, image_h)
         image = ax.imshow(
             np.ma.masked_invalid(attention[head]),
             cmap=colormap,
@@ -388,11 +395,11 @@ def attention_heatmaps(
         ax.xaxis.set_major_locator(MaxNLocator(**locator_kwargs))
         ax.yaxis.set_major_locator(MaxNLocator(**locator_kwargs))
         ax.tick_params(labelsize=7, length=2, pad=1.5)
-        ax.set_xlabel("key", fontsize=8, labelpad=1)
+        ax.set_xlabel("keys", fontsize=8, labelpad=1)
         if col == 0:
-            ax.set_ylabel("query", fontsize=8, labelpad=1)
+            ax.set_ylabel("queries", fontsize=8, labelpad=1)
         if not shared_scale:
-            bar = fig.colorbar(image, cax=axes_at(fig, x0 + side + 0.06, y0, 0.08, side))
+            bar = fig.colorbar(image, cax=axes_at(fig, x0 + image_w + 0.06, y0, 0.08, image_h))
             bar.ax.tick_params(labelsize=6, length=2, pad=1.5)
             bar.locator = MaxNLocator(nbins=4)
             bar.update_ticks()
@@ -415,14 +422,17 @@ def attention_heatmap(
     cmap: str = "magma",
     size: float = 5.0,
 ) -> Figure:
-    """One head's attention probabilities, key on x, query on y, ``size`` inches square.
+    """One head's attention probabilities, keys on x, queries on y, ``size`` inches on the
+    longer side (cells are square: a rectangle of queries x keys keeps its shape).
 
-    ``attention`` is ``(T, S)``. ``token_labels`` (at least ``S`` strings: the tokens of the
-    sequence) name the rows and columns; at most 64 are written per axis, evenly thinned.
+    ``attention`` is ``(queries, keys)``. ``token_labels`` (at least ``keys`` strings: the
+    tokens of the sequence) name the rows and columns; at most 64 are written per axis, evenly
+    thinned.
     """
     attention = as_numpy(attention, np.float32)
     if attention.ndim != 2:
-        raise ValueError(f"expected (T, S) attention of one head, got shape {attention.shape}")
+        raise ValueError(f"expected (queries, keys) attention of one head, got shape "
+                         f"{attention.shape}")
     queries, keys = attention.shape
     if token_labels is not None:
         token_labels = [str(label) for label in token_labels]
@@ -434,13 +444,15 @@ def attention_heatmap(
     if token_labels is not None:
         margin = 0.35 + min(text_width([token_labels[i] for i in rows + cols], points), 1.6)
     top = 0.35 if title else 0.15
-    fig = new_figure(margin + size + 0.95, margin + size + top)
-    ax = axes_at(fig, margin, margin, size, size)
+    image_w = max(size * min(1.0, keys / max(queries, 1)), 0.5)
+    image_h = max(size * min(1.0, queries / max(keys, 1)), 0.5)
+    fig = new_plot(margin + image_w + 0.95, margin + image_h + top)
+    ax = axes_at(fig, margin, margin, image_w, image_h)
     finite = attention[np.isfinite(attention)]
     peak = float(finite.max()) if finite.size else 0.0
     image = ax.imshow(np.ma.masked_invalid(attention), cmap=colour_map(cmap), vmin=0.0,
                       vmax=peak if peak > 0 else 1.0, interpolation="nearest", aspect="auto")
-    bar = fig.colorbar(image, cax=axes_at(fig, margin + size + 0.12, margin, 0.15, size))
+    bar = fig.colorbar(image, cax=axes_at(fig, margin + image_w + 0.12, margin, 0.15, image_h))
     bar.set_label("attention probability", fontsize=8)
     bar.ax.tick_params(labelsize=7)
     if token_labels is None:
@@ -452,8 +464,8 @@ def attention_heatmap(
         ax.set_xticks(cols, [token_labels[i] for i in cols], fontsize=points, rotation=90)
         ax.set_yticks(rows, [token_labels[i] for i in rows], fontsize=points)
         ax.tick_params(length=2, pad=1)
-    ax.set_xlabel("key", fontsize=9)
-    ax.set_ylabel("query", fontsize=9)
+    ax.set_xlabel("keys", fontsize=9)
+    ax.set_ylabel("queries", fontsize=9)
     if title:
         ax.set_title(title, fontsize=10)
     return fig
