@@ -128,14 +128,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(out: Path) -> list[str]:
-    """Run both workers to the end (or kill them at the timeout); return their output."""
+def launch(out: Path, world: int = WORLD, script: str = __file__) -> list[str]:
+    """Run ``world`` processes of ``script``'s ``worker`` (torchrun's environment, gloo) to the
+    end, or kill them at the timeout; return their output."""
     port = free_port()
     procs, logs = [], []
-    for rank in range(WORLD):
+    for rank in range(world):
         env = dict(
             os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-            WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(WORLD),
+            WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
             OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(
                 p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p
             ),
@@ -143,7 +144,7 @@ def launch(out: Path) -> list[str]:
         log = open(out / f"worker{rank}.log", "w")
         logs.append(log)
         procs.append(subprocess.Popen(
-            [sys.executable, str(Path(__file__).resolve()), "worker", str(out)],
+            [sys.executable, str(Path(script).resolve()), "worker", str(out)],
             env=env, stdout=log, stderr=subprocess.STDOUT,
         ))
     deadline = time.monotonic() + LAUNCH_TIMEOUT
@@ -162,7 +163,7 @@ def launch(out: Path) -> list[str]:
                 proc.wait()
         for log in logs:
             log.close()
-    text = [(out / f"worker{rank}.log").read_text() for rank in range(WORLD)]
+    text = [(out / f"worker{rank}.log").read_text() for rank in range(world)]
     tails = "\n".join(t[-3000:] for t in text)
     assert not timed_out, f"workers still running after {LAUNCH_TIMEOUT} s (deadlock?)\n{tails}"
     return text

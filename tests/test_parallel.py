@@ -1,0 +1,438 @@
+"""Tensor and context parallelism in real multi-process runs (gloo, CPU): every per-head figure
+equal to the single-process run of the unsplit model, heads numbered globally.
+
+A small Llama-style model (2 layers, width 32, 4 query heads over 2 key/value heads: layer 0
+hands SDPA its key/value heads with ``enable_gqa``, layer 1 repeats them first, as Hugging
+Face's ``repeat_kv`` does) is run on 2 and on 4 processes:
+
+* tensor parallel with DTensor ``parallelize_module`` (``ColwiseParallel`` on ``wq, wk, wv``,
+  ``RowwiseParallel`` on ``wo``, local heads by ``.view(B, T, -1, head_dim)``), found by the
+  probe with nothing named; on 4 processes a data × tensor parallel mesh with FSDP2 over the data
+  dimension;
+* tensor parallel by hand (each process holds its heads' rows of ``wq, wk, wv`` as plain
+  tensors): measured per global head when the group is named, left out with one warning when
+  it is not;
+* context parallel: each process holds a chunk of every sequence's tokens, attends over the
+  all-gathered keys with a mask from global positions; contiguous chunks (equal and unequal)
+  and the head-tail layout, with the crop below the sequence length.
+
+Each process saves what its probe reported; the test process runs the unsplit model on the
+same sequences in one process with the probe and compares every figure of every head.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+import traceback
+import warnings
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # the workers run this file as a script
+    sys.path.insert(0, str(ROOT))
+
+from attn_probe import AttentionProbe  # noqa: E402
+from attn_probe.parallel import ContextParallel  # noqa: E402
+from attn_probe.snapshot import FIGURES  # noqa: E402
+from reference import read_scalars  # noqa: E402
+from test_distributed import launch  # noqa: E402
+
+VOCAB, WIDTH, HEADS, KV_HEADS, LAYERS, LENGTH = 64, 32, 4, 2, 2, 24
+HEAD_DIM = WIDTH // HEADS
+BATCH, MEASURED = 3, 2  # sequences fed, and measured, per process
+PROBE = dict(every=1, max_sequences=MEASURED, images_every=0, per_head="all")
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
+                       reason="torch.distributed with the gloo backend is not available"),
+]
+
+
+# ------------------------------------------------------------------------------------ model
+
+
+class Attention(nn.Module):
+    """Llama-style attention with the heads it has locally (``.view(B, T, -1, head_dim)``)."""
+
+    def __init__(self, repeat_kv: bool) -> None:
+        super().__init__()
+        self.n_heads = HEADS  # the model's heads, as torchtitan's modules declare them
+        self.wq = nn.Linear(WIDTH, HEADS * HEAD_DIM, bias=False)
+        self.wk = nn.Linear(WIDTH, KV_HEADS * HEAD_DIM, bias=False)
+        self.wv = nn.Linear(WIDTH, KV_HEADS * HEAD_DIM, bias=False)
+        self.wo = nn.Linear(HEADS * HEAD_DIM, WIDTH, bias=False)
+        self.repeat_kv = repeat_kv
+        self.eager = False  # an explicit softmax instead of SDPA
+        self.context_group = None  # context parallelism: gather the keys over this group
+        self.tensor_group = None  # tensor parallelism by hand: sum the outputs over this group
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor | None) -> torch.Tensor:
+        b, t, _ = x.shape
+        q = self.wq(x).view(b, t, -1, HEAD_DIM).transpose(1, 2)
+        k = self.wk(x).view(b, t, -1, HEAD_DIM).transpose(1, 2)
+        v = self.wv(x).view(b, t, -1, HEAD_DIM).transpose(1, 2)
+        mask = None
+        if self.context_group is not None:  # every chunk's keys, in sequence order
+            parts = [None] * dist.get_world_size(self.context_group)
+            dist.all_gather_object(parts, (positions, k, v), group=self.context_group)
+            key_positions = torch.cat([p for p, _, _ in parts])
+            order = key_positions.argsort()
+            k = torch.cat([k for _, k, _ in parts], dim=2)[:, :, order]
+            v = torch.cat([v for _, _, v in parts], dim=2)[:, :, order]
+            mask = positions[:, None] >= key_positions[order][None, :]
+        if self.repeat_kv or self.eager:
+            k = k.repeat_interleave(q.size(1) // k.size(1), dim=1)
+            v = v.repeat_interleave(q.size(1) // v.size(1), dim=1)
+        if self.eager:
+            if mask is None:
+                mask = torch.ones(t, t, dtype=torch.bool).tril()
+            scores = (q @ k.transpose(-1, -2) / math.sqrt(HEAD_DIM)).masked_fill(~mask, -math.inf)
+            out = torch.softmax(scores, dim=-1) @ v
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                                 enable_gqa=not self.repeat_kv)
+        out = self.wo(out.transpose(1, 2).reshape(b, t, -1))
+        if self.tensor_group is not None:
+            dist.all_reduce(out, group=self.tensor_group)
+        return out
+
+
+class Block(nn.Module):
+    def __init__(self, repeat_kv: bool) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(WIDTH)
+        self.attn = Attention(repeat_kv)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor | None) -> torch.Tensor:
+        return x + self.attn(self.norm(x), positions)
+
+
+class Model(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.tokens = nn.Embedding(VOCAB, WIDTH)
+        self.positions = nn.Embedding(64, WIDTH)
+        self.blocks = nn.ModuleList([Block(repeat_kv=i == 1) for i in range(LAYERS)])
+        self.head = nn.Linear(WIDTH, VOCAB, bias=False)
+
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None):
+        if positions is None:
+            positions = torch.arange(tokens.size(1))
+        x = self.tokens(tokens) + self.positions(positions)
+        for block in self.blocks:
+            x = block(x, positions)
+        return self.head(x)
+
+
+def make_model(eager: bool = False) -> Model:
+    """The same weights on every process; queries and keys scaled so that heads differ."""
+    torch.manual_seed(0)
+    model = Model()
+    with torch.no_grad():
+        for block in model.blocks:
+            block.attn.wq.weight.mul_(4.0)
+            block.attn.wk.weight.mul_(4.0)
+            block.attn.eager = eager
+    return model
+
+
+def tokens_for(replica: int, length: int = LENGTH) -> torch.Tensor:
+    """The sequences of one data-parallel replica: (BATCH, length) tokens."""
+    return torch.randint(0, VOCAB, (BATCH, length),
+                         generator=torch.Generator().manual_seed(100 + replica))
+
+
+def chunk_positions(length: int, shards: list[int], layout: str, rank: int) -> torch.Tensor:
+    """The global positions of process ``rank``'s tokens: contiguous chunks of the given
+    lengths, or the head-tail layout (``2W`` equal chunks, process ``r`` holding ``r`` and
+    ``2W-1-r``)."""
+    if layout == "contiguous":
+        start = sum(shards[:rank])
+        return torch.arange(start, start + shards[rank])
+    world = len(shards)
+    chunks = torch.arange(length).chunk(2 * world)
+    return torch.cat([chunks[rank], chunks[2 * world - 1 - rank]])
+
+
+# ---------------------------------------------------------------------- what is compared
+
+
+def figures_of(snapshot) -> list[dict]:
+    """Every per-head figure and count of every layer, as JSON."""
+    return [{
+        "name": layer.name,
+        "counts": layer.counts.tolist(),
+        "full_counts": layer.full_counts.tolist(),
+        "nonfinite": layer.nonfinite.tolist(),
+        **{figure: layer.heads[figure].tolist() for figure in FIGURES},
+    } for layer in snapshot.layers]
+
+
+def reference(replicas: list[torch.Tensor], max_tokens: int, eager: bool = False
+              ) -> list[dict]:
+    """The unsplit model in this one process on the sequences the data-parallel ``replicas``
+    measured, probed with the same options."""
+    tokens = torch.cat([t[:MEASURED] for t in replicas])
+    model = make_model(eager)
+    probe = AttentionProbe(model, **dict(PROBE, max_sequences=tokens.size(0)),
+                           max_tokens=max_tokens)
+    with probe:
+        model(tokens)
+        probe.step()
+    return figures_of(probe.history[0])
+
+
+def assert_same(got: list[dict], want: list[dict]) -> None:
+    assert [layer["name"] for layer in got] == [layer["name"] for layer in want]
+    for mine, theirs in zip(got, want):
+        assert len(mine["rank"]) == HEADS, mine["name"]
+        for key, values in theirs.items():
+            if key == "name":
+                continue
+            assert mine[key] == pytest.approx(values, rel=1e-5, abs=1e-6, nan_ok=True), (
+                mine["name"], key, mine[key], values)
+
+
+# ------------------------------------------------------------------------------- the tests
+
+
+def run_world(tmp_path_factory, world: int) -> dict:
+    out = tmp_path_factory.mktemp(f"parallel{world}")
+    started = time.monotonic()
+    logs = launch(out, world=world, script=__file__)
+    status = [json.loads(f.read_text()) if (f := out / f"status_rank{r}.json").exists() else {}
+              for r in range(world)]
+    print(f"{world}-process launch: {time.monotonic() - started:.1f} s")
+    return {"out": out, "status": status, "logs": logs, "world": world}
+
+
+@pytest.fixture(scope="module")
+def two(tmp_path_factory) -> dict:
+    return run_world(tmp_path_factory, 2)
+
+
+@pytest.fixture(scope="module")
+def four(tmp_path_factory) -> dict:
+    return run_world(tmp_path_factory, 4)
+
+
+def results(run: dict, scenario: str) -> list[dict]:
+    """What each process saved for ``scenario``, once every process ran it."""
+    for rank, status in enumerate(run["status"]):
+        if status.get(scenario) != "ok":
+            pytest.fail(f"scenario {scenario!r} failed on rank {rank}: {status.get(scenario)}\n"
+                        + run["logs"][rank][-3000:])
+    return [json.loads((run["out"] / scenario / f"rank{r}.json").read_text())
+            for r in range(run["world"])]
+
+
+def test_tensor_parallel_dtensor_found_without_naming_it(two):
+    saved = results(two, "tp")
+    want = reference([tokens_for(0)], 16)
+    for process in saved:  # every process holds the figures of every head
+        assert_same(process["figures"], want)
+        assert process["warnings"] == []
+    # the key/value head each query head reads, numbered over the model
+    assert saved[0]["figures"][0]["kv_head"] == [0, 0, 1, 1]
+    assert saved[0]["figures"][1]["kv_head"] == [0, 0, 1, 1]
+    scalars = read_scalars(two["out"] / "tp" / "tb")
+    for head in range(HEADS):
+        assert scalars[f"rank90/head/L00/H{head:02d}"][0] == pytest.approx(
+            want[0]["rank"][head])
+
+
+def test_tensor_parallel_by_hand_needs_the_group_named(two):
+    saved = results(two, "tp_plain")
+    want = reference([tokens_for(0)], 16)
+    for process in saved:
+        assert_same(process["figures"], want)
+        # without the group: nothing measured, and one warning per process that says why
+        assert process["unnamed_figures"] == []
+        (warning,) = process["unnamed_warnings"]
+        assert "declares 4 heads and its kernel sees 2" in warning
+        assert "tensor_parallel=" in warning
+
+
+@pytest.mark.parametrize("scenario, crop, eager", [
+    ("cp_contiguous", 8, False),
+    ("cp_unequal", 16, False),
+    ("cp_head_tail", 8, False),
+    ("cp_eager", 8, True),
+])
+def test_context_parallel_equals_the_unsplit_sequence(two, scenario, crop, eager):
+    """Chunks of 12 and 12 tokens, 10 and 14, the head-tail layout (6 + 6 each); an eager
+    softmax (its own scores) in the head-tail layout."""
+    saved = results(two, scenario)
+    want = reference([tokens_for(0)], crop, eager)
+    for process in saved:
+        assert_same(process["figures"], want)
+        assert process["warnings"] == []
+    # the sequences are counted once, not once per chunk
+    assert saved[0]["figures"][0]["counts"] == [MEASURED] * HEADS
+
+
+def test_data_by_tensor_parallel_mesh_with_fsdp2(four):
+    saved = results(four, "tp_dp")
+    want = reference([tokens_for(0), tokens_for(1)], 16)
+    for process in saved:
+        assert_same(process["figures"], want)
+    assert saved[0]["figures"][0]["counts"] == [2 * MEASURED] * HEADS
+
+
+def test_context_parallel_head_tail_over_four(four):
+    saved = results(four, "cp4_head_tail")
+    want = reference([tokens_for(0, 32)], 12)
+    for process in saved:
+        assert_same(process["figures"], want)
+
+
+# ----------------------------------------------------------------------------------- worker
+
+
+def _probe_run(folder: Path, model: nn.Module, forward, **options) -> dict:
+    """One sampled step of ``model`` (``forward()`` runs it), probed: figures and warnings."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        probe = AttentionProbe(model, **PROBE, **options)
+        with probe:
+            forward()
+            probe.step()
+    return {
+        "figures": figures_of(probe.history[0]) if probe.history else [],
+        "warnings": [str(w.message) for w in caught if "attn_probe" in str(w.message)],
+    }
+
+
+def _tp_plan(model: Model, mesh) -> None:
+    from torch.distributed.tensor.parallel import (
+        ColwiseParallel, RowwiseParallel, parallelize_module,
+    )
+
+    for block in model.blocks:
+        parallelize_module(block.attn, mesh, {
+            "wq": ColwiseParallel(), "wk": ColwiseParallel(), "wv": ColwiseParallel(),
+            "wo": RowwiseParallel(),
+        })
+
+
+def _by_hand(model: Model, group) -> Model:
+    """Each process keeps its heads' rows of wq, wk, wv and columns of wo, as plain tensors."""
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    with torch.no_grad():
+        for block in model.blocks:
+            attn = block.attn
+            for name in ("wq", "wk", "wv"):
+                linear = getattr(attn, name)
+                rows = linear.weight.chunk(world, dim=0)[rank].clone()
+                setattr(attn, name, nn.Linear(WIDTH, rows.size(0), bias=False))
+                getattr(attn, name).weight.copy_(rows)
+            columns = attn.wo.weight.chunk(world, dim=1)[rank].clone()
+            attn.wo = nn.Linear(columns.size(1), WIDTH, bias=False)
+            attn.wo.weight.copy_(columns)
+            attn.tensor_group = group
+    return model
+
+
+def worker(out: Path) -> None:
+    from torch.distributed.device_mesh import init_device_mesh
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", timeout=timedelta(seconds=60))
+    rank, world = dist.get_rank(), dist.get_world_size()
+    status: dict[str, str] = {}
+
+    def record(name: str, fn) -> None:
+        folder = out / name
+        folder.mkdir(exist_ok=True)
+        started = time.monotonic()
+        try:
+            result = fn(folder)
+            (folder / f"rank{rank}.json").write_text(json.dumps(result))
+            status[name] = "ok"
+        except Exception as error:  # recorded for the test to report
+            status[name] = f"{type(error).__name__}: {error}\n{traceback.format_exc()}"
+        (out / f"status_rank{rank}.json").write_text(json.dumps(status))
+        print(f"rank {rank}: {name} ({time.monotonic() - started:.1f} s): "
+              f"{status[name].splitlines()[0]}", flush=True)
+
+    def tensor_parallel(folder: Path) -> dict:
+        model = make_model()
+        _tp_plan(model, init_device_mesh("cpu", (world,), mesh_dim_names=("tp",)))
+        tokens = tokens_for(0)
+
+        def train_step():
+            model(tokens).square().mean().backward()
+
+        log_dir = str(folder / "tb") if rank == 0 else None
+        return _probe_run(folder, model, train_step, max_tokens=16, log_dir=log_dir)
+
+    def by_hand(folder: Path) -> dict:
+        model = _by_hand(make_model(), dist.group.WORLD)
+        tokens = tokens_for(0)
+        with torch.no_grad():
+            named = _probe_run(folder, model, lambda: model(tokens), max_tokens=16,
+                               tensor_parallel=dist.group.WORLD)
+            unnamed = _probe_run(folder, model, lambda: model(tokens), max_tokens=16)
+        return dict(named, unnamed_figures=unnamed["figures"],
+                    unnamed_warnings=unnamed["warnings"])
+
+    def context_parallel(shards: list[int], layout: str, crop: int, length: int = LENGTH,
+                         eager: bool = False):
+        def scenario(folder: Path) -> dict:
+            model = make_model(eager)
+            for block in model.blocks:
+                block.attn.context_group = dist.group.WORLD
+            positions = chunk_positions(length, shards, layout, rank)
+            tokens = tokens_for(0, length)[:, positions]
+            with torch.no_grad():
+                return _probe_run(
+                    folder, model, lambda: model(tokens, positions), max_tokens=crop,
+                    context_parallel=ContextParallel(dist.group.WORLD, layout))
+        return scenario
+
+    def data_by_tensor(folder: Path) -> dict:
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
+        model = make_model()
+        _tp_plan(model, mesh["tp"])
+        for block in model.blocks:
+            fully_shard(block, mesh=mesh["dp"])
+        fully_shard(model, mesh=mesh["dp"])
+        tokens = tokens_for(mesh.get_local_rank("dp"))
+
+        def train_step():
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*returned a view tensor.*")
+                model(tokens).square().mean().backward()
+
+        return _probe_run(folder, model, train_step, max_tokens=16)
+
+    if world == 2:
+        record("tp", tensor_parallel)
+        record("tp_plain", by_hand)
+        record("cp_contiguous", context_parallel([12, 12], "contiguous", 8))
+        record("cp_unequal", context_parallel([10, 14], "contiguous", 16))
+        record("cp_head_tail", context_parallel([12, 12], "head_tail", 8))
+        record("cp_eager", context_parallel([12, 12], "head_tail", 8, eager=True))
+    else:
+        record("tp_dp", data_by_tensor)
+        record("cp4_head_tail", context_parallel([8] * 4, "head_tail", 12, length=32))
+    sys.stdout.flush()
+    os._exit(0)
+
+
+if __name__ == "__main__" and len(sys.argv) == 3 and sys.argv[1] == "worker":
+    worker(Path(sys.argv[2]))
