@@ -42,8 +42,15 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # the workers run this file as a script
     sys.path.insert(0, str(ROOT))
 
+import numpy as np  # noqa: E402
+
 from attn_probe import AttentionProbe  # noqa: E402
-from attn_probe.parallel import ContextParallel  # noqa: E402
+from attn_probe.aggregate import HeadAccumulator  # noqa: E402
+from attn_probe.attention import AttentionInputs  # noqa: E402
+from attn_probe.metrics import full_context_metrics, head_metrics  # noqa: E402
+from attn_probe.parallel import (  # noqa: E402
+    ContextParallel, HeadShard, Parallelism, declared_heads,
+)
 from attn_probe.snapshot import FIGURES  # noqa: E402
 from reference import read_scalars  # noqa: E402
 from test_distributed import launch  # noqa: E402
@@ -53,11 +60,9 @@ HEAD_DIM = WIDTH // HEADS
 BATCH, MEASURED = 3, 2  # sequences fed, and measured, per process
 PROBE = dict(every=1, max_sequences=MEASURED, images_every=0, per_head="all")
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
-                       reason="torch.distributed with the gloo backend is not available"),
-]
+needs_gloo = pytest.mark.skipif(
+    not (dist.is_available() and dist.is_gloo_available()),
+    reason="torch.distributed with the gloo backend is not available")
 
 
 # ------------------------------------------------------------------------------------ model
@@ -194,8 +199,11 @@ def reference(replicas: list[torch.Tensor], max_tokens: int, eager: bool = False
     return figures_of(probe.history[0])
 
 
-def assert_same(got: list[dict], want: list[dict]) -> None:
+def assert_same(got: list[dict], want: list[dict]) -> float:
+    """Every figure and count of every head as the reference's; returns the worst relative
+    difference (float32 projections split by rows round alike, or within a few ulps)."""
     assert [layer["name"] for layer in got] == [layer["name"] for layer in want]
+    worst = 0.0
     for mine, theirs in zip(got, want):
         assert len(mine["rank"]) == HEADS, mine["name"]
         for key, values in theirs.items():
@@ -203,9 +211,73 @@ def assert_same(got: list[dict], want: list[dict]) -> None:
                 continue
             assert mine[key] == pytest.approx(values, rel=1e-5, abs=1e-6, nan_ok=True), (
                 mine["name"], key, mine[key], values)
+            worst = max([worst] + [abs(a - b) / max(abs(b), 1e-300) for a, b in
+                                   zip(mine[key], values) if math.isfinite(b) and a != b])
+    print(f"worst relative difference from the unsplit run: {worst:.3g}")
+    return worst
 
 
-# ------------------------------------------------------------------------------- the tests
+# ------------------------------------------------------------------- in one process
+
+
+def _figures(query: torch.Tensor, key: torch.Tensor) -> dict[str, torch.Tensor]:
+    inputs = AttentionInputs.of(query, key, is_causal=True)
+    figures = head_metrics(inputs.probabilities(8))
+    figures.update(full_context_metrics(inputs))
+    return figures
+
+
+def test_heads_at_global_indices_merge_into_the_unsplit_figures():
+    """Two halves of a layer's heads (grouped-query, a key/value head each), placed at their
+    global indices, merge into exactly the figures of all heads measured together."""
+    generator = torch.Generator().manual_seed(0)
+    query = 3 * torch.randn(2, HEADS, 12, HEAD_DIM, generator=generator)
+    key = 3 * torch.randn(2, KV_HEADS, 12, HEAD_DIM, generator=generator)
+    whole = HeadAccumulator()
+    whole.update("attn", _figures(query, key))
+    merged = HeadAccumulator()
+    for index in range(2):
+        part = HeadAccumulator()
+        figures, first, heads = HeadShard(index, 2).globalise(
+            _figures(query.chunk(2, dim=1)[index], key.chunk(2, dim=1)[index]))
+        part.update("attn", figures, first_head=first, num_heads=heads)
+        merged.merge(part.state())
+    (want,), (got,) = whole.compute(["attn"]), merged.compute(["attn"])
+    assert got.heads["kv_head"].tolist() == [0, 0, 1, 1]
+    for figure, values in want.heads.items():
+        np.testing.assert_array_equal(got.heads[figure], values, err_msg=figure)
+    np.testing.assert_array_equal(got.counts, want.counts)
+    np.testing.assert_array_equal(got.full_counts, want.full_counts)
+    # one half alone: the other heads have no data (NaN), never another head's figures
+    (alone,) = part.compute(["attn"])
+    assert np.isnan(alone.heads["rank"][:2]).all() and alone.counts.tolist() == [0, 0, 2, 2]
+
+
+def test_heads_outside_the_layer_are_refused():
+    figures = _figures(torch.randn(1, 2, 4, HEAD_DIM), torch.randn(1, 1, 4, HEAD_DIM))
+    with pytest.raises(ValueError, match="heads 3 to 4 are not heads of a layer of 4"):
+        HeadAccumulator().update("attn", figures, first_head=3, num_heads=4)
+
+
+def test_declared_heads_outside_a_process_group_are_not_a_split():
+    """One process: a module that declares more heads than its kernel sees is measured as it
+    is, without a warning (nothing is merged across processes)."""
+    model = make_model()
+    assert declared_heads(model.blocks[0].attn) == HEADS
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert Parallelism().heads("blocks.0.attn", model.blocks[0].attn, 2) == HeadShard()
+
+
+def test_parallel_options_are_checked():
+    with pytest.raises(ValueError, match="layout must be one of"):
+        ContextParallel(None, layout="zigzag")
+    with pytest.raises(TypeError, match="tensor_parallel must be a torch.distributed "
+                                        "ProcessGroup or a one-dimensional DeviceMesh"):
+        Parallelism(tensor_parallel=2)
+
+
+# ---------------------------------------------------------------- in 2 and 4 processes
 
 
 def run_world(tmp_path_factory, world: int) -> dict:
@@ -238,6 +310,8 @@ def results(run: dict, scenario: str) -> list[dict]:
             for r in range(run["world"])]
 
 
+@pytest.mark.slow
+@needs_gloo
 def test_tensor_parallel_dtensor_found_without_naming_it(two):
     saved = results(two, "tp")
     want = reference([tokens_for(0)], 16)
@@ -253,6 +327,8 @@ def test_tensor_parallel_dtensor_found_without_naming_it(two):
             want[0]["rank"][head])
 
 
+@pytest.mark.slow
+@needs_gloo
 def test_tensor_parallel_by_hand_needs_the_group_named(two):
     saved = results(two, "tp_plain")
     want = reference([tokens_for(0)], 16)
@@ -265,6 +341,8 @@ def test_tensor_parallel_by_hand_needs_the_group_named(two):
         assert "tensor_parallel=" in warning
 
 
+@pytest.mark.slow
+@needs_gloo
 @pytest.mark.parametrize("scenario, crop, eager", [
     ("cp_contiguous", 8, False),
     ("cp_unequal", 16, False),
@@ -283,6 +361,8 @@ def test_context_parallel_equals_the_unsplit_sequence(two, scenario, crop, eager
     assert saved[0]["figures"][0]["counts"] == [MEASURED] * HEADS
 
 
+@pytest.mark.slow
+@needs_gloo
 def test_data_by_tensor_parallel_mesh_with_fsdp2(four):
     saved = results(four, "tp_dp")
     want = reference([tokens_for(0), tokens_for(1)], 16)
@@ -291,6 +371,20 @@ def test_data_by_tensor_parallel_mesh_with_fsdp2(four):
     assert saved[0]["figures"][0]["counts"] == [2 * MEASURED] * HEADS
 
 
+@pytest.mark.slow
+@needs_gloo
+def test_context_by_tensor_parallel_mesh(four):
+    """Context parallel over one mesh dimension (named by the mesh dimension), tensor
+    parallel over the other (found from the DTensor weights)."""
+    saved = results(four, "tp_cp")
+    want = reference([tokens_for(0)], 8)
+    for process in saved:
+        assert_same(process["figures"], want)
+    assert saved[0]["figures"][0]["counts"] == [MEASURED] * HEADS
+
+
+@pytest.mark.slow
+@needs_gloo
 def test_context_parallel_head_tail_over_four(four):
     saved = results(four, "cp4_head_tail")
     want = reference([tokens_for(0, 32)], 12)
@@ -420,6 +514,18 @@ def worker(out: Path) -> None:
 
         return _probe_run(folder, model, train_step, max_tokens=16)
 
+    def context_by_tensor(folder: Path) -> dict:
+        mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("cp", "tp"))
+        model = make_model()
+        _tp_plan(model, mesh["tp"])
+        for block in model.blocks:
+            block.attn.context_group = mesh["cp"].get_group()
+        positions = chunk_positions(LENGTH, [12, 12], "contiguous", mesh.get_local_rank("cp"))
+        tokens = tokens_for(0)[:, positions]
+        with torch.no_grad():
+            return _probe_run(folder, model, lambda: model(tokens, positions), max_tokens=8,
+                              context_parallel=mesh["cp"])
+
     if world == 2:
         record("tp", tensor_parallel)
         record("tp_plain", by_hand)
@@ -429,6 +535,7 @@ def worker(out: Path) -> None:
         record("cp_eager", context_parallel([12, 12], "head_tail", 8, eager=True))
     else:
         record("tp_dp", data_by_tensor)
+        record("tp_cp", context_by_tensor)
         record("cp4_head_tail", context_parallel([8] * 4, "head_tail", 12, length=32))
     sys.stdout.flush()
     os._exit(0)
