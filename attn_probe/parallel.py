@@ -161,14 +161,16 @@ class Parallelism:
         if dist.get_world_size(group) == 1:
             return observed
         layout = self.context_layout
-        if isinstance(observed, AttentionInputs):
-            whole = _whole_inputs(observed, group, layout)
-        elif isinstance(observed, AttentionScores):
-            whole = _whole_scores(observed, group, layout)
-        else:  # a user adapter's own matrix: its rows cannot be put together
-            self._warn_once(name, (
-                f"attn_probe: {name!r} is not measured under context parallelism: its adapter "
-                "hands over a matrix; return AttentionInputs (q and k) instead"))
+        try:
+            if isinstance(observed, AttentionInputs):
+                whole = _whole_inputs(observed, group, layout)
+            elif isinstance(observed, AttentionScores):
+                whole = _whole_scores(observed, group, layout)
+            else:  # a user adapter's own matrix
+                raise NotWhole("its adapter hands over a matrix, not q and k")
+        except NotWhole as why:
+            self._warn_once(name, f"attn_probe: {name!r} is not measured under context "
+                                  f"parallelism: {why}")
             return None
         return whole if dist.get_rank(group) == 0 else None
 
@@ -187,45 +189,63 @@ def local_heads(observed: Observed) -> int:
     return observed.size(1)
 
 
-def _gather_rows(t: Tensor, group, layout: str) -> Tensor:
-    """``t`` (…, L_r, …: rows along dim 2) of every process of ``group``, in sequence order."""
+def _gather(t: Tensor, group, layout: str, dim: int = 2) -> Tensor:
+    """``t``'s chunks along ``dim`` (queries, or keys) of every process of ``group``, in
+    sequence order; chunks may differ in length."""
     t = t.contiguous()
-    length = torch.tensor([t.size(2)], dtype=torch.int64, device=t.device)
+    length = torch.tensor([t.size(dim)], dtype=torch.int64, device=t.device)
     lengths = [torch.empty_like(length) for _ in range(dist.get_world_size(group))]
     dist.all_gather(lengths, length, group=group)
     lengths = [int(n) for n in lengths]
     longest = max(lengths)
     wire = t.to(torch.uint8) if t.dtype == torch.bool else t
-    if wire.size(2) < longest:
+    if wire.size(dim) < longest:
         pad = list(wire.shape)
-        pad[2] = longest - wire.size(2)
-        wire = torch.cat([wire, wire.new_zeros(pad)], dim=2)
+        pad[dim] = longest - wire.size(dim)
+        wire = torch.cat([wire, wire.new_zeros(pad)], dim=dim)
     parts = [torch.empty_like(wire) for _ in lengths]
     dist.all_gather(parts, wire, group=group)
-    parts = [p.narrow(2, 0, n).to(t.dtype) for p, n in zip(parts, lengths)]
+    parts = [p.narrow(dim, 0, n).to(t.dtype) for p, n in zip(parts, lengths)]
     if layout == "head_tail":  # process r: chunks r and 2W-1-r
-        heads = [p.narrow(2, 0, n // 2) for p, n in zip(parts, lengths)]
-        tails = [p.narrow(2, n // 2, n - n // 2) for p, n in zip(parts, lengths)]
+        heads = [p.narrow(dim, 0, n // 2) for p, n in zip(parts, lengths)]
+        tails = [p.narrow(dim, n // 2, n - n // 2) for p, n in zip(parts, lengths)]
         parts = heads + tails[::-1]
-    return torch.cat(parts, dim=2)
+    return torch.cat(parts, dim=dim)
+
+
+class NotWhole(ValueError):
+    """A chunk of a sequence whose whole cannot be put together from what the kernel got."""
 
 
 def _whole_inputs(observed: AttentionInputs, group, layout: str) -> AttentionInputs:
     """The kernel call of the whole sequences: every chunk's query rows and mask rows, the
-    padding found again over the whole sequence (one chunk's blocked keys are not padding)."""
+    padding found again over the whole sequence (one chunk's blocked keys are not padding).
+
+    A call that got its own chunk's keys only (an adapter rebuilding q and k from the chunk's
+    tokens) gets every chunk's keys, and ``is_causal`` then means causal over the whole
+    sequence; a mask of its own per query cannot be extended (:class:`NotWhole`)."""
     given = observed.as_given or observed
     query, key, mask = given.query, given.key, given.attn_mask
+    if mask is not None:
+        mask = mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape))
+    if key.size(2) == query.size(2):  # this chunk's keys only
+        if mask is not None and mask.size(2) > 1:
+            raise NotWhole("its kernel got its chunk's keys only, with a mask per query")
+        key = _gather(key, group, layout)
+        if mask is not None and mask.size(3) > 1:  # a mask per key (padding)
+            mask = _gather(mask, group, layout, dim=3)
+        whole = AttentionInputs.of(_gather(query, group, layout), key, attn_mask=mask,
+                                   is_causal=given.is_causal, scale=given.scale)
+        return dataclasses.replace(whole, sink_logits=observed.sink_logits)
     if given.is_causal:  # what the kernel did with this chunk: top-left aligned
         causal = torch.ones(query.size(2), key.size(2), dtype=torch.bool,
                             device=query.device).tril()
         mask = causal if mask is None else (mask & causal if mask.dtype == torch.bool
                                             else mask.masked_fill(~causal, float("-inf")))
-    query = _gather_rows(query, group, layout)
-    if mask is not None:
-        mask = mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape))
-        if mask.size(2) == given.query.size(2):  # a row per query (not one shared by all)
-            mask = _gather_rows(mask, group, layout)
-    whole = AttentionInputs.of(query, key, attn_mask=mask, scale=given.scale)
+    if mask is not None and mask.size(2) == query.size(2):  # a row per query
+        mask = _gather(mask, group, layout)
+    whole = AttentionInputs.of(_gather(query, group, layout), key, attn_mask=mask,
+                               scale=given.scale)
     return dataclasses.replace(whole, sink_logits=observed.sink_logits)
 
 
@@ -237,5 +257,6 @@ def _whole_scores(observed: AttentionScores, group, layout: str) -> AttentionSco
     if given.sink_mass is not None:
         scores = torch.cat([scores, scores.new_zeros(scores.shape[:3] + (1,))], dim=-1)
         probs = torch.cat([probs, given.sink_mass.unsqueeze(-1)], dim=-1)
-    return AttentionScores.of(_gather_rows(scores, group, layout),
-                              _gather_rows(probs, group, layout))
+    if scores.size(-1) == scores.size(2):
+        raise NotWhole("its softmax saw its chunk's keys only")
+    return AttentionScores.of(_gather(scores, group, layout), _gather(probs, group, layout))

@@ -44,7 +44,7 @@ if str(ROOT) not in sys.path:  # the workers run this file as a script
 
 import numpy as np  # noqa: E402
 
-from attn_probe import AttentionProbe  # noqa: E402
+from attn_probe import AttentionProbe, register_adapter  # noqa: E402
 from attn_probe.aggregate import HeadAccumulator  # noqa: E402
 from attn_probe.attention import AttentionInputs  # noqa: E402
 from attn_probe.metrics import full_context_metrics, head_metrics  # noqa: E402
@@ -348,15 +348,19 @@ def test_tensor_parallel_by_hand_needs_the_group_named(two):
     ("cp_unequal", 16, False),
     ("cp_head_tail", 8, False),
     ("cp_eager", 8, True),
+    ("cp_adapter", 8, False),
 ])
 def test_context_parallel_equals_the_unsplit_sequence(two, scenario, crop, eager):
-    """Chunks of 12 and 12 tokens, 10 and 14, the head-tail layout (6 + 6 each); an eager
-    softmax (its own scores) in the head-tail layout."""
+    """Chunks of 12 and 12 tokens, 10 and 14, the head-tail layout (6 + 6 each); in the
+    head-tail layout, an eager softmax (its own scores), and an adapter that rebuilds q and k
+    from the chunk's tokens (its keys are the chunk's only, causal over the sequence)."""
     saved = results(two, scenario)
     want = reference([tokens_for(0)], crop, eager)
     for process in saved:
         assert_same(process["figures"], want)
         assert process["warnings"] == []
+        assert all(s.startswith("adapter:") == (scenario == "cp_adapter")
+                   for s in process["strategies"])
     # the sequences are counted once, not once per chunk
     assert saved[0]["figures"][0]["counts"] == [MEASURED] * HEADS
 
@@ -406,6 +410,7 @@ def _probe_run(folder: Path, model: nn.Module, forward, **options) -> dict:
     return {
         "figures": figures_of(probe.history[0]) if probe.history else [],
         "warnings": [str(w.message) for w in caught if "attn_probe" in str(w.message)],
+        "strategies": [site.strategy for site in probe.sites],
     }
 
 
@@ -437,6 +442,15 @@ def _by_hand(model: Model, group) -> Model:
             attn.wo.weight.copy_(columns)
             attn.tensor_group = group
     return model
+
+
+def _chunk_adapter(module: Attention, args, kwargs, *, max_sequences, max_tokens):
+    """q and k rebuilt from this process's chunk of tokens: its own keys only."""
+    x = args[0][:max_sequences]
+    b, t, _ = x.shape
+    query = module.wq(x).view(b, t, -1, HEAD_DIM).transpose(1, 2)
+    key = module.wk(x).view(b, t, -1, HEAD_DIM).transpose(1, 2)
+    return AttentionInputs.of(query, key, is_causal=True)
 
 
 def worker(out: Path) -> None:
@@ -483,17 +497,22 @@ def worker(out: Path) -> None:
                     unnamed_warnings=unnamed["warnings"])
 
     def context_parallel(shards: list[int], layout: str, crop: int, length: int = LENGTH,
-                         eager: bool = False):
+                         eager: bool = False, adapter: bool = False):
         def scenario(folder: Path) -> dict:
             model = make_model(eager)
             for block in model.blocks:
                 block.attn.context_group = dist.group.WORLD
             positions = chunk_positions(length, shards, layout, rank)
             tokens = tokens_for(0, length)[:, positions]
-            with torch.no_grad():
-                return _probe_run(
-                    folder, model, lambda: model(tokens, positions), max_tokens=crop,
-                    context_parallel=ContextParallel(dist.group.WORLD, layout))
+            handle = register_adapter(Attention, _chunk_adapter) if adapter else None
+            try:
+                with torch.no_grad():
+                    return _probe_run(
+                        folder, model, lambda: model(tokens, positions), max_tokens=crop,
+                        context_parallel=ContextParallel(dist.group.WORLD, layout))
+            finally:
+                if handle is not None:
+                    handle.remove()
         return scenario
 
     def data_by_tensor(folder: Path) -> dict:
@@ -533,6 +552,7 @@ def worker(out: Path) -> None:
         record("cp_unequal", context_parallel([10, 14], "contiguous", 16))
         record("cp_head_tail", context_parallel([12, 12], "head_tail", 8))
         record("cp_eager", context_parallel([12, 12], "head_tail", 8, eager=True))
+        record("cp_adapter", context_parallel([12, 12], "head_tail", 8, adapter=True))
     else:
         record("tp_dp", data_by_tensor)
         record("tp_cp", context_by_tensor)
