@@ -26,7 +26,11 @@ taken for padding, and the sequence is counted once. Layouts: ``"contiguous"`` (
 of the group holds the ``r``-th chunk; chunks of any length) and ``"head_tail"`` (the
 sequence cut into ``2W`` chunks, process ``r`` holding chunks ``r`` and ``2W-1-r``, one after
 the other: the load-balanced layout of causal context parallelism). The keys the kernel sees
-must be the whole sequence's, in sequence order.
+are the whole sequence's, in sequence order; or its own chunk's only (an adapter that rebuilds
+q and k from the chunk's tokens), and then they are gathered too, in the same layout, and
+``is_causal`` means causal over the whole sequence. What cannot be put together (a matrix from
+a user adapter, a softmax or a per-query mask over the chunk's keys only) is left out, with one
+warning.
 """
 
 from __future__ import annotations
