@@ -427,12 +427,10 @@ def _lightning_stop(folder: Path, rank: int) -> None:
     }))
 
 
-def worker(out: Path) -> None:
-    from torch.nn.parallel import DistributedDataParallel
-
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", timeout=timedelta(seconds=60))
-    rank = dist.get_rank()
+def scenario_recorder(out: Path, rank: int):
+    """``record(name, fn)``: run scenario ``fn(folder)`` in a folder of its own, keep its
+    outcome in ``status_rank{rank}.json`` (``"ok"`` or the error) for the test process, and
+    what it returns, if anything, in ``{name}/rank{rank}.json``."""
     status: dict[str, str] = {}
 
     def record(name: str, fn) -> None:
@@ -440,13 +438,27 @@ def worker(out: Path) -> None:
         folder.mkdir(exist_ok=True)
         started = time.monotonic()
         try:
-            fn(folder)
+            result = fn(folder)
+            if result is not None:
+                (folder / f"rank{rank}.json").write_text(json.dumps(result))
             status[name] = "ok"
         except Exception as error:  # recorded for the test to report
             status[name] = f"{type(error).__name__}: {error}\n{traceback.format_exc()}"
         (out / f"status_rank{rank}.json").write_text(json.dumps(status))
         print(f"rank {rank}: {name} ({time.monotonic() - started:.1f} s): "
               f"{status[name].splitlines()[0]}", flush=True)
+
+    return record
+
+
+def worker(out: Path) -> None:
+    from torch.nn.parallel import DistributedDataParallel
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", timeout=timedelta(seconds=60))
+    rank = dist.get_rank()
+
+    record = scenario_recorder(out, rank)
 
     def ddp(folder: Path) -> None:
         model = make_model()

@@ -27,7 +27,6 @@ import math
 import os
 import sys
 import time
-import traceback
 import warnings
 from datetime import timedelta
 from pathlib import Path
@@ -53,7 +52,7 @@ from attn_probe.parallel import (  # noqa: E402
 )
 from attn_probe.snapshot import FIGURES  # noqa: E402
 from reference import read_scalars  # noqa: E402
-from test_distributed import launch  # noqa: E402
+from test_distributed import launch, scenario_recorder  # noqa: E402
 
 VOCAB, WIDTH, HEADS, KV_HEADS, LAYERS, LENGTH = 64, 32, 4, 2, 2, 24
 HEAD_DIM = WIDTH // HEADS
@@ -459,21 +458,7 @@ def worker(out: Path) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", timeout=timedelta(seconds=60))
     rank, world = dist.get_rank(), dist.get_world_size()
-    status: dict[str, str] = {}
-
-    def record(name: str, fn) -> None:
-        folder = out / name
-        folder.mkdir(exist_ok=True)
-        started = time.monotonic()
-        try:
-            result = fn(folder)
-            (folder / f"rank{rank}.json").write_text(json.dumps(result))
-            status[name] = "ok"
-        except Exception as error:  # recorded for the test to report
-            status[name] = f"{type(error).__name__}: {error}\n{traceback.format_exc()}"
-        (out / f"status_rank{rank}.json").write_text(json.dumps(status))
-        print(f"rank {rank}: {name} ({time.monotonic() - started:.1f} s): "
-              f"{status[name].splitlines()[0]}", flush=True)
+    record = scenario_recorder(out, rank)
 
     def tensor_parallel(folder: Path) -> dict:
         model = make_model()
