@@ -72,8 +72,8 @@ class HeadShard:
             return figures, 0, heads
         figures = dict(figures)
         kv = figures.get("kv_head")
-        if kv is not None:  # key/value heads are split into as many slices
-            local = int(kv.max()) + 1
+        if kv is not None:  # key/value heads are split into as many equal slices
+            local = int(kv.max()) + 1  # this slice's key/value heads (repeated ones count once)
             figures["kv_head"] = torch.where(kv >= 0, kv + self.index * max(local, 1), kv)
         return figures, self.index * heads, self.count * heads
 
@@ -141,16 +141,15 @@ class Parallelism:
         if shard is not None:
             return shard
         declared = declared_heads(module)
-        split = (declared is not None and declared > local_heads
-                 and declared % local_heads == 0)
-        if why or (split and dist.is_available() and dist.is_initialized()
-                   and dist.get_world_size() > 1):
-            why = why or (f"it declares {declared} heads and its kernel sees {local_heads}: "
-                          "its heads are split over processes")
+        if not why and declared is not None and declared > local_heads \
+                and declared % local_heads == 0 and dist.is_available() \
+                and dist.is_initialized() and dist.get_world_size() > 1:
+            why = (f"it declares {declared} heads and its kernel sees {local_heads}: its heads "
+                   "are split over processes, and its weights are no DTensors that say how")
+        if why:
             self._warn_once("heads", (
-                f"attn_probe: {name!r} is not measured: {why}, and nothing says how (its "
-                "weights are not DTensors sharded over a mesh); name the group with "
-                "tensor_parallel= so that each head keeps its own figures"))
+                f"attn_probe: {name!r} (and any other module like it) is not measured: {why}; "
+                "name the group with tensor_parallel= so that each head keeps its own figures"))
             return None
         return UNSPLIT
 
