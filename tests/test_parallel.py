@@ -45,6 +45,7 @@ import numpy as np  # noqa: E402
 
 from attn_probe import AttentionProbe, register_adapter  # noqa: E402
 from attn_probe.aggregate import HeadAccumulator  # noqa: E402
+from attn_probe.alerts import AlertRules, LogitRule, SinkRule  # noqa: E402
 from attn_probe.attention import AttentionInputs  # noqa: E402
 from attn_probe.metrics import full_context_metrics, head_metrics  # noqa: E402
 from attn_probe.parallel import (  # noqa: E402
@@ -57,7 +58,10 @@ from test_distributed import launch, scenario_recorder  # noqa: E402
 VOCAB, WIDTH, HEADS, KV_HEADS, LAYERS, LENGTH = 64, 32, 4, 2, 2, 24
 HEAD_DIM = WIDTH // HEADS
 BATCH, MEASURED = 3, 2  # sequences fed, and measured, per process
-PROBE = dict(every=1, max_sequences=MEASURED, images_every=0, per_head="all")
+#: Thresholds at which this model's heads 2 fire: a sink in layer 0, a critical logit spread in
+#: layer 1 (heads of the second slice under tensor parallelism).
+ALERTS = AlertRules(sink=SinkRule(min_mass=0.2), logit=LogitRule(critical=19.0))
+PROBE = dict(every=1, max_sequences=MEASURED, images_every=0, per_head="all", alerts=ALERTS)
 
 needs_gloo = pytest.mark.skipif(
     not (dist.is_available() and dist.is_gloo_available()),
@@ -184,23 +188,40 @@ def figures_of(snapshot) -> list[dict]:
     } for layer in snapshot.layers]
 
 
-def reference(replicas: list[torch.Tensor], max_tokens: int, eager: bool = False
-              ) -> list[dict]:
+def probed(model: nn.Module, forward, **options) -> dict:
+    """One sampled step of ``model`` (``forward()`` runs it), probed: figures, alerts,
+    the probe's warnings and how each module was served."""
+    alerts = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        probe = AttentionProbe(model, **dict(PROBE, **options),
+                               on_alert=lambda alert, snapshot: alerts.append(alert))
+        with probe:
+            forward()
+            probe.step()
+    return {
+        "figures": figures_of(probe.history[0]) if probe.history else [],
+        "alerts": [[a.kind, a.layer, list(a.heads), a.severity] for a in alerts],
+        "warnings": [str(w.message) for w in caught if "attn_probe" in str(w.message)],
+        "strategies": [site.strategy for site in probe.sites],
+    }
+
+
+def reference(replicas: list[torch.Tensor], max_tokens: int, eager: bool = False) -> dict:
     """The unsplit model in this one process on the sequences the data-parallel ``replicas``
     measured, probed with the same options."""
     tokens = torch.cat([t[:MEASURED] for t in replicas])
     model = make_model(eager)
-    probe = AttentionProbe(model, **dict(PROBE, max_sequences=tokens.size(0)),
-                           max_tokens=max_tokens)
-    with probe:
-        model(tokens)
-        probe.step()
-    return figures_of(probe.history[0])
+    return probed(model, lambda: model(tokens), max_sequences=tokens.size(0),
+                  max_tokens=max_tokens)
 
 
-def assert_same(got: list[dict], want: list[dict]) -> float:
-    """Every figure and count of every head as the reference's; returns the worst relative
-    difference (float32 projections split by rows round alike, or within a few ulps)."""
+def assert_same(process: dict, reference: dict) -> float:
+    """Every figure and count of every head, and every alert, as the reference's; returns the
+    worst relative difference (float32 projections split by rows round alike, or within a few
+    ulps)."""
+    assert process["alerts"] == reference["alerts"]
+    got, want = process["figures"], reference["figures"]
     assert [layer["name"] for layer in got] == [layer["name"] for layer in want]
     worst = 0.0
     for mine, theirs in zip(got, want):
@@ -315,15 +336,18 @@ def test_tensor_parallel_dtensor_found_without_naming_it(two):
     saved = results(two, "tp")
     want = reference([tokens_for(0)], 16)
     for process in saved:  # every process holds the figures of every head
-        assert_same(process["figures"], want)
+        assert_same(process, want)
         assert process["warnings"] == []
+    # alerts name global heads (head 2: the second process's first)
+    assert want["alerts"] == [["sink", "blocks.0.attn", [2], "info"],
+                              ["logit", "blocks.1.attn", [2], "critical"]]
     # the key/value head each query head reads, numbered over the model
     assert saved[0]["figures"][0]["kv_head"] == [0, 0, 1, 1]
     assert saved[0]["figures"][1]["kv_head"] == [0, 0, 1, 1]
     scalars = read_scalars(two["out"] / "tp" / "tb")
     for head in range(HEADS):
         assert scalars[f"rank90/head/L00/H{head:02d}"][0] == pytest.approx(
-            want[0]["rank"][head])
+            want["figures"][0]["rank"][head])
 
 
 @pytest.mark.slow
@@ -332,7 +356,7 @@ def test_tensor_parallel_by_hand_needs_the_group_named(two):
     saved = results(two, "tp_plain")
     want = reference([tokens_for(0)], 16)
     for process in saved:
-        assert_same(process["figures"], want)
+        assert_same(process, want)
         # without the group: nothing measured, and one warning per process that says why
         assert process["unnamed_figures"] == []
         (warning,) = process["unnamed_warnings"]
@@ -356,7 +380,7 @@ def test_context_parallel_equals_the_unsplit_sequence(two, scenario, crop, eager
     saved = results(two, scenario)
     want = reference([tokens_for(0)], crop, eager)
     for process in saved:
-        assert_same(process["figures"], want)
+        assert_same(process, want)
         assert process["warnings"] == []
         assert all(s.startswith("adapter:") == (scenario == "cp_adapter")
                    for s in process["strategies"])
@@ -370,7 +394,7 @@ def test_data_by_tensor_parallel_mesh_with_fsdp2(four):
     saved = results(four, "tp_dp")
     want = reference([tokens_for(0), tokens_for(1)], 16)
     for process in saved:
-        assert_same(process["figures"], want)
+        assert_same(process, want)
     assert saved[0]["figures"][0]["counts"] == [2 * MEASURED] * HEADS
 
 
@@ -382,7 +406,7 @@ def test_context_by_tensor_parallel_mesh(four):
     saved = results(four, "tp_cp")
     want = reference([tokens_for(0)], 8)
     for process in saved:
-        assert_same(process["figures"], want)
+        assert_same(process, want)
     assert saved[0]["figures"][0]["counts"] == [MEASURED] * HEADS
 
 
@@ -392,25 +416,10 @@ def test_context_parallel_head_tail_over_four(four):
     saved = results(four, "cp4_head_tail")
     want = reference([tokens_for(0, 32)], 12)
     for process in saved:
-        assert_same(process["figures"], want)
+        assert_same(process, want)
 
 
 # ----------------------------------------------------------------------------------- worker
-
-
-def _probe_run(folder: Path, model: nn.Module, forward, **options) -> dict:
-    """One sampled step of ``model`` (``forward()`` runs it), probed: figures and warnings."""
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        probe = AttentionProbe(model, **PROBE, **options)
-        with probe:
-            forward()
-            probe.step()
-    return {
-        "figures": figures_of(probe.history[0]) if probe.history else [],
-        "warnings": [str(w.message) for w in caught if "attn_probe" in str(w.message)],
-        "strategies": [site.strategy for site in probe.sites],
-    }
 
 
 def _tp_plan(model: Model, mesh) -> None:
@@ -469,15 +478,15 @@ def worker(out: Path) -> None:
             model(tokens).square().mean().backward()
 
         log_dir = str(folder / "tb") if rank == 0 else None
-        return _probe_run(folder, model, train_step, max_tokens=16, log_dir=log_dir)
+        return probed(model, train_step, max_tokens=16, log_dir=log_dir)
 
     def by_hand(folder: Path) -> dict:
         model = _by_hand(make_model(), dist.group.WORLD)
         tokens = tokens_for(0)
         with torch.no_grad():
-            named = _probe_run(folder, model, lambda: model(tokens), max_tokens=16,
+            named = probed(model, lambda: model(tokens), max_tokens=16,
                                tensor_parallel=dist.group.WORLD)
-            unnamed = _probe_run(folder, model, lambda: model(tokens), max_tokens=16)
+            unnamed = probed(model, lambda: model(tokens), max_tokens=16)
         return dict(named, unnamed_figures=unnamed["figures"],
                     unnamed_warnings=unnamed["warnings"])
 
@@ -492,8 +501,8 @@ def worker(out: Path) -> None:
             handle = register_adapter(Attention, _chunk_adapter) if adapter else None
             try:
                 with torch.no_grad():
-                    return _probe_run(
-                        folder, model, lambda: model(tokens, positions), max_tokens=crop,
+                    return probed(
+                        model, lambda: model(tokens, positions), max_tokens=crop,
                         context_parallel=ContextParallel(dist.group.WORLD, layout))
             finally:
                 if handle is not None:
@@ -516,7 +525,7 @@ def worker(out: Path) -> None:
                 warnings.filterwarnings("ignore", message=".*returned a view tensor.*")
                 model(tokens).square().mean().backward()
 
-        return _probe_run(folder, model, train_step, max_tokens=16)
+        return probed(model, train_step, max_tokens=16)
 
     def context_by_tensor(folder: Path) -> dict:
         mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("cp", "tp"))
@@ -527,7 +536,7 @@ def worker(out: Path) -> None:
         positions = chunk_positions(LENGTH, [12, 12], "contiguous", mesh.get_local_rank("cp"))
         tokens = tokens_for(0)[:, positions]
         with torch.no_grad():
-            return _probe_run(folder, model, lambda: model(tokens, positions), max_tokens=8,
+            return probed(model, lambda: model(tokens, positions), max_tokens=8,
                               context_parallel=mesh["cp"])
 
     if world == 2:
