@@ -75,7 +75,7 @@ def check_group(name: str, group: Any) -> Any:
     if getattr(group, "ndim", None) == 1 and callable(getattr(group, "get_group", None)):
         return group
     raise TypeError(f"{name} must be a torch.distributed ProcessGroup or a one-dimensional "
-                    f"DeviceMesh (one dimension of a larger mesh: mesh['{name[:2]}']), or None; "
+                    "DeviceMesh (one dimension of a larger mesh, e.g. mesh['tp']), or None; "
                     f"got {group!r}")
 
 

@@ -43,13 +43,15 @@ if str(ROOT) not in sys.path:  # the workers run this file as a script
 
 import numpy as np  # noqa: E402
 
-from attn_probe import AttentionProbe, register_adapter  # noqa: E402
+from attn_probe import (  # noqa: E402
+    AttentionProbe, CaptureOptions, TensorBoardOutput, capture, rank_profile, register_adapter,
+)
 from attn_probe.aggregate import HeadAccumulator  # noqa: E402
 from attn_probe.alerts import AlertRules, LogitRule, SinkRule  # noqa: E402
 from attn_probe.attention import AttentionInputs  # noqa: E402
 from attn_probe.metrics import full_context_metrics, head_metrics  # noqa: E402
 from attn_probe.parallel import (  # noqa: E402
-    ContextParallel, HeadShard, Parallelism, declared_heads,
+    HeadShard, Parallelism, declared_heads,
 )
 from attn_probe.snapshot import FIGURES  # noqa: E402
 from reference import read_scalars  # noqa: E402
@@ -61,7 +63,7 @@ BATCH, MEASURED = 3, 2  # sequences fed, and measured, per process
 #: Thresholds at which this model's heads 2 fire: a sink in layer 0, a critical logit spread in
 #: layer 1 (heads of the second slice under tensor parallelism).
 ALERTS = AlertRules(sink=SinkRule(min_mass=0.2), logit=LogitRule(critical=19.0))
-PROBE = dict(every=1, max_sequences=MEASURED, images_every=0, per_head="all", alerts=ALERTS)
+PROBE = dict(every=1, alerts=ALERTS, history=1)
 
 needs_gloo = pytest.mark.skipif(
     not (dist.is_available() and dist.is_gloo_available()),
@@ -188,13 +190,18 @@ def figures_of(snapshot) -> list[dict]:
     } for layer in snapshot.layers]
 
 
-def probed(model: nn.Module, forward, **options) -> dict:
-    """One sampled step of ``model`` (``forward()`` runs it), probed: figures, alerts,
-    the probe's warnings and how each module was served."""
+def probed(model: nn.Module, forward, *, rows: int = MEASURED, log_dir: str | None = None,
+           **capture) -> dict:
+    """One sampled step of ``model`` (``forward()`` runs it), probed with the capture options
+    ``capture`` on the first ``rows`` sequences: figures, alerts, the probe's warnings and how
+    each module was served."""
     alerts = []
+    outputs = [] if log_dir is None else [
+        TensorBoardOutput(log_dir, per_head="all", pictures_every=0)]
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        probe = AttentionProbe(model, **dict(PROBE, **options),
+        probe = AttentionProbe(model, **PROBE, capture=CaptureOptions(batch_rows=rows, **capture),
+                               outputs=outputs,
                                on_alert=lambda alert, snapshot: alerts.append(alert))
         with probe:
             forward()
@@ -207,13 +214,12 @@ def probed(model: nn.Module, forward, **options) -> dict:
     }
 
 
-def reference(replicas: list[torch.Tensor], max_tokens: int, eager: bool = False) -> dict:
+def reference(replicas: list[torch.Tensor], crop: int, eager: bool = False) -> dict:
     """The unsplit model in this one process on the sequences the data-parallel ``replicas``
     measured, probed with the same options."""
     tokens = torch.cat([t[:MEASURED] for t in replicas])
     model = make_model(eager)
-    return probed(model, lambda: model(tokens), max_sequences=tokens.size(0),
-                  max_tokens=max_tokens)
+    return probed(model, lambda: model(tokens), rows=tokens.size(0), crop=crop)
 
 
 def assert_same(process: dict, reference: dict) -> float:
@@ -286,15 +292,35 @@ def test_declared_heads_outside_a_process_group_are_not_a_split():
     assert declared_heads(model.blocks[0].attn) == HEADS
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert Parallelism().heads("blocks.0.attn", model.blocks[0].attn, 2) == HeadShard()
+        assert Parallelism(CaptureOptions()).heads(
+            "blocks.0.attn", model.blocks[0].attn, 2) == HeadShard()
 
 
 def test_parallel_options_are_checked():
-    with pytest.raises(ValueError, match="layout must be one of"):
-        ContextParallel(None, layout="zigzag")
-    with pytest.raises(TypeError, match="tensor_parallel must be a torch.distributed "
-                                        "ProcessGroup or a one-dimensional DeviceMesh"):
-        Parallelism(tensor_parallel=2)
+    with pytest.raises(ValueError, match="context_layout must be one of"):
+        CaptureOptions(context_layout="zigzag")
+    with pytest.raises(TypeError, match=r"tensor_parallel must be a torch.distributed "
+                                        r"ProcessGroup or a one-dimensional DeviceMesh \(one "
+                                        r"dimension of a larger mesh, e.g. mesh\['tp'\]\), "
+                                        r"or None; got 2"):
+        CaptureOptions(tensor_parallel=2)
+    with pytest.raises(TypeError, match="context_parallel must be"):
+        CaptureOptions(context_parallel="cp")
+
+
+@needs_gloo
+def test_capture_and_rank_profile_refuse_the_probes_parallel_options():
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        options = CaptureOptions(tensor_parallel=dist.group.WORLD)
+        with pytest.raises(ValueError, match="tensor_parallel and context_parallel are "
+                                             "AttentionProbe's"):
+            capture(make_model(), options)
+        with pytest.raises(ValueError, match="measure one process's heads and tokens"):
+            rank_profile(make_model(), [tokens_for(0)],
+                         capture=CaptureOptions(context_parallel=dist.group.WORLD))
+    finally:
+        dist.destroy_process_group()
 
 
 # ---------------------------------------------------------------- in 2 and 4 processes
@@ -478,15 +504,15 @@ def worker(out: Path) -> None:
             model(tokens).square().mean().backward()
 
         log_dir = str(folder / "tb") if rank == 0 else None
-        return probed(model, train_step, max_tokens=16, log_dir=log_dir)
+        return probed(model, train_step, crop=16, log_dir=log_dir)
 
     def by_hand(folder: Path) -> dict:
         model = _by_hand(make_model(), dist.group.WORLD)
         tokens = tokens_for(0)
         with torch.no_grad():
-            named = probed(model, lambda: model(tokens), max_tokens=16,
+            named = probed(model, lambda: model(tokens), crop=16,
                                tensor_parallel=dist.group.WORLD)
-            unnamed = probed(model, lambda: model(tokens), max_tokens=16)
+            unnamed = probed(model, lambda: model(tokens), crop=16)
         return dict(named, unnamed_figures=unnamed["figures"],
                     unnamed_warnings=unnamed["warnings"])
 
@@ -502,8 +528,8 @@ def worker(out: Path) -> None:
             try:
                 with torch.no_grad():
                     return probed(
-                        model, lambda: model(tokens, positions), max_tokens=crop,
-                        context_parallel=ContextParallel(dist.group.WORLD, layout))
+                        model, lambda: model(tokens, positions), crop=crop,
+                        context_parallel=dist.group.WORLD, context_layout=layout)
             finally:
                 if handle is not None:
                     handle.remove()
@@ -525,7 +551,7 @@ def worker(out: Path) -> None:
                 warnings.filterwarnings("ignore", message=".*returned a view tensor.*")
                 model(tokens).square().mean().backward()
 
-        return probed(model, train_step, max_tokens=16)
+        return probed(model, train_step, crop=16)
 
     def context_by_tensor(folder: Path) -> dict:
         mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("cp", "tp"))
@@ -536,7 +562,7 @@ def worker(out: Path) -> None:
         positions = chunk_positions(LENGTH, [12, 12], "contiguous", mesh.get_local_rank("cp"))
         tokens = tokens_for(0)[:, positions]
         with torch.no_grad():
-            return probed(model, lambda: model(tokens, positions), max_tokens=8,
+            return probed(model, lambda: model(tokens, positions), crop=8,
                               context_parallel=mesh["cp"])
 
     if world == 2:
