@@ -257,9 +257,9 @@ def _whole_scores(observed: AttentionScores, group, layout: str) -> AttentionSco
     column put back, so that it is split off again as it was)."""
     given = observed.as_given or observed
     scores, probs = given.scores, given.probs
+    if scores.size(-1) == scores.size(2):
+        raise NotWhole("its softmax saw its chunk's keys only")
     if given.sink_mass is not None:
         scores = torch.cat([scores, scores.new_zeros(scores.shape[:3] + (1,))], dim=-1)
         probs = torch.cat([probs, given.sink_mass.unsqueeze(-1)], dim=-1)
-    if scores.size(-1) == scores.size(2):
-        raise NotWhole("its softmax saw its chunk's keys only")
     return AttentionScores.of(_gather(scores, group, layout), _gather(probs, group, layout))
