@@ -416,6 +416,18 @@ def test_context_parallel_equals_the_unsplit_sequence(two, scenario, crop, eager
 
 @pytest.mark.slow
 @needs_gloo
+def test_context_parallel_says_what_it_cannot_put_together(two):
+    """An eager softmax over its chunk's keys only: its scores hold nothing of the other
+    chunks' keys, so the modules are left out, with one warning each, on every process."""
+    for process in results(two, "cp_chunk_softmax"):
+        assert process["figures"] == []
+        assert process["warnings"] == [
+            f"attn_probe: 'blocks.{i}.attn' is not measured under context parallelism: its "
+            "softmax saw its chunk's keys only" for i in range(LAYERS)]
+
+
+@pytest.mark.slow
+@needs_gloo
 def test_data_by_tensor_parallel_mesh_with_fsdp2(four):
     saved = results(four, "tp_dp")
     want = reference([tokens_for(0), tokens_for(1)], 16)
@@ -517,11 +529,11 @@ def worker(out: Path) -> None:
                     unnamed_warnings=unnamed["warnings"])
 
     def context_parallel(shards: list[int], layout: str, crop: int, length: int = LENGTH,
-                         eager: bool = False, adapter: bool = False):
+                         eager: bool = False, adapter: bool = False, gather: bool = True):
         def scenario(folder: Path) -> dict:
             model = make_model(eager)
             for block in model.blocks:
-                block.attn.context_group = dist.group.WORLD
+                block.attn.context_group = dist.group.WORLD if gather else None
             positions = chunk_positions(length, shards, layout, rank)
             tokens = tokens_for(0, length)[:, positions]
             handle = register_adapter(Attention, _chunk_adapter) if adapter else None
@@ -573,6 +585,8 @@ def worker(out: Path) -> None:
         record("cp_head_tail", context_parallel([12, 12], "head_tail", 8))
         record("cp_eager", context_parallel([12, 12], "head_tail", 8, eager=True))
         record("cp_adapter", context_parallel([12, 12], "head_tail", 8, adapter=True))
+        record("cp_chunk_softmax", context_parallel([12, 12], "contiguous", 8, eager=True,
+                                                    gather=False))
     else:
         record("tp_dp", data_by_tensor)
         record("tp_cp", context_by_tensor)
