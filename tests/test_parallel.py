@@ -53,7 +53,7 @@ from attn_probe.metrics import full_context_metrics, head_metrics  # noqa: E402
 from attn_probe.parallel import (  # noqa: E402
     HeadShard, Parallelism, declared_heads,
 )
-from attn_probe.snapshot import FIGURES  # noqa: E402
+from attn_probe.figures import FIGURES  # noqa: E402
 from reference import read_scalars  # noqa: E402
 from test_distributed import launch, scenario_recorder  # noqa: E402
 
