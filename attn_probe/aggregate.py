@@ -28,15 +28,16 @@ def derived(heads: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     with np.errstate(invalid="ignore", divide="ignore"):
         return {"alignment": heads["logit_spread"] / (heads["query_norm"] * heads["key_norm"])}
 
-#: Each state of one layer: (name, dtype, reduction). ``sums``: (H, len(MEANS)) sums of the
-#: figures averaged over sequences; ``maxima``: (H, len(MAXIMA)) largest values of the others;
-#: ``counts``: (H, 2) finite sequences behind the crop and the full-context figures;
-#: ``nonfinite``: (H,) sequences whose attention had NaN or Inf entries.
-STATES: tuple[tuple[str, type, Callable[[np.ndarray, np.ndarray], np.ndarray]], ...] = (
-    ("sums", np.float64, np.add),
-    ("maxima", np.float64, np.maximum),
-    ("counts", np.int64, np.add),
-    ("nonfinite", np.int64, np.add),
+#: Each state of one layer: (name, dtype, reduction, the reduction's identity: what a head
+#: that measured nothing holds). ``sums``: (H, len(MEANS)) sums of the figures averaged over
+#: sequences; ``maxima``: (H, len(MAXIMA)) largest values of the others; ``counts``: (H, 2)
+#: finite sequences behind the crop and the full-context figures; ``nonfinite``: (H,)
+#: sequences whose attention had NaN or Inf entries.
+STATES: tuple[tuple[str, type, Callable[[np.ndarray, np.ndarray], np.ndarray], float], ...] = (
+    ("sums", np.float64, np.add, 0),
+    ("maxima", np.float64, np.maximum, -np.inf),
+    ("counts", np.int64, np.add, 0),
+    ("nonfinite", np.int64, np.add, 0),
 )
 _GROUPS = ("crop", "full")
 
@@ -56,8 +57,14 @@ class HeadAccumulator:
     def __bool__(self) -> bool:
         return bool(self._layers)
 
-    def update(self, layer: str, metrics: Mapping[str, torch.Tensor]) -> None:
+    def update(self, layer: str, metrics: Mapping[str, torch.Tensor], *, first_head: int = 0,
+               num_heads: int | None = None) -> None:
         """Add per-sequence figures of one layer: each value is a (B, H) tensor.
+
+        ``first_head`` and ``num_heads``: the H heads are heads ``first_head`` to
+        ``first_head + H - 1`` of a layer of ``num_heads`` (default: H) heads, split over
+        processes (tensor parallelism); the others hold the reductions' identities, so that
+        merging processes combines each head only with itself.
 
         ``metrics`` holds what :func:`~attn_probe.metrics.head_metrics` returns and, where the
         capture saw q and k, what :func:`~attn_probe.metrics.full_context_metrics`
@@ -83,12 +90,22 @@ class HeadAccumulator:
                 columns.append(torch.where(ok, value, torch.full_like(value, empty)))
             return torch.stack(columns, dim=-1)
 
-        self.merge({layer: {
+        part = {
             "sums": stacked(MEANS, 0.0).sum(0).cpu().numpy(),
             "maxima": stacked(MAXIMA, -np.inf).amax(0).cpu().numpy(),
             "counts": torch.stack([finite[g] for g in _GROUPS], -1).sum(0).cpu().numpy(),
             "nonfinite": (~finite["crop"]).sum(0).cpu().numpy(),
-        }})
+        }
+        heads = rank.size(1)
+        if num_heads is not None and num_heads != heads:
+            if not 0 <= first_head <= num_heads - heads:
+                raise ValueError(f"heads {first_head} to {first_head + heads - 1} are not heads "
+                                 f"of a layer of {num_heads}")
+            for name, dtype, _, identity in STATES:
+                placed = np.full((num_heads,) + part[name].shape[1:], identity, dtype=dtype)
+                placed[first_head:first_head + heads] = part[name]
+                part[name] = placed
+        self.merge({layer: part})
 
     def state(self) -> dict[str, dict[str, np.ndarray]]:
         """A picklable copy of the state, for reduction across processes."""
@@ -101,14 +118,14 @@ class HeadAccumulator:
             mine = self._layers.get(layer)
             if mine is None:
                 self._layers[layer] = {name: np.array(part[name], dtype=dtype)
-                                       for name, dtype, _ in STATES}
+                                       for name, dtype, _, _ in STATES}
                 continue
             if mine["counts"].shape != part["counts"].shape:
                 raise ValueError(
                     f"layer {layer!r}: cannot merge {part['counts'].shape[0]} heads into "
                     f"{mine['counts'].shape[0]}; every process must probe the same model"
                 )
-            for name, _, reduction in STATES:
+            for name, _, reduction, _ in STATES:
                 mine[name] = reduction(mine[name], part[name])
 
     def reduce(self, all_gather: Callable[[object], Iterable[object]]) -> None:

@@ -29,6 +29,10 @@ DEFAULT_MEMORY_BUDGET = 64 * 2**20
 #: Default bound on one module's attention matrix per pass: (rows, H, T, S) float32 bytes.
 DEFAULT_MATRIX_BUDGET = 256 * 2**20
 
+#: How a sequence's tokens are laid out over a context-parallel group: process ``r`` holds the
+#: ``r``-th chunk, or (load-balanced) chunks ``r`` and ``2W-1-r`` of ``2W``.
+CONTEXT_LAYOUTS = ("contiguous", "head_tail")
+
 #: Why attention over fewer than two tokens is refused where figures are computed.
 ONE_TOKEN = "a 1x1 attention matrix has rank 1 whatever the model does"
 
@@ -57,6 +61,22 @@ def check_count(name: str, value: Any, *, optional: bool = False, minimum: int =
             + (f": {why}" if why else "")
         )
     return value
+
+
+def check_group(name: str, group: Any) -> Any:
+    """``group`` when it is None, a ``torch.distributed`` ``ProcessGroup`` or a
+    one-dimensional ``DeviceMesh`` (a dimension of a larger one), else ``TypeError``."""
+    if group is None:
+        return None
+    import torch.distributed as dist
+
+    if dist.is_available() and isinstance(group, dist.ProcessGroup):
+        return group
+    if getattr(group, "ndim", None) == 1 and callable(getattr(group, "get_group", None)):
+        return group
+    raise TypeError(f"{name} must be a torch.distributed ProcessGroup or a one-dimensional "
+                    "DeviceMesh (one dimension of a larger mesh, e.g. mesh['tp']), or None; "
+                    f"got {group!r}")
 
 
 def check_modules(modules: Any) -> ModuleSelector:
@@ -101,6 +121,17 @@ class CaptureOptions:
         matrix_budget: the most bytes one module's float32 attention matrix may take per
             measured call (None: no bound); a module over it is not measured, and the message
             says how to crop.
+        tensor_parallel: the process group (``ProcessGroup``, or a one-dimensional
+            ``DeviceMesh`` such as ``mesh["tp"]``) over which every module's heads are split, in
+            rank order; None: found per module from its DTensor weights where they are sharded
+            (``parallelize_module``). Figures are per global head (:mod:`attn_probe.parallel`).
+        context_parallel: the group over which each sequence's tokens are split; figures are
+            those of the whole sequence. The probe's alone: :func:`~attn_probe.capture` and
+            :func:`~attn_probe.rank_profile` measure one process's heads and tokens.
+        context_layout: how the tokens are laid out over ``context_parallel``:
+            ``"contiguous"`` (process ``r`` holds the ``r``-th chunk, of any length) or
+            ``"head_tail"`` (the sequence in ``2W`` chunks, process ``r`` holding chunks ``r``
+            and ``2W-1-r``).
 
     The defaults suit a training run: one row and 256 tokens per call, a few MiB per layer.
     :func:`~attn_probe.capture` and :func:`~attn_probe.rank_profile` default to every row and
@@ -114,6 +145,9 @@ class CaptureOptions:
     crop: int | None = 256
     memory_budget: int = DEFAULT_MEMORY_BUDGET
     matrix_budget: int | None = DEFAULT_MATRIX_BUDGET
+    tensor_parallel: Any = None
+    context_parallel: Any = None
+    context_layout: str = "contiguous"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "modules", check_modules(self.modules))
@@ -124,6 +158,11 @@ class CaptureOptions:
         check_count("crop", self.crop, optional=True, minimum=2, why=ONE_TOKEN)
         check_count("memory_budget", self.memory_budget)
         check_count("matrix_budget", self.matrix_budget, optional=True)
+        check_group("tensor_parallel", self.tensor_parallel)
+        check_group("context_parallel", self.context_parallel)
+        if self.context_layout not in CONTEXT_LAYOUTS:
+            raise ValueError(f"context_layout must be one of {CONTEXT_LAYOUTS}, got "
+                             f"{self.context_layout!r}")
 
 
 #: What :func:`~attn_probe.capture` and :func:`~attn_probe.rank_profile` measure by default:
@@ -136,5 +175,6 @@ def check_capture(options: Any) -> CaptureOptions:
     one."""
     if not isinstance(options, CaptureOptions):
         raise TypeError("capture takes attn_probe.CaptureOptions(...) (modules, strategy, tau, "
-                        f"batch_rows, crop, memory_budget, matrix_budget), got {options!r}")
+                        "batch_rows, crop, memory_budget, matrix_budget, tensor_parallel, "
+                        f"context_parallel, context_layout), got {options!r}")
     return options

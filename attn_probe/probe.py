@@ -43,6 +43,7 @@ from .attention import Observed, Recorder, plan_sites, probabilities
 from .metrics import full_context_metrics, head_metrics
 from .options import CaptureOptions, check_capture, check_count
 from . import notices
+from .parallel import Parallelism, local_heads
 from .alerts import AlertMonitor, AlertRules
 from .outputs import Output, TensorBoardOutput, check_outputs
 from .snapshot import WARNS, Alert, CollapseRule, Snapshot
@@ -102,6 +103,8 @@ class AttentionProbe:
         self.rule = alerts.lazy or CollapseRule()
         self._monitor = AlertMonitor(alerts)
         self.sites = plan_sites(model, capture.modules, capture.strategy)
+        self._modules = {site.name: site.module for site in self.sites}
+        self._parallel = Parallelism(capture)
         for output in self.outputs:
             output.start([site.name for site in self.sites])
         self._recorder = Recorder(
@@ -218,12 +221,20 @@ class AttentionProbe:
     def _measure(self, name: str, observed: Observed) -> None:
         """Where the hooks deliver: one module's attention at a sampled step."""
         try:
+            observed = self._parallel.whole_sequence(name, observed)  # a collective under CP
+            if observed is None:  # measured by another process of the context-parallel group
+                return
+            shard = self._parallel.heads(name, self._modules[name], local_heads(observed))
+            if shard is None:  # split heads, and nothing says how: said once
+                return
             options = self.capture
             attention = probabilities(observed, options.crop, options.matrix_budget)
             figures = head_metrics(attention, options.tau)
             figures.update(full_context_metrics(observed, options.tau, options.memory_budget))
-            self._accumulator.update(name, figures)
-            if self._picture_crop:
+            figures, first, heads = shard.globalise(figures)
+            self._accumulator.update(name, figures, first_head=first, num_heads=heads)
+            # Pictures show this process's heads: the model's first ones on process 0.
+            if self._picture_crop and first == 0:
                 t = self._picture_crop
                 self._samples[name] = attention[0, :, :t, :t].float().cpu()
         except Exception as error:  # measuring must never stop training

@@ -37,10 +37,20 @@ class Capture:
     calls are counted in :attr:`calls` but not recorded. :meth:`reset` makes the next call
     count again (one capture per batch, as :func:`rank_profile` does). Use :func:`capture` to
     make one.
+
+    What one process sees: under tensor parallelism its own heads, numbered from 0 (head ``h``
+    of the process holding slice ``r`` of ``tp`` is the model's head ``r·H/tp + h``), under
+    context parallelism its own chunk of queries; ``tensor_parallel`` and
+    ``context_parallel`` are the probe's options and are refused here.
     """
 
     def __init__(self, model: nn.Module, options: CaptureOptions = EVERYTHING) -> None:
         self.options = check_capture(options)
+        if options.tensor_parallel is not None or options.context_parallel is not None:
+            raise ValueError(
+                "capture() and rank_profile() measure one process's heads and tokens, without "
+                "collectives; tensor_parallel and context_parallel are AttentionProbe's: leave "
+                "them None here")
         self.sites = plan_sites(model, options.modules, options.strategy)
         self._attention: dict[str, Tensor] = {}
         self._observed: dict[str, Observed] = {}

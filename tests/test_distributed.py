@@ -128,14 +128,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(out: Path) -> list[str]:
-    """Run both workers to the end (or kill them at the timeout); return their output."""
+def launch(out: Path, world: int = WORLD, script: str = __file__) -> list[str]:
+    """Run ``world`` processes of ``script``'s ``worker`` (torchrun's environment, gloo) to the
+    end, or kill them at the timeout; return their output."""
     port = free_port()
     procs, logs = [], []
-    for rank in range(WORLD):
+    for rank in range(world):
         env = dict(
             os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-            WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(WORLD),
+            WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
             OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(
                 p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p
             ),
@@ -143,7 +144,7 @@ def launch(out: Path) -> list[str]:
         log = open(out / f"worker{rank}.log", "w")
         logs.append(log)
         procs.append(subprocess.Popen(
-            [sys.executable, str(Path(__file__).resolve()), "worker", str(out)],
+            [sys.executable, str(Path(script).resolve()), "worker", str(out)],
             env=env, stdout=log, stderr=subprocess.STDOUT,
         ))
     deadline = time.monotonic() + LAUNCH_TIMEOUT
@@ -162,7 +163,7 @@ def launch(out: Path) -> list[str]:
                 proc.wait()
         for log in logs:
             log.close()
-    text = [(out / f"worker{rank}.log").read_text() for rank in range(WORLD)]
+    text = [(out / f"worker{rank}.log").read_text() for rank in range(world)]
     tails = "\n".join(t[-3000:] for t in text)
     assert not timed_out, f"workers still running after {LAUNCH_TIMEOUT} s (deadlock?)\n{tails}"
     return text
@@ -426,12 +427,10 @@ def _lightning_stop(folder: Path, rank: int) -> None:
     }))
 
 
-def worker(out: Path) -> None:
-    from torch.nn.parallel import DistributedDataParallel
-
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", timeout=timedelta(seconds=60))
-    rank = dist.get_rank()
+def scenario_recorder(out: Path, rank: int):
+    """``record(name, fn)``: run scenario ``fn(folder)`` in a folder of its own, keep its
+    outcome in ``status_rank{rank}.json`` (``"ok"`` or the error) for the test process, and
+    what it returns, if anything, in ``{name}/rank{rank}.json``."""
     status: dict[str, str] = {}
 
     def record(name: str, fn) -> None:
@@ -439,13 +438,27 @@ def worker(out: Path) -> None:
         folder.mkdir(exist_ok=True)
         started = time.monotonic()
         try:
-            fn(folder)
+            result = fn(folder)
+            if result is not None:
+                (folder / f"rank{rank}.json").write_text(json.dumps(result))
             status[name] = "ok"
         except Exception as error:  # recorded for the test to report
             status[name] = f"{type(error).__name__}: {error}\n{traceback.format_exc()}"
         (out / f"status_rank{rank}.json").write_text(json.dumps(status))
         print(f"rank {rank}: {name} ({time.monotonic() - started:.1f} s): "
               f"{status[name].splitlines()[0]}", flush=True)
+
+    return record
+
+
+def worker(out: Path) -> None:
+    from torch.nn.parallel import DistributedDataParallel
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", timeout=timedelta(seconds=60))
+    rank = dist.get_rank()
+
+    record = scenario_recorder(out, rank)
 
     def ddp(folder: Path) -> None:
         model = make_model()

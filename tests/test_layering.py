@@ -28,7 +28,7 @@ LAYERS = [
     ["figures", "snapshot"],
     ["attention"],
     ["metrics"],
-    ["aggregate"],
+    ["aggregate", "parallel"],
     ["alerts", "outputs"],
     ["probe", "protocol"],
     ["integrations"],
