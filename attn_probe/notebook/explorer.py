@@ -73,12 +73,13 @@ class Explorer:
         self.runs = 0
         self.profile: Snapshot | None = None  #: the last MaxRank run
         self.profile_sequences = 0  #: sequences behind it
-        self._profile_window = 0
+        self.profile_window = 0  #: the token window it was measured over
         self._lock = threading.Lock()
         self._capture: Capture | None = None
         self._layers: list[Layer] = []
-        self._matrices: dict[tuple[str, int], np.ndarray] = {}
-        self._figures: dict[tuple[str, int, float], dict[str, np.ndarray]] = {}
+        # keyed by the sequence too: what one sequence showed is never shown for another
+        self._matrices: dict[tuple[int, str, int], np.ndarray] = {}
+        self._figures: dict[tuple[int, str, int, float], dict[str, np.ndarray]] = {}
 
     # ------------------------------------------------------------------------------ choices
 
@@ -122,7 +123,7 @@ class Explorer:
     def profile_is_current(self) -> bool:
         """Whether the last MaxRank run was measured at the current tau and window."""
         return self.profile is not None and self.profile.tau == self.tau and \
-            self._profile_window == self.window
+            self.profile_window == self.window
 
     # ------------------------------------------------------------------------ one sequence
 
@@ -163,7 +164,7 @@ class Explorer:
     def attention(self, layer: str | int) -> np.ndarray:
         """(H, T, S) attention of the layer over the current window of the current sequence."""
         name = self.layer(layer).name
-        key = (name, self.window)
+        key = (self.sequence, name, self.window)
         if key not in self._matrices:
             matrix = self._recorded().matrix(name, self.window)
             self._matrices[key] = matrix[0].float().cpu().numpy()
@@ -174,7 +175,7 @@ class Explorer:
         the other matrix figures over the window, ``*_full`` and ``max_logit`` over the whole
         sequence (the names of :meth:`~attn_probe.protocol.Capture.metrics`)."""
         name = self.layer(layer).name
-        key = (name, self.window, self.tau)
+        key = (self.sequence, name, self.window, self.tau)
         if key not in self._figures:
             found = self._recorded().metrics(self.tau, modules=[name], crop=self.window)
             self._figures[key] = {k: v[0].double().cpu().numpy() for k, v in found[name].items()}
@@ -260,7 +261,7 @@ class Explorer:
                 if done[0] == 0 and cancel is not None and cancel.is_set():
                     return None
                 raise
-        self.profile, self.profile_sequences, self._profile_window = snapshot, done[0], window
+        self.profile, self.profile_sequences, self.profile_window = snapshot, done[0], window
         return snapshot
 
     def profile_plot(self) -> Figure:
@@ -270,7 +271,7 @@ class Explorer:
         snapshot = self.profile
         return plots.max_rank_profile_for(
             snapshot, title=f"MaxRank@{percent(snapshot.tau)}% per layer: "
-                            f"{self.profile_sequences} sequences, first {self._profile_window} "
+                            f"{self.profile_sequences} sequences, first {self.profile_window} "
                             "tokens")
 
     def profile_table(self) -> str:

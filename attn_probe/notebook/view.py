@@ -104,6 +104,8 @@ class ExploreView:
         ])
         self._cancel_event = threading.Event()
         self._thread: threading.Thread | None = None
+        self._measured = ""  # what the last MaxRank run measured, for the status line
+        self._running = False
 
         self.layer.observe(self._on_layer, "value")
         self.head.observe(lambda _: self._draw_heatmap(), "value")
@@ -144,21 +146,30 @@ class ExploreView:
         self._draw_heatmap()
         self._draw_layer()
 
-    def _note_stale_profile(self) -> None:
-        if self.explorer.profile is not None and not self.explorer.profile_is_current:
-            self.status.value = (f"the profile shown is at tau {self.explorer.profile.tau:g}: "
-                                 "press Run to measure it at the current tau and window")
+    def _note_profile(self) -> None:
+        """The status line: what the profile shown measured, and whether the controls have
+        moved from the tau or window it was measured at (then Run measures it again)."""
+        explorer, profile = self.explorer, self.explorer.profile
+        if profile is None or self._running:  # the status says what is being measured
+            return
+        if explorer.profile_is_current:
+            self.status.value = self._measured
+        else:
+            self.status.value = (
+                f"the profile shown is at tau {profile.tau:g}, first {explorer.profile_window} "
+                f"tokens: press Run to measure it at tau {explorer.tau:g}, first "
+                f"{explorer.window} tokens")
 
     def _on_tau(self, change: Any) -> None:
         self.explorer.set_tau(change.new)
         self._draw_layer()
-        self._note_stale_profile()
+        self._note_profile()
 
     def _on_window(self, change: Any) -> None:
         self.explorer.set_window(change.new)
         self._draw_heatmap()
         self._draw_layer()
-        self._note_stale_profile()
+        self._note_profile()
 
     def _on_sequence(self, change: Any) -> None:
         self.explorer.set_sequence(change.new)
@@ -172,6 +183,7 @@ class ExploreView:
         if self._thread is not None and self._thread.is_alive():
             return
         self._cancel_event.clear()
+        self._running = True
         self.progress.value = 0
         self.status.value = (f"measuring {self.explorer.count} sequences at tau "
                              f"{self.explorer.tau:g}, first {self.explorer.window} tokens")
@@ -197,17 +209,21 @@ class ExploreView:
             else:
                 self._show("profile", self.profile, explorer.profile_plot())
                 self.profile_table.value = explorer.profile_table()
-                self.status.value = (
+                self._measured = (
                     f"{'cancelled: ' if cancelled else ''}MaxRank@{percent(snapshot.tau)}% over "
                     f"{explorer.profile_sequences} of {explorer.count} sequences")
-                self._note_stale_profile()  # tau moved while it ran
+                self.status.value = self._measured
         except Exception as error:  # noqa: BLE001 - shown in the view, not lost in a thread
             self.status.value = f"failed: {type(error).__name__}: {error}"
+            snapshot = None
         finally:
+            self._running = False
             self.cancel.disabled = True
             self.run.disabled = False
             self.window.disabled = False
             self.sequence.disabled = explorer.count == 1
+        if snapshot is not None:
+            self._note_profile()  # tau moved while it ran
 
     # --------------------------------------------------------------------------- display
 

@@ -203,6 +203,61 @@ def test_views_stay_live_while_max_rank_runs(model, view):
                                atol=1e-6)
 
 
+def test_another_sequence_shows_its_own_per_head_figures(model, view):
+    """The table and the per-head bars follow the sequence picked: every figure of the layer
+    is that sequence's, never the one shown before (the test checks the two differ)."""
+    view.layer.value = LAYERS[1]
+    view.window.value = 9
+    before = table(view.table.value)
+    view.sequence.value = 4
+    with attn_probe.capture(model, max_sequences=1) as cap, torch.no_grad():
+        model(TOKENS[4:5])
+    want = cap.metrics(0.9, max_tokens=9)[LAYERS[1]]
+    got = table(view.table.value)
+    for column, figure in (("max logit", "max_logit"), ("entropy (nats)", "entropy_full")):
+        assert got[column] == [f"{v:.3g}" for v in want[figure][0].tolist()], column
+    assert got["max logit"] != before["max logit"], "the two sequences should differ"
+    ref = reference(model, 4)[1]
+    assert [float(v) for v in got["rank@90%"]] == [reference_rank(a[:9, :9]) for a in ref]
+    bars = [patch.get_height() for patch in view.shown["heads"].axes[0].patches]
+    assert bars == [reference_rank(a[:9, :9]) for a in ref] + \
+        [reference_columns(a[:9, :9]) for a in ref]
+    assert "sequence 4" in view.shown["heads"].axes[0].get_title()
+
+
+def test_a_profile_of_another_window_is_flagged_and_the_slider_comes_back(model, view):
+    """While MaxRank runs the window and sequence sliders are held; afterwards they move
+    again, and a window other than the profile's says that the profile shown is not of it
+    (and that Run measures it), until the window is back."""
+    held = []
+    view.progress.observe(lambda _: held.append((view.window.disabled,
+                                                 view.sequence.disabled)), "value")
+    view.run.click()
+    view.wait(60)
+    assert held and set(held) == {(True, True)}
+    assert not view.window.disabled and not view.sequence.disabled and not view.run.disabled
+    measured = "MaxRank@90% over 6 of 6 sequences"
+    assert view.status.value == measured and view.explorer.profile_is_current
+    assert "first 20 tokens" in view.shown["profile"].axes[0].get_title()
+
+    view.window.value = 12
+    assert not view.explorer.profile_is_current
+    assert view.status.value == ("the profile shown is at tau 0.9, first 20 tokens: press Run "
+                                 "to measure it at tau 0.9, first 12 tokens")
+    view.window.value = 20
+    assert view.explorer.profile_is_current and view.status.value == measured
+
+    view.window.value = 12
+    view.run.click()
+    view.wait(60)
+    want = attn_probe.rank_profile(model, TOKENS.split(2), max_sequences=6, max_tokens=12)
+    np.testing.assert_array_equal(profile_line(view), want.max_rank_profile())
+    assert view.status.value == measured and not view.window.disabled
+    view.tau.value = 0.7
+    assert view.status.value == ("the profile shown is at tau 0.9, first 12 tokens: press Run "
+                                 "to measure it at tau 0.7, first 12 tokens")
+
+
 def test_cancel_before_the_first_batch_measures_nothing(view):
     cancel = threading.Event()
     cancel.set()
