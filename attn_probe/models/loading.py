@@ -43,7 +43,7 @@ class LoadedModel:
 
     model: nn.Module
     name: str  #: short name, used for the default output directory
-    kind: str  #: "hf", "llama2c" or "factory"
+    kind: str  #: "hf", "llama2c", "factory" or "module" (given as a torch.nn.Module)
     description: str
     vocab_size: int | None
     bos: int
