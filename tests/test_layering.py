@@ -6,19 +6,25 @@ Every module under attn_probe/ is parsed (nothing is imported) and every ``from 
 option checks and compatibility shims at the bottom; the data model (snapshot) that aggregation
 and outputs share; model -> attention -> metrics (of the matrix, and of the whole sequence) ->
 aggregate -> alerts and outputs; probe and protocol
-drive those stages; integrations on the probe; models, used by the front ends only; the
-front ends (the command line, and the notebook's explore on the command line's loaders); the
-package's own namespace. Modules of one layer may import each other.
+drive those stages; integrations on the probe; models (with the loaders of models and token
+ids), used by the front ends only; the two front ends, the command line and the notebook's
+explore, which import neither each other nor (the command line) from the package's namespace;
+the package's own namespace. Otherwise modules of one layer may import each other.
+
+And ``import attn_probe`` loads neither the command line nor the demo's trainer (checked in a
+fresh interpreter).
 """
 
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from reference import REPO
+from reference import REPO, repo_env
 
 PACKAGE = REPO / "attn_probe"
 
@@ -36,6 +42,10 @@ LAYERS = [
     ["cli", "notebook"],
     ["__init__"],
 ]
+
+
+#: Layer-mates that must not import each other: the two front ends stand side by side.
+APART = [("cli", "notebook")]
 
 
 def module_name(path: Path) -> str:
@@ -119,6 +129,40 @@ def test_no_import_from_a_higher_layer(path):
     assert not upward, "\n".join(upward)
 
 
+def top_of(module: str) -> str:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else "__init__"
+
+
+@pytest.mark.parametrize("path", MODULES, ids=lambda p: module_name(p))
+def test_the_front_ends_do_not_import_each_other(path):
+    module = module_name(path)
+    apart = {b for a, b in APART if top_of(module) == a} | \
+        {a for a, b in APART if top_of(module) == b}
+    crossing = [f"line {line}: {module} imports {target}" for line, target in imports(path)
+                if top_of(target) in apart]
+    assert not crossing, "\n".join(crossing)
+
+
+IMPORTED = """
+import sys
+import attn_probe
+loaded = sorted(m for m in sys.modules if m.startswith("attn_probe."))
+print("cli:", [m for m in loaded if m.startswith("attn_probe.cli")])
+print("demo:", [m for m in loaded if "demo" in m or m in ("attn_probe.models.gpt",
+                                                           "attn_probe.models.corpus")])
+print("explore:", attn_probe.explore.__module__)
+"""
+
+
+def test_import_attn_probe_loads_neither_the_command_line_nor_the_demo():
+    done = subprocess.run([sys.executable, "-c", IMPORTED], capture_output=True, text=True,
+                          timeout=240, env=repo_env(), cwd=str(REPO))
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.splitlines() == ["cli: []", "demo: []",
+                                        "explore: attn_probe.notebook.view"]
+
+
 # ------------------------------------------------------------------ small, acyclic, no privates
 
 #: The longest a module may grow before it is split.
@@ -134,7 +178,7 @@ def module_graph() -> dict[str, set[str]]:
 
 def test_the_graph_sees_imports_inside_type_checking_blocks():
     graph = module_graph()
-    assert "attn_probe.cli.loading" in graph["attn_probe.cli.tokens"]
+    assert "attn_probe.attention.sites" in graph["attn_probe.attention.hooks"]
 
 
 def test_no_two_modules_import_each_other():

@@ -3,13 +3,14 @@
 The paper (arXiv 2404.08634) feeds N = 100 sequences of T = 100 tokens to a trained model,
 averages every head's rank@0.9 over the sequences and reports, per layer, the largest of its
 heads' averages (MaxRank). This module is the orchestration: it reads the options, loads the
-model (:mod:`.loading`) and the tokens (:mod:`.tokens`), runs
+model and the tokens (:mod:`attn_probe.models.loading`, :mod:`attn_probe.models.inputs`), runs
 :func:`attn_probe.rank_profile` and writes the tables, pictures and TensorBoard logs.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import sys
 from pathlib import Path
@@ -21,15 +22,24 @@ import torch
 from ..attention import (
     CaptureError, Hints, NoAttentionFound, NoKernelCall, find_attention_modules, plan_sites,
 )
+from ..models.inputs import load_inputs
+from ..models.loading import LoadedModel, load_model
+from ..models.messages import InputError, Message
 from ..models.sampling import model_device
 from ..options import CaptureOptions
 from ..snapshot import percent
 from .console import Progress, UsageError, one_line
 from .heads import parse_heads, resolve_heads
-from .loading import LoadedModel, load_model
-from .tokens import check_tokens, load_tokens
 
-__all__ = ["add_arguments", "run_analyze"]
+__all__ = ["OPTION_NAMES", "add_arguments", "run_analyze"]
+
+#: The loaders' arguments as this command names them (:class:`~attn_probe.models.messages.Message`).
+OPTION_NAMES = {
+    "model": "MODEL", "inputs": "--data", "sequences": "--sequences", "tokens": "--tokens",
+    "trust_remote_code": "--trust-remote-code", "device": "--device",
+    "no_tokenizer": "give a token shard (.bin) or leave out --data to sample",
+}
+
 
 def _positive_int(text: str) -> int:
     try:
@@ -189,19 +199,29 @@ def _usage_error(error: Exception) -> UsageError:
     return UsageError(one_line(error))
 
 
+@contextlib.contextmanager
+def _loader_errors() -> Iterator[None]:
+    """The loaders' errors as one-line usage errors, in this command's option names."""
+    try:
+        yield
+    except InputError as error:
+        raise UsageError(error.worded(OPTION_NAMES)) from None
+    except ImportError as error:  # an optional dependency the input needs
+        raise UsageError(one_line(error)) from None
+
+
+def _warn(message: Message) -> None:
+    print(f"attn-probe analyze: warning: {message.worded(OPTION_NAMES)}", file=sys.stderr,
+          flush=True)
+
+
 def _analyze(args: argparse.Namespace) -> int:
     from ..protocol import capture, rank_profile
 
-    def warn(message: str) -> None:
-        print(f"attn-probe analyze: warning: {message}", file=sys.stderr, flush=True)
-
     choices = parse_heads(args.heatmaps) if args.heatmaps is not None else None
-    loaded = load_model(args.model, trust_remote_code=args.trust_remote_code,
-                        device=args.device, warn=warn)
-    if loaded.context is not None and args.tokens > loaded.context:
-        raise UsageError(
-            f"--tokens {args.tokens} is longer than the model's context of {loaded.context} tokens"
-        )
+    with _loader_errors():
+        loaded = load_model(args.model, trust_remote_code=args.trust_remote_code,
+                            device=args.device, warn=_warn)
     out = Path(args.out) if args.out else Path("runs") / "analyze" / loaded.name
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} exists and is not a directory")
@@ -234,8 +254,13 @@ def _analyze(args: argparse.Namespace) -> int:
     print(f"attn-probe analyze: {loaded.description}: {len(monitored)} attention layers, "
           f"{params:,} parameters", flush=True)
     torch.manual_seed(args.seed)
-    tokens, source = load_tokens(args, loaded, warn)
-    check_tokens(tokens, loaded, source)
+    with _loader_errors():
+        found = load_inputs(
+            loaded, None if args.data is None else Path(args.data), sequences=args.sequences,
+            tokens=args.tokens, seed=args.seed, batch_size=args.batch_size,
+            trust_remote_code=args.trust_remote_code, warn=_warn,
+            on_progress=Progress("sampling"))
+    tokens, source = found.ids, found.description
     n, length = tokens.shape
     print(f"data: {source}: {n} sequences of {length} tokens; tau = {args.tau:g}", flush=True)
 

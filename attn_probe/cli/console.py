@@ -7,6 +7,10 @@ import sys
 import time
 from typing import NoReturn
 
+from ..models.messages import one_line
+
+__all__ = ["ArgumentParser", "Progress", "UsageError", "one_line"]
+
 
 class UsageError(Exception):
     """Bad input from the command line: printed as one line, exit status 2."""
@@ -18,21 +22,6 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {one_line(message)} (see {self.prog} --help)\n")
-
-
-def one_line(text: object) -> str:
-    """``text`` with every run of whitespace (newlines too) made one space."""
-    return " ".join(str(text).split())
-
-
-def import_transformers(purpose: str):
-    """``transformers``, or a :class:`UsageError` saying that ``purpose`` needs it."""
-    from ..models.optional import import_transformers as load
-
-    try:
-        return load(purpose)
-    except ImportError as error:
-        raise UsageError(str(error)) from None
 
 
 class Progress:

@@ -3,15 +3,15 @@ the chosen head's attention, the layer's per-head figures, and MaxRank per layer
 sequence (the paper's protocol), cancellable.
 
 One forward pass records every layer's q and k (:class:`~attn_probe.protocol.Capture`). A change
-of layer, head, tau or token window is served from that record: the matrix of another window is
-rebuilt from q and k, and the figures of a (layer, window, tau) are computed once. Only another
+of layer, head, tau or crop is served from that record: the matrix of another crop is rebuilt
+from q and k, and the figures of a (sequence, layer, crop, tau) are computed once. Only another
 sequence runs the model again.
 """
 
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import numpy as np
@@ -19,19 +19,25 @@ import torch
 from matplotlib.figure import Figure
 
 from ..models.sampling import model_device
-from ..options import (
-    DEFAULT_MATRIX_BUDGET, ONE_TOKEN, CaptureOptions, ModuleSelector, check_count, check_tau,
-)
+from ..options import ONE_TOKEN, CaptureOptions, check_capture, check_count, check_tau
 from ..outputs import plots
 from ..outputs.tables import html_table, layer_rows
 from ..protocol import Capture, capture, rank_profile
 from ..snapshot import Snapshot, find_layer, layer_tag, percent
 from .sources import Source
 
-__all__ = ["DEFAULT_WINDOW", "Explorer", "Layer"]
+__all__ = ["Explorer", "Layer", "check_options"]
 
-#: The token window when none is given: the attention matrices cover at most this many tokens.
-DEFAULT_WINDOW = 256
+
+def check_options(capture: CaptureOptions) -> CaptureOptions:
+    """``capture`` when the explorer can measure by it, else ``TypeError`` or ``ValueError``:
+    its views measure one sequence and MaxRank every sequence, whatever ``batch_rows`` says."""
+    options = check_capture(capture)
+    if options.batch_rows not in (1, None):
+        raise ValueError(
+            "explore measures one sequence in its views and every sequence in MaxRank: leave "
+            f"batch_rows out of capture (got batch_rows={options.batch_rows})")
+    return options
 
 
 @dataclass(frozen=True)
@@ -54,31 +60,34 @@ class Layer:
 class Explorer:
     """The views of one model on its token ids (a :class:`~.sources.Source`).
 
-    ``window``: the tokens the attention matrices cover (the ``max_tokens`` crop; default the
-    sequence, at most :data:`DEFAULT_WINDOW`). ``sequence``: which of the N sequences the
-    per-layer views show. ``runs`` counts the forward passes made for those views.
+    ``capture``: what is measured (:class:`~attn_probe.CaptureOptions`: the modules, strategy
+    and budgets; ``tau`` and ``crop`` are where :attr:`tau` and :attr:`crop` start, the crop at
+    most the sequence, the whole sequence when None). The views measure one sequence and
+    MaxRank every sequence, so ``batch_rows`` must be left as it is. ``sequence``: which of the
+    N sequences the per-layer views show. ``runs`` counts the forward passes made for those
+    views.
     """
 
-    def __init__(self, source: Source, *, tau: float = 0.9, window: int | None = None,
-                 sequence: int = 0, modules: ModuleSelector = None, batch_size: int = 8,
-                 matrix_budget: int | None = DEFAULT_MATRIX_BUDGET) -> None:
+    def __init__(self, source: Source, *, capture: CaptureOptions = CaptureOptions(),
+                 sequence: int = 0, batch_size: int = 8) -> None:
+        options = check_options(capture)
         self.source = source
         self.tokens = source.tokens
-        self.modules, self.matrix_budget = modules, matrix_budget
+        self.options = options
         self.batch_size = check_count("batch_size", batch_size)
-        self.tau = check_tau(tau)
-        self.window = self._check_window(
-            min(self.length, DEFAULT_WINDOW) if window is None else window)
+        self.tau = options.tau
+        self.crop = self._check_crop(min(self.length, options.crop or self.length))
         self.sequence = self._check_sequence(sequence)
         self.runs = 0
         self.profile: Snapshot | None = None  #: the last MaxRank run
         self.profile_sequences = 0  #: sequences behind it
-        self._profile_window = 0
+        self.profile_crop = 0  #: the token crop it was measured over
         self._lock = threading.Lock()
         self._capture: Capture | None = None
         self._layers: list[Layer] = []
-        self._matrices: dict[tuple[str, int], np.ndarray] = {}
-        self._figures: dict[tuple[str, int, float], dict[str, np.ndarray]] = {}
+        # keyed by the sequence too: what one sequence showed is never shown for another
+        self._matrices: dict[tuple[int, str, int], np.ndarray] = {}
+        self._figures: dict[tuple[int, str, int, float], dict[str, np.ndarray]] = {}
 
     # ------------------------------------------------------------------------------ choices
 
@@ -91,12 +100,12 @@ class Explorer:
         """N, the sequences of the MaxRank run."""
         return int(self.tokens.shape[0])
 
-    def _check_window(self, window: int) -> int:
-        check_count("window", window, minimum=2, why=ONE_TOKEN)
-        if window > self.length:
-            raise ValueError(f"window must be at most the {self.length} tokens of the inputs, "
-                             f"got {window}")
-        return window
+    def _check_crop(self, crop: int) -> int:
+        check_count("crop", crop, minimum=2, why=ONE_TOKEN)
+        if crop > self.length:
+            raise ValueError(f"crop must be at most the {self.length} tokens of the inputs, "
+                             f"got {crop}")
+        return crop
 
     def _check_sequence(self, sequence: int) -> int:
         check_count("sequence", sequence, minimum=0)
@@ -108,8 +117,8 @@ class Explorer:
     def set_tau(self, tau: float) -> None:
         self.tau = check_tau(tau)
 
-    def set_window(self, window: int) -> None:
-        self.window = self._check_window(window)
+    def set_crop(self, crop: int) -> None:
+        self.crop = self._check_crop(crop)
 
     def set_sequence(self, sequence: int) -> None:
         if self._check_sequence(sequence) != self.sequence:
@@ -120,9 +129,9 @@ class Explorer:
 
     @property
     def profile_is_current(self) -> bool:
-        """Whether the last MaxRank run was measured at the current tau and window."""
+        """Whether the last MaxRank run was measured at the current tau and crop."""
         return self.profile is not None and self.profile.tau == self.tau and \
-            self._profile_window == self.window
+            self.profile_crop == self.crop
 
     # ------------------------------------------------------------------------ one sequence
 
@@ -134,8 +143,7 @@ class Explorer:
                 loaded = self.source.loaded
                 ids = self.tokens[self.sequence : self.sequence + 1]
                 ids = ids.to(model_device(loaded.model))
-                options = CaptureOptions(modules=self.modules, batch_rows=1, crop=self.window,
-                                         matrix_budget=self.matrix_budget)
+                options = replace(self.options, batch_rows=1, crop=self.crop)
                 with capture(loaded.model, options) as cap:
                     with torch.no_grad():
                         loaded(ids)
@@ -161,27 +169,27 @@ class Explorer:
         return find_layer(self.layers, key)
 
     def attention(self, layer: str | int) -> np.ndarray:
-        """(H, T, S) attention of the layer over the current window of the current sequence."""
+        """(H, T, S) attention of the layer over the current crop of the current sequence."""
         name = self.layer(layer).name
-        key = (name, self.window)
+        key = (self.sequence, name, self.crop)
         if key not in self._matrices:
-            matrix = self._recorded().matrix(name, self.window)
+            matrix = self._recorded().matrix(name, self.crop)
             self._matrices[key] = matrix[0].float().cpu().numpy()
         return self._matrices[key]
 
     def figures(self, layer: str | int) -> dict[str, np.ndarray]:
         """Figure -> (H,) per-head figures of the layer: ``rank`` and ``columns`` at tau and
-        the other matrix figures over the window, ``*_full`` and ``max_logit`` over the whole
+        the other matrix figures over the crop, ``*_full`` and ``max_logit`` over the whole
         sequence (the names of :meth:`~attn_probe.protocol.Capture.metrics`)."""
         name = self.layer(layer).name
-        key = (name, self.window, self.tau)
+        key = (self.sequence, name, self.crop, self.tau)
         if key not in self._figures:
-            found = self._recorded().metrics(self.tau, modules=[name], crop=self.window)
+            found = self._recorded().metrics(self.tau, modules=[name], crop=self.crop)
             self._figures[key] = {k: v[0].double().cpu().numpy() for k, v in found[name].items()}
         return self._figures[key]
 
     def head_rows(self, layer: str | int) -> list[dict]:
-        """One row per head: rank@tau and columns@tau over the window, entropy (nats), its
+        """One row per head: rank@tau and columns@tau over the crop, entropy (nats), its
         normalised value, sink mass and max logit over the whole sequence."""
         values = self.figures(layer)
         names = ("rank", "columns", "entropy_full", "entropy_norm_full", "sink_full",
@@ -207,35 +215,35 @@ class Explorer:
         return None if labels is None else labels(self.tokens[self.sequence])
 
     def heatmap(self, layer: str | int, head: int) -> Figure:
-        """The head's attention over the window, tokens on the axes where they are known."""
+        """The head's attention over the crop, tokens on the axes where they are known."""
         chosen = self.layer(layer)
         if not 0 <= head < chosen.heads:
             raise ValueError(f"head {head} out of range: {chosen.label} has {chosen.heads} "
                              f"heads (0 to {chosen.heads - 1})")
         return plots.attention_heatmap(
             self.attention(chosen.name)[head], token_labels=self.token_labels(),
-            title=f"{chosen.tag} H{head:02d}: sequence {self.sequence}, first {self.window} "
+            title=f"{chosen.tag} H{head:02d}: sequence {self.sequence}, first {self.crop} "
                   "tokens")
 
     def head_profiles(self, layer: str | int) -> Figure:
-        """Per-head rank@tau and columns@tau of the layer over the window."""
+        """Per-head rank@tau and columns@tau of the layer over the crop."""
         chosen = self.layer(layer)
         values = self.figures(chosen.name)
         return plots.head_profiles(
             values["rank"], values["columns"], tau=self.tau, ylabel="one sequence",
-            title=f"{chosen.label}: sequence {self.sequence}, first {self.window} tokens")
+            title=f"{chosen.label}: sequence {self.sequence}, first {self.crop} tokens")
 
     # ------------------------------------------------------------------------ all sequences
 
     def run_profile(self, cancel: threading.Event | None = None,
                     on_progress: Callable[[int, int], None] | None = None) -> Snapshot | None:
-        """MaxRank per layer over the N sequences at the current tau and window
+        """MaxRank per layer over the N sequences at the current tau and crop
         (:func:`~attn_probe.rank_profile`); ``on_progress(done, N)`` after each batch. When
         ``cancel`` is set it stops after the batch under way: the profile then covers the
         sequences measured so far (None, and the last profile kept, if there were none)."""
         loaded, count = self.source.loaded, self.count
         device = model_device(loaded.model)
-        tau, window = self.tau, self.window
+        tau, crop = self.tau, self.crop
 
         def batches():
             for start in range(0, count, self.batch_size):
@@ -252,15 +260,14 @@ class Explorer:
 
         with self._lock:
             try:
-                options = CaptureOptions(modules=self.modules, tau=tau, batch_rows=None,
-                                         crop=window, matrix_budget=self.matrix_budget)
+                options = replace(self.options, tau=tau, batch_rows=None, crop=crop)
                 snapshot = rank_profile(loaded.model, batches(), sequences=count,
                                         capture=options, on_batch=measured)
             except ValueError:
                 if done[0] == 0 and cancel is not None and cancel.is_set():
                     return None
                 raise
-        self.profile, self.profile_sequences, self._profile_window = snapshot, done[0], window
+        self.profile, self.profile_sequences, self.profile_crop = snapshot, done[0], crop
         return snapshot
 
     def profile_plot(self) -> Figure:
@@ -270,7 +277,7 @@ class Explorer:
         snapshot = self.profile
         return plots.max_rank_profile_for(
             snapshot, title=f"MaxRank@{percent(snapshot.tau)}% per layer: "
-                            f"{self.profile_sequences} sequences, first {self._profile_window} "
+                            f"{self.profile_sequences} sequences, first {self.profile_crop} "
                             "tokens")
 
     def profile_table(self) -> str:

@@ -16,9 +16,9 @@ from typing import Any, Sequence
 
 from matplotlib.figure import Figure
 
-from ..attention import ModuleSelector
+from ..options import CaptureOptions
 from ..snapshot import percent
-from .explorer import Explorer
+from .explorer import Explorer, check_options
 from .sources import load_source
 
 __all__ = ["NOTEBOOK_INSTALL", "ExploreView", "explore", "in_notebook"]
@@ -52,7 +52,7 @@ def png(figure: Figure) -> bytes:
 class ExploreView:
     """The widgets of :func:`explore` on an :class:`~.explorer.Explorer`.
 
-    Controls: ``layer``, ``head``, ``tau``, ``window``, ``sequence``; in the batch tab ``run``,
+    Controls: ``layer``, ``head``, ``tau``, ``crop``, ``sequence``; in the batch tab ``run``,
     ``cancel`` and ``progress``. Views: ``heatmap``, ``heads`` (per-head rank and columns),
     ``table`` (per-head figures), ``profile`` and ``profile_table``. ``shown`` holds the figure
     each image view shows. Displaying the view displays :attr:`widget`.
@@ -72,8 +72,8 @@ class ExploreView:
         self.tau = w.FloatSlider(value=explorer.tau, min=0.01, max=1.0, step=0.01,
                                  description="tau", continuous_update=False,
                                  readout_format=".2f")
-        self.window = w.IntSlider(value=explorer.window, min=2, max=explorer.length,
-                                  description="tokens", continuous_update=False)
+        self.crop = w.IntSlider(value=explorer.crop, min=2, max=explorer.length,
+                                  description="crop", continuous_update=False)
         self.sequence = w.IntSlider(value=explorer.sequence, min=0, max=explorer.count - 1,
                                     description="sequence", continuous_update=False,
                                     disabled=explorer.count == 1)
@@ -99,16 +99,18 @@ class ExploreView:
         self.widget = w.VBox([
             w.HTML(f"<b>{explorer.source.loaded.description}</b>: "
                    f"{explorer.source.description}"),
-            w.HBox([self.layer, self.head]), w.HBox([self.tau, self.window, self.sequence]),
+            w.HBox([self.layer, self.head]), w.HBox([self.tau, self.crop, self.sequence]),
             tabs,
         ])
         self._cancel_event = threading.Event()
         self._thread: threading.Thread | None = None
+        self._measured = ""  # what the last MaxRank run measured, for the status line
+        self._running = False
 
         self.layer.observe(self._on_layer, "value")
         self.head.observe(lambda _: self._draw_heatmap(), "value")
         self.tau.observe(self._on_tau, "value")
-        self.window.observe(self._on_window, "value")
+        self.crop.observe(self._on_crop, "value")
         self.sequence.observe(self._on_sequence, "value")
         self.run.on_click(lambda _: self.start())
         self.cancel.on_click(lambda _: self._cancel_event.set())
@@ -130,7 +132,7 @@ class ExploreView:
                    self.explorer.heatmap(self.layer.value, self.head.value))
 
     def _draw_layer(self) -> None:
-        """The per-head views of the layer: they depend on it, tau and the window."""
+        """The per-head views of the layer: they depend on it, tau and the crop."""
         self._show("heads", self.heads, self.explorer.head_profiles(self.layer.value))
         self.table.value = self.explorer.head_table(self.layer.value)
 
@@ -144,21 +146,30 @@ class ExploreView:
         self._draw_heatmap()
         self._draw_layer()
 
-    def _note_stale_profile(self) -> None:
-        if self.explorer.profile is not None and not self.explorer.profile_is_current:
-            self.status.value = (f"the profile shown is at tau {self.explorer.profile.tau:g}: "
-                                 "press Run to measure it at the current tau and window")
+    def _note_profile(self) -> None:
+        """The status line: what the profile shown measured, and whether the controls have
+        moved from the tau or crop it was measured at (then Run measures it again)."""
+        explorer, profile = self.explorer, self.explorer.profile
+        if profile is None or self._running:  # the status says what is being measured
+            return
+        if explorer.profile_is_current:
+            self.status.value = self._measured
+        else:
+            self.status.value = (
+                f"the profile shown is at tau {profile.tau:g}, first {explorer.profile_crop} "
+                f"tokens: press Run to measure it at tau {explorer.tau:g}, first "
+                f"{explorer.crop} tokens")
 
     def _on_tau(self, change: Any) -> None:
         self.explorer.set_tau(change.new)
         self._draw_layer()
-        self._note_stale_profile()
+        self._note_profile()
 
-    def _on_window(self, change: Any) -> None:
-        self.explorer.set_window(change.new)
+    def _on_crop(self, change: Any) -> None:
+        self.explorer.set_crop(change.new)
         self._draw_heatmap()
         self._draw_layer()
-        self._note_stale_profile()
+        self._note_profile()
 
     def _on_sequence(self, change: Any) -> None:
         self.explorer.set_sequence(change.new)
@@ -172,10 +183,11 @@ class ExploreView:
         if self._thread is not None and self._thread.is_alive():
             return
         self._cancel_event.clear()
+        self._running = True
         self.progress.value = 0
         self.status.value = (f"measuring {self.explorer.count} sequences at tau "
-                             f"{self.explorer.tau:g}, first {self.explorer.window} tokens")
-        for control in (self.run, self.window, self.sequence):
+                             f"{self.explorer.tau:g}, first {self.explorer.crop} tokens")
+        for control in (self.run, self.crop, self.sequence):
             control.disabled = True
         self.cancel.disabled = False
         self._thread = threading.Thread(target=self._measure, daemon=True)
@@ -197,17 +209,21 @@ class ExploreView:
             else:
                 self._show("profile", self.profile, explorer.profile_plot())
                 self.profile_table.value = explorer.profile_table()
-                self.status.value = (
+                self._measured = (
                     f"{'cancelled: ' if cancelled else ''}MaxRank@{percent(snapshot.tau)}% over "
                     f"{explorer.profile_sequences} of {explorer.count} sequences")
-                self._note_stale_profile()  # tau moved while it ran
+                self.status.value = self._measured
         except Exception as error:  # noqa: BLE001 - shown in the view, not lost in a thread
             self.status.value = f"failed: {type(error).__name__}: {error}"
+            snapshot = None
         finally:
+            self._running = False
             self.cancel.disabled = True
             self.run.disabled = False
-            self.window.disabled = False
+            self.crop.disabled = False
             self.sequence.disabled = explorer.count == 1
+        if snapshot is not None:
+            self._note_profile()  # tau moved while it ran
 
     # --------------------------------------------------------------------------- display
 
@@ -223,15 +239,13 @@ def explore(
     model: Any,
     inputs: Any = None,
     *,
+    capture: CaptureOptions = CaptureOptions(),
     tokenizer: Any = None,
     token_strings: Sequence[Any] | None = None,
     sequences: int = 100,
     tokens: int = 100,
-    tau: float = 0.9,
-    window: int | None = None,
     layer: str | int = 0,
     head: int = 0,
-    modules: ModuleSelector = None,
     seed: int = 0,
     batch_size: int = 8,
     trust_remote_code: bool = False,
@@ -246,26 +260,30 @@ def explore(
     ((T,) or (N, T)), text (tokenized by ``tokenizer`` or the model directory's tokenizer), a
     token shard or text file (cut into ``sequences`` sequences of ``tokens`` tokens), or None:
     ``sequences`` sequences of ``tokens`` tokens sampled from the model (seed ``seed``).
-    ``token_strings`` (or a tokenizer) name the tokens on the heatmap's axes. ``window``: the
-    tokens the matrices cover (the ``max_tokens`` crop; default the whole sequence, at most
-    256). ``layer`` (name, tag ``"L03"`` or index) and ``head`` are shown first. The model
+    ``token_strings`` (or a tokenizer) name the tokens on the heatmap's axes. ``capture``
+    (:class:`~attn_probe.CaptureOptions`): the modules, strategy and budgets, and where the tau
+    and crop controls start (the crop: the tokens the matrices cover, at most the sequence;
+    None: all of it); the views measure one sequence and MaxRank every sequence, so
+    ``batch_rows`` is left out. ``layer`` (name, tag ``"L03"`` or index) and ``head`` are shown
+    first. The model
     runs under ``torch.no_grad`` in the mode it is in (``model.eval()`` for attention without
     dropout); a model loaded from a path is put in eval mode.
 
     In a notebook (``widget`` None) or with ``widget=True`` it returns an :class:`ExploreView`
     (needs ``ipywidgets``: ``pip install "attn_probe[notebook]"``); changing the layer, head,
-    tau or window reuses the one forward pass already made. Elsewhere, or with
+    tau or crop reuses the one forward pass already made. Elsewhere, or with
     ``widget=False``, it returns the figures: ``heatmap``, ``head_profiles`` and
     ``max_rank_profile`` (MaxRank per layer over every sequence).
     """
+    check_options(capture)  # before anything slow, as a missing extra below
     if widget is None:
         widget = in_notebook()
     if widget:
-        import_ipywidgets()  # before anything slow: a missing extra is one line at once
+        import_ipywidgets()
     source = load_source(model, inputs, tokenizer=tokenizer, token_strings=token_strings,
                          sequences=sequences, tokens=tokens, seed=seed, batch_size=batch_size,
                          trust_remote_code=trust_remote_code, device=device)
-    explorer = Explorer(source, tau=tau, window=window, modules=modules, batch_size=batch_size)
+    explorer = Explorer(source, capture=capture, batch_size=batch_size)
     if widget:
         return ExploreView(explorer, layer=layer, head=head)
     chosen = explorer.layer(layer)

@@ -7,15 +7,16 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 import attn_probe
-from attn_probe.cli.shards import SHARD_MAGIC
+from attn_probe.models.shards import SHARD_MAGIC
 from attn_probe.models.sampling import sample_tokens
-from attn_probe.notebook.sources import in_keywords, load_source
+from attn_probe.notebook.sources import load_source
 from extras_rule import extra
 from reference import FIXTURE, gpt_attention, repo_env
 from toy_models import small_gpt
@@ -115,11 +116,15 @@ def test_token_shard_and_factory(tmp_path, gpt):
     ("gpt", "the cat sat", {}, ValueError,
      "inputs is text, which needs a tokenizer, and only a Hugging Face model directory brings "
      "one; pass tokenizer=, token ids, a token shard, or inputs=None to sample"),
-    ("nope.bin", None, {}, ValueError, "MODEL 'nope.bin': no such file or directory"),
+    ("nope.bin", None, {}, ValueError, "model 'nope.bin': no such file or directory; model must "
+     "be a Hugging Face model directory"),
+    ("gpt", Path("nope.txt"), {}, ValueError, "inputs nope.txt: no such file"),
     ("gpt", [[1, 2, 70]], {}, ValueError,
      "inputs holds token id 70, outside the model's vocabulary of 64 ids"),
-    ("gpt", "SHARD", {"tokens": 60}, ValueError,
-     "has only 50 tokens, fewer than one sequence of tokens 60"),
+    ("gpt", "SHARD", {"tokens": 22}, ValueError,
+     "has only 20 tokens, fewer than one sequence of tokens 22"),
+    ("gpt", "SHARD", {"tokens": 30}, ValueError,
+     "tokens 30 is longer than the model's context of 24 tokens"),
     ("gpt", torch.ones(2, 5), {}, ValueError, "token ids must be integers"),
     ("gpt", [[1]], {}, ValueError, "inputs hold 1 token per sequence; give at least 2"),
     ("gpt", torch.ones(1, 30, dtype=torch.long), {}, ValueError,
@@ -132,22 +137,13 @@ def test_mistakes_are_one_line_in_explores_words(gpt, tmp_path, model, inputs, k
                                                  needle):
     if inputs == "SHARD":
         header = np.zeros(256, dtype="<i4")
-        header[:3] = (SHARD_MAGIC, 1, 50)
+        header[:3] = (SHARD_MAGIC, 1, 20)
         inputs = tmp_path / "short.bin"
-        inputs.write_bytes(header.tobytes() + np.zeros(50, "<u2").tobytes())
+        inputs.write_bytes(header.tobytes() + np.zeros(20, "<u2").tobytes())
     with pytest.raises(error) as raised:
         load_source(gpt if model == "gpt" else model, inputs, **kwargs)
     message = str(raised.value)
     assert needle in message and "\n" not in message and "--" not in message
-
-
-def test_command_line_words_become_keywords():
-    assert in_keywords("--data x.txt: no such file") == "inputs x.txt: no such file"
-    assert in_keywords("measuring 3 instead of --sequences 10; see --tokens") == \
-        "measuring 3 instead of sequences 10; see tokens"
-    assert in_keywords("pass --trust-remote-code if you trust it") == \
-        "pass trust_remote_code=True if you trust it"
-    assert in_keywords("a--data-b and --database") == "a--data-b and --database"
 
 
 OPTIONAL_MISSING = """
@@ -164,15 +160,21 @@ try:
 except ImportError as error:
     print("widget:", error)
 print("figures:", sorted(attn_probe.explore(model, ids)))
+try:
+    attn_probe.explore(sys.argv[1], widget=False)
+except ImportError as error:
+    print("model:", error)
 """
 
 
-def test_without_ipywidgets_import_works_and_explore_says_which_extra():
+def test_without_the_extras_import_works_and_explore_says_which_extra():
     tests = str(FIXTURE.parents[1])
-    done = subprocess.run([sys.executable, "-c", OPTIONAL_MISSING], capture_output=True,
+    done = subprocess.run([sys.executable, "-c", OPTIONAL_MISSING, str(FIXTURE)],
+                          capture_output=True,
                           text=True, timeout=240, env=repo_env(PYTHONPATH=tests))
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.splitlines() == [
         'widget: attn_probe.explore needs ipywidgets: pip install "attn_probe[notebook]"',
         "figures: ['head_profiles', 'heatmap', 'max_rank_profile']",
+        'model: this model needs Hugging Face transformers: pip install "attn_probe[hf]"',
     ]

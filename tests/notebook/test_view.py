@@ -122,14 +122,14 @@ def test_heatmap_and_per_head_figures_follow_the_pickers(model, view, calls):
     assert calls == []  # layers and heads came from the first forward pass
 
 
-def test_tau_and_window_reuse_the_forward_pass(model, view, calls):
+def test_tau_and_crop_reuse_the_forward_pass(model, view, calls):
     ref = reference(model)
     calls.clear()
     view.layer.value = LAYERS[1]
     view.tau.value = 0.5
     got = table(view.table.value)
     assert [float(v) for v in got["rank@50%"]] == [reference_rank(a, 0.5) for a in ref[1]]
-    view.window.value = 7
+    view.crop.value = 7
     view.head.value = 2
     assert shown_image(view, "heatmap").shape == (7, 7)
     np.testing.assert_allclose(shown_image(view, "heatmap"), ref[1][2, :7, :7].numpy(),
@@ -155,7 +155,7 @@ def profile_line(view) -> np.ndarray:
 
 def test_run_measures_max_rank_over_every_sequence(model, view):
     view.tau.value = 0.8
-    view.window.value = 12
+    view.crop.value = 12
     view.run.click()
     view.wait(60)
     want = attn_probe.rank_profile(
@@ -203,6 +203,64 @@ def test_views_stay_live_while_max_rank_runs(model, view):
                                atol=1e-6)
 
 
+def test_another_sequence_shows_its_own_per_head_figures(model, view):
+    """The table and the per-head bars follow the sequence picked: every figure of the layer
+    is that sequence's, never the one shown before (the test checks the two differ)."""
+    view.layer.value = LAYERS[1]
+    view.crop.value = 9
+    before = table(view.table.value)
+    view.sequence.value = 4
+    options = attn_probe.CaptureOptions(batch_rows=1, crop=None)
+    with attn_probe.capture(model, options) as cap, torch.no_grad():
+        model(TOKENS[4:5])
+    want = cap.metrics(0.9, crop=9)[LAYERS[1]]
+    got = table(view.table.value)
+    for column, figure in (("max logit", "max_logit"), ("entropy (nats)", "entropy_full")):
+        assert got[column] == [f"{v:.3g}" for v in want[figure][0].tolist()], column
+    assert got["max logit"] != before["max logit"], "the two sequences should differ"
+    ref = reference(model, 4)[1]
+    assert [float(v) for v in got["rank@90%"]] == [reference_rank(a[:9, :9]) for a in ref]
+    bars = [patch.get_height() for patch in view.shown["heads"].axes[0].patches]
+    assert bars == [reference_rank(a[:9, :9]) for a in ref] + \
+        [reference_columns(a[:9, :9]) for a in ref]
+    assert "sequence 4" in view.shown["heads"].axes[0].get_title()
+
+
+def test_a_profile_of_another_crop_is_flagged_and_the_slider_comes_back(model, view):
+    """While MaxRank runs the crop and sequence sliders are held; afterwards they move
+    again, and a crop other than the profile's says that the profile shown is not of it
+    (and that Run measures it), until the crop is back."""
+    held = []
+    view.progress.observe(lambda _: held.append((view.crop.disabled,
+                                                 view.sequence.disabled)), "value")
+    view.run.click()
+    view.wait(60)
+    assert held and set(held) == {(True, True)}
+    assert not view.crop.disabled and not view.sequence.disabled and not view.run.disabled
+    measured = "MaxRank@90% over 6 of 6 sequences"
+    assert view.status.value == measured and view.explorer.profile_is_current
+    assert "first 20 tokens" in view.shown["profile"].axes[0].get_title()
+
+    view.crop.value = 12
+    assert not view.explorer.profile_is_current
+    assert view.status.value == ("the profile shown is at tau 0.9, first 20 tokens: press Run "
+                                 "to measure it at tau 0.9, first 12 tokens")
+    view.crop.value = 20
+    assert view.explorer.profile_is_current and view.status.value == measured
+
+    view.crop.value = 12
+    view.run.click()
+    view.wait(60)
+    want = attn_probe.rank_profile(
+        model, TOKENS.split(2), sequences=6,
+        capture=attn_probe.CaptureOptions(batch_rows=None, crop=12))
+    np.testing.assert_array_equal(profile_line(view), want.max_rank_profile())
+    assert view.status.value == measured and not view.crop.disabled
+    view.tau.value = 0.7
+    assert view.status.value == ("the profile shown is at tau 0.9, first 12 tokens: press Run "
+                                 "to measure it at tau 0.7, first 12 tokens")
+
+
 def test_cancel_before_the_first_batch_measures_nothing(view):
     cancel = threading.Event()
     cancel.set()
@@ -212,7 +270,8 @@ def test_cancel_before_the_first_batch_measures_nothing(view):
 
 def test_token_strings_label_the_axes(model):
     words = [[f"w{i}.{j}" for j in range(20)] for i in range(6)]
-    view = attn_probe.explore(model, TOKENS, token_strings=words, widget=True, window=9)
+    view = attn_probe.explore(model, TOKENS, token_strings=words, widget=True,
+                              capture=attn_probe.CaptureOptions(crop=9))
     axes = view.shown["heatmap"].axes[0]
     assert [t.get_text() for t in axes.get_xticklabels()] == words[0][:9]
     assert [t.get_text() for t in axes.get_yticklabels()] == words[0][:9]
@@ -246,11 +305,32 @@ def test_a_notebook_is_an_ipython_shell_with_a_kernel(monkeypatch):
 
 
 def test_bad_choices_are_one_line(model, view):
-    with pytest.raises(ValueError, match="window must be at most the 20 tokens"):
-        attn_probe.explore(model, TOKENS, window=21, widget=True)
+    with pytest.raises(ValueError, match="leave batch_rows out of capture"):
+        attn_probe.explore(model, TOKENS, capture=attn_probe.CaptureOptions(batch_rows=4))
+    with pytest.raises(TypeError, match="capture takes attn_probe.CaptureOptions"):
+        attn_probe.explore(model, TOKENS, capture=0.9)
     with pytest.raises(KeyError, match="no layer 'L07'; the layers are: L00"):
         attn_probe.explore(model, TOKENS, layer="L07", widget=True)
     with pytest.raises(ValueError, match="head 4 out of range: L00 transformer.h.0.attn has 4"):
         attn_probe.explore(model, TOKENS, head=4, widget=True)
-    with pytest.raises(ValueError, match="tau must be in"):
-        attn_probe.explore(model, TOKENS, tau=1.5, widget=False)
+    with pytest.raises(ValueError, match="crop must be at most the 20 tokens"):
+        view.explorer.set_crop(21)
+
+
+def test_the_capture_options_choose_what_is_measured(model):
+    """``capture`` picks the modules, where tau and the crop start (a crop beyond the
+    sequence, or None, is all of it), for the views and the MaxRank run alike."""
+    options = attn_probe.CaptureOptions(modules="transformer.h.[02].attn", tau=0.7, crop=None)
+    view = attn_probe.explore(model, TOKENS, capture=options, widget=True, batch_size=3)
+    assert [name for _, name in view.layer.options] == [LAYERS[0], LAYERS[2]]
+    assert (view.tau.value, view.crop.value) == (0.7, 20)
+    assert [float(v) for v in table(view.table.value)["rank@70%"]] == \
+        [reference_rank(a, 0.7) for a in reference(model)[0]]
+    view.run.click()
+    view.wait(60)
+    want = attn_probe.rank_profile(model, TOKENS.split(3), sequences=6, capture=options)
+    assert [layer.name for layer in want.layers] == [LAYERS[0], LAYERS[2]]
+    np.testing.assert_array_equal(profile_line(view), want.max_rank_profile())
+    long = attn_probe.explore(model, TOKENS, capture=attn_probe.CaptureOptions(crop=500),
+                              widget=True)
+    assert long.explorer.crop == 20

@@ -1,10 +1,11 @@
-"""Loading the model that ``attn-probe analyze`` measures: a Hugging Face model directory, a
-llama2.c checkpoint, or a ``package.module:factory``; every failure becomes a one-line
-:class:`~.console.UsageError`.
+"""Loading a model to measure: a Hugging Face model directory, a llama2.c checkpoint, or a
+``package.module:factory`` (what ``attn-probe analyze`` and :func:`attn_probe.explore` take).
 
-Nothing is unpickled here: llama2.c checkpoints are parsed as plain float32 arrays, Hugging Face
-weights are read by transformers (safetensors, or ``torch.load`` with ``weights_only=True``), and
-a model directory's own Python code runs only with ``--trust-remote-code``.
+Bad input is one :class:`~.messages.InputError` line (a ``ValueError``) naming the argument at
+fault; a missing ``transformers`` is an ``ImportError`` saying how to install it. Nothing is
+unpickled here: llama2.c checkpoints are parsed as plain float32 arrays, Hugging Face weights are
+read by transformers (safetensors, or ``torch.load`` with ``weights_only=True``), and a model
+directory's own Python code runs only with ``trust_remote_code``.
 """
 
 from __future__ import annotations
@@ -21,7 +22,9 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from .console import UsageError, import_transformers, one_line
+from ..notices import warn as warn_user
+from .messages import InputError, Message, one_line
+from .optional import import_transformers
 from .shards import is_shard
 
 __all__ = ["LoadedModel", "MODEL_FORMS", "load_model", "loaded_model"]
@@ -40,7 +43,7 @@ class LoadedModel:
 
     model: nn.Module
     name: str  #: short name, used for the default output directory
-    kind: str  #: "hf", "llama2c" or "factory"
+    kind: str  #: "hf", "llama2c", "factory" or "module" (given as a torch.nn.Module)
     description: str
     vocab_size: int | None
     bos: int
@@ -107,10 +110,15 @@ def _bos(model: nn.Module, vocab: int | None) -> int:
     return 1 if vocab is None or vocab > 1 else 0
 
 
-def _remote_code_error(path: Path) -> UsageError:
-    return UsageError(
-        f"{path} holds a model with its own Python code; pass --trust-remote-code if you trust it"
-    )
+def _remote_code_error(path: Path) -> InputError:
+    return InputError("{path} holds a model with its own Python code; pass {trust_remote_code} "
+                      "if you trust it", path=path)
+
+
+def _cannot_load(path: Path, error: BaseException, named: bool = False) -> InputError:
+    what = f"{type(error).__name__}: " if named else ""
+    return InputError("{path}: cannot load the model: {error}", path=path,
+                      error=what + one_line(error))
 
 
 def _from_pretrained(auto: Any, path: Path, config: Any, common: dict) -> tuple[Any, set] | None:
@@ -133,18 +141,16 @@ def _from_pretrained(auto: Any, path: Path, config: Any, common: dict) -> tuple[
                 "scaled_dot_product_attention" in message or "sdpa" in message.lower()
             ):
                 continue  # no SDPA for this architecture: eager attention then
-            raise UsageError(f"{path}: cannot load the model: {message}") from None
+            raise _cannot_load(path, error) from None
         except (OSError, ImportError) as error:
-            raise UsageError(f"{path}: cannot load the model: {one_line(error)}") from None
+            raise _cannot_load(path, error) from None
         except Exception as error:  # noqa: BLE001 - corrupt weights (SafetensorError, unpickling)
-            raise UsageError(
-                f"{path}: cannot load the model: {type(error).__name__}: {one_line(error)}"
-            ) from None
+            raise _cannot_load(path, error, named=True) from None
     return None
 
 
 def _load_hf(path: Path, trust_remote_code: bool,
-             warn: Callable[[str], None]) -> nn.Module:
+             warn: Callable[[Message], None]) -> nn.Module:
     """A Hugging Face model directory as a causal LM, or as a bare model when the checkpoint
     has no language-model head (an encoder, say): never with made-up weights if avoidable."""
     transformers = import_transformers("this model")
@@ -155,9 +161,11 @@ def _load_hf(path: Path, trust_remote_code: bool,
         message = one_line(error)
         if "trust_remote_code" in message:
             raise _remote_code_error(path) from None
-        raise UsageError(f"{path}: cannot read the model config: {message}") from None
+        raise InputError("{path}: cannot read the model config: {error}", path=path,
+                         error=message) from None
     except OSError as error:
-        raise UsageError(f"{path}: cannot read the model config: {one_line(error)}") from None
+        raise InputError("{path}: cannot read the model config: {error}", path=path,
+                         error=one_line(error)) from None
 
     common = {**flags, _dtype_kwarg(transformers): torch.float32}
     logging = transformers.utils.logging
@@ -176,15 +184,15 @@ def _load_hf(path: Path, trust_remote_code: bool,
         if bars:
             logging.enable_progress_bar()
     if loaded is None:
-        raise UsageError(
-            f"{path}: transformers knows no model class for this config "
-            f"(model_type={getattr(config, 'model_type', None)!r})"
-        )
+        raise InputError("{path}: transformers knows no model class for this config "
+                         "(model_type={kind!r})", path=path,
+                         kind=getattr(config, "model_type", None))
     model, missing = loaded
     if missing:
         names = sorted(missing)
-        warn(f"{len(names)} weights of {type(model).__name__} are not in {path} and were "
-             f"initialised at random: {', '.join(names[:4])}{', ...' if len(names) > 4 else ''}")
+        warn(Message("{count} weights of {cls} are not in {path} and were initialised at "
+                     "random: {names}", count=len(names), cls=type(model).__name__, path=path,
+                     names=", ".join(names[:4]) + (", ..." if len(names) > 4 else "")))
     return model
 
 
@@ -197,26 +205,27 @@ def _load_factory(spec: str) -> tuple[nn.Module, str]:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as error:
         if error.name and (module_name == error.name or module_name.startswith(error.name + ".")):
-            raise UsageError(
-                f"MODEL {spec!r}: no module named {error.name!r} (looked in the current directory "
-                f"and sys.path); MODEL must be {MODEL_FORMS}"
-            ) from None
-        raise UsageError(f"MODEL {spec!r}: importing {module_name} failed: {one_line(error)}") \
-            from None
+            raise InputError(
+                "{model} {spec!r}: no module named {name!r} (looked in the current directory "
+                "and sys.path); {model} must be {forms}", spec=spec, name=error.name,
+                forms=MODEL_FORMS) from None
+        raise InputError("{model} {spec!r}: importing {module} failed: {error}", spec=spec,
+                         module=module_name, error=one_line(error)) from None
     except Exception as error:  # noqa: BLE001 - the user's module; report it on one line
-        raise UsageError(
-            f"MODEL {spec!r}: importing {module_name} failed: {type(error).__name__}: "
-            f"{one_line(error)}"
-        ) from None
+        raise InputError("{model} {spec!r}: importing {module} failed: {error}", spec=spec,
+                         module=module_name,
+                         error=f"{type(error).__name__}: {one_line(error)}") from None
     factory: Any = module
     for part in attr.split("."):
         if not hasattr(factory, part):
-            raise UsageError(f"MODEL {spec!r}: module {module_name} has no attribute {attr!r}")
+            raise InputError("{model} {spec!r}: module {module} has no attribute {attr!r}",
+                             spec=spec, module=module_name, attr=attr)
         factory = getattr(factory, part)
     if isinstance(factory, nn.Module):
         return factory, f"{module_name}.{attr}"
     if not callable(factory):
-        raise UsageError(f"MODEL {spec!r}: {attr} is neither callable nor a torch.nn.Module")
+        raise InputError("{model} {spec!r}: {attr} is neither callable nor a torch.nn.Module",
+                         spec=spec, attr=attr)
     try:
         signature = inspect.signature(factory)
     except (TypeError, ValueError):
@@ -228,80 +237,92 @@ def _load_factory(spec: str) -> tuple[nn.Module, str]:
                                                    p.KEYWORD_ONLY)
         ]
         if required:
-            raise UsageError(
-                f"MODEL {spec!r}: the factory must be callable without arguments, but it "
-                f"requires {', '.join(required)}"
-            )
+            raise InputError("{model} {spec!r}: the factory must be callable without "
+                             "arguments, but it requires {required}", spec=spec,
+                             required=", ".join(required))
     try:
         model = factory()
     except Exception as error:  # noqa: BLE001 - the user's factory; report it on one line
-        raise UsageError(
-            f"MODEL {spec!r}: the factory raised {type(error).__name__}: {one_line(error)}"
-        ) from None
+        raise InputError("{model} {spec!r}: the factory raised {cls}: {error}", spec=spec,
+                         cls=type(error).__name__, error=one_line(error)) from None
     if not isinstance(model, nn.Module):
-        raise UsageError(
-            f"MODEL {spec!r}: the factory returned {type(model).__name__}, not a torch.nn.Module"
-        )
+        raise InputError("{model} {spec!r}: the factory returned {cls}, not a torch.nn.Module",
+                         spec=spec, cls=type(model).__name__)
     return model, f"{module_name}.{attr}"
 
 
-def load_model(spec: str, *, trust_remote_code: bool = False, device: str = "cpu",
-               warn: Callable[[str], None] | None = None) -> LoadedModel:
-    """Load MODEL (a Hugging Face directory, a llama2.c ``.bin`` or ``module:factory``)."""
-    if warn is None:
-        def warn(message: str) -> None:
-            print(f"warning: {message}", file=sys.stderr, flush=True)
+def load_model(model: nn.Module | str | os.PathLike[str], *, trust_remote_code: bool = False,
+               device: str | torch.device = "cpu",
+               warn: Callable[[Message], None] | None = None) -> LoadedModel:
+    """Load ``model``: a Hugging Face model directory (``save_pretrained`` layout), a llama2.c
+    checkpoint (``.bin``) or ``"package.module:factory"`` (a ``torch.nn.Module``, or a callable
+    that returns one without arguments, importable from the current directory or
+    ``sys.path``), moved to ``device`` and put in eval mode. A ``torch.nn.Module`` is taken as
+    it is (its device and mode unchanged).
 
+    ``trust_remote_code``: let a model directory run its own Python code. ``warn`` is called
+    with what the caller should know but that does not stop loading (weights initialised at
+    random); default: a ``UserWarning``. Bad input raises :class:`~.messages.InputError` (a
+    ``ValueError``); a model that needs ``transformers`` without it, ``ImportError``.
+    """
+    if isinstance(model, nn.Module):
+        name = type(model).__name__
+        return loaded_model(model, name=name, kind="module", description=name)
+    if not isinstance(model, (str, os.PathLike)):
+        raise TypeError(f"model must be a torch.nn.Module, {MODEL_FORMS}; got "
+                        f"{type(model).__name__}")
+    if warn is None:
+        def warn(message: Message) -> None:
+            warn_user(message, UserWarning)
+
+    spec = os.fspath(model)
     path = Path(spec).expanduser()
     if path.exists():
         if path.is_dir():
             if not (path / "config.json").is_file():
-                raise UsageError(
-                    f"{path} is a directory without config.json, not a Hugging Face model "
-                    f"directory; MODEL must be {MODEL_FORMS}"
-                )
-            model = _load_hf(path, trust_remote_code, warn)
+                raise InputError(
+                    "{path} is a directory without config.json, not a Hugging Face model "
+                    "directory; {model} must be {forms}", path=path, forms=MODEL_FORMS)
+            module = _load_hf(path, trust_remote_code, warn)
             kind, name = "hf", path.resolve().name
-            description = f"Hugging Face {type(model).__name__} from {path}"
+            description = f"Hugging Face {type(module).__name__} from {path}"
             tokenizer_dir: Path | None = path
             hf = True
         elif path.suffix.lower() == ".bin":
             if is_shard(path):
-                raise UsageError(
-                    f"{path} is a token shard (data), not a model; pass it with --data"
-                )
+                raise InputError("{path} is a token shard (data), not a model; pass it with "
+                                 "{inputs}", path=path)
             import_transformers("this model")
-            from ..models.llama2c import load_llama2c
+            from .llama2c import load_llama2c
 
             try:
-                model = load_llama2c(path, attn_implementation="sdpa")
+                module = load_llama2c(path, attn_implementation="sdpa")
             except (ValueError, FileNotFoundError) as error:
                 hint = ""
                 if (path.parent / "config.json").is_file():
                     hint = f"; for the Hugging Face model, give its directory {path.parent}"
-                raise UsageError(one_line(error) + hint) from None
+                raise InputError("{error}", error=one_line(error) + hint) from None
             kind, name = "llama2c", path.stem
-            description = f"llama2.c checkpoint {path} (as {type(model).__name__})"
+            description = f"llama2.c checkpoint {path} (as {type(module).__name__})"
             tokenizer_dir, hf = None, True
         else:
-            raise UsageError(
-                f"{path}: unknown model format {path.suffix or '(no suffix)'!r}; MODEL must be "
-                f"{MODEL_FORMS}"
-            )
+            raise InputError("{path}: unknown model format {suffix!r}; {model} must be {forms}",
+                             path=path, suffix=path.suffix or "(no suffix)", forms=MODEL_FORMS)
     elif _FACTORY.match(spec):
-        model, name = _load_factory(spec)
+        module, name = _load_factory(spec)
         kind, tokenizer_dir, hf = "factory", None, False
-        description = f"{type(model).__name__} from factory {spec}"
+        description = f"{type(module).__name__} from factory {spec}"
     else:
-        raise UsageError(f"MODEL {spec!r}: no such file or directory; MODEL must be {MODEL_FORMS}")
+        raise InputError("{model} {spec!r}: no such file or directory; {model} must be {forms}",
+                         spec=spec, forms=MODEL_FORMS)
 
     try:
-        model = model.to(torch.device(device))
-    except (RuntimeError, ValueError, AssertionError) as error:
-        raise UsageError(f"cannot move the model to device {device!r}: {one_line(error)}") \
-            from None
-    model.eval()
-    return loaded_model(model, name=name, kind=kind, description=description,
+        module = module.to(torch.device(device))
+    except (RuntimeError, ValueError, TypeError, AssertionError) as error:
+        raise InputError("cannot move the model to {device} {value!r}: {error}", value=device,
+                         error=one_line(error)) from None
+    module.eval()
+    return loaded_model(module, name=name, kind=kind, description=description,
                         tokenizer_dir=tokenizer_dir, hf=hf)
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .console import UsageError
+from .messages import InputError
 
 __all__ = ["SHARD_MAGIC", "is_shard", "read_shard"]
 
@@ -33,31 +33,27 @@ def read_shard(path: str | os.PathLike[str], limit: int | None = None) -> np.nda
     """Tokens of a modded-nanogpt shard (uint16), at most ``limit`` of them.
 
     The header is checked: magic number, version and that the file holds exactly the token count
-    it announces. Any mismatch raises :class:`UsageError` saying what is wrong.
+    it announces. Any mismatch raises :class:`~.messages.InputError` (a ``ValueError``)
+    saying what is wrong.
     """
     path = Path(path)
     size = path.stat().st_size
     if size < SHARD_HEADER_BYTES:
-        raise UsageError(
-            f"{path}: not a token shard: the {SHARD_HEADER_BYTES}-byte header is missing (file of "
-            f"{size} bytes)"
-        )
+        raise InputError("{path}: not a token shard: the {header}-byte header is missing (file "
+                         "of {size} bytes)", path=path, header=SHARD_HEADER_BYTES, size=size)
     header = np.fromfile(path, dtype="<i4", count=SHARD_HEADER_INTS)
     magic, version, count = (int(v) for v in header[:3])
     if magic != SHARD_MAGIC:
-        raise UsageError(
-            f"{path}: not a token shard: magic number {magic}, expected {SHARD_MAGIC} "
-            "(a modded-nanogpt .bin shard)"
-        )
+        raise InputError("{path}: not a token shard: magic number {magic}, expected {expected} "
+                         "(a modded-nanogpt .bin shard)", path=path, magic=magic,
+                         expected=SHARD_MAGIC)
     if version != SHARD_VERSION:
-        raise UsageError(
-            f"{path}: unsupported token shard version {version}, expected {SHARD_VERSION}"
-        )
+        raise InputError("{path}: unsupported token shard version {version}, expected "
+                         "{expected}", path=path, version=version, expected=SHARD_VERSION)
     expected = SHARD_HEADER_BYTES + 2 * count
     if count < 0 or size != expected:
-        raise UsageError(
-            f"{path}: token shard size mismatch: the header announces {count} tokens "
-            f"({expected} bytes), the file has {size} bytes"
-        )
+        raise InputError("{path}: token shard size mismatch: the header announces {count} "
+                         "tokens ({expected} bytes), the file has {size} bytes", path=path,
+                         count=count, expected=expected, size=size)
     take = count if limit is None else min(count, limit)
     return np.fromfile(path, dtype="<u2", count=take, offset=SHARD_HEADER_BYTES)
