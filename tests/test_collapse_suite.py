@@ -31,7 +31,8 @@ TINY = Shape(n_layer=2, n_head=2, n_embd=32, block_size=16)
 
 
 def alert(kind: str, step: int, severity: str = "warning", tag: str = "L00") -> Alert:
-    return Alert(kind, f"layer.{tag}", tag, (0,), step, 1.0, 0.5, f"{kind} at {step}",
+    return Alert(kind, f"layer.{tag}", tag, (0,), step, "logit_spread", "max", "above", 1.0, 0.5,
+                 step, 1.0, f"{kind} at {step}",
                  severity=severity)
 
 

@@ -14,9 +14,9 @@ from attn_probe.outputs.events import EventsError, find_runs, read_run, read_run
 from attn_probe.outputs.tables import alerts_markdown
 from attn_probe.snapshot import Alert
 
-ALERT = Alert("logit", "blocks.3.attn", "L03", (1, 2), 20, 621.25, 300.0,
-              "L03 (blocks.3.attn): attention logits grew to 621.2", "critical",
-              "query and key norms grew | lower the learning rate")
+ALERT = Alert("logit", "blocks.3.attn", "L03", (1, 2), 20, "logit_spread", "max", "grew", 621.25,
+              300.0, 10, 12.5, "L03 (blocks.3.attn): attention logits grew to 621.2",
+              "critical", "query and key norms grew | lower the learning rate")
 
 
 def write_run(path, *, rewrite_step_1: bool = False) -> None:
