@@ -185,7 +185,7 @@ def _alert_table(runs: Sequence["RunEvents"]) -> str:
     rows = []
     for run, alert in alerts:
         severity = html.escape(alert.severity)
-        since = (f"step {alert.since}: {figure_text(alert.since_value)}"
+        since = (f"{figure_text(alert.since_value)} at step {alert.since}"
                  if alert.since != alert.step else "—")
         cells = [
             f"<td>{html.escape(run.name)}</td>",
@@ -197,7 +197,7 @@ def _alert_table(runs: Sequence["RunEvents"]) -> str:
             f"<td>{html.escape(alert.figure)} ({html.escape(alert.reduction)})</td>",
             f"<td>{html.escape(alert.condition)}</td>",
             f'<td class="num">{figure_text(alert.value)}</td>',
-            f'<td class="num">{html.escape(alert.level_text)}</td>',
+            f'<td class="num">{figure_text(alert.threshold)}</td>',
             f'<td class="num">{since}</td>',
             f"<td>{html.escape(alert.cause) or '—'}</td>",
         ]

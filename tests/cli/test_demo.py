@@ -27,6 +27,7 @@ from reference import (
     assert_alert_logged,
     check_report,
     logged_alerts,
+    read_html,
     read_images,
     read_scalars,
     repo_env,
@@ -179,24 +180,30 @@ def test_demo_replaces_its_own_earlier_runs_and_nothing_else(tmp_path, capsys, s
         f"attn-probe demo: replacing the earlier unstable run in {log_dir}")
     assert {name: sorted((log_dir / name).iterdir()) for name in kept} == kept
     check_each_step_once()
+    # its report is of the run it trained, not of every run under the log directory
+    page = read_html(log_dir / "report.html")
+    assert len([tag for tag, _ in page.elements if tag == "h3"]) == 6  # one cell a section
+    assert "unstable_qk_norm" not in page.text and "unstable" in page.text
 
-    # a file the demo did not write in a run's directory: one line, exit 2, nothing deleted
-    (log_dir / "unstable" / "notes.txt").write_text("mine")
+    # a file the demo did not write in a run's directory, even one whose name starts as an
+    # event file's does: one line, exit 2, nothing deleted
+    (log_dir / "unstable" / "events.csv").write_text("mine")
     before = sorted(p for p in tmp_path.rglob("*"))
     assert main(["demo", *tiny]) == 2
     out, err = capsys.readouterr()
     assert out == "" and err.count("\n") == 1, err
-    assert err.startswith(f"attn-probe demo: error: {log_dir / 'unstable'} holds 'notes.txt', "
+    assert err.startswith(f"attn-probe demo: error: {log_dir / 'unstable'} holds 'events.csv', "
                           "which the demo did not write"), err
     assert sorted(p for p in tmp_path.rglob("*")) == before
     assert (tmp_path / "notes.txt").read_text() == (log_dir / "README").read_text() == "mine"
+    assert (log_dir / "unstable" / "events.csv").read_text() == "mine"
 
 
 def test_demo_log_dir_naming_a_file_is_one_line(tmp_path, capsys):
     (tmp_path / "file").write_text("mine")
     for log_dir, says in [(tmp_path / "file", "exists and is not a directory"),
                           (tmp_path / "file" / "tb", "cannot make the directory")]:
-        assert main(["demo", "--steps", "1", "--log-dir", str(log_dir)]) == 2
+        assert main(["demo", "--steps", "2", "--log-dir", str(log_dir)]) == 2
         out, err = capsys.readouterr()
         assert out == "" and err.count("\n") == 1, err
         assert err.startswith(f"attn-probe demo: error: --log-dir {log_dir}") and says in err
@@ -287,11 +294,12 @@ def test_unstable_run_raises_alerts_and_the_others_none(tmp_path, capsys, recwar
             assert f"{alert.kind} {alert.severity} ({alert.step})" in line
     assert " ".join(f"why: {warned[0].cause}".split()) in " ".join(unstable.split())
     for name in ("stable", "unstable_qk_norm"):
-        assert "warnings: none" in out[out.index(f"{name}: 15 steps"):]
+        assert "no warning" in out[out.index(f"{name}: 15 steps"):]
     paragraph = " ".join(out[out.index("The stable run"):].split())
     assert f"at step {warned[0].step} the probe warned that L00's" in paragraph
     assert "With QK-norm the same setting raised no warning" in paragraph
-    first = [a for a in results["unstable"].alerts if a.step == results["unstable"].alerts[0].step]
-    assert (f"first alert at step {first[0].step}: "
-            + ", ".join(f"{a.kind} in {a.tag}" for a in first)) in page.text
+    line = page.text[page.text.index("first warning: "):]
+    line = line[:line.index(f"at step {warned[0].step}")]
+    for alert in (a for a in warned if a.step == warned[0].step):
+        assert f"{alert.kind} in" in line and alert.tag in line, (line, alert)
     assert_summary_picture(tmp_path / "summary.png")
