@@ -303,3 +303,44 @@ def test_unstable_run_raises_alerts_and_the_others_none(tmp_path, capsys, recwar
     for alert in (a for a in warned if a.step == warned[0].step):
         assert f"{alert.kind} in" in line and alert.tag in line, (line, alert)
     assert_summary_picture(tmp_path / "summary.png")
+
+
+def test_short_demos_run_and_a_run_too_short_to_schedule_is_one_line(tmp_path, capsys,
+                                                                     single_thread):
+    """Any --steps from 2 up trains (at 10, PyTorch's one-cycle schedule with a 10 % warm-up
+    divides by zero); 1 is refused in one line. From 15 steps on the schedule is PyTorch's
+    one-cycle with 10 % warm-up, as it always was."""
+    from attn_probe.cli.demo import one_cycle
+
+    for steps in (2, 3, 9, 10, 11, 14, 15, 40, 150):
+        config = DemoConfig(steps=steps)
+        lrs = []
+        for pct_start in (None, 0.1):
+            optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=config.lr)
+            if pct_start is None:
+                schedule = one_cycle(optimizer, config)
+            elif steps >= 15:
+                schedule = torch.optim.lr_scheduler.OneCycleLR(
+                    optimizer, max_lr=config.lr, total_steps=steps, pct_start=pct_start)
+            else:
+                break
+            lrs.append([])
+            for _ in range(steps):
+                lrs[-1].append(optimizer.param_groups[0]["lr"])
+                optimizer.step()
+                schedule.step()
+        mine = lrs[0]
+        assert all(0 < lr <= config.lr * (1 + 1e-9) for lr in mine), (steps, mine)
+        assert mine[0] < max(mine) or steps == 2, (steps, mine)  # it warms up
+        if steps >= 15:
+            assert mine == lrs[1], steps
+    log_dir = tmp_path / "tb"
+    assert main(["demo", "--steps", "10", "--runs", "unstable", "--every", "5",
+                 "--images-every", "0", "--layers", "1", "--batch-size", "1",
+                 "--log-dir", str(log_dir)]) == 0
+    assert "unstable: 10 steps in" in capsys.readouterr().out
+    assert sorted(read_scalars(log_dir / "unstable")["train/loss"]) == list(range(10))
+    assert main(["demo", "--steps", "1", "--log-dir", str(log_dir)]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("\n") == 1
+    assert err.startswith("attn-probe demo: error: --steps must be an int >= 2"), err
