@@ -49,7 +49,7 @@ def head_rows(snapshot: Snapshot) -> list[dict]:
             "sequences": int(layer.counts[h]),
             **{metric: float(layer.heads[metric][h]) if metric in layer.heads else math.nan
                for metric in FIGURES},
-            "lazy": bool(layer.lazy[h]),
+            "lazy": layer.lazy is not None and bool(layer.lazy[h]),
         }
         for layer in snapshot.layers
         for h in range(layer.num_heads)

@@ -3,6 +3,7 @@ CSV and JSON files read back, for a Snapshot built by hand."""
 
 from __future__ import annotations
 
+import dataclasses
 import csv
 import json
 import math
@@ -250,3 +251,13 @@ def test_a_table_of_something_else_has_no_alerts():
     assert parse_alerts_markdown("| a | b |\n| --- | --- |\n| 1 | 2 |") == []
     assert parse_alerts_markdown("no table here") == []
     assert parse_alerts_markdown(alerts_markdown([])) == []
+
+
+def test_layers_no_lazy_rule_judged_have_no_lazy_head():
+    """``AlertRules(lazy=None)``: the tables say no head is lazy and no share is known."""
+    snapshot = by_hand()
+    unjudged = Snapshot(step=0, tau=0.9, layers=tuple(
+        dataclasses.replace(layer, lazy=None, is_lazy=False) for layer in snapshot.layers))
+    assert not any(row["lazy"] for row in head_rows(unjudged))
+    assert all(math.isnan(row["lazy_share"]) and not row["lazy"]
+               for row in layer_rows(unjudged))
