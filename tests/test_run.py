@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import attn_probe
@@ -26,8 +25,7 @@ from attn_probe.outputs.events import RunEvents, read_run
 from attn_probe.outputs.report import render_report
 from attn_probe.snapshot import Alert
 from reference import read_html
-
-T, D = 16, 8
+from test_notices import D, T, Fixed
 
 
 def alert(kind: str, step: int, tag: str, severity: str = "warning", since: int | None = None,
@@ -79,24 +77,8 @@ def read_html_text(page: str, where: Path) -> str:
     return " ".join(read_html(path).text.split())
 
 
-class Sink(nn.Module):
-    """Self-attention over fixed scores: key 0 scores 3, the others 0 (about 60 % on key 0)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        q, k = torch.zeros(T, D), torch.zeros(T, D)
-        q[:, 0], k[0, 0] = 1.0, 3.0
-        self.register_buffer("q", q)
-        self.register_buffer("k", k)
-
-    def forward(self, x):
-        q = self.q.expand(x.shape[0], 1, T, D)
-        k = self.k.expand(x.shape[0], 1, T, D)
-        return F.scaled_dot_product_attention(q, k, x[:, None], is_causal=True, scale=1.0)
-
-
 def test_a_run_with_only_info_alerts_says_no_warning_everywhere(tmp_path):
-    model = nn.Sequential(Sink())
+    model = nn.Sequential(Fixed(first=3.0))  # about 60 % on key 0
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         with attn_probe.AttentionProbe(model, every=1, log_dir=str(tmp_path / "run"),
