@@ -95,7 +95,8 @@ def forward_with_a_failing_measurement() -> list:
     model = Model()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        with attn_probe.AttentionProbe(model, every=1, matrix_budget=1) as probe:
+        with attn_probe.AttentionProbe(
+                model, every=1, capture=attn_probe.CaptureOptions(matrix_budget=1)) as probe:
             model(torch.randn(2, T, D))
             probe.step()
     return [w for w in caught if issubclass(w.category, AttentionWarning)]

@@ -82,7 +82,7 @@ def test_a_run_with_only_info_alerts_says_no_warning_everywhere(tmp_path):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         with attn_probe.AttentionProbe(model, every=1, log_dir=str(tmp_path / "run"),
-                                       images_every=0) as probe:
+                                       history=2) as probe:
             for _ in range(2):
                 model(torch.randn(2, T, D))
                 probe.step()
@@ -91,7 +91,7 @@ def test_a_run_with_only_info_alerts_says_no_warning_everywhere(tmp_path):
     assert {a.kind for a in alerts} == {"sink", "lazy"}
     # the console: the probe warned about nothing, the demo's summary says no warning
     assert not [w for w in caught if issubclass(w.category, AttentionWarning)]
-    result = DemoResult(str(tmp_path / "run"), [3.0, 2.9], probe.history, 1.0,
+    result = DemoResult(str(tmp_path / "run"), [3.0, 2.9], list(probe.history), 1.0,
                         DemoConfig(name="run", steps=2), alerts)
     summary = narrate.run_summary(result)
     assert "no warning (2 alerts for information: lazy, sink)" in summary

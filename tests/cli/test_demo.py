@@ -57,7 +57,10 @@ def logged_alert(row: dict) -> SimpleNamespace:
     return SimpleNamespace(step=int(row["step"]), tag=row["layer"], kind=row["kind"],
                            heads=heads, severity=row["severity"],
                            cause="" if row["cause"] == "—" else row["cause"],
-                           value=float(row["value"]), threshold=float(row["threshold"]))
+                           value=float(row["value"]), threshold=float(row["threshold"]),
+                           figure=row["figure"], reduction=row["reduction"],
+                           condition=row["condition"], since=int(row["since"]),
+                           since_value=float(row["since_value"]))
 
 
 def assert_summary_picture(path):
@@ -336,7 +339,7 @@ def test_short_demos_run_and_a_run_too_short_to_schedule_is_one_line(tmp_path, c
             assert mine == lrs[1], steps
     log_dir = tmp_path / "tb"
     assert main(["demo", "--steps", "10", "--runs", "unstable", "--every", "5",
-                 "--images-every", "0", "--layers", "1", "--batch-size", "1",
+                 "--pictures-every", "0", "--layers", "1", "--batch-size", "1",
                  "--log-dir", str(log_dir)]) == 0
     assert "unstable: 10 steps in" in capsys.readouterr().out
     assert sorted(read_scalars(log_dir / "unstable")["train/loss"]) == list(range(10))
