@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from enum import IntEnum
-from typing import Mapping, Protocol, Sequence, TypeVar
+from typing import Any, Mapping, Protocol, Sequence, TypeVar
 
 import numpy as np
 import torch
@@ -289,6 +289,9 @@ class Snapshot:
     alerts: tuple[Alert, ...] = ()
     #: layer name -> (H,) :class:`HeadState` codes of its heads (decided by the alert rules)
     states: Mapping[str, np.ndarray] = field(default_factory=dict)
+    #: the lazy rule that marked the layers' lazy heads (``AlertRules.lazy``, recorded by the
+    #: monitor that judged the snapshot; None: none did), for outputs that say what it was
+    lazy_rule: Any = None
 
     def layer(self, key: str | int) -> LayerSummary:
         """The layer named by ``key`` (see :func:`find_layer`)."""

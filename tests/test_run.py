@@ -20,7 +20,7 @@ from attn_probe.alerts import Run
 from attn_probe.cli import narrate
 from attn_probe.cli.demo import DemoConfig, DemoResult
 from attn_probe.notices import AttentionWarning
-from attn_probe.outputs import figures as plots
+from attn_probe.outputs import plots
 from attn_probe.outputs.events import RunEvents, read_run
 from attn_probe.outputs.report import render_report
 from attn_probe.snapshot import Alert
@@ -104,7 +104,7 @@ def test_a_run_with_only_info_alerts_says_no_warning_everywhere(tmp_path):
     assert "no warning" in page and "first warning" not in page
     assert "worst severity info" in page
     # the summary picture: no cross, the legend says no warning
-    figure = plots.run_summary({"run": plots.run_series_for(result.losses, result.snapshots,
+    figure = plots.plot_runs({"run": plots.run_series_for(result.losses, result.snapshots,
                                                             alerts)})
     legend = [text.get_text() for text in figure.legends[0].get_texts()]
     assert legend[0] == "run: no warning (2 alerts for information: lazy, sink)"

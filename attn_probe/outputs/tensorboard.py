@@ -193,7 +193,7 @@ class TensorBoardOutput(Output):
             self._layout_written = True
         if not self._definitions_written and snapshot.layers:
             self.writer.add_text("figures", definitions_markdown(
-                tau=snapshot.tau, lazy=snapshot.layers[0].rule), global_step=snapshot.step)
+                tau=snapshot.tau, lazy=snapshot.lazy_rule), global_step=snapshot.step)
             self._definitions_written = True
         self._watch(snapshot)
         worst = health.worst_states(snapshot)
