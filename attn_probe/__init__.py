@@ -17,7 +17,7 @@ during training, :mod:`.protocol` on a model at rest; :mod:`.integrations`, :mod
 notebook.
 """
 
-from .alerts import AlertRules, EntropyRule, LogitRule, SinkRule, UniformRule
+from .alerts import AlertRules, EntropyRule, LazyRule, LogitRule, Run, SinkRule, UniformRule
 from .attention import CaptureError, register_adapter
 from .metrics import columns_at, dominant_column, head_metrics, rank_at, row_entropy, sink_mass
 from .notebook import explore
@@ -25,7 +25,7 @@ from .options import CaptureOptions
 from .outputs import Output, TensorBoardOutput
 from .probe import AttentionProbe
 from .protocol import Capture, capture, rank_profile
-from .snapshot import Alert, CollapseRule, LayerSummary, Snapshot
+from .snapshot import Alert, LayerSummary, Snapshot
 
 __version__ = "0.1.0"
 
@@ -36,11 +36,12 @@ __all__ = [
     "Capture",
     "CaptureError",
     "CaptureOptions",
-    "CollapseRule",
     "EntropyRule",
     "LayerSummary",
+    "LazyRule",
     "LogitRule",
     "Output",
+    "Run",
     "SinkRule",
     "Snapshot",
     "TensorBoardOutput",

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 from .figures import FIGURES
-from .snapshot import CollapseRule, LayerSummary
+from .snapshot import LayerSummary
 
 MEANS = tuple(f.name for f in FIGURES.values() if f.over_sequences == "mean")
 MAXIMA = tuple(f.name for f in FIGURES.values() if f.over_sequences == "max")
@@ -140,10 +140,9 @@ class HeadAccumulator:
         for state in states:
             self.merge(state)
 
-    def compute(
-        self, order: Iterable[str], rule: CollapseRule = CollapseRule()
-    ) -> tuple[LayerSummary, ...]:
-        """Per-head means and lazy flags for each layer in ``order`` that has any data."""
+    def compute(self, order: Iterable[str]) -> tuple[LayerSummary, ...]:
+        """Per-head means for each layer in ``order`` that has any data (lazy heads are the
+        lazy rule's to mark: :meth:`attn_probe.alerts.AlertRules.judge_lazy`)."""
         summaries = []
         for index, name in enumerate(order):
             if name not in self._layers:
@@ -162,9 +161,7 @@ class HeadAccumulator:
                 values[group[FIGURES[figure].scope] == 0] = np.nan
             summaries.append(LayerSummary(
                 name=name, index=index, heads=heads, counts=group["crop"].copy(),
-                nonfinite=state["nonfinite"].copy(),
-                lazy=rule.lazy_heads(heads["rank"], heads["columns"]), rule=rule,
-                full_counts=group["full"].copy(),
+                nonfinite=state["nonfinite"].copy(), full_counts=group["full"].copy(),
             ))
         return tuple(summaries)
 

@@ -186,7 +186,8 @@ LAYER_TAGS: tuple[tuple[str, str], ...] = (
                                 "the cap"),
     ("alert/{kind}", "the alerts of each kind so far (logit, entropy, uniform, lazy, sink)"),
     ("{tag}/head/Lxx/Hyy", "one head's figure: from the step an alert names the head, the "
-                           "figures of the alert's kind; per_head='all': every head"),
+                           "alert's figure and those shown beside it (max_logit beside "
+                           "logit_spread, columns beside rank); per_head='all': every head"),
     ("qk_clip/gamma/Lxx/Hyy", "with logit_cap: the head's QK-Clip factor min(1, cap / "
                               "max_logit)"),
 )

@@ -46,7 +46,7 @@ from . import notices
 from .parallel import Parallelism, local_heads
 from .alerts import AlertMonitor, AlertRules
 from .outputs import Output, TensorBoardOutput, check_outputs
-from .snapshot import WARNS, Alert, CollapseRule, Snapshot
+from .snapshot import Alert, Snapshot
 
 AlertCallback = Callable[[Alert, Snapshot], None]
 
@@ -100,7 +100,6 @@ class AttentionProbe:
         self.capture = capture
         self.model, self.every, self.offset = model, every, offset
         self.rules, self.on_alert = alerts, on_alert
-        self.rule = alerts.lazy or CollapseRule()
         self._monitor = AlertMonitor(alerts)
         self.sites = plan_sites(model, capture.modules, capture.strategy)
         self._modules = {site.name: site.module for site in self.sites}
@@ -244,7 +243,7 @@ class AttentionProbe:
         self._recorder.disarm()
         if reduce and aggregate.is_distributed():
             self._accumulator.reduce(aggregate.all_gather_object)
-        layers = self._accumulator.compute([s.name for s in self.sites], self.rule)
+        layers = self._accumulator.compute([s.name for s in self.sites])
         samples, self._samples = self._samples, {}
         self._accumulator.reset()
         if not layers:
@@ -280,7 +279,7 @@ class AttentionProbe:
             line = f"attn_probe: {alert.severity}: {alert.message}" + (
                 f" ({alert.cause})" if alert.cause else "")
             notices.inform(line)
-            if alert.severity in WARNS and self.on_alert is None:
+            if alert.warns and self.on_alert is None:
                 notices.warn(line)
 
     @property

@@ -27,7 +27,7 @@ from .attention import (
 )
 from .metrics import full_context_metrics, head_metrics
 from .options import EVERYTHING, ONE_TOKEN, CaptureOptions, check_capture, check_count, check_tau
-from .snapshot import CollapseRule, Snapshot
+from .snapshot import Snapshot
 
 
 class Capture:
@@ -207,14 +207,13 @@ def rank_profile(
     ``snapshot.max_rank_profile()`` the MaxRank per layer; the ``*_full`` figures and
     ``max_logit`` cover every token of each sequence even when the crop is shorter;
     ``snapshot.alerts`` holds what ``alerts`` (see :mod:`attn_probe.alerts`; None: none) finds
-    in the averaged figures, whose lazy rule also decides which heads count as lazy. With
+    in the averaged figures, whose lazy rule also marks the lazy heads (none without it). With
     ``samples=True`` it keeps each layer's attention of the first sequence in
     ``snapshot.samples`` (for heatmaps; at input positions, as :attr:`Capture.attention`).
     ``on_batch(n)`` is called with the sequences measured so far (for a progress bar).
     """
     check_count("sequences", sequences)
     options = check_capture(capture)
-    rule = alerts.lazy if alerts is not None and alerts.lazy is not None else CollapseRule()
     accumulator = HeadAccumulator()
     kept: dict[str, Tensor] = {}
     measured = 0
@@ -243,7 +242,7 @@ def rank_profile(
         order = cap.modules
     if measured == 0:
         raise ValueError("rank_profile got no batches: pass an iterable of model inputs")
-    snapshot = Snapshot(step=0, tau=options.tau, layers=accumulator.compute(order, rule),
+    snapshot = Snapshot(step=0, tau=options.tau, layers=accumulator.compute(order),
                         samples=kept)
     if alerts is not None:
         snapshot = AlertMonitor(alerts).judge(snapshot)

@@ -1,4 +1,4 @@
-"""The data model: collapse rules, one layer's figures, alerts, everything measured at one step.
+"""The data model: one layer's figures, alerts, everything measured at one step.
 
 :class:`LayerSummary` holds one attention module's per-head figures at one step and
 :class:`Snapshot` all layers of that step; they are what :mod:`attn_probe.aggregate` computes and
@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from enum import IntEnum
-from typing import Mapping, Protocol, Sequence, TypeVar
+from typing import Any, Mapping, Protocol, Sequence, TypeVar
 
 import numpy as np
 import torch
@@ -35,36 +35,6 @@ def layer_tag(index: int) -> str:
 
 
 @dataclass(frozen=True)
-class CollapseRule:
-    """When a head, and a layer, count as lazy (collapsed).
-
-    A head is lazy when its mean rank@tau is at most ``max_rank`` and its mean columns@tau is at
-    most ``max_columns``: every query attends to (nearly) the same single key, as in the deep
-    layers of the paper "When Attention Collapses". A layer is lazy when at least
-    ``min_lazy_share`` of its heads are lazy (default: all of them).
-    """
-
-    max_rank: float = 1.5
-    max_columns: float = 1.5
-    min_lazy_share: float = 1.0
-
-    def __post_init__(self) -> None:
-        if self.max_rank < 1 or self.max_columns < 1:
-            raise ValueError(
-                f"CollapseRule thresholds must be >= 1 (got max_rank={self.max_rank}, "
-                f"max_columns={self.max_columns}): rank and columns are at least 1"
-            )
-        if not 0 < self.min_lazy_share <= 1:
-            raise ValueError(
-                f"CollapseRule.min_lazy_share must be in (0, 1], got {self.min_lazy_share}"
-            )
-
-    def lazy_heads(self, rank: np.ndarray, columns: np.ndarray) -> np.ndarray:
-        with np.errstate(invalid="ignore"):
-            return (rank <= self.max_rank) & (columns <= self.max_columns)
-
-
-@dataclass(frozen=True)
 class LayerSummary:
     """One attention module's figures at one measured step."""
 
@@ -73,10 +43,13 @@ class LayerSummary:
     heads: Mapping[str, np.ndarray]  #: figure -> (H,) over sequences (NaN: no data)
     counts: np.ndarray  #: (H,) sequences with finite attention in each head's crop figures
     nonfinite: np.ndarray  #: (H,) sequences whose attention had NaN or Inf entries
-    lazy: np.ndarray  #: (H,) bool, per the collapse rule
-    rule: CollapseRule = field(default_factory=CollapseRule)
     #: (H,) sequences in each head's full-context figures (0 where the capture saw no q and k)
     full_counts: np.ndarray | None = None
+    #: (H,) bool: the heads the lazy rule (``AlertRules.lazy``, :class:`~attn_probe.alerts.LazyRule`)
+    #: found lazy; None where no lazy rule judged the layer
+    lazy: np.ndarray | None = None
+    #: whether the lazy rule found the layer lazy (enough of its heads lazy)
+    is_lazy: bool = False
 
     @property
     def num_heads(self) -> int:
@@ -132,13 +105,11 @@ class LayerSummary:
 
     @property
     def lazy_share(self) -> float:
+        """The share of the heads with data that the lazy rule found lazy (NaN: none judged)."""
         has_data = self.has_data
-        return float(self.lazy[has_data].mean()) if has_data.any() else float("nan")
-
-    @property
-    def is_lazy(self) -> bool:
-        share = self.lazy_share
-        return bool(share == share and share >= self.rule.min_lazy_share)
+        if self.lazy is None or not has_data.any():
+            return float("nan")
+        return float(self.lazy[has_data].mean())
 
 
 class HeadState(IntEnum):
@@ -177,20 +148,90 @@ SEVERITIES = ("info", "warning", "critical")
 WARNS = SEVERITIES[1:]
 
 
+#: What an alert's figure did (:attr:`Alert.condition`): passed a level upwards (``above``: the
+#: value is at or above the threshold) or downwards (``below``: below it; at or below for the
+#: lazy rule), or changed within a window of measurements (``grew``: rose since the step
+#: ``since`` and is at or above the threshold; ``fell``: dropped since ``since`` and is at or
+#: below the threshold).
+CONDITIONS = ("above", "below", "grew", "fell")
+_SIGNS = {"above": "≥", "below": "<", "grew": "≥", "fell": "≤"}
+
+
+def figure_text(value: float) -> str:
+    """A measured figure in a sentence or a table cell: 1,497, 31.8, 4.71, 0.0018."""
+    if not math.isfinite(value):
+        return str(value)
+    return f"{value:,.0f}" if abs(value) >= 100 else f"{value:.3g}"
+
+
 @dataclass(frozen=True)
 class Alert:
-    """One kind of collapse seen in one layer at one step."""
+    """One kind of collapse seen in one layer at one step, and what was measured.
+
+    ``figure`` is the figure the rule watched (a name of :data:`attn_probe.figures.FIGURES`),
+    reduced over the layer's heads by ``reduction`` (``max``, ``mean``, ``min``; over the heads
+    the alert names for ``sink`` and ``lazy``). ``value`` and ``threshold`` are in that figure's unit: ``value``
+    is the figure at ``step``, ``threshold`` the level the ``condition`` compares it with. The
+    window the condition spans starts at step ``since``, where the figure was ``since_value``:
+    the earlier measurement a rise or a fall is counted from, the first of a run of
+    measurements, or ``step`` itself when one measurement decides (``since_value`` is then
+    ``value``). A fall's size is :attr:`change` (negative), never ``value``.
+    """
 
     kind: str  #: "logit", "entropy", "uniform", "lazy" or "sink" (see :mod:`attn_probe.alerts`)
     layer: str  #: module name
     tag: str  #: ``L07``
     heads: tuple[int, ...]  #: the heads involved
     step: int
-    value: float  #: the figure that crossed the threshold
-    threshold: float
+    figure: str  #: the figure the rule watched (``logit_spread``, ``entropy_norm_full``, ...)
+    reduction: str  #: how the heads' figures make ``value``: ``max``, ``mean`` or ``min``
+    condition: str  #: one of :data:`CONDITIONS`
+    value: float  #: the figure at ``step``
+    threshold: float  #: the level ``value`` was compared with, in the figure's unit
+    since: int  #: the step the condition's window starts at (``step``: this measurement alone)
+    since_value: float  #: the figure at ``since``
     message: str  #: one line for people
     severity: str = "warning"  #: one of :data:`SEVERITIES`
     cause: str = ""  #: why the figure moved and what to do, when known
+
+    def __post_init__(self) -> None:
+        if self.condition not in CONDITIONS:
+            raise ValueError(f"Alert.condition must be one of {CONDITIONS}, got "
+                             f"{self.condition!r}")
+        if self.severity not in SEVERITIES:
+            raise ValueError(f"Alert.severity must be one of {SEVERITIES}, got "
+                             f"{self.severity!r}")
+
+    @property
+    def warns(self) -> bool:
+        """Whether a person is warned (:data:`WARNS`; ``info`` alerts are only logged)."""
+        return self.severity in WARNS
+
+    @property
+    def change(self) -> float:
+        """How far the figure moved within the window: ``value - since_value`` (0 when one
+        measurement decides)."""
+        return self.value - self.since_value
+
+    @property
+    def level_text(self) -> str:
+        """The threshold with its condition: ``≥ 1,000``, ``< 0.05``, ``grew to ≥ 100``,
+        ``fell to ≤ 0.3``."""
+        level = f"{_SIGNS[self.condition]} {figure_text(self.threshold)}"
+        return f"{self.condition} to {level}" if self.condition in ("grew", "fell") else level
+
+    @property
+    def condition_text(self) -> str:
+        """The condition in the figure's words: ``logit_spread (max) grew from 12 at step 20
+        to 450 (≥ 100)``, ``entropy_norm_full (mean) 0.031 < 0.05``."""
+        what = f"{self.figure} ({self.reduction})"
+        level = f"{_SIGNS[self.condition]} {figure_text(self.threshold)}"
+        if self.condition in ("grew", "fell"):
+            return (f"{what} {self.condition} from {figure_text(self.since_value)} at step "
+                    f"{self.since} to {figure_text(self.value)} ({level})")
+        if self.since != self.step:
+            return f"{what} {figure_text(self.value)} {level} since step {self.since}"
+        return f"{what} {figure_text(self.value)} {level}"
 
     def __str__(self) -> str:
         return self.message
@@ -248,6 +289,9 @@ class Snapshot:
     alerts: tuple[Alert, ...] = ()
     #: layer name -> (H,) :class:`HeadState` codes of its heads (decided by the alert rules)
     states: Mapping[str, np.ndarray] = field(default_factory=dict)
+    #: the lazy rule that marked the layers' lazy heads (``AlertRules.lazy``, recorded by the
+    #: monitor that judged the snapshot; None: none did), for outputs that say what it was
+    lazy_rule: Any = None
 
     def layer(self, key: str | int) -> LayerSummary:
         """The layer named by ``key`` (see :func:`find_layer`)."""

@@ -301,6 +301,9 @@ def assert_alert_logged(log_dir: Path, alert) -> None:
     assert row["module"] == alert.layer and row["severity"] == alert.severity
     assert math.isclose(float(row["value"]), alert.value, rel_tol=1e-6)
     assert math.isclose(float(row["threshold"]), alert.threshold, rel_tol=1e-6)
+    assert (row["figure"], row["reduction"], row["condition"], int(row["since"])) == (
+        alert.figure, alert.reduction, alert.condition, alert.since)
+    assert math.isclose(float(row["since_value"]), alert.since_value, rel_tol=1e-6)
     counts = read_scalars(log_dir)[f"alert/{alert.kind}"]
     assert counts[alert.step] > max((v for s, v in counts.items() if s < alert.step), default=0)
 
@@ -364,7 +367,8 @@ def check_report(page: Path, alerts: Sequence = (), runs: dict | None = None) ->
     """What every report must be: self-contained (no ``http``, every ``src`` a ``data:`` URI
     of a PNG that decodes, no script, stylesheet link or frame), with each of ``alerts`` (run
     name -> alerts in ``runs``, or the one run's ``alerts``) a row of its alert table giving
-    step, layer, kind, heads, severity, value, threshold and cause. Returns the parsed page."""
+    step, layer, kind, heads, severity, the figure and its condition, value, threshold, the
+    window's start and cause. Returns the parsed page."""
     import base64
     import io
 
@@ -397,6 +401,13 @@ def check_report(page: Path, alerts: Sequence = (), runs: dict | None = None) ->
         assert row["severity"] == alert.severity and row["cause"] == (alert.cause or "—")
         assert shown_number(row["value"], alert.value), (row, alert)
         assert shown_number(row["threshold"], alert.threshold), (row, alert)
+        assert row["figure"] == f"{alert.figure} ({alert.reduction})", (row, alert)
+        assert row["condition"] == alert.condition, (row, alert)
+        if alert.since == alert.step:
+            assert row["since"] == "—", (row, alert)
+        else:
+            shown, _, step = row["since"].partition(" at step ")
+            assert int(step) == alert.since and shown_number(shown, alert.since_value), row
     return parsed
 
 

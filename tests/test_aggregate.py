@@ -16,8 +16,8 @@ from attn_probe.aggregate import (
     is_distributed,
     is_main_process,
 )
+from attn_probe.alerts import LazyRule
 from attn_probe.figures import FIGURES
-from attn_probe.snapshot import CollapseRule
 
 HEADS = 3
 
@@ -181,7 +181,8 @@ def test_layer_with_only_nonfinite_sequences():
     assert broken_layer.nonfinite.tolist() == [3] * HEADS
     for name in FIGURES:
         assert np.isnan(broken_layer.heads[name]).all(), name
-    assert not broken_layer.has_data.any() and not broken_layer.lazy.any()
+    judged = LazyRule().judge(broken_layer)
+    assert not broken_layer.has_data.any() and not judged.lazy.any() and not judged.is_lazy
     assert math.isnan(broken_layer.reduce("rank", "max"))
     assert partly_layer.has_data.tolist() == [True, False, True]
     assert np.isnan(partly_layer.heads["rank"][1])
@@ -214,9 +215,12 @@ def test_compute_order_rule_state_copy_and_reset():
     # the order given, not the order of updates; a layer without data keeps its place
     early, late = acc.compute(["early", "missing", "late"])
     assert (early.name, early.index, late.name, late.index) == ("early", 0, "late", 2)
+    # lazy heads are the lazy rule's to mark, not aggregation's
+    assert early.lazy is None and late.lazy is None
+    early, late = (LazyRule().judge(layer) for layer in (early, late))
     assert early.is_lazy and early.lazy.all() and not late.lazy.any()
-    loose = acc.compute(["late"], CollapseRule(max_rank=3.0, max_columns=4.0))[0]
-    assert loose.lazy.all() and loose.rule.max_columns == 4.0
+    loose = LazyRule(max_rank=3.0, max_columns=4.0).judge(acc.compute(["late"])[0])
+    assert loose.lazy.all() and loose.is_lazy
 
     state = acc.state()
     state["late"]["counts"][:] = 99  # a copy: the accumulator is unchanged

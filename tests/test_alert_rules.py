@@ -70,6 +70,10 @@ def test_logit_warning_needs_growth_from_a_real_base_past_the_floor():
         [], [], [], [], [("warning", 20, (0,))], []]
     warning = fired[4][0]
     assert warning.value == 52.0 and warning.threshold == 40.0 and "L00" in warning.message
+    # what it measured: the layer's largest spread grew from its lowest of the window (step 5)
+    assert (warning.figure, warning.reduction, warning.condition) == ("logit_spread", "max",
+                                                                      "grew")
+    assert (warning.since, warning.since_value) == (5, 2.0)
 
 
 def test_logit_growth_from_initialisation_or_a_plateau_is_not_a_warning():
@@ -92,6 +96,10 @@ def test_logit_critical_at_the_threshold_itself_and_escalation():
     assert [(a.severity, a.heads) for a in fired[1]] == [("warning", (0,))]
     # critical names the heads at or above the threshold; the warning already fired
     assert [(a.severity, a.heads, a.value) for a in fired[2]] == [("critical", (0, 2), 1200.0)]
+    (critical,) = fired[2]
+    assert (critical.figure, critical.condition, critical.threshold) == (
+        "logit_spread", "above", 1000.0)
+    assert (critical.since, critical.since_value, critical.change) == (10, 1200.0, 0.0)
     assert fired[3] == []  # each severity once per layer
 
 
@@ -145,6 +153,8 @@ def test_entropy_severity_and_heads_with_data_only():
                              columns_full=[20, 20, 20, -1])
     (w,), (c,) = run(only(entropy=rule), (0, warning), (5, critical))
     assert (w.severity, w.threshold, w.heads) == ("warning", 0.1, (0, 1))
+    assert (w.figure, w.reduction, w.condition, w.since) == ("entropy_norm_full", "mean",
+                                                             "below", 0)
     assert w.value == pytest.approx(np.mean([0.02, 0.05, 0.2, 0.1]))
     assert (c.severity, c.threshold) == ("critical", 0.03)
     assert c.value == pytest.approx(np.mean([0.02, 0.01, 0.05]))
@@ -161,8 +171,16 @@ def test_a_fast_fall_to_a_handful_of_keys_warns_a_pattern_forming_does_not():
     assert [[(a.severity, a.step) for a in step] for step in collapse] == [
         [], [], [], [("warning", 15)], []]
     (fall,) = collapse[3]
-    assert fall.value == pytest.approx(0.75) and fall.threshold == 0.45  # fell from 1.0
+    # the value is the entropy now, the fall is the change from where it fell (never the value)
+    assert (fall.figure, fall.reduction, fall.condition) == ("entropy_norm_full", "mean", "fell")
+    assert fall.value == pytest.approx(0.25) and (fall.since, fall.since_value) == (0, 1.0)
+    assert fall.change == pytest.approx(-0.75)
+    assert fall.threshold == pytest.approx(0.3)  # at most fall_to, and fall below where it was
+    assert fall.level_text == "fell to ≤ 0.3"
     assert "1.00 -> 0.25 in 15 steps" in fall.message
+    # from a lower start the fall itself is the stricter bound: 0.7 - 0.45
+    (late,) = run(only(entropy=rule), *steps([0.7, 0.6, 0.2]))[2]
+    assert late.threshold == pytest.approx(0.25) and late.value <= late.threshold
     # a head forming fast but staying above fall_to; a slow steady fall: neither warns
     assert all(not step for step in run(only(entropy=rule), *steps([1.0, 0.95, 0.5, 0.45])))
     assert all(not step for step in run(only(entropy=rule),
@@ -187,6 +205,10 @@ def test_uniform_layer_while_another_learns():
     assert [[(a.kind, a.tag, a.step) for a in step] for step in fired] == [
         [], [], [], [("uniform", "L01", 15)], []]
     assert "since step 5" in fired[3][0].message and "L00" in fired[3][0].message
+    uniform = fired[3][0]
+    assert (uniform.figure, uniform.reduction, uniform.condition, uniform.threshold) == (
+        "entropy_norm_full", "min", "above", 0.99)
+    assert (uniform.since, uniform.value) == (5, pytest.approx(0.997))
 
 
 def test_uniform_everywhere_at_initialisation_is_not_an_alert():
@@ -216,6 +238,10 @@ def test_sinks_and_lazy_layers_are_information():
     assert {(a.kind, a.severity, a.tag, a.heads) for a in found} == {
         ("lazy", "info", "L00", (0, 1)), ("sink", "info", "L01", (1,)),
         ("sink", "info", "L01", (2,))}
+    assert {(a.figure, a.condition, a.value, a.threshold) for a in found} == {
+        ("rank", "below", 1.0, 1.5), ("sink_full", "above", 0.5, 0.5),
+        ("sink_full", "above", 0.9, 0.5)}
+    assert not any(a.warns for a in found)
 
 
 def test_rules_validate_their_thresholds_and_can_be_turned_off():

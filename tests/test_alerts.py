@@ -85,6 +85,40 @@ def entropy_condition(history, tag: str) -> list[int]:
     return steps
 
 
+#: What each rule watches: its figure and the reduction over a layer's heads (docs/alerts.md).
+WATCHES = {"logit": ("logit_spread", "max"), "entropy": ("entropy_norm_full", "mean")}
+
+
+def assert_says_what_it_measured(alert, history) -> None:
+    """The alert's figure, value, window and condition are what its rule computed, recomputed
+    from the recorded figures of its layer."""
+    figure, how = WATCHES[alert.kind]
+    assert (alert.figure, alert.reduction) == (figure, how), alert
+    values = {s.step: s.layer(alert.tag).reduce(figure, how) for s in history}
+    assert alert.value == pytest.approx(values[alert.step])
+    assert alert.since_value == pytest.approx(values[alert.since])
+    rule = getattr(RULES, alert.kind)
+    assert alert.step - rule.window * EVERY <= alert.since <= alert.step
+    if alert.kind == "logit" and alert.severity == "critical":
+        assert (alert.condition, alert.threshold) == ("above", rule.critical)
+        assert alert.value >= alert.threshold and alert.since == alert.step
+    elif alert.kind == "logit":  # grown `growth` times within the window, to `min_spread`
+        assert (alert.condition, alert.threshold) == ("grew", rule.min_spread)
+        assert alert.value >= alert.threshold and alert.since < alert.step
+        assert alert.since_value == min(v for step, v in values.items()
+                                        if alert.since <= step < alert.step)
+    elif alert.condition == "below":
+        assert alert.threshold in (rule.warning, rule.critical) and alert.value < alert.threshold
+        assert alert.since == alert.step
+    else:  # a fall: the entropy now, where it fell from, and the size of the fall apart
+        assert alert.condition == "fell" and alert.since < alert.step
+        assert alert.since_value - alert.value >= rule.fall
+        assert -alert.change == pytest.approx(alert.since_value - alert.value)
+        assert alert.threshold == pytest.approx(min(rule.fall_to,
+                                                    alert.since_value - rule.fall))
+        assert alert.value <= alert.threshold
+
+
 @pytest.mark.slow
 def test_unstable_run_warns_at_the_first_step_its_figures_say_so(tmp_path, single_thread):
     alerts, history = train(tmp_path, lr=3e-2)
@@ -100,14 +134,7 @@ def test_unstable_run_warns_at_the_first_step_its_figures_say_so(tmp_path, singl
             assert (alert.step if alert else None) == (steps[0] if steps else None), (
                 kind, tag, steps)
             if alert is not None:
-                figure = "logit_spread" if kind == "logit" else "entropy_norm_full"
-                how = "max" if kind == "logit" else "mean"
-                values = [s.layer(tag).reduce(figure, how) for s in history]
-                at = [s.step for s in history].index(alert.step)
-                want = values[at]
-                if "fell fast" in alert.message:  # the value of a fall is the fall
-                    want = max(values[max(0, at - RULES.entropy.window):at]) - values[at]
-                assert alert.value == pytest.approx(want)
+                assert_says_what_it_measured(alert, history)
                 assert alert.severity in ("warning", "critical") and alert.cause
     for alert in alerts:  # each in the alert table of its step, and counted from its step on
         assert_alert_logged(tmp_path, alert)

@@ -31,7 +31,8 @@ TINY = Shape(n_layer=2, n_head=2, n_embd=32, block_size=16)
 
 
 def alert(kind: str, step: int, severity: str = "warning", tag: str = "L00") -> Alert:
-    return Alert(kind, f"layer.{tag}", tag, (0,), step, 1.0, 0.5, f"{kind} at {step}",
+    return Alert(kind, f"layer.{tag}", tag, (0,), step, "logit_spread", "max", "above", 1.0, 0.5,
+                 step, 1.0, f"{kind} at {step}",
                  severity=severity)
 
 
@@ -204,3 +205,34 @@ def test_key_bias_changes_neither_outputs_nor_attention_but_the_raw_logit():
     raw = [max(float(figures["max_logit"].max()) for figures in c.metrics().values())
            for c in (before, after)]
     assert raw[1] > 20 * raw[0], raw           # the shift q·b·scale of each query's scores
+
+
+def test_a_record_written_when_layers_carried_their_lazy_rule_still_loads(tmp_path,
+                                                                          monkeypatch):
+    """Records pickled before the lazy rule became ``alerts.LazyRule`` hold, in each layer
+    summary, a ``snapshot.CollapseRule``: they load, and replay under today's rules."""
+    import attn_probe.snapshot as snapshot_module
+    from attn_probe.alerts import LazyRule
+    from attn_probe.snapshot import FIGURES, LayerSummary, Snapshot
+
+    class CollapseRule:  # the class as such records name it
+        def __init__(self) -> None:
+            self.max_rank, self.max_columns, self.min_lazy_share = 1.5, 1.5, 1.0
+
+    CollapseRule.__module__, CollapseRule.__qualname__ = "attn_probe.snapshot", "CollapseRule"
+    counts = np.ones(2, dtype=np.int64)
+    layer = LayerSummary(name="blocks.0", index=0, heads={f: np.ones(2) for f in FIGURES},
+                         counts=counts, nonfinite=0 * counts, full_counts=counts)
+    object.__setattr__(layer, "rule", CollapseRule())
+    old = record("healthy", [2.0] * 5)
+    old["history"] = [Snapshot(step=0, tau=0.9, layers=(layer,))]
+    path = tmp_path / "old.pkl"
+    with monkeypatch.context() as patch:
+        patch.setattr(snapshot_module, "CollapseRule", CollapseRule, raising=False)
+        path.write_bytes(pickle.dumps(old))
+    assert not hasattr(snapshot_module, "CollapseRule")
+    loaded = load_record(str(path))
+    assert isinstance(loaded["history"][0].layers[0].rule, LazyRule)
+    # rank and columns 1 in both heads: a lazy layer; every key-0 mass 1: two sinks
+    assert sorted((a.kind, a.heads) for a in replay(loaded, AlertRules())) == [
+        ("lazy", (0, 1)), ("sink", (0,)), ("sink", (1,))]

@@ -15,7 +15,8 @@ from attn_probe.outputs import TensorBoardOutput
 from attn_probe.outputs.events import read_run
 from attn_probe.outputs.report import render_report
 from attn_probe.outputs.tables import layer_rows
-from attn_probe.snapshot import CollapseRule, LayerSummary, Snapshot
+from attn_probe.alerts import LazyRule
+from attn_probe.snapshot import LayerSummary, Snapshot
 from reference import REPO, read_scalars, read_texts
 
 
@@ -41,19 +42,18 @@ def test_a_bad_row_is_refused():
         Figure("x", "keys", "crop", "mean", "a figure", headline=True)
 
 
-def one_layer(rule: CollapseRule) -> Snapshot:
-    """One layer of four heads: every registry figure, rank and columns near 2."""
+def one_layer(rule: LazyRule) -> Snapshot:
+    """One layer of four heads: every registry figure, rank and columns near 2, judged by the
+    lazy ``rule`` (as the alert monitor does)."""
     heads = {name: np.array([2.0, 2.25, 1.75, 8.0]) for name in FIGURES}
-    rank = heads["rank"]
     layer = LayerSummary(name="blocks.0.attn", index=0, heads=heads,
                          counts=np.full(4, 2), nonfinite=np.zeros(4, dtype=int),
-                         lazy=rule.lazy_heads(rank, heads["columns"]), rule=rule,
                          full_counts=np.full(4, 2))
-    return Snapshot(step=3, tau=0.8, layers=(layer,))
+    return Snapshot(step=3, tau=0.8, layers=(rule.judge(layer),), lazy_rule=rule)
 
 
 def test_the_tags_columns_and_definitions_of_a_run_are_the_registrys(tmp_path):
-    rule = CollapseRule(max_rank=2.5, max_columns=3.0)
+    rule = LazyRule(max_rank=2.5, max_columns=3.0)
     snapshot = one_layer(rule)
     with TensorBoardOutput(str(tmp_path), per_head=False, pictures_every=0) as output:
         output.write(snapshot)

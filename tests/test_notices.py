@@ -87,3 +87,29 @@ def test_with_on_alert_the_user_decides_what_is_printed():
     seen = []
     alerts, caught = one_step(on_alert=lambda alert, snapshot: seen.append(alert))
     assert caught == [] and seen == alerts and len(alerts) == 5
+
+
+def forward_with_a_failing_measurement() -> list:
+    """A sampled forward pass whose measurement fails inside the hook (a matrix budget of one
+    byte); the warnings it gave."""
+    model = Model()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with attn_probe.AttentionProbe(
+                model, every=1, capture=attn_probe.CaptureOptions(matrix_budget=1)) as probe:
+            model(torch.randn(2, T, D))
+            probe.step()
+    return [w for w in caught if issubclass(w.category, AttentionWarning)]
+
+
+#: The user's line that called the attention modules: ``Model.forward``'s.
+FORWARD_LINE = Model.forward.__code__.co_firstlineno + 1
+
+
+def test_a_warning_raised_inside_a_hook_points_at_the_users_forward_call():
+    """The hook runs inside torch's Module.__call__: the warning points past torch's frames and
+    the package's, at the user's own line that called the attention module."""
+    caught = [w for w in forward_with_a_failing_measurement()
+              if "could not measure" in str(w.message)]
+    assert caught, "the measurement did not fail"
+    assert {(w.filename, w.lineno) for w in caught} == {(__file__, FORWARD_LINE)}

@@ -13,8 +13,7 @@ from torch import nn
 
 import attn_probe
 from attn_probe.models.gpt import GPT, GPTConfig
-from attn_probe.alerts import AlertRules
-from attn_probe.snapshot import CollapseRule
+from attn_probe.alerts import AlertRules, LazyRule
 from reference import (
     GPTAttention,
     assert_logged,
@@ -411,7 +410,7 @@ def test_lazy_layer_is_an_info_alert_given_to_on_alert():
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         with attn_probe.AttentionProbe(
-            model, every=1, alerts=AlertRules(lazy=CollapseRule(max_rank=1.0, max_columns=1.0)),
+            model, every=1, alerts=AlertRules(lazy=LazyRule(max_rank=1.0, max_columns=1.0)),
             on_alert=lambda alert, snap: seen.append((alert.kind, alert.layer, snap.step)),
         ) as probe:
             for _ in range(3):

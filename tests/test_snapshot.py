@@ -1,4 +1,5 @@
-"""The data model (attn_probe.snapshot): collapse rules, one layer's figures, the layer lookup,
+"""The data model (attn_probe.snapshot) and the lazy rule that marks its layers: one layer's
+figures, the layer lookup,
 percent, default heatmaps. Layers are built by hand, so nothing here depends on aggregation."""
 
 from __future__ import annotations
@@ -9,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
+from attn_probe.alerts import LazyRule
 from attn_probe.snapshot import (
     DEFAULT_HEATMAP_HEADS,
-    CollapseRule,
     LayerSummary,
     Snapshot,
     default_heatmaps,
@@ -23,18 +24,26 @@ NAN = float("nan")
 
 
 def layer(name: str, index: int, rank, columns, counts, nonfinite=None,
-          rule: CollapseRule = CollapseRule()) -> LayerSummary:
-    """A LayerSummary with the given per-head figures (entropy and sink arbitrary)."""
+          rule: LazyRule = LazyRule()) -> LayerSummary:
+    """A LayerSummary with the given per-head figures (entropy and sink arbitrary), judged by
+    the lazy ``rule``."""
     rank, columns = np.array(rank, dtype=float), np.array(columns, dtype=float)
     heads = {"rank": rank, "columns": columns, "entropy": np.ones_like(rank),
              "sink": np.full_like(rank, 0.5), "first_key_dominant": np.zeros_like(rank)}
     counts = np.array(counts, dtype=np.int64)
     nonfinite = np.zeros_like(counts) if nonfinite is None else np.array(nonfinite)
-    return LayerSummary(name=name, index=index, heads=heads, counts=counts, nonfinite=nonfinite,
-                        lazy=rule.lazy_heads(rank, columns), rule=rule)
+    return rule.judge(LayerSummary(name=name, index=index, heads=heads, counts=counts,
+                                   nonfinite=nonfinite))
 
 
-# --- CollapseRule ----------------------------------------------------------------------------
+def figures(rank, columns) -> LayerSummary:
+    rank, columns = np.array(rank, dtype=float), np.array(columns, dtype=float)
+    counts = np.ones(rank.shape, dtype=np.int64)
+    return LayerSummary(name="x", index=0, heads={"rank": rank, "columns": columns},
+                        counts=counts, nonfinite=0 * counts)
+
+
+# --- LazyRule ----------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("kwargs, needle", [
@@ -44,26 +53,32 @@ def layer(name: str, index: int, rank, columns, counts, nonfinite=None,
     (dict(min_lazy_share=1.01), "min_lazy_share"),
     (dict(min_lazy_share=-0.5), "min_lazy_share"),
 ])
-def test_collapse_rule_rejects_impossible_thresholds(kwargs, needle):
+def test_lazy_rule_rejects_impossible_thresholds(kwargs, needle):
     with pytest.raises(ValueError, match=needle):
-        CollapseRule(**kwargs)
+        LazyRule(**kwargs)
 
 
-def test_collapse_rule_accepts_its_bounds():
-    rule = CollapseRule(max_rank=1, max_columns=1, min_lazy_share=1.0)
+def test_lazy_rule_accepts_its_bounds():
+    rule = LazyRule(max_rank=1, max_columns=1, min_lazy_share=1.0)
     assert (rule.max_rank, rule.max_columns, rule.min_lazy_share) == (1, 1, 1.0)
-    assert CollapseRule(min_lazy_share=1e-9).min_lazy_share == 1e-9
+    assert LazyRule(min_lazy_share=1e-9).min_lazy_share == 1e-9
 
 
 def test_lazy_heads_need_both_rank_and_columns_within_the_rule():
-    rule = CollapseRule()  # rank <= 1.5 and columns <= 1.5
-    rank = np.array([1.0, 1.5, 1.5, 1.51, 1.0, NAN, 1.0])
-    columns = np.array([1.0, 1.5, 1.51, 1.0, 4.0, 1.0, NAN])
-    assert rule.lazy_heads(rank, columns).tolist() == [True, True, False, False, False, False,
-                                                       False]
-    loose = CollapseRule(max_rank=2.0, max_columns=4.0)
-    assert loose.lazy_heads(rank, columns).tolist() == [True, True, True, True, True, False,
-                                                        False]
+    rule = LazyRule()  # rank <= 1.5 and columns <= 1.5
+    rank = [1.0, 1.5, 1.5, 1.51, 1.0, NAN, 1.0]
+    columns = [1.0, 1.5, 1.51, 1.0, 4.0, 1.0, NAN]
+    assert rule.lazy_heads(figures(rank, columns)).tolist() == [
+        True, True, False, False, False, False, False]
+    loose = LazyRule(max_rank=2.0, max_columns=4.0)
+    assert loose.lazy_heads(figures(rank, columns)).tolist() == [
+        True, True, True, True, True, False, False]
+
+
+def test_a_layer_no_lazy_rule_judged_has_no_lazy_heads():
+    unjudged = figures([1.0, 1.0], [1.0, 1.0])
+    assert unjudged.lazy is None and math.isnan(unjudged.lazy_share) and not unjudged.is_lazy
+    assert LazyRule().judge(unjudged).is_lazy
 
 
 # --- LayerSummary ------------------------------------------------------------------------------
@@ -99,9 +114,9 @@ def test_layer_without_data_has_nan_figures_and_is_not_lazy():
 def test_is_lazy_follows_min_lazy_share():
     rank, columns, counts = [1.0, 1.0, 1.0, 3.0], [1.0, 1.0, 1.0, 5.0], [2, 2, 2, 2]
     assert not layer("a", 0, rank, columns, counts).is_lazy  # default: every head
-    assert layer("a", 0, rank, columns, counts, rule=CollapseRule(min_lazy_share=0.75)).is_lazy
+    assert layer("a", 0, rank, columns, counts, rule=LazyRule(min_lazy_share=0.75)).is_lazy
     assert not layer("a", 0, rank, columns, counts,
-                     rule=CollapseRule(min_lazy_share=0.76)).is_lazy
+                     rule=LazyRule(min_lazy_share=0.76)).is_lazy
     assert layer("a", 0, [1.0, 1.2], [1.0, 1.4], [2, 2]).is_lazy
 
 

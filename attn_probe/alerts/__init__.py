@@ -10,11 +10,11 @@ recent measurements:
 * ``uniform`` — a layer stuck at uniform attention while the rest of the model learns
   (:class:`UniformRule`);
 * ``lazy`` and ``sink`` — ``info`` only: the paper's lazy layers (every query on one key) and
-  attention sinks are what trained models do (:class:`~attn_probe.snapshot.CollapseRule`,
-  :class:`SinkRule`).
+  attention sinks are what trained models do (:class:`LazyRule`, :class:`SinkRule`).
 
 An :class:`~attn_probe.snapshot.Alert` is an event with a ``severity`` (``info``, ``warning``,
-``critical``) and a ``cause`` (why the figure moved: the query and key norms or their
+``critical``), what was measured (the figure, the condition, the value and threshold in the
+figure's unit, the window since when) and a ``cause`` (why the figure moved: the query and key norms or their
 alignment, and what would bound it). It fires once per kind and layer (per head for ``sink``),
 and again only at a higher severity; :class:`AlertMonitor` remembers what fired and keeps the
 layers' recent tracks. :func:`head_states` gives every head's
@@ -22,22 +22,30 @@ layers' recent tracks. :func:`head_states` gives every head's
 are: ``docs/alerts.md``.
 
 * :mod:`.track` — what the rules look back on; :mod:`.rules` — the rules; :mod:`.explain` — the
-  words of a cause; :mod:`.states` — head states; :mod:`.monitor` — snapshot after snapshot.
+  words of a cause; :mod:`.states` — head states; :mod:`.monitor` — snapshot after snapshot;
+  :mod:`.run` — a run's alerts and what warned first, shared by every output.
 """
 
-from ..snapshot import CollapseRule
 from .monitor import AlertMonitor
-from .rules import KINDS, AlertRules, EntropyRule, LogitRule, SinkRule, UniformRule
+from .rules import (
+    KINDS, WATCHED, AlertRules, EntropyRule, LazyRule, LogitRule, SinkRule, UniformRule,
+    shown_with,
+)
+from .run import FirstWarning, Run
 from .states import head_states
 
 __all__ = [
     "KINDS",
+    "WATCHED",
     "AlertMonitor",
     "AlertRules",
-    "CollapseRule",
     "EntropyRule",
+    "FirstWarning",
+    "LazyRule",
     "LogitRule",
+    "Run",
     "SinkRule",
     "UniformRule",
     "head_states",
+    "shown_with",
 ]

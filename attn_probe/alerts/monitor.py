@@ -23,7 +23,11 @@ class AlertMonitor:
         self._level: dict[tuple, int] = {}  # what fired -> highest severity so far
 
     def judge(self, snapshot: Snapshot) -> Snapshot:
-        """``snapshot`` with its new alerts and the state of every head."""
+        """``snapshot`` with its new alerts, the state of every head, and its layers' lazy heads
+        marked by the lazy rule (:meth:`AlertRules.judge_lazy`)."""
+        snapshot = dataclasses.replace(
+            snapshot, layers=tuple(self.rules.judge_lazy(layer) for layer in snapshot.layers),
+            lazy_rule=self.rules.lazy)
         tracks = []
         for layer in snapshot.layers:
             track = self.tracks.setdefault(layer.name, LayerTrack())

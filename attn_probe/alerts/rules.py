@@ -15,21 +15,27 @@ hold now as :class:`~attn_probe.snapshot.Alert` records with a severity:
 * ``uniform`` (:class:`UniformRule`) — the layer has stayed at uniform attention for
   ``samples`` measurements while another layer of the model has learned where to look:
   ``warning``;
-* ``sink`` (:class:`SinkRule`) and ``lazy`` (:class:`~attn_probe.snapshot.CollapseRule`) —
-  ``info``: attention sinks and the paper's lazy layers are what trained models do; they are
-  logged, not warned about.
+* ``lazy`` (:class:`LazyRule`) and ``sink`` (:class:`SinkRule`) — ``info``: the paper's lazy
+  layers and attention sinks are what trained models do; they are logged, not warned about.
+
+Every alert says what was measured: the figure its rule watched (each rule's
+:attr:`~LogitRule.figures`, the first), the condition (above, below, grew, fell), its value and
+threshold in the figure's unit, and the window the condition spans (see
+:class:`~attn_probe.snapshot.Alert`).
 
 The defaults and the runs behind them are in ``docs/alerts.md``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import numpy as np
 
 from ..options import check_count
-from ..snapshot import Alert, CollapseRule, LayerSummary, percent
+from ..snapshot import Alert, LayerSummary, percent
 from . import explain
 from .track import LayerTrack, ModelView, Point
 
@@ -41,15 +47,37 @@ def _heads(mask: np.ndarray) -> tuple[int, ...]:
     return tuple(int(h) for h in np.flatnonzero(mask))
 
 
-def _alert(kind: str, severity: str, point: Point, heads: tuple[int, ...], value: float,
-           threshold: float, what: str, cause: str = "", *, name_heads: bool = True) -> Alert:
+def _alert(kind: str, severity: str, point: Point, heads: tuple[int, ...], figure: str,
+           reduction: str, condition: str, value: float, threshold: float, what: str,
+           cause: str = "", *, since: Point | None = None, name_heads: bool = True) -> Alert:
+    """An alert at ``point``: ``value`` is ``figure`` reduced by ``reduction`` there; ``since``
+    is the earlier point the condition's window starts at (None: ``point`` alone)."""
     layer = point.layer
     named = f"head{'s' if len(heads) > 1 else ''} {', '.join(map(str, heads))}" if (
         heads and name_heads) else ""
     message = f"{layer.tag} ({layer.name}) step {point.step}: {what}" + (
         f" in {named}" if named else "")
-    return Alert(kind, layer.name, layer.tag, heads, point.step, value, threshold, message,
+    start = point if since is None else since
+    since_value = value if since is None else _reduce(start, figure, reduction, heads,
+                                                      over_named=kind in NAMED_KINDS)
+    return Alert(kind, layer.name, layer.tag, heads, point.step, figure, reduction, condition,
+                 float(value), float(threshold), start.step, float(since_value), message,
                  severity=severity, cause=cause)
+
+
+#: Kinds whose value is reduced over the heads the alert names (the others: over every head).
+NAMED_KINDS = ("sink", "lazy")
+
+
+def _reduce(point: Point, figure: str, how: str, heads: tuple[int, ...],
+            over_named: bool) -> float:
+    if not over_named:
+        return point.figure(figure, how)
+    values = point.heads(figure)[list(heads)]
+    values = values[np.isfinite(values)]
+    if values.size == 0:
+        return float("nan")
+    return float({"max": np.max, "mean": np.mean, "min": np.min}[how](values))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -62,6 +90,9 @@ class LogitRule:
     no less than ``base``: every head grows from ~0 at initialisation, which says nothing);
     ``critical`` when it passes ``critical``.
     """
+
+    #: the figure the rule watches, and the per-head figures shown beside it
+    figures: ClassVar[tuple[str, ...]] = ("logit_spread", "max_logit")
 
     growth: float = 4.0
     window: int = 6
@@ -107,13 +138,16 @@ class LogitRule:
             over = spread >= self.critical
         if over.any():
             cause = explain.logit_cause(start, now, worst) if start is not None else ""
-            found.append(_alert("logit", "critical", now, _heads(over), value, self.critical,
+            found.append(_alert("logit", "critical", now, _heads(over), "logit_spread", "max",
+                                "above", value, self.critical,
                                 f"attention logits exploded: logit spread {value:,.0f} "
                                 f">= {self.critical:g}", cause))
         elif grown.any():
-            found.append(_alert("logit", "warning", now, _heads(grown), value, self.min_spread,
-                                f"attention logits keep growing: logit spread {value:,.1f}",
-                                explain.logit_cause(start, now, worst)))
+            found.append(_alert(
+                "logit", "warning", now, _heads(grown), "logit_spread", "max", "grew", value,
+                self.min_spread, f"attention logits keep growing: logit spread "
+                f"{start.figure('logit_spread', 'max'):,.1f} at step {start.step} -> "
+                f"{value:,.1f}", explain.logit_cause(start, now, worst), since=start))
         return found
 
 
@@ -122,11 +156,14 @@ class EntropyRule:
     """``entropy``: entropy collapse (Zhai et al. 2023), on the layer's mean over heads of the
     normalised entropy (1 = uniform, 0 = one key per query). ``warning`` when it has fallen by
     at least ``fall`` within ``window`` measurements to ``fall_to`` or less (the softmax
-    sharpening to a handful of keys faster than a model learns where to look; the alert's value
-    is the fall), or is below ``warning``; ``critical`` below ``critical`` (the alert's value is
-    then the entropy). A layer that sharpens fast but stays above ``fall_to`` is a pattern
+    sharpening to a handful of keys faster than a model learns where to look: condition
+    ``fell``, the alert's value the entropy now, its ``since_value`` the entropy it fell from,
+    its threshold the lower of ``fall_to`` and ``since_value - fall``), or is below ``warning``;
+    ``critical`` below ``critical`` (condition ``below``). A layer that sharpens fast but stays above ``fall_to`` is a pattern
     forming (healthy runs do that), not a collapse. A single
     low-entropy head (a previous-token head) is normal, so the rule looks at the mean."""
+
+    figures: ClassVar[tuple[str, ...]] = ("entropy_norm_full",)
 
     fall: float = 0.45
     window: int = 3
@@ -173,7 +210,8 @@ class EntropyRule:
             before = track.last(self.window + 1)[0]
             collapsed = self.collapsed(now.layer) & np.isfinite(heads)
             found.append(_alert(
-                "entropy", severity, now, _heads(collapsed), value, threshold,
+                "entropy", severity, now, _heads(collapsed), "entropy_norm_full", "mean",
+                "below", value, threshold,
                 f"attention entropy collapsed: mean normalised entropy {value:.3f} < "
                 f"{threshold:g} ({nats:.3f} nats; 1 = uniform)",
                 explain.entropy_cause(before, now, int(np.nanargmin(heads)))))
@@ -187,10 +225,11 @@ class EntropyRule:
                 named = np.isfinite(fell) & (fell > 0)
             worst = int(np.nanargmax(np.where(np.isfinite(fell), fell, -np.inf)))
             found.append(_alert(
-                "entropy", "warning", now, _heads(named), drop, self.fall,
+                "entropy", "warning", now, _heads(named), "entropy_norm_full", "mean", "fell",
+                value, min(self.fall_to, value + drop - self.fall),
                 f"attention entropy fell fast: mean normalised entropy "
                 f"{value + drop:.2f} -> {value:.2f} in {now.step - start.step} steps",
-                explain.fall_cause(start, now, worst)))
+                explain.fall_cause(start, now, worst), since=start))
         return found
 
 
@@ -200,6 +239,8 @@ class UniformRule:
     at least ``entropy``) for ``samples`` measurements in a row, while another layer of the
     model has learned where to look (its mean normalised entropy below ``elsewhere``): the
     layer passes no information and is not learning to."""
+
+    figures: ClassVar[tuple[str, ...]] = ("entropy_norm_full",)
 
     entropy: float = 0.99
     samples: int = 6
@@ -231,17 +272,19 @@ class UniformRule:
         value = now.figure("entropy_norm_full", "min")
         others = ", ".join(other.now.layer.tag for other in learned)
         since = recent[0].step
-        return [_alert("uniform", "warning", now, _heads(self.uniform(now.layer)), value,
-                       self.entropy,
+        return [_alert("uniform", "warning", now, _heads(self.uniform(now.layer)),
+                       "entropy_norm_full", "min", "above", value, self.entropy,
                        f"attention uniform since step {since} (normalised entropy >= "
                        f"{value:.3f}) while {others} learned where to look",
-                       explain.uniform_cause(now))]
+                       explain.uniform_cause(now), since=recent[0])]
 
 
 @dataclass(frozen=True, kw_only=True)
 class SinkRule:
     """``sink`` (info): a head whose mean attention on the first key (``sink_full``) reaches
     ``min_mass`` — an attention sink (Xiao et al. 2023), what trained models do."""
+
+    figures: ClassVar[tuple[str, ...]] = ("sink_full",)
 
     min_mass: float = 0.5
 
@@ -256,25 +299,68 @@ class SinkRule:
     def check(self, track: LayerTrack, model: ModelView) -> list[Alert]:
         now = track.now
         sink = now.heads("sink_full")
-        return [_alert("sink", "info", now, (h,), float(sink[h]), self.min_mass,
+        return [_alert("sink", "info", now, (h,), "sink_full", "max", "above", float(sink[h]),
+                       self.min_mass,
                        f"head {h} became an attention sink: {sink[h]:.0%} of its attention on "
                        "the first key", name_heads=False)
                 for h in _heads(self.sinks(now.layer))]
 
 
-def _lazy(rule: CollapseRule, track: LayerTrack, model: ModelView) -> list[Alert]:
-    """``lazy`` (info): the paper's lazy layer. One key for every query is what rank 1 and one
-    column mean: one-hot attention to *different* keys has high rank and is not lazy."""
-    now = track.now
-    layer = now.layer
-    if not layer.is_lazy:
-        return []
-    p = percent(model.tau)
-    return [_alert("lazy", "info", now, _heads(layer.lazy), layer.lazy_share,
-                   rule.min_lazy_share,
-                   f"lazy layer: max rank@{p} {layer.reduce('rank', 'max'):.2f}, max "
-                   f"columns@{p} {layer.reduce('columns', 'max'):.2f}, {layer.lazy_share:.0%} "
-                   "of heads lazy")]
+@dataclass(frozen=True, kw_only=True)
+class LazyRule:
+    """``lazy`` (info): the paper's lazy layer ("When Attention Collapses"), every query on
+    (nearly) the same single key. A head is lazy when its mean rank@tau is at most ``max_rank``
+    and its mean columns@tau at most ``max_columns``; a layer is lazy when at least
+    ``min_lazy_share`` of its heads are (default: all of them). One key for every query is what
+    rank 1 and one column mean: one-hot attention to *different* keys has high rank and is not
+    lazy. The alert's value is the largest rank@tau of the lazy heads (condition ``below``: at
+    most ``max_rank``); :meth:`judge` marks the heads and the layer
+    (:attr:`~attn_probe.snapshot.LayerSummary.lazy`)."""
+
+    figures: ClassVar[tuple[str, ...]] = ("rank", "columns")
+
+    max_rank: float = 1.5
+    max_columns: float = 1.5
+    min_lazy_share: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.max_rank < 1 or self.max_columns < 1:
+            raise ValueError(
+                f"LazyRule thresholds must be >= 1 (got max_rank={self.max_rank}, "
+                f"max_columns={self.max_columns}): rank and columns are at least 1"
+            )
+        if not 0 < self.min_lazy_share <= 1:
+            raise ValueError(
+                f"LazyRule.min_lazy_share must be in (0, 1], got {self.min_lazy_share}"
+            )
+
+    def lazy_heads(self, layer: LayerSummary) -> np.ndarray:
+        """(H,) heads whose mean rank@tau and columns@tau are both within the thresholds."""
+        with np.errstate(invalid="ignore"):
+            return ((layer.heads["rank"] <= self.max_rank)
+                    & (layer.heads["columns"] <= self.max_columns))
+
+    def judge(self, layer: LayerSummary) -> LayerSummary:
+        """``layer`` with its lazy heads and whether it is a lazy layer."""
+        lazy = self.lazy_heads(layer)
+        has_data = layer.has_data
+        share = float(lazy[has_data].mean()) if has_data.any() else float("nan")
+        return dataclasses.replace(layer, lazy=lazy,
+                                   is_lazy=bool(share == share and share >= self.min_lazy_share))
+
+    def check(self, track: LayerTrack, model: ModelView) -> list[Alert]:
+        now = track.now
+        layer = self.judge(now.layer)
+        if not layer.is_lazy:
+            return []
+        p = percent(model.tau)
+        heads = _heads(layer.lazy & layer.has_data)
+        value = _reduce(now, "rank", "max", heads, over_named=True)
+        return [_alert("lazy", "info", now, heads, "rank", "max", "below", value,
+                       self.max_rank,
+                       f"lazy layer: max rank@{p} {layer.reduce('rank', 'max'):.2f}, max "
+                       f"columns@{p} {layer.reduce('columns', 'max'):.2f}, "
+                       f"{layer.lazy_share:.0%} of heads lazy")]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -284,7 +370,7 @@ class AlertRules:
     logit: LogitRule | None = field(default_factory=LogitRule)
     entropy: EntropyRule | None = field(default_factory=EntropyRule)
     uniform: UniformRule | None = field(default_factory=UniformRule)
-    lazy: CollapseRule | None = field(default_factory=CollapseRule)
+    lazy: LazyRule | None = field(default_factory=LazyRule)
     sink: SinkRule | None = field(default_factory=SinkRule)
 
     def check(self, track: LayerTrack, model: ModelView) -> list[Alert]:
@@ -295,5 +381,25 @@ class AlertRules:
             rule = getattr(self, kind)
             if rule is None:
                 continue
-            found += _lazy(rule, track, model) if kind == "lazy" else rule.check(track, model)
+            found += rule.check(track, model)
         return found
+
+    def judge_lazy(self, layer: LayerSummary) -> LayerSummary:
+        """``layer`` with its lazy heads marked by :attr:`lazy` (as it is, without that rule)."""
+        return layer if self.lazy is None else self.lazy.judge(layer)
+
+
+#: The rule of each kind.
+RULE_TYPES: dict[str, type] = {"logit": LogitRule, "entropy": EntropyRule,
+                               "uniform": UniformRule, "lazy": LazyRule, "sink": SinkRule}
+#: Every per-head figure a rule watches or shows beside it.
+WATCHED = tuple(dict.fromkeys(f for rule in RULE_TYPES.values() for f in rule.figures))
+
+
+def shown_with(figure: str) -> tuple[str, ...]:
+    """The per-head figures that show an alert on ``figure``: it, then those its rules show
+    beside it (``max_logit`` beside ``logit_spread``, ``columns`` beside ``rank``)."""
+    beside = (f for rule in RULE_TYPES.values() if rule.figures[0] == figure
+              for f in rule.figures)
+    return tuple(dict.fromkeys((figure, *beside)))
+

@@ -19,6 +19,7 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
+from ..alerts import AlertRules
 from ..attention import (
     CaptureError, Hints, NoAttentionFound, NoKernelCall, find_attention_modules, plan_sites,
 )
@@ -130,11 +131,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="torch device to run the model on (%(default)s)")
 
 
-def _lazy_line(snapshot: Any) -> str:
+def _lazy_line(snapshot: Any, rule: Any) -> str:
+    """The lazy layers, or the lazy rule (``AlertRules.lazy``) none of them met."""
     lazy = [layer for layer in snapshot.layers if layer.is_lazy]
     if lazy:
         return "lazy layers: " + ", ".join(f"{layer.tag} ({layer.name})" for layer in lazy)
-    rule = snapshot.layers[0].rule if snapshot.layers else None
     pct = percent(snapshot.tau)
     if rule is None:
         return f"no lazy layer at tau={snapshot.tau:g}"
@@ -169,6 +170,10 @@ def _save(plot: Any, path: Path, written: list[Path]) -> None:
 
 
 #: How to point at modules on the command line (discovery's messages say it for Python).
+#: The alert rules of ``attn-probe analyze`` (the package's defaults); their lazy rule marks the
+#: lazy layers.
+RULES = AlertRules()
+
 CLI_HINTS = Hints(
     none_found="Name the attention modules with --modules NAME_OR_GLOB (repeatable), e.g. "
     "--modules '{example}'; a module whose kernel cannot be seen needs an adapter, which a "
@@ -270,7 +275,7 @@ def _analyze(args: argparse.Namespace) -> int:
             loaded.model, _batches(tokens, args.batch_size, loaded, device), sequences=n,
             capture=CaptureOptions(modules=args.modules, tau=args.tau, batch_rows=None,
                                    crop=None),
-            samples=True, on_batch=lambda done: bar(done, n),
+            samples=True, alerts=RULES, on_batch=lambda done: bar(done, n),
         )
     except CaptureError as error:
         raise _usage_error(error) from None
@@ -325,7 +330,7 @@ def _analyze(args: argparse.Namespace) -> int:
                                                           snapshot.max_rank_profile())
     )
     print(f"\nMaxRank@{pct}: {profile}")
-    print(_lazy_line(snapshot))
+    print(_lazy_line(snapshot, RULES.lazy))
     if snapshot.alerts:
         print("alerts:\n" + "\n".join(f"  {alert.kind}: {alert.message}"
                                        for alert in snapshot.alerts))

@@ -33,7 +33,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 
-from ..alerts import AlertRules
+from ..alerts import AlertRules, Run
 from ..models.corpus import builtin_corpus
 from ..models.gpt import GPT, GPTConfig
 from ..options import CaptureOptions
@@ -53,6 +53,10 @@ RUNS: dict[str, dict[str, Any]] = {
 }
 
 SCHEDULES = ("one_cycle", "constant")
+#: The one-cycle schedule's share of warm-up steps.
+WARMUP = 0.1
+#: The fewest steps of a run: the one-cycle schedule warms up, then anneals.
+MIN_STEPS = 2
 
 #: What the demo writes into a run's directory: TensorBoard event files, nothing else.
 RUN_FILES = EVENT_FILE
@@ -112,6 +116,11 @@ class DemoResult:
     def name(self) -> str:
         return self.config.name
 
+    @property
+    def run(self) -> Run:
+        """The run's alerts as the one model of a run (what warned first, where, since when)."""
+        return Run(self.name, tuple(self.alerts))
+
 
 def demo_configs(base: DemoConfig, runs: Iterable[str] = tuple(RUNS)) -> list[DemoConfig]:
     """The configs of the named ``runs``: ``base`` with each run's settings (:data:`RUNS`),
@@ -138,6 +147,10 @@ def run_demo(
     ``on_alert`` is the probe's."""
     if config.schedule not in SCHEDULES:
         raise ValueError(f"schedule must be one of {SCHEDULES}, got {config.schedule!r}")
+    if isinstance(config.steps, bool) or not isinstance(config.steps, int) or (
+            config.steps < MIN_STEPS):
+        raise ValueError(f"steps must be an int >= {MIN_STEPS}, got {config.steps!r}: a run "
+                         "warms its learning rate up, then anneals it")
     threads = torch.get_num_threads()
     if config.threads:
         torch.set_num_threads(config.threads)
@@ -157,9 +170,7 @@ def _train(config: DemoConfig, progress, on_alert) -> DemoResult:
         n_head=config.n_head, n_embd=config.n_embd, qk_norm=config.qk_norm,
     ))
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=0.1)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=config.lr, total_steps=config.steps, pct_start=0.1
-    ) if config.schedule == "one_cycle" else None
+    schedule = one_cycle(optimizer, config) if config.schedule == "one_cycle" else None
     generator = torch.Generator().manual_seed(config.seed)
     losses: list[float] = []
     start = time.perf_counter()
@@ -189,6 +200,16 @@ def _train(config: DemoConfig, progress, on_alert) -> DemoResult:
                 progress(step + 1, config.steps, losses[-1])
     return DemoResult(config.log_dir, losses, probe.history, time.perf_counter() - start,
                       config, probe.alerts)
+
+
+def one_cycle(optimizer: torch.optim.Optimizer, config: DemoConfig
+              ) -> torch.optim.lr_scheduler.OneCycleLR:
+    """The one-cycle schedule of ``config.steps`` steps: warm-up over :data:`WARMUP` of them, but
+    over at least 1.5 steps (a short run's warm-up would otherwise end before its first step,
+    or, at 10 steps, at it: a division by zero in PyTorch's schedule), then annealed to ~0."""
+    return torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=config.lr, total_steps=config.steps,
+        pct_start=max(WARMUP, 1.5 / config.steps))
 
 
 @contextmanager

@@ -16,14 +16,15 @@ from . import narrate, report
 from .console import ArgumentParser, Progress, UsageError
 from .demo import RUNS as DEMO_RUNS
 from .demo import (
-    DemoConfig, DemoResult, demo_configs, replace_runs, run_demos, write_summary,
+    MIN_STEPS, DemoConfig, DemoResult, demo_configs, replace_runs, run_demos, write_summary,
 )
 
 
 def _demo(args: argparse.Namespace) -> int:
-    counts = {"--steps": args.steps, "--every": args.every, "--batch-size": args.batch_size,
-              "--layers": args.layers}
+    counts = {"--every": args.every, "--batch-size": args.batch_size, "--layers": args.layers}
     try:
+        check_count("--steps", args.steps, minimum=MIN_STEPS,
+                    why="each run warms its learning rate up, then anneals it")
         for option, value in counts.items():
             check_count(option, value)
         check_count("--pictures-every", args.pictures_every, minimum=0)

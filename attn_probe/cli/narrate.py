@@ -6,11 +6,8 @@ from __future__ import annotations
 import textwrap
 from typing import Sequence
 
-from ..outputs.tables import figure_text
-from ..snapshot import WARNS, Alert
+from ..snapshot import Alert, figure_text
 from .demo import DemoResult
-
-#: Severities that warn a person; ``info`` alerts are counted, not listed.
 
 
 def _extreme(result: DemoResult, metric: str, how: str, pick) -> tuple[float, str, int]:
@@ -34,10 +31,6 @@ def what(alert: Alert) -> str:
     return alert.message.split(": ", 1)[-1]
 
 
-def warnings_of(result: DemoResult) -> list[Alert]:
-    return [a for a in result.alerts if a.severity in WARNS]
-
-
 def run_summary(result: DemoResult) -> str:
     """What one run did: its loss, its extreme attention figures, and its alerts (the first
     warning with its cause)."""
@@ -52,24 +45,27 @@ def run_summary(result: DemoResult) -> str:
         f"  largest logit spread {figure_text(spread)} ({spread_tag}, step {spread_step}); "
         f"lowest layer entropy {entropy:.3f} ({entropy_tag}, step {entropy_step}; 1 = uniform)",
     ]
-    warned = warnings_of(result)
-    information = len(result.alerts) - len(warned)
-    noted = (f" (and {information} alert{'s' * (information != 1)} for information: attention "
-             f"sinks, lazy layers)") if information else ""
-    if not warned:
-        lines.append(f"  warnings: none{noted}")
+    run = result.run
+    warned = run.warnings
+    information = len(run.information)
+    noted = (f" (and {information} alert{'s' * (information != 1)} for information: "
+             f"{', '.join(dict.fromkeys(a.kind for a in run.information))})"
+             ) if information else ""
+    first = run.first_warning()
+    lines.append(f"  {run.headline()}")
+    if first is None:
         return "\n".join(lines)
     lines.append(f"  warnings, the first of each layer, at the first sampled step its condition "
                  f"held{noted}:")
     for tag in dict.fromkeys(alert.tag for alert in warned):
         mine = [alert for alert in warned if alert.tag == tag]
-        first, later = mine[0], mine[1:]
+        earliest, later = mine[0], mine[1:]
         then = "; then " + ", ".join(f"{a.kind} {a.severity} ({a.step})" for a in later) \
             if later else ""
-        lines.append(f"    {first.severity:<8} {first.kind:<8} {tag}  step {first.step:<4} "
-                     f"{what(first)}{then}")
-    if warned[0].cause:
-        lines += textwrap.wrap(f"why: {warned[0].cause}", width=100, initial_indent="  ",
+        lines.append(f"    {earliest.severity:<8} {earliest.kind:<8} {tag}  step "
+                     f"{earliest.step:<4} {what(earliest)}{then}")
+    if first.alerts[0].cause:
+        lines += textwrap.wrap(f"why: {first.alerts[0].cause}", width=100, initial_indent="  ",
                                subsequent_indent="    ")
     return "\n".join(lines)
 
@@ -91,23 +87,25 @@ def what_the_runs_show(results: Sequence[DemoResult]) -> str:
     for result in results:
         losses = result.losses
         about = f"The {result.name} run ({result.config.describe()})"
-        warned = warnings_of(result)
+        run = result.run
         spread, entropy = largest_spread(result)[0], lowest_entropy(result)[0]
-        if not warned:
+        first_warning = run.first_warning()
+        if first_warning is None:
             best = end[result.name] == min(end.values()) and end[result.name] < 0.75 * losses[0]
             sentences.append(
                 f"{about}{' learned' if best else ''}: its loss went {losses[0]:.2f} -> "
                 f"{losses[-1]:.2f} (lowest {min(losses):.2f}), its largest logit spread stayed "
                 f"at or below {figure_text(spread)} and no layer's mean entropy fell below "
-                f"{figure_text(entropy)}: no warning.")
+                f"{figure_text(entropy)}: {run.headline()}.")
             continue
-        first = warned[0]
+        first = first_warning.alerts[0]
+        warned = run.warnings
         kinds = sorted({a.kind for a in warned})
         sentences.append(
             f"{about}: at step {first.step} the probe warned that {first.tag}'s {what(first)}; "
             f"over the run its largest logit spread reached {figure_text(spread)} and the "
             f"lowest layer entropy {figure_text(entropy)} ({' and '.join(kinds)} warnings in "
-            f"{len({a.tag for a in warned})} layers).")
+            f"{len(set(a.tag for a in warned))} layers).")
         after = _loss_near(losses, first.step, window)
         if stable is None or stable is result or len(stable.losses) < len(losses):
             sentences.append(f"From the warning to the end its loss went {after:.2f} -> "
@@ -128,7 +126,7 @@ def what_the_runs_show(results: Sequence[DemoResult]) -> str:
 def _qk_norm_sentence(without: DemoResult, with_norm: DemoResult, stable: DemoResult | None,
                       end: dict, window: int) -> str:
     spreads = figure_text(largest_spread(with_norm)[0]), figure_text(largest_spread(without)[0])
-    if not (warnings_of(without) and not warnings_of(with_norm)):
+    if not (without.run.warnings and not with_norm.run.warnings):
         return (f"In the same setting the largest logit spread was {spreads[0]} with QK-norm "
                 f"and {spreads[1]} without it.")
     losses = end[with_norm.name], end[without.name]

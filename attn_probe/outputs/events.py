@@ -18,6 +18,7 @@ from typing import Iterable
 
 import numpy as np
 
+from ..alerts.run import Run
 from ..snapshot import Alert
 from .tables import markdown_rows, parse_alerts_markdown
 
@@ -58,6 +59,11 @@ class RunEvents:
     #: (tag, meaning) of its scalars at the run's tau and rules, as the run wrote them (empty
     #: when it did not)
     definitions: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def run(self) -> Run:
+        """The run's alerts as the one model of a run (what warned first, where, since when)."""
+        return Run(self.name, self.alerts)
 
     @property
     def loss(self) -> tuple[str, Series] | None:

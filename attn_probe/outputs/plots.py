@@ -25,13 +25,12 @@ from .canvas import (
     as_numpy, axes_at, clamp, colour_map, format_cell, label_ticks, new_plot, plot_to_array,
     text_colour, text_width,
 )
-from .runs import AlertMark, RunSeries, plot_runs, run_series_for
+from .runs import RunSeries, plot_runs, run_series_for
 
 if TYPE_CHECKING:
     from ..snapshot import Snapshot
 
 __all__ = [
-    "AlertMark",
     "attention_heatmap",
     "attention_heatmaps",
     "collapse_map",

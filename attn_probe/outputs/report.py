@@ -18,12 +18,11 @@ from typing import TYPE_CHECKING, Sequence
 import numpy as np
 
 from ..figures import SERIES, Series, definitions
-from ..snapshot import HEAD_STATES, SEVERITIES, HeadState
+from ..snapshot import HEAD_STATES, HeadState, figure_text
 from .curves import Mark, step_curves
 from .events import LOSS_TAGS
 from .health import layer_timeline
 from .runs import value_at
-from .tables import figure_text
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -32,15 +31,14 @@ if TYPE_CHECKING:
 
 __all__ = ["render_report"]
 
-#: The logit figures a chart can show, the rule's first: the chart shows the first a run has
-#: (and whose values its ``logit`` alerts carry, when it has any).
+#: The logit figures a chart can show: the chart shows the first a run has whose figure one of
+#: its alerts watched, else the first it has.
 LOGIT_SERIES = tuple(s for s in SERIES if s.how == "log10")
 ENTROPY_SERIES = next(s for s in SERIES
                       if s.figure.name == "entropy_norm_full" and s.how == "mean")
 #: Words for the logit figures on a chart's axis.
 _LOGIT_WORDS = {"logit_spread": "largest logit spread (max - mean score)",
                 "max_logit": "largest attention logit q·k·scale"}
-_SEVERITY_ORDER = {severity: i for i, severity in enumerate(SEVERITIES)}
 
 STYLE = """
 body { font-family: system-ui, -apple-system, "Segoe UI", "DejaVu Sans", sans-serif;
@@ -89,40 +87,36 @@ def _prefix(series: Series) -> str:
     return series.prefix("")
 
 
-def _alerts_match(run: "RunEvents", series: Series) -> bool:
-    """Whether each ``logit`` alert of the run carries ``series``' value of its layer and step
-    (the alerts say which figure their rule watched; true when there is none)."""
-    layers = run.layers(_prefix(series))
-    return all(
-        alert.tag in layers and np.isclose(10 ** value_at(*layers[alert.tag], alert.step),
-                                           alert.value, rtol=1e-3)
-        for alert in run.alerts if alert.kind == "logit"
-    )
-
-
 def _logit_series(run: "RunEvents") -> Series | None:
     """The logit figure the run's chart shows: the first of :data:`LOGIT_SERIES` the run has
-    whose values its ``logit`` alerts carry, else the first it has."""
+    whose figure one of its alerts watched, else the first it has."""
     present = [series for series in LOGIT_SERIES if run.layers(_prefix(series))]
-    return next((s for s in present if _alerts_match(run, s)), present[0] if present else None)
+    watched = {alert.figure for alert in run.alerts}
+    return next((s for s in present if s.figure.name in watched),
+                present[0] if present else None)
 
 
-def _marks(run: "RunEvents", kind: str, layers: dict) -> list[Mark]:
-    """Crosses at the run's ``kind`` alerts, on the alerted layer's own line and value; the
-    layers of the first such alert are named (the others by their colour)."""
-    fired = [alert for alert in run.alerts if alert.kind == kind and alert.tag in layers]
+def _marks(run: "RunEvents", series: Series, layers: dict) -> list[Mark]:
+    """Crosses at the run's alerts on ``series``' figure, on the alerted layer's own line: at
+    the alert's value where it is the series' reduction, else at the line's value; the layers
+    of the first such alert are named (the others by their colour)."""
+    fired = [alert for alert in run.alerts
+             if alert.figure == series.figure.name and alert.tag in layers]
     first = min((alert.step for alert in fired), default=None)
     marks = []
     for alert in fired:
-        value = value_at(*layers[alert.tag], alert.step)
-        marks.append(Mark(alert.tag, alert.step, value if np.isfinite(value) else alert.value,
-                          alert.tag if alert.step == first else ""))
+        value = (alert.value if alert.reduction == series.reduction
+                 else value_at(*layers[alert.tag], alert.step))
+        marks.append(Mark(alert.tag, alert.step, value, alert.tag if alert.step == first else ""))
     return marks
 
 
-def _threshold(run: "RunEvents", kind: str, sign: str) -> dict[str, float]:
-    found = {alert.threshold for alert in run.alerts if alert.kind == kind}
-    return {f"{kind} alert: {sign} {value:g}": value for value in sorted(found)}
+def _thresholds(run: "RunEvents", series: Series) -> dict[str, float]:
+    """The levels the run's alerts on ``series``' figure compared it with, each named by its
+    condition (``alert: fell to ≤ 0.3``)."""
+    found = {(alert.level_text, alert.threshold) for alert in run.alerts
+             if alert.figure == series.figure.name}
+    return {f"alert: {text}": value for text, value in sorted(found, key=lambda f: f[1])}
 
 
 def _loss_chart(run: "RunEvents") -> str:
@@ -131,7 +125,8 @@ def _loss_chart(run: "RunEvents") -> str:
         return (f'<p class="note">No training loss in this run (none of the tags '
                 f'{", ".join(LOSS_TAGS)}).</p>')
     tag, (steps, values) = loss
-    first = [(run.alerts[0].step, "first alert")] if run.alerts else []
+    warning = run.run.first_warning()
+    first = [(warning.step, "first warning")] if warning is not None else []
     figure = step_curves({tag: (steps, values)}, title=f"training loss ({tag})",
                          ylabel="loss", smooth=9 if steps.size > 30 else 1, events=first)
     return _img(_png(figure), f"{run.name}: training loss ({tag})")
@@ -143,12 +138,10 @@ def _logit_chart(run: "RunEvents") -> str:
         return '<p class="note">No attention logit in this run.</p>'
     layers = {tag: (steps, 10 ** values)
               for tag, (steps, values) in run.layers(_prefix(series)).items()}
-    matches = _alerts_match(run, series)
     figure = step_curves(
         layers, title=f"{_LOGIT_WORDS.get(series.figure.name, series.figure.name)}, per layer",
         ylabel=f"{series.figure.name} (log scale)", log=True,
-        thresholds=_threshold(run, "logit", ">") if matches else None,
-        marks=_marks(run, "logit", layers) if matches else (),
+        thresholds=_thresholds(run, series), marks=_marks(run, series, layers),
     )
     return _img(_png(figure), f"{run.name}: {series.figure.name} of every layer")
 
@@ -159,8 +152,8 @@ def _entropy_chart(run: "RunEvents") -> str:
         return '<p class="note">No normalised entropy in this run.</p>'
     figure = step_curves(
         layers, title="mean normalised entropy, per layer", ylabel="1 = uniform, 0 = one-hot",
-        ylim=(0, 1.05), thresholds=_threshold(run, "entropy", "<"),
-        marks=_marks(run, "entropy", layers),
+        ylim=(0, 1.05), thresholds=_thresholds(run, ENTROPY_SERIES),
+        marks=_marks(run, ENTROPY_SERIES, layers),
     )
     return _img(_png(figure), f"{run.name}: normalised entropy of every layer")
 
@@ -187,10 +180,13 @@ def _alert_table(runs: Sequence["RunEvents"]) -> str:
     alerts = [(run, alert) for run in runs for alert in run.alerts]
     if not alerts:
         return '<p class="note">No alert in any run.</p>'
-    head = ("run", "step", "layer", "kind", "heads", "severity", "value", "threshold", "cause")
+    head = ("run", "step", "layer", "kind", "heads", "severity", "figure", "condition",
+            "value", "threshold", "since", "cause")
     rows = []
     for run, alert in alerts:
         severity = html.escape(alert.severity)
+        since = (f"{figure_text(alert.since_value)} at step {alert.since}"
+                 if alert.since != alert.step else "—")
         cells = [
             f"<td>{html.escape(run.name)}</td>",
             f'<td class="num">{alert.step}</td>',
@@ -198,8 +194,11 @@ def _alert_table(runs: Sequence["RunEvents"]) -> str:
             f"<td>{html.escape(alert.kind)}</td>",
             f"<td>{html.escape(', '.join(map(str, alert.heads)))}</td>",
             f'<td class="sev-{severity}">{severity}</td>',
+            f"<td>{html.escape(alert.figure)} ({html.escape(alert.reduction)})</td>",
+            f"<td>{html.escape(alert.condition)}</td>",
             f'<td class="num">{figure_text(alert.value)}</td>',
             f'<td class="num">{figure_text(alert.threshold)}</td>',
+            f'<td class="num">{since}</td>',
             f"<td>{html.escape(alert.cause) or '—'}</td>",
         ]
         rows.append(f'<tr title="{html.escape(alert.message)}">{"".join(cells)}</tr>')
@@ -219,18 +218,13 @@ def _where_to_look(run: "RunEvents") -> str:
                      f"{figure_text(values[-1])} at step {steps[-1]}")
     elif last is not None:
         items.append(f"logged up to step {last}")
-    if run.alerts:
-        first_step = run.alerts[0].step
-        first = [a for a in run.alerts if a.step == first_step]
-        worst = max((a.severity for a in run.alerts), key=lambda s: _SEVERITY_ORDER.get(s, -1))
-        items.append(
-            f"<b>first alert at step {first_step}: "
-            + ", ".join(f"{a.kind} in {a.tag}" for a in first)
-            + f"</b>; {len(run.alerts)} alert{'s' * (len(run.alerts) != 1)} in "
-            f"{len({a.tag for a in run.alerts})} layer"
-            f"{'s' * (len({a.tag for a in run.alerts}) != 1)}, worst severity {worst}")
-    else:
-        items.append("no alert")
+    model = run.run
+    items.append(f"<b>{html.escape(model.headline())}</b>")
+    if model.alerts:
+        count, layers = len(model.alerts), len(model.layers)
+        items.append(f"{count} alert{'s' * (count != 1)} in {layers} layer"
+                     f"{'s' * (layers != 1)} ({', '.join(model.layers)}), worst severity "
+                     f"{model.worst_severity}")
     health = run.layers("health")
     if health:
         final = {tag: int(values[-1]) for tag, (_, values) in health.items()}

@@ -1,6 +1,7 @@
 """Training runs side by side: the loss of each, its largest logit spread and the entropy of its
 most collapsed layer, with each run's first warnings marked on the curves of the layers they
-fired in and those layers named (:func:`plot_runs`, the demo's summary picture)."""
+fired in and those layers named (:func:`plot_runs`, the demo's summary picture). What warned
+first is the answer of :class:`attn_probe.alerts.Run`, as in the report and on the console."""
 
 from __future__ import annotations
 
@@ -11,24 +12,14 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
 
-from ..snapshot import WARNS
+from ..alerts.run import Run
 from .canvas import as_numpy, axes_at, new_plot
 
 if TYPE_CHECKING:
     from ..snapshot import Alert, Snapshot
 
-__all__ = ["AlertMark", "RunSeries", "moving_average", "run_series_for", "plot_runs",
+__all__ = ["PANELS", "RunSeries", "moving_average", "run_series_for", "plot_runs",
            "value_at"]
-
-
-class AlertMark(NamedTuple):
-    """An alert as :func:`plot_runs` draws it (an :class:`~attn_probe.snapshot.Alert` has
-    these fields too)."""
-
-    kind: str  #: ``"logit"``, ``"entropy"``, ...
-    step: int
-    tag: str  #: the layer it fired in (``L00``)
-    value: float  #: the layer's figure that crossed the threshold
 
 
 class RunSeries(NamedTuple):
@@ -37,16 +28,16 @@ class RunSeries(NamedTuple):
     ``loss`` holds the loss of steps 0, 1, 2, ...; ``steps`` the probe's sampled steps, with
     ``logit_spread`` (the largest over layers and heads) and ``entropy`` (the mean normalised
     entropy of the most collapsed layer: the lowest layer mean) at each; ``alerts`` the run's
-    warnings (:class:`AlertMark` or :class:`~attn_probe.snapshot.Alert`); ``layers`` maps the
-    tag of each alerted layer to its own ``(logit_spread, entropy)`` at ``steps``, the curves
-    its alerts are marked on.
+    alerts (:class:`~attn_probe.snapshot.Alert`, ``info`` ones included: they never count as
+    warnings); ``layers`` maps the tag of each warned layer to its own ``(logit_spread,
+    entropy)`` at ``steps``, the curves its warnings are marked on.
     """
 
     loss: Any
     steps: Any
     logit_spread: Any
     entropy: Any
-    alerts: Sequence[AlertMark] = ()
+    alerts: Sequence["Alert"] = ()
     layers: Mapping[str, tuple[Any, Any]] = {}
 
 
@@ -70,8 +61,9 @@ def moving_average(values: np.ndarray, window: int) -> np.ndarray:
         return (sums[hi] - sums[lo]) / (counts[hi] - counts[lo])
 
 
-#: The kinds of alert :func:`plot_runs` draws: the ones whose figure it has a panel for.
-DRAWN_KINDS = ("logit", "entropy")
+#: The figures of the panels after the loss, as ``(figure, reduction over heads)``: alerts on a
+#: panel's figure are marked on it, on their layer's curve (``RunSeries.layers``, in this order).
+PANELS = (("logit_spread", "max"), ("entropy_norm_full", "mean"))
 
 
 def _cross(ax, x: float, y: float, colour: str) -> None:
@@ -87,37 +79,39 @@ def value_at(steps: np.ndarray, values: np.ndarray | None, step: int) -> float:
     return float(values[where[0]]) if where.size else float("nan")
 
 
-def _mark_alerts(ax, steps: np.ndarray, series: RunSeries, kind: str, column: int,
+def _mark_alerts(ax, steps: np.ndarray, series: RunSeries, run: Run, column: int,
                  colour: str, dashes: Any) -> list[float]:
-    """The run's first alerts of ``kind`` (those at the first step any fired): each such
-    layer's own curve (thin), a cross on it at the step of the alert, and the layers named beside
-    them (one label beside the highest cross: crosses of one step would hide each other's).
-    Returns the values drawn (for the axis limits)."""
+    """The run's first warnings on the figure of panel ``column`` (those at the first step any
+    warning on it fired): each such layer's own curve (thin), a cross on it at the step of the
+    warning, and the layers named beside them (one label beside the highest cross: crosses of
+    one step would hide each other's). Returns the values drawn (for the axis limits)."""
+    figure, reduction = PANELS[column]
+    first = run.first_warning(figure)
     drawn: list[float] = []
     named: list[tuple[float, str]] = []
-    fired = [alert for alert in series.alerts if alert.kind == kind]
-    if not fired:
+    if first is None:
         return drawn
-    first_step = min(alert.step for alert in fired)
-    for alert in (a for a in fired if a.step == first_step):
+    log = column == 0
+    for alert in first.alerts:
         own = series.layers.get(alert.tag)
         values = None if own is None else as_numpy(own[column]).reshape(-1)
         if values is not None and values.shape == steps.shape:
-            if kind == "logit":
+            if log:
                 values = np.where(values > 0, values, np.nan)
             ax.plot(steps, values, color=colour, linewidth=0.9, alpha=0.55, linestyle=dashes)
         else:
             values = None
         y = value_at(steps, values, alert.step)
-        y = y if np.isfinite(y) else float(alert.value)
-        if not np.isfinite(y) or (kind == "logit" and y <= 0):
+        if not np.isfinite(y) and alert.reduction == reduction:
+            y = float(alert.value)
+        if not np.isfinite(y) or (log and y <= 0):
             continue
         _cross(ax, alert.step, y, colour)
         drawn.append(y)
         named.append((y, alert.tag))
     if named:
         top = max(y for y, _ in named)
-        ax.annotate(", ".join(tag for _, tag in sorted(named, reverse=True)), (first_step, top),
+        ax.annotate(", ".join(tag for _, tag in sorted(named, reverse=True)), (first.step, top),
                     xytext=(7, 3), textcoords="offset points", fontsize=8, fontweight="bold",
                     zorder=6)
     return drawn
@@ -135,10 +129,11 @@ def plot_runs(
     layer, one line per run.
 
     ``thresholds``: levels to draw dashed (``"logit"`` on the logit panel, ``"entropy"`` on the
-    entropy panel). Each run's first ``logit`` and ``entropy`` warnings (those at the first step
-    any fired) are marked with a cross on the panel of their figure, on the curve of the layer
-    they fired in (drawn thin, named by its tag) at that layer's value, and on the loss curve;
-    the legend names those layers. The report and TensorBoard show every alert.
+    entropy panel). On each panel of a figure (:data:`PANELS`), a run's first warnings on that
+    figure (those at the first step any fired) are marked with a cross on the curve of the
+    layer they fired in (drawn thin, named by its tag) at that layer's value; the loss curve
+    gets a cross at the run's first warning, and the legend says what warned first, where and
+    since when (:meth:`attn_probe.alerts.Run.first_warning`; ``info`` alerts never count). The report and TensorBoard show every alert.
     ``smooth``: the loss is drawn faint as it is and solid as a centred moving average over
     this many steps (1: no average).
     """
@@ -173,21 +168,15 @@ def plot_runs(
         for ax, values in ((logit_ax, logit), (entropy_ax, entropy)):
             ax.plot(steps, values, color=colour, linewidth=1.5, linestyle=dashes, marker="o",
                     markersize=2.5)
-        logits.append(np.asarray(_mark_alerts(logit_ax, steps, series, "logit", 0, colour,
+        run = Run(name, tuple(series.alerts))
+        logits.append(np.asarray(_mark_alerts(logit_ax, steps, series, run, 0, colour,
                                               dashes)))
-        _mark_alerts(entropy_ax, steps, series, "entropy", 1, colour, dashes)
-        fired = sorted((a for a in series.alerts if a.kind in DRAWN_KINDS),
-                       key=lambda alert: alert.step)
-        if fired and 0 <= fired[0].step < loss.shape[0] and np.isfinite(loss[fired[0].step]):
-            _cross(loss_ax, fired[0].step, loss[fired[0].step], colour)
+        _mark_alerts(entropy_ax, steps, series, run, 1, colour, dashes)
+        first = run.first_warning()
+        if first and 0 <= first.step < loss.shape[0] and np.isfinite(loss[first.step]):
+            _cross(loss_ax, first.step, loss[first.step], colour)
         handles.append(line)
-        if fired:
-            first = [a for a in fired if a.step == fired[0].step]
-            tags = ", ".join(dict.fromkeys(a.tag for a in first))
-            kinds = " and ".join(dict.fromkeys(a.kind for a in first))
-            labels.append(f"{name}: {tags} went wrong at step {first[0].step} ({kinds})")
-        else:
-            labels.append(name)
+        labels.append(f"{name}: {run.headline()}")
 
     for ax, kind, sign in ((logit_ax, "logit", ">"), (entropy_ax, "entropy", "<")):
         if kind in thresholds:
@@ -233,7 +222,7 @@ def plot_runs(
 def run_series_for(losses: Sequence[float], snapshots: Sequence["Snapshot"],
                    alerts: Iterable["Alert"] = ()) -> RunSeries:
     """:class:`RunSeries` of a run: its losses, the probe's snapshots (``probe.history``) and
-    alerts (``probe.alerts``; those of severity ``info`` are left out)."""
+    alerts (``probe.alerts``)."""
 
     def over_layers(snapshot: "Snapshot", metric: str, how: str, pick) -> float:
         values = [layer.reduce(metric, how) for layer in snapshot.layers]
@@ -244,9 +233,9 @@ def run_series_for(losses: Sequence[float], snapshots: Sequence["Snapshot"],
         return np.asarray([next((layer.reduce(metric, how) for layer in s.layers
                                  if layer.tag == tag), float("nan")) for s in snapshots])
 
-    fired = tuple(AlertMark(a.kind, int(a.step), a.tag, float(a.value)) for a in alerts
-                  if getattr(a, "severity", "warning") in WARNS)
-    tags = dict.fromkeys(alert.tag for alert in fired if alert.kind in DRAWN_KINDS)
+    fired = tuple(alerts)
+    drawn = {figure for figure, _ in PANELS}
+    tags = dict.fromkeys(a.tag for a in fired if a.warns and a.figure in drawn)
     return RunSeries(
         loss=np.asarray(losses, dtype=np.float64),
         steps=np.asarray([s.step for s in snapshots], dtype=np.int64),
@@ -255,6 +244,6 @@ def run_series_for(losses: Sequence[float], snapshots: Sequence["Snapshot"],
         entropy=np.asarray([over_layers(s, "entropy_norm_full", "mean", min)
                             for s in snapshots]),
         alerts=fired,
-        layers={tag: (of_layer(tag, "logit_spread", "max"),
-                      of_layer(tag, "entropy_norm_full", "mean")) for tag in tags},
+        layers={tag: tuple(of_layer(tag, figure, how) for figure, how in PANELS)
+                for tag in tags},
     )

@@ -49,7 +49,7 @@ def head_rows(snapshot: Snapshot) -> list[dict]:
             "sequences": int(layer.counts[h]),
             **{metric: float(layer.heads[metric][h]) if metric in layer.heads else math.nan
                for metric in FIGURES},
-            "lazy": bool(layer.lazy[h]),
+            "lazy": layer.lazy is not None and bool(layer.lazy[h]),
         }
         for layer in snapshot.layers
         for h in range(layer.num_heads)
@@ -129,16 +129,10 @@ def html_table(rows: list[dict], columns: dict[str, str]) -> str:
 #: The columns of :func:`alerts_markdown`: header -> the :class:`~attn_probe.snapshot.Alert` field.
 ALERT_COLUMNS = {
     "step": "step", "layer": "tag", "module": "layer", "kind": "kind", "severity": "severity",
-    "heads": "heads", "value": "value", "threshold": "threshold", "cause": "cause",
-    "message": "message",
+    "heads": "heads", "figure": "figure", "reduction": "reduction", "condition": "condition",
+    "value": "value", "threshold": "threshold", "since": "since", "since_value": "since_value",
+    "cause": "cause", "message": "message",
 }
-
-
-def figure_text(value: float) -> str:
-    """A measured figure in a sentence or a table cell: 1,497, 31.8, 4.71, 0.0018."""
-    if not math.isfinite(value):
-        return str(value)
-    return f"{value:,.0f}" if abs(value) >= 100 else f"{value:.3g}"
 
 
 def _cell(value: object) -> str:
@@ -198,8 +192,10 @@ def parse_alerts_markdown(text: str) -> list[Alert]:
         alerts.append(Alert(
             kind=row["kind"], layer=row["layer"], tag=row["tag"],
             heads=tuple(int(h) for h in row["heads"].split(",") if h.strip()),
-            step=int(row["step"]), value=float(row["value"]),
-            threshold=float(row["threshold"]), message=row["message"],
+            step=int(row["step"]), figure=row["figure"], reduction=row["reduction"],
+            condition=row["condition"], value=float(row["value"]),
+            threshold=float(row["threshold"]), since=int(row["since"]),
+            since_value=float(row["since_value"]), message=row["message"],
             severity=row["severity"], cause=row["cause"],
         ))
     return alerts

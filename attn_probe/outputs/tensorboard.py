@@ -10,9 +10,9 @@ with ``Lxx`` the layer and ``{P}`` in a tag the percentage of tau; with them ``l
 ``docs/figures.md`` lists them all, generated from the registry. A row is written only when the
 snapshot has its figure: a 32-layer model gets a few hundred tags, not thousands. Per-head
 scalars ``{tag}/head/Lxx/Hyy`` (and ``qk_clip/gamma/Lxx/Hyy``): by default (``per_head=True``)
-only for the heads an alert names — at most :data:`ALERT_HEADS` per layer and kind, the most
-extreme first, from the alert's step on, the figures of the alert's kind
-(:data:`ALERT_FIGURES`); ``per_head="all"``: every head; ``False``: none.
+only for the heads an alert names — at most :data:`ALERT_HEADS` per layer and figure, the
+most extreme first, from the alert's step on, the alert's figure and those shown beside it
+(:func:`attn_probe.alerts.shown_with`); ``per_head="all"``: every head; ``False``: none.
 
 Alerts are also written as text under the tag ``alerts``, one markdown table per step that has
 any, with every field of the alert (:func:`~attn_probe.outputs.tables.alerts_markdown`, read back
@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Mapping, NamedTuple, Sequence
 
 import numpy as np
 
-from ..alerts import KINDS
+from ..alerts import KINDS, WATCHED, shown_with
 from .. import notices
 from ..figures import FIGURES, SERIES, definitions_markdown
 from ..options import check_count
@@ -54,17 +54,9 @@ __all__ = ["TensorBoardOutput", "LAYOUT_CATEGORY"]
 LAYOUT_CATEGORY = "attn_probe"
 
 
-#: Per-head figures of each kind of alert, and whether its worst heads are the largest.
-ALERT_FIGURES: dict[str, tuple[tuple[str, ...], bool]] = {
-    "logit": (("logit_spread", "max_logit"), True),
-    "entropy": (("entropy_norm_full",), False),
-    "uniform": (("entropy_norm_full",), True),
-    "lazy": (("rank", "columns"), False),
-    "sink": (("sink_full",), True),
-}
-#: Per-head figures with ``per_head="all"``: every alert's.
-PER_HEAD = tuple(dict.fromkeys(f for figures_, _ in ALERT_FIGURES.values() for f in figures_))
-#: With ``per_head=True``, the most heads per layer and kind of alert that get scalars.
+#: Per-head figures with ``per_head="all"``: every one an alert rule watches or shows.
+PER_HEAD = WATCHED
+#: With ``per_head=True``, the most heads per layer and alerted figure that get scalars.
 ALERT_HEADS = 4
 
 
@@ -83,7 +75,7 @@ class TensorBoardOutput(Output):
         writer: or a ``torch.utils.tensorboard.SummaryWriter`` of yours to log into; it stays
             yours: :meth:`close` only flushes it.
         per_head: per-head scalars ``{figure}/head/Lxx/Hyy``: ``True`` for the heads an alert
-            names (at most :data:`ALERT_HEADS` per layer and kind, from the alert's step on),
+            names (at most :data:`ALERT_HEADS` per layer and figure, from the alert's step on),
             ``"all"`` for every head, ``False`` for none.
         pictures_every: draw pictures (head health, collapse map, MaxRank profile, heatmaps)
             at the first sampled step and then at the first sampled step at or after each
@@ -201,7 +193,7 @@ class TensorBoardOutput(Output):
             self._layout_written = True
         if not self._definitions_written and snapshot.layers:
             self.writer.add_text("figures", definitions_markdown(
-                tau=snapshot.tau, lazy=snapshot.layers[0].rule), global_step=snapshot.step)
+                tau=snapshot.tau, lazy=snapshot.lazy_rule), global_step=snapshot.step)
             self._definitions_written = True
         self._watch(snapshot)
         worst = health.worst_states(snapshot)
@@ -259,21 +251,19 @@ class TensorBoardOutput(Output):
         if self.per_head is not True:
             return
         for alert in snapshot.alerts:
-            if alert.kind not in ALERT_FIGURES:
-                continue
-            watched = self._watched.setdefault((alert.layer, alert.kind), [])
+            watched = self._watched.setdefault((alert.layer, alert.figure), [])
             new = [head for head in self._most_extreme(snapshot, alert) if head not in watched]
             watched.extend(new[: max(ALERT_HEADS - len(watched), 0)])
 
     @staticmethod
     def _most_extreme(snapshot: "Snapshot", alert: "Alert") -> list[int]:
-        """The heads ``alert`` names, the most extreme in its kind's first figure first."""
+        """The heads ``alert`` names, the most extreme in its figure first (the largest for a
+        figure that rose, the smallest for one that fell)."""
         heads = list(alert.heads)
-        figures_, largest = ALERT_FIGURES[alert.kind]
+        largest = alert.condition in ("above", "grew")
         layer = next((layer for layer in snapshot.layers if layer.name == alert.layer), None)
-        present = [f for f in figures_ if layer is not None and f in layer.heads]
-        if present:
-            values = np.asarray(layer.heads[present[0]], dtype=np.float64)
+        if layer is not None and alert.figure in layer.heads:
+            values = np.asarray(layer.heads[alert.figure], dtype=np.float64)
             key = [values[h] if h < values.shape[0] and np.isfinite(values[h]) else np.nan
                    for h in heads]
             order = sorted(range(len(heads)), key=lambda i: (
@@ -287,9 +277,11 @@ class TensorBoardOutput(Output):
             return {figure: list(range(layer.num_heads)) for figure in PER_HEAD}
         chosen: dict[str, list[int]] = {}
         if self.per_head:
-            for kind, (figures_, _) in ALERT_FIGURES.items():
-                for head in self._watched.get((layer.name, kind), ()):
-                    for figure in figures_:
+            for (name, watched), heads in self._watched.items():
+                if name != layer.name:
+                    continue
+                for head in heads:
+                    for figure in shown_with(watched):
                         if head not in chosen.setdefault(figure, []):
                             chosen[figure].append(head)
         return chosen

@@ -29,7 +29,6 @@ from attn_probe.snapshot import WARNS, Alert
 DAMAGE = 1.10
 WINDOW = 5
 TAIL = 0.1
-#: The severities that warn a person (``info`` does not).
 #: Recipes that train healthily by design: every warning they get is a false alarm.
 HEALTHY_RECIPES = ("healthy", "sharp", "key_bias")
 TWIN = "healthy"
@@ -43,13 +42,24 @@ class RecordError(ValueError):
     """A file that is not a readable record of the suite."""
 
 
+#: Classes a record may name that have moved since it was written -> where they are now. The
+#: lazy rule each layer summary carried (``snapshot.CollapseRule``) is ``alerts.LazyRule``;
+#: a replay marks the layers' lazy heads again by the rules it is given.
+MOVED = {("attn_probe.snapshot", "CollapseRule"): ("attn_probe.alerts.rules", "LazyRule")}
+
+
+class _Unpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        return super().find_class(*MOVED.get((module, name), (module, name)))
+
+
 def load_record(path: str) -> dict:
     """The record pickled at ``path``; :class:`RecordError` saying why when it cannot be read
     (a record holds attn_probe's ``Snapshot`` and ``Alert``: it loads where those classes are
-    as they were when it was written)."""
+    as they were when it was written, or moved as :data:`MOVED` says)."""
     try:
         with open(path, "rb") as file:
-            record = pickle.load(file)
+            record = _Unpickler(file).load()
     except Exception as error:  # unpickling garbage raises almost anything
         raise RecordError(f"cannot read the record {path}: {type(error).__name__}: "
                           f"{error}") from error

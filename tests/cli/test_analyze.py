@@ -654,6 +654,7 @@ def test_heads_spec_and_summary_line():
     from attn_probe.cli.console import UsageError
     from attn_probe.metrics import head_metrics
     from attn_probe.aggregate import HeadAccumulator
+    from attn_probe.alerts import LazyRule
     from attn_probe.snapshot import Snapshot
 
     names = ["m.0.attn", "m.1.attn", "m.2.attn"]
@@ -676,9 +677,11 @@ def test_heads_spec_and_summary_line():
     accumulator = HeadAccumulator()
     for name, attention in zip(names, (uniform, sink, uniform)):
         accumulator.update(name, head_metrics(attention, TAU))
-    snapshot = Snapshot(step=0, tau=TAU, layers=accumulator.compute(names))
-    assert _lazy_line(snapshot) == "lazy layers: L01 (m.1.attn)"
+    rule = LazyRule()
+    snapshot = Snapshot(step=0, tau=TAU, layers=tuple(
+        rule.judge(layer) for layer in accumulator.compute(names)))
+    assert _lazy_line(snapshot, rule) == "lazy layers: L01 (m.1.attn)"
     assert _most_collapsed(snapshot).name == "m.1.attn"
     calm = Snapshot(step=0, tau=TAU, layers=tuple(
         layer for layer in snapshot.layers if layer.name != "m.1.attn"))
-    assert _lazy_line(calm).startswith("no lazy layer at tau=0.9 under rule: all heads")
+    assert _lazy_line(calm, rule).startswith("no lazy layer at tau=0.9 under rule: all heads")

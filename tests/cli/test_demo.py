@@ -27,6 +27,7 @@ from reference import (
     assert_alert_logged,
     check_report,
     logged_alerts,
+    read_html,
     read_images,
     read_scalars,
     repo_env,
@@ -56,7 +57,10 @@ def logged_alert(row: dict) -> SimpleNamespace:
     return SimpleNamespace(step=int(row["step"]), tag=row["layer"], kind=row["kind"],
                            heads=heads, severity=row["severity"],
                            cause="" if row["cause"] == "—" else row["cause"],
-                           value=float(row["value"]), threshold=float(row["threshold"]))
+                           value=float(row["value"]), threshold=float(row["threshold"]),
+                           figure=row["figure"], reduction=row["reduction"],
+                           condition=row["condition"], since=int(row["since"]),
+                           since_value=float(row["since_value"]))
 
 
 def assert_summary_picture(path):
@@ -179,24 +183,30 @@ def test_demo_replaces_its_own_earlier_runs_and_nothing_else(tmp_path, capsys, s
         f"attn-probe demo: replacing the earlier unstable run in {log_dir}")
     assert {name: sorted((log_dir / name).iterdir()) for name in kept} == kept
     check_each_step_once()
+    # its report is of the run it trained, not of every run under the log directory
+    page = read_html(log_dir / "report.html")
+    assert len([tag for tag, _ in page.elements if tag == "h3"]) == 6  # one cell a section
+    assert "unstable_qk_norm" not in page.text and "unstable" in page.text
 
-    # a file the demo did not write in a run's directory: one line, exit 2, nothing deleted
-    (log_dir / "unstable" / "notes.txt").write_text("mine")
+    # a file the demo did not write in a run's directory, even one whose name starts as an
+    # event file's does: one line, exit 2, nothing deleted
+    (log_dir / "unstable" / "events.csv").write_text("mine")
     before = sorted(p for p in tmp_path.rglob("*"))
     assert main(["demo", *tiny]) == 2
     out, err = capsys.readouterr()
     assert out == "" and err.count("\n") == 1, err
-    assert err.startswith(f"attn-probe demo: error: {log_dir / 'unstable'} holds 'notes.txt', "
+    assert err.startswith(f"attn-probe demo: error: {log_dir / 'unstable'} holds 'events.csv', "
                           "which the demo did not write"), err
     assert sorted(p for p in tmp_path.rglob("*")) == before
     assert (tmp_path / "notes.txt").read_text() == (log_dir / "README").read_text() == "mine"
+    assert (log_dir / "unstable" / "events.csv").read_text() == "mine"
 
 
 def test_demo_log_dir_naming_a_file_is_one_line(tmp_path, capsys):
     (tmp_path / "file").write_text("mine")
     for log_dir, says in [(tmp_path / "file", "exists and is not a directory"),
                           (tmp_path / "file" / "tb", "cannot make the directory")]:
-        assert main(["demo", "--steps", "1", "--log-dir", str(log_dir)]) == 2
+        assert main(["demo", "--steps", "2", "--log-dir", str(log_dir)]) == 2
         out, err = capsys.readouterr()
         assert out == "" and err.count("\n") == 1, err
         assert err.startswith(f"attn-probe demo: error: --log-dir {log_dir}") and says in err
@@ -287,11 +297,53 @@ def test_unstable_run_raises_alerts_and_the_others_none(tmp_path, capsys, recwar
             assert f"{alert.kind} {alert.severity} ({alert.step})" in line
     assert " ".join(f"why: {warned[0].cause}".split()) in " ".join(unstable.split())
     for name in ("stable", "unstable_qk_norm"):
-        assert "warnings: none" in out[out.index(f"{name}: 15 steps"):]
+        assert "no warning" in out[out.index(f"{name}: 15 steps"):]
     paragraph = " ".join(out[out.index("The stable run"):].split())
     assert f"at step {warned[0].step} the probe warned that L00's" in paragraph
     assert "With QK-norm the same setting raised no warning" in paragraph
-    first = [a for a in results["unstable"].alerts if a.step == results["unstable"].alerts[0].step]
-    assert (f"first alert at step {first[0].step}: "
-            + ", ".join(f"{a.kind} in {a.tag}" for a in first)) in page.text
+    line = page.text[page.text.index("first warning: "):]
+    line = line[:line.index(f"at step {warned[0].step}")]
+    for alert in (a for a in warned if a.step == warned[0].step):
+        assert f"{alert.kind} in" in line and alert.tag in line, (line, alert)
     assert_summary_picture(tmp_path / "summary.png")
+
+
+def test_short_demos_run_and_a_run_too_short_to_schedule_is_one_line(tmp_path, capsys,
+                                                                     single_thread):
+    """Any --steps from 2 up trains (at 10, PyTorch's one-cycle schedule with a 10 % warm-up
+    divides by zero); 1 is refused in one line. From 15 steps on the schedule is PyTorch's
+    one-cycle with 10 % warm-up, as it always was."""
+    from attn_probe.cli.demo import one_cycle
+
+    for steps in (2, 3, 9, 10, 11, 14, 15, 40, 150):
+        config = DemoConfig(steps=steps)
+        lrs = []
+        for pct_start in (None, 0.1):
+            optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=config.lr)
+            if pct_start is None:
+                schedule = one_cycle(optimizer, config)
+            elif steps >= 15:
+                schedule = torch.optim.lr_scheduler.OneCycleLR(
+                    optimizer, max_lr=config.lr, total_steps=steps, pct_start=pct_start)
+            else:
+                break
+            lrs.append([])
+            for _ in range(steps):
+                lrs[-1].append(optimizer.param_groups[0]["lr"])
+                optimizer.step()
+                schedule.step()
+        mine = lrs[0]
+        assert all(0 < lr <= config.lr * (1 + 1e-9) for lr in mine), (steps, mine)
+        assert mine[0] < max(mine) or steps == 2, (steps, mine)  # it warms up
+        if steps >= 15:
+            assert mine == lrs[1], steps
+    log_dir = tmp_path / "tb"
+    assert main(["demo", "--steps", "10", "--runs", "unstable", "--every", "5",
+                 "--pictures-every", "0", "--layers", "1", "--batch-size", "1",
+                 "--log-dir", str(log_dir)]) == 0
+    assert "unstable: 10 steps in" in capsys.readouterr().out
+    assert sorted(read_scalars(log_dir / "unstable")["train/loss"]) == list(range(10))
+    assert main(["demo", "--steps", "1", "--log-dir", str(log_dir)]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("\n") == 1
+    assert err.startswith("attn-probe demo: error: --steps must be an int >= 2"), err

@@ -90,7 +90,8 @@ def test_framework_callbacks_check_stop_on(framework):
 def alert(kind: str, step: int, layer: str = "m.0.attn"):
     from attn_probe.snapshot import Alert
 
-    return Alert(kind, layer, "L00", (0,), step, 1.0, 0.5, f"{kind} at step {step}")
+    return Alert(kind, layer, "L00", (0,), step, "logit_spread", "max", "above", 1.0, 0.5, step,
+                 1.0, f"{kind} at step {step}")
 
 
 def test_the_first_stop_on_alert_of_a_closed_step_stops_and_on_alert_stays_the_users(tmp_path):

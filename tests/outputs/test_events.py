@@ -14,9 +14,9 @@ from attn_probe.outputs.events import EventsError, find_runs, read_run, read_run
 from attn_probe.outputs.tables import alerts_markdown
 from attn_probe.snapshot import Alert
 
-ALERT = Alert("logit", "blocks.3.attn", "L03", (1, 2), 20, 621.25, 300.0,
-              "L03 (blocks.3.attn): attention logits grew to 621.2", "critical",
-              "query and key norms grew | lower the learning rate")
+ALERT = Alert("logit", "blocks.3.attn", "L03", (1, 2), 20, "logit_spread", "max", "grew", 621.25,
+              300.0, 10, 12.5, "L03 (blocks.3.attn): attention logits grew to 621.2",
+              "critical", "query and key norms grew | lower the learning rate")
 
 
 def write_run(path, *, rewrite_step_1: bool = False) -> None:
@@ -81,3 +81,20 @@ def test_what_cannot_be_read_is_an_error_saying_so(tmp_path):
         read_runs(tmp_path)
     (broken / "events.out.tfevents.1.host").write_bytes(b"")  # made, nothing written yet
     assert read_run(broken).scalars == {}
+
+
+def test_layers_read_back_in_layer_order_and_each_head_s_sink_alert_apart(tmp_path):
+    """Twelve layers written in a shuffled order, unpadded (``L2``, ``L10``): read back L0 to
+    L11, not in text order (L10 before L2). Sink alerts of three heads of one layer at one step
+    are three alerts, as the probe fired them."""
+    order = np.random.default_rng(0).permutation(12)
+    sinks = [Alert("sink", "blocks.2.attn", "L2", (head,), 5, "sink_full", "max", "above",
+                   0.5 + head / 10, 0.5, 5, 0.5 + head / 10, f"head {head} became a sink", "info")
+             for head in (0, 3, 7)]
+    with SummaryWriter(str(tmp_path)) as writer:
+        for index in order:
+            writer.add_scalar(f"health/L{index}", float(index % 7), 5)
+        writer.add_text("alerts", alerts_markdown(sinks), 5)
+    run = read_run(tmp_path)
+    assert list(run.layers("health")) == [f"L{index}" for index in range(12)]
+    assert run.alerts == tuple(sinks)

@@ -212,9 +212,20 @@ def test_attention_heatmaps_single_head_single_token():
     assert image_axes(zeros)[0].images[0].norm.vmax == 1.0
 
 
+#: The figure each kind of alert of these tests watches, and its reduction over heads.
+WATCHES = {"logit": ("logit_spread", "max"), "entropy": ("entropy_norm_full", "mean"),
+           "sink": ("sink_full", "max")}
+
+
+def mark(kind: str, step: int, tag: str, value: float, severity: str = "warning") -> Alert:
+    """An alert of ``kind`` in layer ``tag`` whose figure was ``value`` at ``step``."""
+    figure, how = WATCHES[kind]
+    return Alert(kind, f"m.{tag}", tag, (0,), step, figure, how, "above", value, 1.0, step,
+                 value, f"{tag}: {kind}", severity=severity)
+
+
 def test_plot_runs_draws_each_run_with_thresholds_and_its_first_warnings():
     steps = np.arange(0, 20, 5)
-    mark = plots.AlertMark
     runs = {
         "stable": plots.RunSeries(np.linspace(5, 2, 20), steps, [1.0, 8.0, 20.0, 30.0],
                                   [1.0, 0.6, 0.5, 0.45]),
@@ -247,7 +258,8 @@ def test_plot_runs_draws_each_run_with_thresholds_and_its_first_warnings():
     texts = lambda ax: [t.get_text() for t in ax.texts]  # noqa: E731
     assert "L01" in texts(logit) and "L01" in texts(entropy)
     legend = [text.get_text() for text in fig.legends[0].get_texts()]
-    assert legend == ["stable", "unstable: L01 went wrong at step 5 (logit and entropy)",
+    assert legend == ["stable: no warning",
+                      "unstable: first warning: logit in L01, entropy in L01 at step 5",
                       "first warning", "alert threshold"]
     # two layers warned at one step: both crosses, and one label naming both, highest first
     together = {"unstable": plots.RunSeries(
@@ -289,14 +301,14 @@ def test_run_series_for_takes_the_extremes_over_layers():
 
     history = [snapshot(0, [[1.0, 2.0], [0.5, 1.5]], [[1.0, 0.9], [0.95, 0.99]]),
                snapshot(5, [[400.0, 2.0], [9.0, 8.0]], [[0.01, 0.03], [0.5, 0.7]])]
-    alert = Alert("logit", "b", "L01", (0,), 5, 9.0, 5.0, "L01: logit")
-    sink = Alert("sink", "a", "L00", (0,), 5, 0.9, 0.5, "L00: sink", severity="info")
+    alert = mark("logit", 5, "L01", 9.0)
+    sink = mark("sink", 5, "L00", 0.9, severity="info")
     series = plots.run_series_for([3.0, 2.5], history, [alert, sink])
     assert list(series.steps) == [0, 5] and list(series.loss) == [3.0, 2.5]
     assert list(series.logit_spread) == [2.0, 400.0]  # the largest head of any layer
     assert list(series.entropy) == pytest.approx([0.95, 0.02])  # the lowest layer mean
-    assert series.alerts == (plots.AlertMark("logit", 5, "L01", 9.0),)
-    # the alerted layer's own curves: its largest head, its mean entropy
+    assert series.alerts == (alert, sink)
+    # the warned layer's own curves: its largest head, its mean entropy (not the info one's)
     (own_logit, own_entropy), = series.layers.values()
     assert list(series.layers) == ["L01"] and list(own_logit) == [1.5, 9.0]
     assert list(own_entropy) == pytest.approx([0.97, 0.6])

@@ -3,6 +3,7 @@ CSV and JSON files read back, for a Snapshot built by hand."""
 
 from __future__ import annotations
 
+import dataclasses
 import csv
 import json
 import math
@@ -20,11 +21,12 @@ from attn_probe.outputs.tables import (
     parse_alerts_markdown,
     write_tables,
 )
+from attn_probe.alerts import LazyRule
 from attn_probe.figures import FIGURES as REGISTRY
 from attn_probe.snapshot import (
+    CONDITIONS,
     SEVERITIES,
     Alert,
-    CollapseRule,
     LayerSummary,
     Snapshot,
 )
@@ -51,15 +53,14 @@ FIGURES = {
 
 
 def by_hand() -> Snapshot:
-    rule = CollapseRule()
+    rule = LazyRule()
     layers = []
     for index, (name, f) in enumerate(FIGURES.items()):
         heads = {m: np.array(f[m], dtype=float) for m in METRICS if m in f}
         counts = np.array(f["counts"])
-        layers.append(LayerSummary(
+        layers.append(rule.judge(LayerSummary(
             name=name, index=index, heads=heads, counts=counts,
-            nonfinite=np.array(f.get("nonfinite", [0, 0, 0])),
-            lazy=rule.lazy_heads(heads["rank"], heads["columns"]), rule=rule))
+            nonfinite=np.array(f.get("nonfinite", [0, 0, 0])))))
     return Snapshot(step=0, tau=0.9, layers=tuple(layers))
 
 
@@ -217,22 +218,28 @@ text = st.text(st.characters(blacklist_categories=("Cs",)), max_size=40)
 @given(kind=text, module=text, message=text, cause=text, severity=st.sampled_from(SEVERITIES),
        heads=st.lists(st.integers(0, 63), max_size=5), step=st.integers(0, 10**7),
        value=st.floats(allow_nan=False, allow_infinity=False, width=32),
-       threshold=st.floats(allow_nan=True, allow_infinity=True))
+       threshold=st.floats(allow_nan=True, allow_infinity=True),
+       figure=text, reduction=st.sampled_from(["max", "mean", "min"]),
+       condition=st.sampled_from(CONDITIONS), since=st.integers(0, 10**7),
+       since_value=st.floats(allow_nan=True, allow_infinity=False, width=32))
 def test_alerts_markdown_reads_back(kind, module, message, cause, severity, heads, step, value,
-                                    threshold):
+                                    threshold, figure, reduction, condition, since, since_value):
     """Every field of an alert survives the table, whatever its text holds (pipes, backslashes,
     newlines become one line: a table row cannot hold more); the tests' own reader of markdown
     tables finds the same cells."""
-    alert = Alert(kind, module, "L07", tuple(heads), step, value, threshold, message, severity,
-                  cause)
+    alert = Alert(kind, module, "L07", tuple(heads), step, figure, reduction, condition, value,
+                  threshold, since, since_value, message, severity, cause)
     table = alerts_markdown([alert, alert])
     one_line = lambda s: " ".join(s.split())  # noqa: E731
     for back in parse_alerts_markdown(table):
-        assert (back.kind, back.layer, back.message, back.cause) == tuple(
-            one_line(s) for s in (kind, module, message, cause))
+        assert (back.kind, back.layer, back.message, back.cause, back.figure) == tuple(
+            one_line(s) for s in (kind, module, message, cause, figure))
         assert (back.tag, back.heads, back.step, back.severity) == ("L07", tuple(heads), step,
                                                                     severity)
+        assert (back.reduction, back.condition, back.since) == (reduction, condition, since)
         assert back.value == pytest.approx(value, rel=1e-6, abs=1e-30)
+        assert (math.isnan(back.since_value) if math.isnan(since_value)
+                else back.since_value == pytest.approx(since_value, rel=1e-6, abs=1e-30))
         assert (math.isnan(back.threshold) if math.isnan(threshold)
                 else back.threshold == pytest.approx(threshold, rel=1e-6))
     rows = markdown_rows(table)
@@ -244,3 +251,13 @@ def test_a_table_of_something_else_has_no_alerts():
     assert parse_alerts_markdown("| a | b |\n| --- | --- |\n| 1 | 2 |") == []
     assert parse_alerts_markdown("no table here") == []
     assert parse_alerts_markdown(alerts_markdown([])) == []
+
+
+def test_layers_no_lazy_rule_judged_have_no_lazy_head():
+    """``AlertRules(lazy=None)``: the tables say no head is lazy and no share is known."""
+    snapshot = by_hand()
+    unjudged = Snapshot(step=0, tau=0.9, layers=tuple(
+        dataclasses.replace(layer, lazy=None, is_lazy=False) for layer in snapshot.layers))
+    assert not any(row["lazy"] for row in head_rows(unjudged))
+    assert all(math.isnan(row["lazy_share"]) and not row["lazy"]
+               for row in layer_rows(unjudged))

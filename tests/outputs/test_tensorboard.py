@@ -14,6 +14,7 @@ from torch.utils.tensorboard import SummaryWriter
 
 from attn_probe.outputs import plots
 from attn_probe.aggregate import HeadAccumulator
+from attn_probe.alerts import LazyRule
 from attn_probe.snapshot import Alert, Snapshot
 from attn_probe.outputs import TensorBoardOutput
 from reference import (
@@ -135,7 +136,8 @@ def build_run(seed: int = 0, tau: float = 0.9):
                                      -1).float(),
         }
         snapshots.append(
-            Snapshot(step=step, tau=tau, layers=accumulator.compute(NAMES), samples=samples)
+            Snapshot(step=step, tau=tau, samples=samples,
+                     layers=tuple(LazyRule().judge(layer) for layer in accumulator.compute(NAMES)))
         )
         expected.append(per_layer)
         accumulator.reset()
@@ -479,8 +481,9 @@ def test_qk_clip_dry_run_and_alerts(tmp_path, per_head):
     (row,) = markdown_rows(text)
     assert step == 7 and row == {
         "step": "7", "layer": "L00", "module": "m.0.attn", "kind": "logit",
-        "severity": "critical", "heads": "1", "value": "1200", "threshold": "1000",
-        "cause": alert.cause, "message": alert.message,
+        "severity": "critical", "heads": "1", "figure": "logit_spread", "reduction": "max",
+        "condition": "above", "value": "1200", "threshold": "1000", "since": "7",
+        "since_value": "1200", "cause": alert.cause, "message": alert.message,
     }
 
 
@@ -508,8 +511,9 @@ def full_snapshot(step: int, heads: int = 8, alerts=(), states=None, **per_head)
                     states={} if states is None else {"m.0.attn": np.asarray(states)})
 
 
-def make_alert(kind: str, step: int, heads, value: float) -> Alert:
-    return Alert(kind, "m.0.attn", "L00", tuple(heads), step, value, 1.0, f"{kind} at {step}")
+def make_alert(kind: str, step: int, heads, value: float, figure: str, condition: str) -> Alert:
+    return Alert(kind, "m.0.attn", "L00", tuple(heads), step, figure, "max", condition, value,
+                 1.0, step, value, f"{kind} at {step}")
 
 
 def test_per_head_scalars_follow_the_heads_an_alert_names(tmp_path):
@@ -520,9 +524,9 @@ def test_per_head_scalars_follow_the_heads_an_alert_names(tmp_path):
     snapshots = [
         full_snapshot(0, entropy_norm_full=entropy, max_logit=logits),
         full_snapshot(5, entropy_norm_full=entropy, max_logit=logits,
-                      alerts=[make_alert("entropy", 5, range(6), 0.1)]),
+                      alerts=[make_alert("entropy", 5, range(6), 0.1, "entropy_norm_full", "below")]),
         full_snapshot(10, entropy_norm_full=entropy, max_logit=logits,
-                      alerts=[make_alert("logit", 10, [7], 900.0)]),
+                      alerts=[make_alert("logit", 10, [7], 900.0, "logit_spread", "above")]),
     ]
     with TensorBoardOutput(str(tmp_path), pictures_every=0) as writer:
         for snapshot in snapshots:
