@@ -55,6 +55,20 @@ _set_stance = getattr(torch.compiler, "set_stance", None)  # torch >= 2.6
 CAN_FORCE_EAGER = _set_stance is not None
 
 
+def enter_eager_stance() -> Any:
+    """Enter ``torch.compiler.set_stance("force_eager")`` and return it, to be exited when the
+    caller is done; None where this torch has no stances or the caller runs inside a compiled
+    region (where the stance cannot be changed)."""
+    if not CAN_FORCE_EAGER or torch.compiler.is_compiling():
+        return None
+    try:
+        stance = _set_stance("force_eager")
+    except RuntimeError:  # "attempted to set_stance in a torch.compile region"
+        return None
+    stance.__enter__()
+    return stance
+
+
 def inert_hook(*args: Any, **kwargs: Any) -> None:
     """What a probe's hook becomes in a copy of the module: does nothing."""
     return None

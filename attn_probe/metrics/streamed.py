@@ -92,6 +92,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ..attention.flex import FlexScoring
 from ..attention.rebuild import AttentionInputs, AttentionScores
 from ..options import check_count, check_tau
 from .blocks import DEFAULT_MEMORY_BUDGET, plan_blocks
@@ -183,8 +184,10 @@ class _Pass:
 
     def __init__(self, query: Tensor, key: Tensor, attn_mask: Tensor | None, is_causal: bool,
                  scale: float | None, sink_logits: Tensor | None, key_padding: Tensor | None,
-                 tau: float, max_sequences: int | None, memory_budget: int) -> None:
+                 tau: float, max_sequences: int | None, memory_budget: int,
+                 flex: FlexScoring | None = None) -> None:
         self.query, self.key, self.mask = _as_4d(query, key, attn_mask)
+        self.flex = flex
         batch, self.heads, self.length, self.dim = self.query.shape
         self.kv_heads, self.keys = self.key.shape[1], self.key.shape[2]
         self.group = self.heads // self.kv_heads
@@ -224,10 +227,13 @@ class _Pass:
         }
         self.bad = torch.zeros(shape, dtype=torch.bool, device=device)
 
-        general = self.mask is not None or self.key_padding is not None
+        general = self.mask is not None or self.key_padding is not None or flex is not None
         self.mask_heads = 1 if self.mask is None else self.mask.shape[1]
+        if flex is not None:  # score_mod and mask_mod may depend on the head
+            self.mask_heads = self.heads
         plan = plan_blocks(self.heads, self.kv_heads, self.length, self.keys, self.dim,
-                     self.mask_heads if general else 0, memory_budget, row_figures=_ROW_FIGURES)
+                           self.mask_heads if general else 0, memory_budget,
+                           row_figures=_ROW_FIGURES, flex=flex is not None)
         self.kv_chunk, self.rows = plan.kv_chunk, plan.rows
         chunk_heads = self.kv_chunk * self.group
         f64 = {"dtype": _F64, "device": device}
@@ -278,7 +284,7 @@ class _Pass:
         if q_lo >= q_hi or k_lo >= k_hi:
             return
         span = _Span(b, q_lo, q_hi, k_lo, k_hi, padding if holes else None,
-                     self.mask is not None or holes)
+                     self.mask is not None or self.flex is not None or holes)
         self.row_count.zero_()
         colmass = torch.zeros(self.heads, k_hi - k_lo, dtype=_F64, device=self.device)
         key_norm = torch.empty(self.kv_heads, dtype=_F64, device=self.device)
@@ -303,6 +309,8 @@ class _Pass:
         see, their per-row figures, and their squared masses added to ``colmass``."""
         n, hq, kv = r1 - r0, h1 - h0, keys.shape[0]
         width = (min(r1, span.k_hi) if self.causal else span.k_hi) - span.k_lo
+        if self.flex is not None:  # keys of blocks the block mask leaves out take no part
+            width = max(1, min(width, self.flex.key_end(span.b, r0, r1, span.k_hi) - span.k_lo))
         q = self.qbuf[: hq * n * self.dim].view(hq, n, self.dim)
         q.copy_(self.query[span.b, h0:h1, r0:r1]).mul_(self.scale)  # in float64
         self.row_qnorm[h0:h1, r0:r1] = torch.linalg.vector_norm(q, dim=-1)
@@ -375,6 +383,8 @@ class _Pass:
         mask = self.mask
         mask_heads = 1 if self.mask_heads == 1 else h1 - h0
         allowed = torch.ones(mask_heads, n, width, dtype=torch.bool, device=self.device)
+        if self.flex is not None:  # score_mod, then the block mask, as flex_attention does
+            allowed &= self.flex.apply(scores, span.b, h0, r0, k_lo)
         if mask is not None:
             m = mask[span.b if mask.shape[0] > 1 else 0]
             m = m[h0:h1] if m.shape[0] > 1 else m
@@ -477,6 +487,7 @@ def full_context_stats(
     tau: float = 0.9,
     max_sequences: int | None = None,
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
+    flex: FlexScoring | None = None,
 ) -> dict[str, Tensor]:
     """Full-sequence per ``(sequence, head)`` attention statistics, streamed over query blocks.
 
@@ -486,7 +497,10 @@ def full_context_stats(
     ``(B, H, L, S)``, bool (True = may attend) or additive float; ``is_causal`` top-left
     aligned; ``scale`` defaults to ``1 / sqrt(E)``; ``sink_logits`` ``(H,)`` learned per-head
     sink logits; ``key_padding`` ``(B, S)`` bool, True = real token; ``max_sequences`` keeps
-    the first ``n`` sequences; ``memory_budget`` bounds the pass's working memory in bytes.
+    the first ``n`` sequences; ``memory_budget`` bounds the pass's working memory in bytes;
+    ``flex``: a ``flex_attention`` call's ``score_mod`` and block mask, evaluated per block on
+    the scaled scores (before ``attn_mask``): every figure is of the scores the kernel's softmax
+    saw, ``max_logit`` and ``logit_spread`` included (after a soft-cap, at most the cap).
 
     Returns tensors of shape ``(B', H)`` on the query's device: ``entropy``, ``entropy_norm``,
     ``sink``, ``sink_logit_mass``, ``max_logit``, ``logit_spread``, ``query_norm``,
@@ -496,7 +510,7 @@ def full_context_stats(
     check_count("max_sequences", max_sequences, optional=True)
     with quiet(query):
         run = _Pass(query, key, attn_mask, is_causal, scale, sink_logits, key_padding, tau,
-                    max_sequences, memory_budget)
+                    max_sequences, memory_budget, flex)
         for b in range(run.sequences):
             run.sequence(b)
         return run.result()
@@ -536,7 +550,7 @@ def full_context_metrics(observed: object, tau: float = 0.9,
             observed.query, observed.key, attn_mask=observed.attn_mask,
             is_causal=observed.is_causal, scale=observed.scale,
             sink_logits=observed.sink_logits, key_padding=padding, tau=tau,
-            memory_budget=memory_budget,
+            memory_budget=memory_budget, flex=observed.flex,
         )
     elif isinstance(observed, AttentionScores):
         stats = scores_stats(observed.scores, observed.probs, sink_mass=observed.sink_mass,
