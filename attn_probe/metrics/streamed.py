@@ -34,7 +34,7 @@ root-mean-square norm of the scaled queries ``scale * q_i`` over the measured ro
 ``key_norm`` that of the centred keys ``k_j - k̄``, and ``alignment`` (computed by the
 aggregation from the other three) the remaining factor: how well the largest scores' queries
 line up with the keys that stand out.  ``kv_head`` is the key head each query head reads
-(key heads the model repeated for the kernel count as one).  ``entropy_norm`` is the mean of ``H_i / log n_i`` over rows
+(key heads the model repeated or tiled for the kernel count as the one they copy).  ``entropy_norm`` is the mean of ``H_i / log n_i`` over rows
 with ``n_i >= 2`` allowed keys (``H_i / log 1`` is undefined; a row with one key has entropy
 0 anyway), so heads can be compared across lengths and masks: 1 is uniform attention.
 
@@ -253,14 +253,21 @@ class _Pass:
                                      device=device)
 
     def _kv_heads(self) -> Tensor:
-        """(H,) the key/value head each query head reads: ``h // group``, where key heads that
-        are exact copies of the one before (a model that repeats its key/value heads for the
-        kernel, as Hugging Face's ``repeat_kv`` does) count as one."""
+        """(H,) the key/value head each query head reads: ``h // group``, where a key head that
+        is an exact copy of an earlier one (a model that repeats its key/value heads for the
+        kernel, as Hugging Face's ``repeat_kv`` does, or tiles them) is that head: the groups
+        are numbered in order of first appearance."""
         keys = self.key[: self.sequences]
-        new = torch.ones(self.kv_heads, dtype=torch.int64, device=self.device)
-        for h in range(1, self.kv_heads):
-            new[h] = int(not torch.equal(keys[:, h], keys[:, h - 1]))
-        return (new.cumsum(0) - 1).repeat_interleave(self.group)
+        first = keys[:, :, :1]  # a cheap fingerprint: only heads that agree on it are compared
+        ids: list[int] = []
+        for h in range(self.kv_heads):
+            same = next((ids[g] for g in range(h) if ids[g] == g
+                         and torch.equal(first[:, h], first[:, g])
+                         and torch.equal(keys[:, h], keys[:, g])), None)
+            ids.append(h if same is None else same)
+        order = {head: number for number, head in enumerate(dict.fromkeys(ids))}
+        groups = torch.tensor([order[i] for i in ids], dtype=torch.int64, device=self.device)
+        return groups.repeat_interleave(self.group)
 
     # ----------------------------------------------------------------------------------------
     # Sequence and block loops
