@@ -21,6 +21,15 @@ B, T, DIM, HEADS, KV_HEADS = 2, 64, 32, 4, 2
 RTOL = 1e-9
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Small matrices: a second intra-op thread only adds synchronisation."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 class FlexSelfAttention(nn.Module):
     """Grouped-query self-attention through ``flex_attention`` (4 query heads, 2 key/value
     heads), with whatever ``block_mask``, ``score_mod`` and ``scale`` the caller gives."""

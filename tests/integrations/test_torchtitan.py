@@ -1,11 +1,20 @@
-"""torchtitan's Llama3 debug model (built from its own config, random weights, on CPU) probed
-with no adapter: every ``FlexAttention`` module is intercepted, and its matrices and figures
-equal a float64 reference written out from each call's own query and key and from the packed
-documents' positions. Forward passes only: ``flex_attention`` has no backward on CPU."""
+"""torchtitan on the CPU.
+
+Its Llama3 debug model (built from its own config, random weights) probed with no adapter:
+every ``FlexAttention`` module is intercepted, and its matrices and figures equal a float64
+reference written out from each call's own query and key and from the packed documents'
+positions. The measurement pass of ``attn_probe.integrations.torchtitan`` logging into
+torchtitan's own ``TensorBoardLogger`` at torchtitan's step (read back from the event file), and
+the config module of docs/distributed.md parsed by torchtitan's ``ConfigManager``.
+
+Forward passes only: torchtitan's training step needs a GPU (``flex_attention`` has no backward
+on the CPU), so ``AttentionProbeTrainer.train_step`` is not run here."""
 
 from __future__ import annotations
 
 import math
+import re
+import sys
 
 import numpy as np
 import pytest
@@ -13,7 +22,7 @@ import torch
 from extras_rule import extra
 
 import attn_probe
-from reference import flex_scores, no_hooks_left, score_figures
+from reference import REPO, flex_scores, no_hooks_left, read_scalars, score_figures
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile",
@@ -23,6 +32,15 @@ pytestmark = [
 
 B, T, CROP = 2, 160, 48
 RTOL = 1e-9
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Small matrices: a second intra-op thread only adds synchronisation."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="module")
@@ -124,3 +142,77 @@ def test_probe_logs_every_layer_of_the_debug_model(debug_model, tmp_path):
                              scale=1 / math.sqrt(q.size(-1)), allowed=dense[:1])
         want = score_figures(scores)["max_logit"][0].numpy()
         np.testing.assert_allclose(layer.heads["max_logit"], want, rtol=1e-9)
+
+
+EVERY = 5
+
+
+def batch():
+    """A torchtitan batch: input tokens, per-document positions, labels."""
+    tokens, positions, _ = packed_batch()
+    return {"input": tokens, "positions": positions}, tokens.roll(-1, dims=1)
+
+
+def test_measurement_pass_logs_into_torchtitans_tensorboard_logger(debug_model, tmp_path):
+    from torchtitan.components.metrics import TensorBoardLogger
+
+    from attn_probe.integrations import torchtitan as integration
+
+    model = debug_model
+    logger = TensorBoardLogger(str(tmp_path))
+    config = integration.ProbeConfig(every=EVERY, batch_rows=2, crop=32)
+    probe = config.probe(model, logger).attach(step=0)
+    input_dict, labels = batch()
+    snapshots = {}
+    try:
+        for step in range(1, 11):  # torchtitan numbers its steps from 1
+            rows, _ = integration.rows(input_dict, labels, config.batch_rows)
+            with torch.compiler.set_stance("force_eager"):  # torchtitan compiles the masks
+                masks = model.get_attention_masks(rows["positions"])
+            snapshots[step] = integration.measure(probe, model, step, rows["input"],
+                                                  positions=rows["positions"],
+                                                  attention_masks=masks)
+            assert not probe.sampling  # the training forward pass that follows is not measured
+    finally:
+        probe.detach()
+        logger.close()
+    assert no_hooks_left(model)
+    assert [s for s, snap in snapshots.items() if snap is not None] == [5, 10]
+    scalars = read_scalars(tmp_path)
+    assert scalars, "nothing logged"
+    assert all(tag.startswith("attn_probe/") for tag in scalars)
+    for step in (5, 10):
+        snapshot = snapshots[step]
+        assert len(snapshot.layers) == 6
+        for layer in snapshot.layers:
+            assert layer.heads["tokens_full"].tolist() == [T] * 16  # every token of each sequence
+            logged = scalars[f"attn_probe/max_logit/max/{layer.tag}"][step]
+            assert math.isclose(logged, layer.reduce("max_logit", "max"), rel_tol=1e-6)
+            logged = scalars[f"attn_probe/entropy_norm_full/mean/{layer.tag}"][step]
+            assert math.isclose(logged, layer.reduce("entropy_norm_full", "mean"), rel_tol=1e-6)
+    assert set(scalars["attn_probe/max_logit/max/L00"]) == {5, 10}
+
+
+def test_docs_config_module_parses_with_torchtitans_config_manager(debug_model, tmp_path,
+                                                                   monkeypatch):
+    """The config module of docs/distributed.md, as written there, read by torchtitan's own
+    command-line parser with the probe's options on the command line."""
+    from torchtitan.config import ConfigManager
+
+    from attn_probe.integrations import torchtitan as integration
+
+    docs = (REPO / "docs" / "distributed.md").read_text()
+    (code,) = re.findall(r"```python\n(# probed_llama3\.py.*?)```", docs, flags=re.S)
+    (tmp_path / "probed_llama3.py").write_text(code)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "probed_llama3", raising=False)
+    config = ConfigManager().parse_args([
+        "--module", "probed_llama3", "--config", "llama3_8b_probed",
+        "--attn_probe.every", "50", "--attn_probe.crop", "128", "--training.steps", "7",
+    ])
+    assert isinstance(config, integration.AttentionProbeTrainer.Config)
+    assert type(config)._owner is integration.AttentionProbeTrainer  # what config.build() makes
+    assert (config.attn_probe.every, config.attn_probe.crop, config.attn_probe.batch_rows) == (
+        50, 128, 1)
+    assert config.training.steps == 7
+    assert config.model_spec.flavor == "8B"  # the rest is torchtitan's own 8B config
