@@ -15,19 +15,11 @@ from torch import nn
 from attn_probe import capture
 from reference import flex_scores, no_hooks_left, score_figures
 
-pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+pytestmark = [pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile"),
+              pytest.mark.usefixtures("single_thread")]
 
 B, T, DIM, HEADS, KV_HEADS = 2, 64, 32, 4, 2
 RTOL = 1e-9
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small matrices: a second intra-op thread only adds synchronisation."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 class FlexSelfAttention(nn.Module):

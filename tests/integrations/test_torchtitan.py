@@ -28,19 +28,11 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile",
                                "ignore::DeprecationWarning"),
     pytest.mark.slow,
+    pytest.mark.usefixtures("single_thread"),
 ]
 
 B, T, CROP = 2, 160, 48
 RTOL = 1e-9
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small matrices: a second intra-op thread only adds synchronisation."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="module")
