@@ -17,8 +17,8 @@ adapter (see :mod:`attn_probe.attention.flex`). What this module adds is the run
   layer at a time, for ``batch_rows`` sequences.
 * The figures go to torchtitan's own loggers (TensorBoard and/or Weights & Biases, whatever
   ``metrics.enable_tensorboard`` / ``metrics.enable_wandb`` turned on, on the rank that logs) at
-  torchtitan's step: :class:`MetricsLoggerWriter` stands in for the probe's ``SummaryWriter``
-  and forwards its scalars (numbers only: that is what those loggers take).
+  torchtitan's step: :func:`metrics_logger_output` makes one of its loggers an output of the
+  probe (numbers only: that is what those loggers take).
 * :func:`measure` runs one measurement pass, for a loop of your own.
 
 What needs a GPU: torchtitan's training step (``flex_attention`` has no backward on the CPU),
@@ -38,6 +38,8 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
+from ..options import CaptureOptions
+from ..outputs import TensorBoardOutput
 from ..probe import AttentionProbe
 from ..snapshot import Snapshot
 from .base import optional_base
@@ -48,11 +50,11 @@ _Trainer, __getattr__ = optional_base(
 )
 
 __all__ = ["AttentionProbeTrainer", "MetricsLoggerWriter", "ProbeConfig", "measure",
-           "with_probe"]
+           "metrics_logger_output", "with_probe"]
 
 
 class MetricsLoggerWriter:
-    """What :class:`~attn_probe.outputs.TensorBoardWriter` writes into, forwarding its scalars
+    """What :class:`~attn_probe.TensorBoardOutput` writes into, forwarding its scalars
     to a torchtitan logger (``TensorBoardLogger``, ``WandBLogger``, their ``LoggerContainer``:
     anything with ``log(metrics: dict, step: int)``): each step's scalars in one ``log`` call
     when the probe flushes, tags prefixed with ``prefix``. Images and text have no place in
@@ -86,6 +88,15 @@ class MetricsLoggerWriter:
 
     def close(self) -> None:
         self.flush()
+
+
+def metrics_logger_output(logger: Any, *, prefix: str = "attn_probe/",
+                          **options: Any) -> TensorBoardOutput:
+    """The probe's output into a torchtitan logger (anything with ``log(metrics, step)``):
+    the scalars of :class:`~attn_probe.TensorBoardOutput` under its tags, prefixed with
+    ``prefix``; ``options`` as it takes them (``per_head``, ``logit_cap``). No pictures."""
+    return TensorBoardOutput(writer=MetricsLoggerWriter(logger, prefix), pictures_every=0,
+                             custom_scalars=False, **options)
 
 
 def measure(probe: AttentionProbe, model: nn.Module, step: int, *args: Any,
@@ -128,10 +139,11 @@ class ProbeConfig:
 
     def probe(self, model: nn.Module, logger: Any) -> AttentionProbe:
         """The probe this section describes, on ``model``, logging into ``logger``."""
-        return AttentionProbe(model, every=self.every, max_sequences=self.batch_rows,
-                              max_tokens=self.crop, writer=MetricsLoggerWriter(logger, self.prefix),
-                              per_head=self.per_head, logit_cap=self.logit_cap, heatmaps={},
-                              images_every=0)
+        return AttentionProbe(model, every=self.every,
+                              capture=CaptureOptions(batch_rows=self.batch_rows, crop=self.crop),
+                              outputs=[metrics_logger_output(logger, prefix=self.prefix,
+                                                             per_head=self.per_head,
+                                                             logit_cap=self.logit_cap)])
 
 
 def rows(input_dict: dict[str, Any], labels: torch.Tensor, n: int

@@ -12,11 +12,14 @@ import pytest
 import torch
 from torch import nn
 
-from attn_probe import capture
+from attn_probe import CaptureOptions, capture
 from reference import flex_scores, no_hooks_left, score_figures
 
-pytestmark = [pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile"),
-              pytest.mark.usefixtures("single_thread")]
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile",
+                               "ignore:`torch.jit.script_method` is deprecated"),
+    pytest.mark.usefixtures("single_thread"),
+]
 
 B, T, DIM, HEADS, KV_HEADS = 2, 64, 32, 4, 2
 RTOL = 1e-9
@@ -179,7 +182,7 @@ def test_crop_of_a_flex_call_is_the_prefix():
     model = FlexModel().eval()
     block_mask, score_mod, scale, modify, dense = case("documents")
     x = torch.randn(B, T, DIM)
-    with torch.no_grad(), capture(model, max_tokens=30, max_sequences=1) as cap:
+    with torch.no_grad(), capture(model, CaptureOptions(batch_rows=1, crop=30)) as cap:
         model(x, block_mask, score_mod, scale)
     scores, _ = references(model.layers[0], x, "documents")
     assert cap.attention["layers.0"].shape == (1, HEADS, 30, 30)

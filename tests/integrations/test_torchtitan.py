@@ -84,7 +84,8 @@ def test_debug_model_measured_exactly_without_adapter(debug_model):
         finally:
             for handle in handles:
                 handle.remove()
-    with torch.no_grad(), attn_probe.capture(model, max_tokens=CROP) as cap:
+    with torch.no_grad(), attn_probe.capture(
+            model, attn_probe.CaptureOptions(batch_rows=None, crop=CROP)) as cap:
         out = model(tokens, positions, masks)
     assert torch.equal(out, plain)
     assert len(cap.modules) == 6
@@ -121,7 +122,7 @@ def test_probe_logs_every_layer_of_the_debug_model(debug_model, tmp_path):
         warnings.simplefilter("error", UserWarning)  # a site the probe cannot measure warns
         warnings.filterwarnings("ignore", "flex_attention called without torch.compile")
         with attn_probe.AttentionProbe(model, every=1, log_dir=str(tmp_path),
-                                       max_tokens=CROP) as probe:
+                                       capture=attn_probe.CaptureOptions(crop=CROP)) as probe:
             with torch.no_grad():
                 model(tokens, positions, masks)
             snapshot = probe.step()
