@@ -16,6 +16,9 @@ the unfused kernel applies ``mask_mod`` alone, and the two agree for every ``Blo
 ``torch.vmap`` over heads, queries and keys (the way ``flex_attention``'s unfused kernel
 evaluates them), at the true positions of the sequence: position-dependent modifications
 (ALiBi, relative biases, document ids of packed sequences) see the indices the kernel gave them.
+A flex call's sequences are measured at their input positions, as the mask says: with documents
+packed in one sequence each query's figures are over the keys of its own document, and the sink
+figure is the attention on the sequence's first key (which only the first document sees).
 
 How the calls are seen: a ``flex_attention`` call reaches the higher-order operator
 ``flex_attention`` with the query and key as the kernel got them (key/value heads not repeated
