@@ -216,3 +216,36 @@ def test_compiled_flex_attention_keeps_working_and_is_measured():
     scores, _ = references(layer, x, "alibi")
     torch.testing.assert_close(cap.attention[""].double(), torch.softmax(scores, dim=-1),
                                rtol=0, atol=2e-6)
+
+
+@pytest.mark.slow
+def test_compiled_model_with_flex_calls_under_the_probe():
+    """A model compiled whole (``aot_eager``: inductor has no CPU lowering of this flex call),
+    probed every other step: every step's output is the eager model's, the unsampled steps run
+    the compiled graph, and the sampled ones are measured exactly."""
+    import attn_probe
+
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    torch.manual_seed(5)
+    model = FlexModel().eval()
+    compiled = torch.compile(model, backend="aot_eager")
+    block_mask, score_mod, scale, _, _ = case("alibi")
+    x = torch.randn(B, T, DIM)
+    with torch.no_grad():
+        with torch.compiler.set_stance("force_eager"):
+            want = model(x, block_mask, score_mod, scale)
+        scores, _ = references(model.layers[0], x, "alibi")
+        snapshots = []
+        with attn_probe.AttentionProbe(model, every=2) as probe:
+            for _ in range(4):
+                assert torch.equal(compiled(x, block_mask, score_mod, scale), want)
+                snapshots.append(probe.step())
+    assert [s is not None for s in snapshots] == [True, False, True, False]
+    assert counters["stats"]["unique_graphs"] >= 1  # the unsampled steps ran compiled code
+    first = score_figures(scores[:1])["max_logit"][0].numpy()
+    for snapshot in snapshots[::2]:
+        torch.testing.assert_close(torch.from_numpy(snapshot.layers[0].heads["max_logit"]),
+                                   torch.from_numpy(first), rtol=1e-9, atol=0)
