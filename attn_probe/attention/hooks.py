@@ -143,15 +143,16 @@ def _run_eagerly(recorder: "Target", forward: Callable, args: tuple, kwargs: dic
     so hooks inside see every kernel. Whatever the call does, the stance is restored and the
     recorder's interception modes opened inside are closed."""
     depth = recorder.depth()
-    try:
-        # Dynamo is off inside this function (see below), so the stance may be set here; it
-        # makes compiled code called from the forward (compiled blocks) run eagerly too.
-        with _set_stance("force_eager") if CAN_FORCE_EAGER else contextlib.nullcontext():
+    # Dynamo is off inside this function (see below), so the stance may be set here; it
+    # makes compiled code called from the forward (compiled blocks) run eagerly too.
+    with _set_stance("force_eager") if CAN_FORCE_EAGER else contextlib.nullcontext():
+        try:
             return forward(*args, **kwargs)
-    finally:
-        # Interception modes of forwards that did not return (an interrupt skips the hooks
-        # that would have closed them) end with the call that opened them.
-        recorder.unwind(depth)
+        finally:
+            # Interception modes (and their stances) of forwards that did not return (an
+            # interrupt skips the hooks that would have closed them) end with the call that
+            # opened them, before its own stance is restored.
+            recorder.unwind(depth)
 
 
 _REASON = (
