@@ -124,9 +124,12 @@ class FlexScoring:
             mask_mod = None
         return cls(score_mod, mask_mod, table, (int(q_block), int(kv_block)))
 
-    def _table(self, b: int, heads: int, r0: int, r1: int, k0: int, k1: int) -> Tensor:
-        """(heads or 1, r1 - r0, k1 - k0) block kinds of sequence ``b``'s rows and keys."""
+    def _table(self, b: int, h0: int, heads: int, r0: int, r1: int, k0: int, k1: int) -> Tensor:
+        """(heads or 1, r1 - r0, k1 - k0) block kinds of sequence ``b``'s heads ``h0 ...``,
+        rows and keys."""
         table = self.blocks[b if self.blocks.size(0) > 1 else 0]
+        if table.size(0) > 1:  # block lists per head
+            table = table[h0:h0 + heads]
         device = table.device
         rows = torch.arange(r0, r1, device=device) // self.block_size[0]
         keys = torch.arange(k0, k1, device=device) // self.block_size[1]
@@ -150,7 +153,7 @@ class FlexScoring:
         (H, N, W) bool. Scores the mask leaves out keep whatever ``score_mod`` made of them."""
         heads, n, w = scores.shape
         device = scores.device
-        kind = self._table(b, heads, r0, r0 + n, k0, k0 + w).expand(heads, n, w)
+        kind = self._table(b, h0, heads, r0, r0 + n, k0, k0 + w).expand(heads, n, w)
         allowed = kind == _FULL
         partial = kind == _PARTIAL
         index = (torch.tensor(b, device=device), torch.arange(h0, h0 + heads, device=device),

@@ -272,7 +272,8 @@ class Recorder:
             )
         if is_flex_call(func):  # (query, key, value, score_mod, block mask tuple, scale, ...)
             query, key, _, score_mod, block_mask, scale = args[:6]
-            return AttentionInputs.of(query, key, scale=float(scale), max_sequences=n,
+            return AttentionInputs.of(query, key, scale=float(scale),
+                                      max_sequences=self.rows(int(query.size(0))),
                                       flex=FlexScoring.of_call(score_mod, block_mask))
         scores = args[0] if args else kwargs.get("input")
         dim = args[1] if len(args) > 1 else kwargs.get("dim")

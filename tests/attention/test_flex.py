@@ -249,3 +249,27 @@ def test_compiled_model_with_flex_calls_under_the_probe():
     for snapshot in snapshots[::2]:
         torch.testing.assert_close(torch.from_numpy(snapshot.layers[0].heads["max_logit"]),
                                    torch.from_numpy(first), rtol=1e-9, atol=0)
+
+
+def test_per_head_block_mask_in_small_head_chunks():
+    """A block mask with lists per head (a window on odd heads only), streamed one key/value
+    head at a time (a small memory budget): each chunk of heads gets its own heads' blocks."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    def mask_mod(b, h, q, kv):
+        return (q >= kv) & ((h % 2 == 0) | (q - kv < 9))
+
+    block_mask = create_block_mask(mask_mod, None, HEADS, T, T, device="cpu", BLOCK_SIZE=16)
+    heads = torch.arange(HEADS)[:, None, None]
+    dense = CAUSAL & ((heads % 2 == 0) | (POS[:, None] - POS[None, :] < 9))
+    model = FlexModel().eval()
+    x = torch.randn(B, T, DIM)
+    options = CaptureOptions(batch_rows=None, crop=None, memory_budget=32 * 2**10)
+    with torch.no_grad(), capture(model, options) as cap:
+        model(x, block_mask)
+    q, k, _ = model.layers[0].qkv(x)
+    scores = flex_scores(q, k, scale=1 / math.sqrt(DIM // HEADS), allowed=dense)
+    got, want = cap.metrics()["layers.0"], score_figures(scores)
+    torch.testing.assert_close(got["entropy_full"], want["entropy"], rtol=RTOL, atol=1e-13)
+    assert torch.equal(got["tokens_full"], want["tokens"])
+    assert torch.equal(got["columns_full"], want["columns"])
