@@ -23,8 +23,9 @@ adapter (see :mod:`attn_probe.attention.flex`). What this module adds is the run
 
 What needs a GPU: torchtitan's training step (``flex_attention`` has no backward on the CPU),
 so :class:`AttentionProbeTrainer` as a whole runs on GPUs only; the measurement pass, the
-loggers and the figures are tested on the CPU. Pipeline parallelism is not supported (the
-measurement pass needs the whole model in one process).
+loggers and the figures are tested on the CPU. Pipeline and context parallelism are refused
+with a message (the measurement pass needs the whole model and whole sequences in one
+process).
 """
 
 from __future__ import annotations
@@ -173,6 +174,12 @@ if _Trainer is not None:
                 raise NotImplementedError(
                     "attn_probe measures the whole model in one process; with pipeline "
                     "parallelism set attn_probe.enable=False"
+                )
+            if self.parallel_dims.cp_enabled:
+                raise NotImplementedError(
+                    "attn_probe in torchtitan does not measure context-parallel sequences yet "
+                    "(each chunk would be measured as a sequence); set attn_probe.enable=False "
+                    "or parallelism.context_parallel_degree=1"
                 )
             self.attn_probe = section.probe(self.model_parts[0], self.metrics_processor.logger)
             self.attn_probe.attach(step=self.step)
