@@ -234,15 +234,18 @@ def test_compiled_model_with_flex_calls_under_the_probe():
     compiled = torch.compile(model, backend="aot_eager")
     block_mask, score_mod, scale, _, _ = case("alibi")
     x = torch.randn(B, T, DIM)
-    with torch.no_grad():
-        with torch.compiler.set_stance("force_eager"):
-            want = model(x, block_mask, score_mod, scale)
-        scores, _ = references(model.layers[0], x, "alibi")
-        snapshots = []
-        with attn_probe.AttentionProbe(model, every=2) as probe:
-            for _ in range(4):
-                assert torch.equal(compiled(x, block_mask, score_mod, scale), want)
-                snapshots.append(probe.step())
+    try:
+        with torch.no_grad():
+            with torch.compiler.set_stance("force_eager"):
+                want = model(x, block_mask, score_mod, scale)
+            scores, _ = references(model.layers[0], x, "alibi")
+            snapshots = []
+            with attn_probe.AttentionProbe(model, every=2) as probe:
+                for _ in range(4):
+                    assert torch.equal(compiled(x, block_mask, score_mod, scale), want)
+                    snapshots.append(probe.step())
+    finally:
+        torch._dynamo.reset()  # the compiled flex graphs stay with this test
     assert [s is not None for s in snapshots] == [True, False, True, False]
     assert counters["stats"]["unique_graphs"] >= 1  # the unsampled steps ran compiled code
     first = score_figures(scores[:1])["max_logit"][0].numpy()
