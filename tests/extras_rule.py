@@ -1,7 +1,7 @@
 """The rule that CI may not skip the optional dependencies' tests (a pytest plugin, its hooks
 imported by conftest.py).
 
-The Hugging Face, Lightning, llama2.c and notebook tests skip where their framework cannot be
+The Hugging Face, Lightning, torchtitan, llama2.c and notebook tests skip where their framework cannot be
 imported (:func:`extra`), so that the core can be tested without them. On CI that
 would hide a broken dependency: every one of those tests would skip and the run pass. With
 ``ATTN_PROBE_REQUIRE_EXTRAS=1`` (set by ``.ci/run``) a test skipped for a reason that names one of
@@ -16,7 +16,7 @@ import pytest
 
 #: The optional dependencies of the ``dev`` extra whose absence may not pass unnoticed.
 EXTRAS = ("transformers", "accelerate", "lightning", "tokenizers", "ipywidgets", "nbclient",
-          "nbformat", "ipykernel")
+          "nbformat", "ipykernel", "torchtitan", "triton")
 REQUIRE_EXTRAS = "ATTN_PROBE_REQUIRE_EXTRAS"
 _NAMES_AN_EXTRA = re.compile(r"\b(%s)\b" % "|".join(map(re.escape, EXTRAS)))
 

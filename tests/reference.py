@@ -125,6 +125,53 @@ def reference_layer_means(
     return out, closest
 
 
+# ------------------------------------------------------------------------ flex_attention
+
+
+def flex_scores(q: torch.Tensor, k: torch.Tensor, *, scale: float, modify=None,
+                allowed: torch.Tensor | None = None) -> torch.Tensor:
+    """The float64 scores (B, H, L, S) the softmax of a ``flex_attention`` call sees, written
+    out: ``q·kᵀ·scale`` (query head h reads key head ``h // (H // H_kv)``), then
+    ``modify(scores, b, h, q_idx, kv_idx)`` on broadcast index grids, then ``-inf`` where
+    ``allowed`` (broadcastable to (B, H, L, S), bool) is False."""
+    q, k = q.detach().double(), k.detach().double()
+    k = k.repeat_interleave(q.size(1) // k.size(1), dim=1)
+    scores = q @ k.mT * scale
+    if modify is not None:
+        b, h, length, keys = scores.shape
+        scores = modify(scores, torch.arange(b).view(-1, 1, 1, 1),
+                        torch.arange(h).view(1, -1, 1, 1), torch.arange(length).view(1, 1, -1, 1),
+                        torch.arange(keys).view(1, 1, 1, -1)).double()
+    if allowed is not None:
+        scores = scores.masked_fill(~allowed, -math.inf)
+    return scores
+
+
+def score_figures(scores: torch.Tensor, tau: float = TAU) -> dict[str, torch.Tensor]:
+    """Per (sequence, head) figures of float64 scores (B, H, L, S) with ``-inf`` at the keys a
+    query may not see, over the rows that see some key: mean entropy, mean attention on key 0,
+    largest score, largest (top − mean allowed score) of a row, the columns holding ``tau`` of
+    the squared column mass, and the rows measured."""
+    out: dict[str, list] = {n: [] for n in ("entropy", "sink", "max_logit", "logit_spread",
+                                            "columns", "tokens")}
+    for per_sequence in scores.double():
+        for s in per_sequence:
+            rows = torch.isfinite(s).any(dim=-1)
+            s = s[rows]
+            a = torch.softmax(s, dim=-1)
+            finite = torch.isfinite(s)
+            mean = torch.where(finite, s, 0.0).sum(dim=-1) / finite.sum(dim=-1)
+            out["entropy"].append(float(-torch.xlogy(a, a).sum(dim=-1).mean()))
+            out["sink"].append(float(a[:, 0].mean()))
+            out["max_logit"].append(float(s.max()))
+            out["logit_spread"].append(float((s.amax(dim=-1) - mean).max()))
+            out["columns"].append(tau_count(column_masses(a), tau)[0])
+            out["tokens"].append(int(rows.sum()))
+    b, h = scores.shape[:2]
+    return {name: torch.tensor(values, dtype=torch.int64 if name in ("columns", "tokens")
+                               else torch.float64).view(b, h) for name, values in out.items()}
+
+
 # ------------------------------------------------------------------------ GPT attention
 
 

@@ -44,6 +44,13 @@ PROMISES: dict[str, list[str]] = {
         # the training run's sampled steps measured the whole 64-token sequences
         r"^  full-context figures on (\d+) of \1 sampled steps, over 64 tokens$",
     ],
+    "bench_flex.py": [
+        r"^ +T side +time ms +/ flex call$",
+        *(rf"^ +256 {side} +{NUMBER} +{NUMBER}x$"
+          for side in ("flex stream", "dense stream", "flex call")),
+        # the flex block loop gives the dense mask's figures where both describe the same mask
+        r"^ +256 without the cap the two streams agree: max \|d entropy\| .* \(ok\)$",
+    ],
     "bench_explore.py": [
         r"^model: 3 layers, 2 heads, width 16; inputs \(4, 24\); 1 threads$",
         *(rf"^switch {what}: +median {NUMBER} s over 2 switches \(ratio {NUMBER} of the first "

@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .flex import FlexScoring
 from .rebuild import AttentionInputs
 
 
@@ -152,11 +153,9 @@ def _is_merged_qkv(module: nn.Module) -> bool:
 def merged_qkv_adapter(module, args, kwargs, *, max_sequences, max_tokens) -> AttentionInputs:
     """q, k from ``qkvo_w[0:2]``, RMS-normed over the head dim, rotated by ``module.rotary``.
 
-    The mask comes from a ``BlockMask`` argument of the forward, materialised as
-    ``flex_attention`` applies it (see :func:`block_mask_elements`) on the first ``max_tokens``
-    tokens (a boolean matrix per head: the whole sequence would cost T² per head); without
-    one, attention is taken to be causal over the whole sequence. The scale is
-    ``module.attn_scale`` when the module has one, else 1/sqrt(head_dim).
+    The mask is a ``BlockMask`` argument of the forward, applied as ``flex_attention`` applies
+    it (see :mod:`.flex`) block by block; without one, attention is taken to be causal. The
+    scale is ``module.attn_scale`` when the module has one, else 1/sqrt(head_dim).
     """
     from torch.nn.attention.flex_attention import BlockMask
 
@@ -165,8 +164,6 @@ def merged_qkv_adapter(module, args, kwargs, *, max_sequences, max_tokens) -> At
         (v for v in (*args, *kwargs.values()) if isinstance(v, BlockMask)), None
     )
     x = _first_tensor(args, kwargs)[:max_sequences]
-    if block_mask is not None:
-        x = x[:, :max_tokens]
     b, t, _ = x.shape
     heads = int(getattr(module, "num_heads", getattr(module, "n_head", 0)))
     if heads <= 0:
@@ -180,46 +177,7 @@ def merged_qkv_adapter(module, args, kwargs, *, max_sequences, max_tokens) -> At
     scale = getattr(module, "attn_scale", None)
     if block_mask is None:
         return AttentionInputs.of(q, k, is_causal=True, scale=scale)
-    mask = block_mask_elements(block_mask, b, heads, t).to(x.device)
-    return AttentionInputs.of(q, k, attn_mask=mask, scale=scale)
-
-
-def block_mask_elements(block_mask, batch: int, heads: int, length: int) -> Tensor:
-    """The boolean (batch, heads, length, length) mask a ``BlockMask`` stands for on the first
-    ``batch`` sequences and the first ``length`` queries and keys.
-
-    Compiled ``flex_attention`` computes only the blocks a ``BlockMask`` lists: every key of a
-    *full* block is attended to without asking ``mask_mod``, keys of a *partial* block where
-    ``mask_mod`` allows, keys of unlisted blocks never. Windows built from the block lists (as
-    modded-nanogpt builds its sliding windows) are therefore honoured, not just ``mask_mod``.
-    (The unfused fallback, used without ``torch.compile``, applies ``mask_mod`` alone; the two
-    agree for every ``BlockMask`` made by ``create_block_mask``.) ``mask_mod`` is evaluated for
-    every sequence and head, as the kernels do, even where the block lists broadcast.
-    """
-    from torch.nn.attention.flex_attention import create_mask
-
-    q_block, kv_block = block_mask.BLOCK_SIZE
-    b = min(block_mask.kv_num_blocks.size(0), batch)
-
-    def listed(num_blocks: Tensor | None, indices: Tensor | None) -> Tensor:
-        if num_blocks is None or indices is None:
-            return torch.zeros((), dtype=torch.bool, device=block_mask.kv_indices.device)
-        num_blocks, indices = num_blocks[:b], indices[:b]
-        cols = indices.size(-1)
-        valid = torch.arange(cols, device=indices.device) < num_blocks.unsqueeze(-1)
-        dense = torch.zeros(
-            (*indices.shape[:-1], cols + 1), dtype=torch.bool, device=indices.device
-        )
-        dense.scatter_(-1, torch.where(valid, indices.long(), cols), True)
-        dense = dense[..., :cols].repeat_interleave(q_block, dim=-2)[..., :length, :]
-        return dense.repeat_interleave(kv_block, dim=-1)[..., :length]
-
-    partial = listed(block_mask.kv_num_blocks, block_mask.kv_indices)
-    full = listed(block_mask.full_kv_num_blocks, block_mask.full_kv_indices)
-    allowed = create_mask(
-        block_mask.mask_mod, batch, heads, length, length, device=block_mask.kv_indices.device
-    )
-    return full | (partial & allowed)
+    return AttentionInputs.of(q, k, scale=scale, flex=FlexScoring.of_call(None, block_mask))
 
 
 # torch.nn.MultiheadAttention, including its fused fast path (which interception cannot see).

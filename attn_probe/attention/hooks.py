@@ -55,6 +55,20 @@ _set_stance = getattr(torch.compiler, "set_stance", None)  # torch >= 2.6
 CAN_FORCE_EAGER = _set_stance is not None
 
 
+def enter_eager_stance() -> Any:
+    """Enter ``torch.compiler.set_stance("force_eager")`` and return it, to be exited when the
+    caller is done; None where this torch has no stances or the caller runs inside a compiled
+    region (where the stance cannot be changed)."""
+    if not CAN_FORCE_EAGER or torch.compiler.is_compiling():
+        return None
+    try:
+        stance = _set_stance("force_eager")
+    except RuntimeError:  # "attempted to set_stance in a torch.compile region"
+        return None
+    stance.__enter__()
+    return stance
+
+
 def inert_hook(*args: Any, **kwargs: Any) -> None:
     """What a probe's hook becomes in a copy of the module: does nothing."""
     return None
@@ -129,15 +143,16 @@ def _run_eagerly(recorder: "Target", forward: Callable, args: tuple, kwargs: dic
     so hooks inside see every kernel. Whatever the call does, the stance is restored and the
     recorder's interception modes opened inside are closed."""
     depth = recorder.depth()
-    try:
-        # Dynamo is off inside this function (see below), so the stance may be set here; it
-        # makes compiled code called from the forward (compiled blocks) run eagerly too.
-        with _set_stance("force_eager") if CAN_FORCE_EAGER else contextlib.nullcontext():
+    # Dynamo is off inside this function (see below), so the stance may be set here; it
+    # makes compiled code called from the forward (compiled blocks) run eagerly too.
+    with _set_stance("force_eager") if CAN_FORCE_EAGER else contextlib.nullcontext():
+        try:
             return forward(*args, **kwargs)
-    finally:
-        # Interception modes of forwards that did not return (an interrupt skips the hooks
-        # that would have closed them) end with the call that opened them.
-        recorder.unwind(depth)
+        finally:
+            # Interception modes (and their stances) of forwards that did not return (an
+            # interrupt skips the hooks that would have closed them) end with the call that
+            # opened them, before its own stance is restored.
+            recorder.unwind(depth)
 
 
 _REASON = (

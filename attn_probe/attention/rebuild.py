@@ -34,6 +34,7 @@ import torch
 from torch import Tensor
 
 from ..options import DEFAULT_MATRIX_BUDGET
+from .flex import FlexScoring
 
 
 @dataclass(frozen=True)
@@ -57,16 +58,26 @@ class AttentionInputs:
     key_padding: Tensor | None = None
     #: where padding was left out: query, key and mask as the kernel got them
     as_given: "AttentionInputs | None" = None
+    #: a ``flex_attention`` call's ``score_mod`` and block mask, applied to the scores before
+    #: ``attn_mask``; its sequences are measured at their input positions (the modifications
+    #: depend on them), keys that no query may see simply take no mass
+    flex: FlexScoring | None = None
 
     @classmethod
     def of(cls, query: Tensor, key: Tensor, *, attn_mask: Tensor | None = None,
            is_causal: bool = False, scale: float | None = None,
-           max_sequences: int | None = None) -> "AttentionInputs":
+           max_sequences: int | None = None,
+           flex: FlexScoring | None = None) -> "AttentionInputs":
         """The first ``max_sequences`` sequences of a kernel call's arguments (3-d (B, L, E)
         inputs are one head), their padding left out (see the module docstring)."""
         query, key, attn_mask = _as_heads(query, key, attn_mask)
         n = query.size(0) if max_sequences is None else min(query.size(0), max_sequences)
         query, key = _take_sequences(query.detach(), n), _take_sequences(key.detach(), n)
+        if flex is not None:
+            if attn_mask is not None or is_causal:
+                raise ValueError("a flex_attention call takes its mask from flex, not "
+                                 "attn_mask or is_causal")
+            return cls(query, key, scale=scale, flex=flex)
         if attn_mask is None:
             return cls(query, key, None, bool(is_causal), scale)
         attn_mask = _blocking_as_inf(_take_sequences(_as_4d(attn_mask.detach()), n))
@@ -111,6 +122,7 @@ class AttentionInputs:
         return attention_probabilities(
             self.query, self.key, attn_mask=self.attn_mask, is_causal=self.is_causal,
             scale=self.scale, max_tokens=max_tokens, sink_logits=self.sink_logits,
+            flex=self.flex,
         )
 
 
@@ -320,6 +332,7 @@ def attention_probabilities(
     max_sequences: int | None = None,
     max_tokens: int | None = None,
     sink_logits: Tensor | None = None,
+    flex: FlexScoring | None = None,
 ) -> Tensor:
     """Rebuild A (B, H, T, S) in float32 from the inputs of an SDPA call.
 
@@ -331,7 +344,9 @@ def attention_probabilities(
     keys beyond the first ``max_tokens`` only where those queries can see them (see the module
     docstring). Queries that may attend to no key at all get a row of zeros, not NaN.
     ``sink_logits`` (H,): learned per-head sink logits, an extra score column that takes mass
-    in the softmax and is dropped after it (rows then sum to less than 1).
+    in the softmax and is dropped after it (rows then sum to less than 1). ``flex``: the
+    ``score_mod`` and block mask of a ``flex_attention`` call, applied to the scaled scores
+    first.
     """
     query, key, attn_mask = _as_heads(query, key, attn_mask)
     n = query.size(0) if max_sequences is None else min(query.size(0), max_sequences)
@@ -350,12 +365,19 @@ def attention_probabilities(
         if is_causal:
             causal = torch.ones(t, keys, dtype=torch.bool, device=q.device).tril()
             mask = causal if mask is None else _combine(mask, causal)
-        s = keys if _sees_beyond(mask, t, keys) else min(keys, t)
+        s = keys if flex is not None or _sees_beyond(mask, t, keys) else min(keys, t)
         k = k[:, :, :s].float()
         if kv_heads != heads:
             k = k.repeat_interleave(heads // kv_heads, dim=1)
         scores = torch.matmul(q, k.transpose(-2, -1))
         scores.mul_(1.0 / math.sqrt(q.size(-1)) if scale is None else scale)
+        if flex is not None:
+            allowed = torch.stack([flex.apply(scores[i], i, 0, 0, 0)
+                                   for i in range(scores.size(0))])
+            scores.masked_fill_(~allowed, -math.inf)
+            if t < keys and not bool(allowed[..., t:].any()):  # the crop of the prefix is exact
+                s = t
+                scores = scores[..., :s]
         if mask is not None:
             mask = mask[..., :s]
             if mask.dtype == torch.bool:

@@ -3,8 +3,12 @@
 Each monitored module (a *site*) is served by one strategy, chosen once when hooks are attached:
 
 * interception: while the module's forward runs, a ``TorchFunctionMode`` watches its calls to
-  ``scaled_dot_product_attention`` (and eager ``softmax`` over a (B, H, T, S) score tensor), lets
-  the kernel run untouched, and rebuilds A from exactly the q, k and mask it was given;
+  ``scaled_dot_product_attention``, ``flex_attention`` (its ``score_mod`` and block mask with
+  them, see :mod:`.flex`) and eager ``softmax`` over a (B, H, T, S) score tensor, lets the kernel
+  run untouched, and rebuilds A from exactly the q, k and mask it was given. The forward runs
+  under ``torch.compiler.set_stance("force_eager")`` meanwhile: compiled code inside it (a
+  compiled ``flex_attention``, which also compiles itself when called eagerly) runs eagerly, so
+  Dynamo never traces the mode;
 * an adapter (see :mod:`.adapters`) recomputes q and k from the module's input and weights,
   before the forward, without touching how it runs. Modules that leave their fused fast path
   when they carry a hook (``nn.TransformerEncoderLayer``) get a removable wrapper around the
@@ -38,6 +42,7 @@ from torch.utils.hooks import RemovableHandle
 
 from . import hooks
 from .adapters import find_adapter
+from .flex import FlexScoring, is_flex_call
 from .rebuild import AttentionInputs, AttentionScores
 from .sites import CaptureError, NoKernelCall, Site
 
@@ -53,6 +58,8 @@ class _Frame:
     args: tuple
     kwargs: dict
     mode: TorchFunctionMode | None = None
+    #: the ``force_eager`` stance held while the forward runs (None: none was set)
+    stance: Any = None
     attention: Tensor | None = None
     error: BaseException | None = field(default=None)
 
@@ -68,7 +75,7 @@ class _Interceptor(TorchFunctionMode):
         if (
             self.frame.attention is None
             and self.frame.error is None
-            and (func is _SDPA or func in _SOFTMAX)
+            and (func is _SDPA or func in _SOFTMAX or is_flex_call(func))
             and self.recorder._stack[-1] is self.frame  # the innermost monitored module's call
         ):
             try:
@@ -165,6 +172,9 @@ class Recorder:
         # after its owner let go of it.
         mode, frame.mode = frame.mode, None
         mode.__exit__(None, None, None)
+        stance, frame.stance = frame.stance, None
+        if stance is not None:
+            stance.__exit__(None, None, None)
 
     @property
     def attached(self) -> bool:
@@ -196,6 +206,7 @@ class Recorder:
             self._deliver(site, lambda: self._adapt(site, args, kwargs))
             return
         frame = _Frame(site, args, kwargs)
+        frame.stance = hooks.enter_eager_stance()
         frame.mode = _Interceptor(self, frame)
         frame.mode.__enter__()
         self._stack.append(frame)
@@ -259,6 +270,11 @@ class Recorder:
                 is_causal=bool(bound.get("is_causal", False)), scale=bound.get("scale"),
                 max_sequences=n,
             )
+        if is_flex_call(func):  # (query, key, value, score_mod, block mask tuple, scale, ...)
+            query, key, _, score_mod, block_mask, scale = args[:6]
+            return AttentionInputs.of(query, key, scale=float(scale),
+                                      max_sequences=self.rows(int(query.size(0))),
+                                      flex=FlexScoring.of_call(score_mod, block_mask))
         scores = args[0] if args else kwargs.get("input")
         dim = args[1] if len(args) > 1 else kwargs.get("dim")
         if not isinstance(out, Tensor) or scores.dim() != 4 or dim not in (-1, 3):

@@ -18,11 +18,13 @@ from ..probe import AlertCallback, AttentionProbe, check_settings
 from ..snapshot import Alert
 
 
-def optional_base(module: str, name: str, *, label: str, extra: str
+def optional_base(module: str, name: str, *, label: str, extra: str,
+                  exported: tuple[str, ...] = ("AttentionProbeCallback",),
                   ) -> tuple[type | None, Callable]:
     """The class ``module.name`` (None when the framework is missing), and a module
     ``__getattr__`` for the integration module that raises ``ImportError`` saying what to
-    install when ``AttentionProbeCallback`` is asked for without the framework."""
+    install when one of ``exported`` (its classes built on the framework) is asked for without
+    the framework."""
     try:
         base = getattr(importlib.import_module(module), name)
         error: ImportError | None = None
@@ -30,9 +32,9 @@ def optional_base(module: str, name: str, *, label: str, extra: str
         base, error = None, missing
 
     def module_getattr(attribute: str) -> Any:
-        if attribute == "AttentionProbeCallback" and error is not None:
+        if attribute in exported and error is not None:
             raise ImportError(
-                f"the {label} callback needs {module.split('.')[0]}: "
+                f"the {label} {attribute} needs {module.split('.')[0]}: "
                 f'pip install "attn_probe[{extra}]" ({error})'
             )
         raise AttributeError(attribute)

@@ -7,7 +7,8 @@ Besides its inputs the pass holds, in float64: the keys of one chunk of key head
 scores, then their exponentials), the scaled query block, the column masses (``H * S``, and
 one block's), and per-row figures (``H * L``: maximum, entropy, attention on key 0, sink-logit
 mass, allowed-key count); with a user mask or gaps in the padding, one boolean ``block * S``
-per mask head.  The chunk and the block are chosen so that all of this, plus room for the BLAS
+per mask head; for a ``flex_attention`` call, per head, the block kinds, ``mask_mod``'s mask and
+``score_mod``'s float64 temporaries (counted as 40 bytes per score).  The chunk and the block are chosen so that all of this, plus room for the BLAS
 library to pack one key head's panel, fits ``memory_budget`` less a sixteenth kept for small
 temporaries.  The key copy is also capped at 8 MiB and the score buffers at 16 MiB, because
 larger ones fall out of the cache and are slower: the default 64 MiB is a bound the pass
@@ -36,6 +37,9 @@ _SCORE_BYTES = 16
 # Bytes per mask entry (per mask head) while a general mask is built: the boolean matrix and
 # one temporary of the same size.
 _MASK_BYTES = 2
+# Bytes per score entry of a flex_attention call's block: block kinds and masks (int8, bool),
+# the float64 result of score_mod and about three temporaries of it.
+_FLEX_BYTES = 40
 # Float64 vectors of block length alive at once per head (shift, sums, weights, ...).
 _ROW_VECTORS = 12
 # Share of the budget (1 / _RESERVE) left for what the plan does not count: allocator
@@ -68,7 +72,7 @@ class BlockPlan:
 
 
 def plan_blocks(heads: int, kv_heads: int, length: int, keys: int, dim: int, mask_heads: int,
-                budget: int, *, row_figures: int) -> BlockPlan:
+                budget: int, *, row_figures: int, flex: bool = False) -> BlockPlan:
     """Key-head chunk and block rows such that everything the pass holds fits ``budget``.
 
     Held for the whole pass: the column masses (running sums and one block's), the
@@ -76,7 +80,8 @@ def plan_blocks(heads: int, kv_heads: int, length: int, keys: int, dim: int, mas
     batched GEMM keeps such a buffer from its first call).  Per chunk: the float64 key copy,
     at most ``_KEYS_BYTES`` and half of what is left.  Per block row: the two score rows of
     each of the chunk's heads, its query row, per-row vectors and ``mask_heads`` boolean mask
-    rows; the score buffers are capped at ``_BLOCK_BYTES``, and blocks of 8 rows or more are
+    rows (``flex``: a ``flex_attention`` call's block mask and ``score_mod`` evaluated per
+    head); the score buffers are capped at ``_BLOCK_BYTES``, and blocks of 8 rows or more are
     rounded down to a multiple of 8 (BLAS kernels work in panels of 8 rows).
     """
     group = heads // kv_heads
@@ -87,7 +92,7 @@ def plan_blocks(heads: int, kv_heads: int, length: int, keys: int, dim: int, mas
     chunk_heads = kv_chunk * group
     left = usable - fixed - kv_chunk * key_head
     extra = (chunk_heads * (dim + _ROW_VECTORS) * 8
-             + min(mask_heads, chunk_heads) * keys * _MASK_BYTES)
+             + min(mask_heads, chunk_heads) * keys * (_FLEX_BYTES if flex else _MASK_BYTES))
     rows = min(block_rows(chunk_heads, keys, left, extra_per_row=extra),
                block_rows(chunk_heads, keys, _BLOCK_BYTES))
     if rows >= 8:

@@ -34,7 +34,7 @@ root-mean-square norm of the scaled queries ``scale * q_i`` over the measured ro
 ``key_norm`` that of the centred keys ``k_j - k̄``, and ``alignment`` (computed by the
 aggregation from the other three) the remaining factor: how well the largest scores' queries
 line up with the keys that stand out.  ``kv_head`` is the key head each query head reads
-(key heads the model repeated for the kernel count as one).  ``entropy_norm`` is the mean of ``H_i / log n_i`` over rows
+(key heads the model repeated or tiled for the kernel count as the one they copy).  ``entropy_norm`` is the mean of ``H_i / log n_i`` over rows
 with ``n_i >= 2`` allowed keys (``H_i / log 1`` is undefined; a row with one key has entropy
 0 anyway), so heads can be compared across lengths and masks: 1 is uniform attention.
 
@@ -92,6 +92,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ..attention.flex import FlexScoring
 from ..attention.rebuild import AttentionInputs, AttentionScores
 from ..options import check_count, check_tau
 from .blocks import DEFAULT_MEMORY_BUDGET, plan_blocks
@@ -183,8 +184,10 @@ class _Pass:
 
     def __init__(self, query: Tensor, key: Tensor, attn_mask: Tensor | None, is_causal: bool,
                  scale: float | None, sink_logits: Tensor | None, key_padding: Tensor | None,
-                 tau: float, max_sequences: int | None, memory_budget: int) -> None:
+                 tau: float, max_sequences: int | None, memory_budget: int,
+                 flex: FlexScoring | None = None) -> None:
         self.query, self.key, self.mask = _as_4d(query, key, attn_mask)
+        self.flex = flex
         batch, self.heads, self.length, self.dim = self.query.shape
         self.kv_heads, self.keys = self.key.shape[1], self.key.shape[2]
         self.group = self.heads // self.kv_heads
@@ -224,10 +227,13 @@ class _Pass:
         }
         self.bad = torch.zeros(shape, dtype=torch.bool, device=device)
 
-        general = self.mask is not None or self.key_padding is not None
+        general = self.mask is not None or self.key_padding is not None or flex is not None
         self.mask_heads = 1 if self.mask is None else self.mask.shape[1]
+        if flex is not None:  # score_mod and mask_mod may depend on the head
+            self.mask_heads = self.heads
         plan = plan_blocks(self.heads, self.kv_heads, self.length, self.keys, self.dim,
-                     self.mask_heads if general else 0, memory_budget, row_figures=_ROW_FIGURES)
+                           self.mask_heads if general else 0, memory_budget,
+                           row_figures=_ROW_FIGURES, flex=flex is not None)
         self.kv_chunk, self.rows = plan.kv_chunk, plan.rows
         chunk_heads = self.kv_chunk * self.group
         f64 = {"dtype": _F64, "device": device}
@@ -247,14 +253,21 @@ class _Pass:
                                      device=device)
 
     def _kv_heads(self) -> Tensor:
-        """(H,) the key/value head each query head reads: ``h // group``, where key heads that
-        are exact copies of the one before (a model that repeats its key/value heads for the
-        kernel, as Hugging Face's ``repeat_kv`` does) count as one."""
+        """(H,) the key/value head each query head reads: ``h // group``, where a key head that
+        is an exact copy of an earlier one (a model that repeats its key/value heads for the
+        kernel, as Hugging Face's ``repeat_kv`` does, or tiles them) is that head: the groups
+        are numbered in order of first appearance."""
         keys = self.key[: self.sequences]
-        new = torch.ones(self.kv_heads, dtype=torch.int64, device=self.device)
-        for h in range(1, self.kv_heads):
-            new[h] = int(not torch.equal(keys[:, h], keys[:, h - 1]))
-        return (new.cumsum(0) - 1).repeat_interleave(self.group)
+        first = keys[:, :, :1]  # a cheap fingerprint: only heads that agree on it are compared
+        ids: list[int] = []
+        for h in range(self.kv_heads):
+            same = next((ids[g] for g in range(h) if ids[g] == g
+                         and torch.equal(first[:, h], first[:, g])
+                         and torch.equal(keys[:, h], keys[:, g])), None)
+            ids.append(h if same is None else same)
+        order = {head: number for number, head in enumerate(dict.fromkeys(ids))}
+        groups = torch.tensor([order[i] for i in ids], dtype=torch.int64, device=self.device)
+        return groups.repeat_interleave(self.group)
 
     # ----------------------------------------------------------------------------------------
     # Sequence and block loops
@@ -278,7 +291,7 @@ class _Pass:
         if q_lo >= q_hi or k_lo >= k_hi:
             return
         span = _Span(b, q_lo, q_hi, k_lo, k_hi, padding if holes else None,
-                     self.mask is not None or holes)
+                     self.mask is not None or self.flex is not None or holes)
         self.row_count.zero_()
         colmass = torch.zeros(self.heads, k_hi - k_lo, dtype=_F64, device=self.device)
         key_norm = torch.empty(self.kv_heads, dtype=_F64, device=self.device)
@@ -303,6 +316,8 @@ class _Pass:
         see, their per-row figures, and their squared masses added to ``colmass``."""
         n, hq, kv = r1 - r0, h1 - h0, keys.shape[0]
         width = (min(r1, span.k_hi) if self.causal else span.k_hi) - span.k_lo
+        if self.flex is not None:  # keys of blocks the block mask leaves out take no part
+            width = max(1, min(width, self.flex.key_end(span.b, r0, r1, span.k_hi) - span.k_lo))
         q = self.qbuf[: hq * n * self.dim].view(hq, n, self.dim)
         q.copy_(self.query[span.b, h0:h1, r0:r1]).mul_(self.scale)  # in float64
         self.row_qnorm[h0:h1, r0:r1] = torch.linalg.vector_norm(q, dim=-1)
@@ -375,6 +390,8 @@ class _Pass:
         mask = self.mask
         mask_heads = 1 if self.mask_heads == 1 else h1 - h0
         allowed = torch.ones(mask_heads, n, width, dtype=torch.bool, device=self.device)
+        if self.flex is not None:  # score_mod, then the block mask, as flex_attention does
+            allowed &= self.flex.apply(scores, span.b, h0, r0, k_lo)
         if mask is not None:
             m = mask[span.b if mask.shape[0] > 1 else 0]
             m = m[h0:h1] if m.shape[0] > 1 else m
@@ -477,6 +494,7 @@ def full_context_stats(
     tau: float = 0.9,
     max_sequences: int | None = None,
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
+    flex: FlexScoring | None = None,
 ) -> dict[str, Tensor]:
     """Full-sequence per ``(sequence, head)`` attention statistics, streamed over query blocks.
 
@@ -486,7 +504,10 @@ def full_context_stats(
     ``(B, H, L, S)``, bool (True = may attend) or additive float; ``is_causal`` top-left
     aligned; ``scale`` defaults to ``1 / sqrt(E)``; ``sink_logits`` ``(H,)`` learned per-head
     sink logits; ``key_padding`` ``(B, S)`` bool, True = real token; ``max_sequences`` keeps
-    the first ``n`` sequences; ``memory_budget`` bounds the pass's working memory in bytes.
+    the first ``n`` sequences; ``memory_budget`` bounds the pass's working memory in bytes;
+    ``flex``: a ``flex_attention`` call's ``score_mod`` and block mask, evaluated per block on
+    the scaled scores (before ``attn_mask``): every figure is of the scores the kernel's softmax
+    saw, ``max_logit`` and ``logit_spread`` included (after a soft-cap, at most the cap).
 
     Returns tensors of shape ``(B', H)`` on the query's device: ``entropy``, ``entropy_norm``,
     ``sink``, ``sink_logit_mass``, ``max_logit``, ``logit_spread``, ``query_norm``,
@@ -496,7 +517,7 @@ def full_context_stats(
     check_count("max_sequences", max_sequences, optional=True)
     with quiet(query):
         run = _Pass(query, key, attn_mask, is_causal, scale, sink_logits, key_padding, tau,
-                    max_sequences, memory_budget)
+                    max_sequences, memory_budget, flex)
         for b in range(run.sequences):
             run.sequence(b)
         return run.result()
@@ -536,7 +557,7 @@ def full_context_metrics(observed: object, tau: float = 0.9,
             observed.query, observed.key, attn_mask=observed.attn_mask,
             is_causal=observed.is_causal, scale=observed.scale,
             sink_logits=observed.sink_logits, key_padding=padding, tau=tau,
-            memory_budget=memory_budget,
+            memory_budget=memory_budget, flex=observed.flex,
         )
     elif isinstance(observed, AttentionScores):
         stats = scores_stats(observed.scores, observed.probs, sink_mass=observed.sink_mass,

@@ -170,13 +170,20 @@ def test_merged_qkvo_adapter(merged_model, kind):
 
 
 @pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
-def test_merged_qkvo_forced_interception_says_why(merged_model):
-    block_mask, _ = merged_case("causal", 2, 16)
-    with pytest.raises(CaptureError, match="strategy='auto'"):
-        with torch.no_grad(), capture(
+def test_merged_qkvo_intercepted_like_the_adapter(merged_model):
+    """strategy='intercept' sees the module's flex_attention call itself: the same matrices as
+    the adapter's and the reference's."""
+    B, T = 2, 48
+    x = torch.randn(B, T, 32, generator=torch.Generator().manual_seed(4))
+    block_mask, dense = merged_case("documents", B, T)
+    with torch.no_grad(), capture(
             merged_model, CaptureOptions(batch_rows=None, crop=None, strategy="intercept"),
-        ):
-            merged_model(torch.randn(2, 16, 32), block_mask)
+    ) as cap:
+        merged_model(x, block_mask)
+    assert [s.strategy for s in cap.sites] == ["intercept"] * 2
+    with torch.no_grad():
+        want, _ = merged_reference(merged_model.layers[0], x, dense)
+    assert max_error(cap.attention["layers.0"], want) <= TOL
     assert no_hooks_left(merged_model)
 
 
