@@ -15,6 +15,7 @@ from .matrix import columns_at, dominant_column, head_metrics, rank_at, row_entr
 from .blocks import DEFAULT_MEMORY_BUDGET, block_rows
 from .scores import scores_stats
 from .streamed import full_context_metrics, full_context_stats
+from .threads import thread_budget
 
 __all__ = [
     "DEFAULT_MEMORY_BUDGET",
@@ -28,4 +29,5 @@ __all__ = [
     "row_entropy",
     "scores_stats",
     "sink_mass",
+    "thread_budget",
 ]
