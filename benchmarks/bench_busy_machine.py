@@ -47,6 +47,8 @@ import time
 
 import torch
 
+from bench_full_context import reset_high_water_mark, status_kib
+
 #: GPT-2 small.
 SHAPE = dict(layers=12, heads=12, width=768)
 CROP = 256  # the probe's default max_tokens: the matrix figures' crop
@@ -130,10 +132,8 @@ def run_busy(args: argparse.Namespace) -> None:
     print(f"\n1. a busy machine: {describe(args)}; sampled = the forward plus probe.step(); "
           f"busy = one other process spinning a CPU loop at nice {args.busy_nice}; median of "
           f"{args.repeats} (first: the first sampled step of a fresh process)")
-    header = (f"{'T':>5} {'load':<5} {'threads':<16} {'plain s':>8} {'first s':>8} "
-              f"{'later s':>8} {'first/plain':>11} {'later/plain':>11} {'later/quiet':>11}")
-    print(header)
-    print("-" * len(header))
+    table(f"{'T':>5} {'load':<5} {'threads':<16} {'plain s':>8} {'first s':>8} "
+          f"{'later s':>8} {'first/plain':>11} {'later/plain':>11} {'later/quiet':>11}")
     for length in lengths(args.busy_lengths):
         quiet = child(args, "busy", length)
         with Busy(args.busy_nice):
@@ -150,23 +150,6 @@ def run_busy(args: argparse.Namespace) -> None:
 # --------------------------------------------------------------------------------------------
 # 2. Beside the peer route
 # --------------------------------------------------------------------------------------------
-
-
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise KeyError(field)
-
-
-def _reset_high_water_mark() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as refs:
-            refs.write("5")
-        return True
-    except OSError:
-        return False
 
 
 def peer_child(side: str, length: int, args: argparse.Namespace) -> dict:
@@ -194,10 +177,10 @@ def peer_child(side: str, length: int, args: argparse.Namespace) -> dict:
         probe.attach()
     run(tokens(WARM_LENGTH))
     x = tokens(length)
-    if _reset_high_water_mark():
-        before = _status_kib("VmRSS")
+    if reset_high_water_mark():
+        before = status_kib("VmRSS")
         times = [seconds(lambda: run(x))]
-        extra, method = _status_kib("VmHWM") - before, "VmHWM - VmRSS"
+        extra, method = status_kib("VmHWM") - before, "VmHWM - VmRSS"
     else:
         before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         times = [seconds(lambda: run(x))]
@@ -224,10 +207,8 @@ def run_peer(args: argparse.Namespace) -> None:
     print(f"\n2. beside the peer route: {describe(args)}; peer = eager attention, "
           f"output_attentions=True, head_metrics of every layer's matrix cropped to {CROP}; "
           f"median of {args.peer_repeats}")
-    header = (f"{'T':>5} {'side':<6} {'time s':>8} {'/ plain':>8} {'extra peak MiB':>15} "
-              f"{'/ plain':>8}")
-    print(header)
-    print("-" * len(header))
+    table(f"{'T':>5} {'side':<6} {'time s':>8} {'/ plain':>8} {'extra peak MiB':>15} "
+          f"{'/ plain':>8}")
     method, skipped = "", []
     for length in lengths(args.peer_lengths):
         sides = [s for s in SIDES if s != "peer" or peer_fits(length, args)]
@@ -250,6 +231,11 @@ def run_peer(args: argparse.Namespace) -> None:
 # --------------------------------------------------------------------------------------------
 # Main
 # --------------------------------------------------------------------------------------------
+
+
+def table(header: str) -> None:
+    print(header)
+    print("-" * len(header))
 
 
 def lengths(text: str) -> list[int]:

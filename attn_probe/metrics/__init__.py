@@ -6,7 +6,8 @@
   every token of the sequence, plus the logit figures, streamed over blocks of queries in bounded
   memory (:func:`full_context_stats`, :func:`full_context_metrics`);
   :mod:`.scores` gives them from an eager softmax's own scores, :mod:`.blocks` sizes the blocks;
-* :mod:`.exact` — the tau count both share, its rounding margin and the float64 context.
+* :mod:`.exact` — the tau count both share, its rounding margin and the float64 context;
+* :mod:`.threads` — the thread budget the figures are computed under on the CPU.
 
 Data flows from :mod:`attn_probe.attention` into here and on to :mod:`attn_probe.aggregate`.
 """
