@@ -14,10 +14,10 @@ sampled step is the first measurement of that process.
 1. **A busy machine** (T in ``--busy-lengths``): the plain SDPA forward, and the sampled probed
    forward (``AttentionProbe(model, every=1)``: the forward plus ``probe.step()``), its first
    sampled step and the median of the later ones, with the probe's thread budget (the default,
-   one thread) and without it (``threads=None``: torch's own count), quiet and while one other
-   process spins a CPU loop (started and stopped by this script, at ``--busy-nice``; 0 by
-   default, the priority of a data-loader worker or of another job). Ratios: to the plain
-   forward of the same load, and the busy time to the quiet time.
+   one thread) and without it (``CaptureOptions(threads=None)``: torch's own count), quiet and
+   while one other process spins a CPU loop (started and stopped by this script, at
+   ``--busy-nice``; 0 by default, the priority of a data-loader worker or of another job).
+   Ratios: to the plain forward of the same load, and the busy time to the quiet time.
 2. **Beside the peer route** (T in ``--peer-lengths``): the plain SDPA forward; the sampled
    probed forward; the eager forward with ``output_attentions=True`` followed by
    :func:`attn_probe.metrics.head_metrics` of every layer's returned matrix at the probe's crop
@@ -115,8 +115,8 @@ def busy_child(length: int, args: argparse.Namespace) -> dict:
     plain()  # the model's own first call, as a training run would have made
     result = {}
     for threads in (1, None):
-        probe = attn_probe.AttentionProbe(model, every=1, history=False, images_every=0)
-        probe.threads = threads
+        probe = attn_probe.AttentionProbe(model, every=1,
+                                          capture=attn_probe.CaptureOptions(threads=threads))
         plains, sampled = [], []
         for _ in range(args.repeats + 1):
             plains.append(seconds(plain))
@@ -158,7 +158,7 @@ def peer_child(side: str, length: int, args: argparse.Namespace) -> dict:
     from attn_probe.metrics import head_metrics
 
     model = build("eager" if side == "peer" else "sdpa", length, args)
-    probe = attn_probe.AttentionProbe(model, every=1, history=False, images_every=0)
+    probe = attn_probe.AttentionProbe(model, every=1)
 
     def run(x: torch.Tensor) -> None:
         with torch.no_grad():

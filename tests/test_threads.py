@@ -2,8 +2,8 @@
 
 Inside the budget torch runs with at most that many intra-op threads; after it, torch's own
 count is back, whether the block returned or raised. The probe's and ``capture()``'s figures are
-computed inside it, ``CaptureOptions.threads`` (seen by a ``TorchFunctionMode`` that reads torch's thread
-count at each ``eigvalsh`` the figures call), and are the same as without a budget.
+computed inside the budget ``CaptureOptions.threads`` (seen by a ``TorchFunctionMode`` that reads
+torch's thread count at each ``eigvalsh`` the figures call), and are the same without it.
 """
 
 from __future__ import annotations
