@@ -2,15 +2,19 @@
 beside the route users take today (eager attention with ``output_attentions=True``).
 
 Run ``python benchmarks/bench_busy_machine.py [--busy-lengths 256,1024]
-[--peer-lengths 256,1024,4096] [--repeats 3] [--peer-repeats 2] [--busy-nice 0]`` (``--smoke``:
-a two-layer model of width 32 at T=32, one repeat, every configuration in this process, to check
-in seconds that the script runs).
+[--peer-lengths 256,1024,4096] [--repeats 3] [--peer-repeats 2] [--busy-nice 0] [--parts 0,1,2]``
+(``--smoke``: a two-layer model of width 32 at T=32, one repeat, every configuration in this
+process, to check in seconds that the script runs).
 
 The model is GPT-2 small from its config (``transformers.GPT2Config``: 12 layers of 12 heads,
 width 768, random weights, seed 0), one sequence, forward passes under ``torch.no_grad``,
 torch's default intra-op threads. Every configuration runs in a fresh process, so that its first
 sampled step is the first measurement of that process.
 
+0. **One layer's figures** by thread count (1 and torch's own), quiet and busy: the batched
+   ``eigvalsh`` of the heads' Gram matrices (one call, so one parallel region: what a
+   restructuring into fewer, larger regions would leave), ``head_metrics`` of the cropped
+   matrix, and ``full_context_stats`` over ``--layer-length`` tokens; in this process.
 1. **A busy machine** (T in ``--busy-lengths``): the plain SDPA forward, and the sampled probed
    forward (``AttentionProbe(model, every=1)``: the forward plus ``probe.step()``), its first
    sampled step and the median of the later ones, with the probe's thread budget (the default,
@@ -37,6 +41,7 @@ processes make a shared machine noisy.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -56,7 +61,7 @@ WARM_LENGTH = 64
 SIDES = ("plain", "probe", "peer")
 #: What --smoke runs: every part at a tiny size, one repeat (no timing judged).
 SMOKE = dict(layers=2, heads=2, width=32, busy_lengths="32", peer_lengths="32", repeats=1,
-             peer_repeats=1)
+             peer_repeats=1, layer_length=64, layer_repeats=1)
 #: The competing process: one CPU loop that ends when its parent does.
 SPIN = ("import os\nparent = os.getppid()\nwhile os.getppid() == parent:\n"
         "    for _ in range(100000):\n        pass\n")
@@ -95,6 +100,55 @@ class Busy:
     def __exit__(self, *exc) -> None:
         self.process.kill()
         self.process.wait()
+
+
+# --------------------------------------------------------------------------------------------
+# 0. One layer's figures: which thread count
+# --------------------------------------------------------------------------------------------
+
+
+def layer_parts(args: argparse.Namespace) -> dict:
+    """One layer's work, at the model's head count: the batched ``eigvalsh`` of the heads'
+    float64 Gram matrices (one call: a single parallel region), all the figures of the cropped
+    matrix, and the whole-sequence pass at the longest busy length."""
+    from attn_probe.metrics import full_context_stats, head_metrics
+
+    gen = torch.Generator().manual_seed(0)
+    crop, length, dim = min(CROP, args.layer_length), args.layer_length, args.width // args.heads
+    q, k = (torch.randn(1, args.heads, length, dim, generator=gen) for _ in range(2))
+    causal = torch.ones(crop, crop, dtype=torch.bool).tril()
+    scores = (q[:, :, :crop] @ k[:, :, :crop].mT / dim**0.5).masked_fill(~causal, -torch.inf)
+    attention = scores.softmax(-1)
+    gram = attention.double() @ attention.double().mT
+    return {
+        f"eigvalsh ({args.heads}, {crop}, {crop}) float64": lambda: torch.linalg.eigvalsh(gram),
+        f"head_metrics, crop {crop}": lambda: head_metrics(attention),
+        f"full_context_stats, T={length}": lambda: full_context_stats(q, k, is_causal=True),
+    }
+
+
+def run_layer(args: argparse.Namespace) -> None:
+    print(f"\n0. one layer's figures ({args.heads} heads of {args.width // args.heads}), by "
+          f"intra-op threads, quiet and busy (nice {args.busy_nice}); median of "
+          f"{args.layer_repeats}, ms")
+    parts, own = layer_parts(args), torch.get_num_threads()
+    counts = (1, max(own, 2))  # one thread, and torch's own count (two at least)
+    columns = [f"{load} {n}t" for load in ("quiet", "busy") for n in counts]
+    table(f"{'part':<36}" + "".join(f"{c:>10}" for c in columns))
+    results = {name: [] for name in parts}
+    for load in ("quiet", "busy"):
+        with Busy(args.busy_nice) if load == "busy" else contextlib.nullcontext():
+            for threads in counts:
+                torch.set_num_threads(threads)
+                try:
+                    for name, fn in parts.items():
+                        fn()  # warm
+                        times = [seconds(fn) for _ in range(args.layer_repeats)]
+                        results[name].append(statistics.median(times) * 1e3)
+                finally:
+                    torch.set_num_threads(own)
+    for name, row in results.items():
+        print(f"{name:<36}" + "".join(f"{ms:>10.1f}" for ms in row))
 
 
 # --------------------------------------------------------------------------------------------
@@ -269,6 +323,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--peer-repeats", type=int, default=2)
     parser.add_argument("--busy-nice", type=int, default=0)
+    parser.add_argument("--parts", default="0,1,2", help="which parts to run (0, 1, 2)")
+    parser.add_argument("--layer-length", type=int, default=1024)
+    parser.add_argument("--layer-repeats", type=int, default=5)
     parser.add_argument("--layers", type=int, default=SHAPE["layers"])
     parser.add_argument("--heads", type=int, default=SHAPE["heads"])
     parser.add_argument("--width", type=int, default=SHAPE["width"])
@@ -287,8 +344,9 @@ def main() -> None:
         return
     print(f"torch {torch.__version__}, {os.cpu_count()} CPUs, load average before "
           f"{os.getloadavg()[0]:.1f}")
-    run_busy(args)
-    run_peer(args)
+    parts = {"0": run_layer, "1": run_busy, "2": run_peer}
+    for part in args.parts.split(","):
+        parts[part](args)
     print(f"\nload average after {os.getloadavg()[0]:.1f}")
 
 

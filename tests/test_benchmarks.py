@@ -52,6 +52,10 @@ PROMISES: dict[str, list[str]] = {
         r"^forward passes: 1$",
     ],
     "bench_busy_machine.py": [
+        r"^part +quiet 1t +quiet \d+t +busy 1t +busy \d+t$",
+        *(rf"^{re.escape(part)} +{NUMBER} +{NUMBER} +{NUMBER} +{NUMBER}$"
+          for part in ("eigvalsh (2, 64, 64) float64", "head_metrics, crop 64",
+                       "full_context_stats, T=64")),
         r"^ +T load +threads +plain s +first s +later s +first/plain +later/plain +later/quiet$",
         # each load, with the probe's thread budget and with torch's own threads
         *(rf"^ +32 {load} +{re.escape(label)} +{NUMBER} +{NUMBER} +{NUMBER}"
