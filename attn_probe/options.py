@@ -132,6 +132,12 @@ class CaptureOptions:
             ``"contiguous"`` (process ``r`` holds the ``r``-th chunk, of any length) or
             ``"head_tail"`` (the sequence in ``2W`` chunks, process ``r`` holding chunks ``r``
             and ``2W-1-r``).
+        threads: the most intra-op threads (``torch.set_num_threads``) the figures are
+            computed with on the CPU, torch's own count restored afterwards (None: torch's own
+            count). One thread by default: the figures are many small float64 parallel regions,
+            each of which waits for every thread of the pool, and on a machine where another
+            process holds a core that wait made a sampled step tens of times slower (see
+            docs/performance.md). Figures on an accelerator are not affected.
 
     The defaults suit a training run: one row and 256 tokens per call, a few MiB per layer.
     :func:`~attn_probe.capture` and :func:`~attn_probe.rank_profile` default to every row and
@@ -148,6 +154,7 @@ class CaptureOptions:
     tensor_parallel: Any = None
     context_parallel: Any = None
     context_layout: str = "contiguous"
+    threads: int | None = 1
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "modules", check_modules(self.modules))
@@ -163,6 +170,7 @@ class CaptureOptions:
         if self.context_layout not in CONTEXT_LAYOUTS:
             raise ValueError(f"context_layout must be one of {CONTEXT_LAYOUTS}, got "
                              f"{self.context_layout!r}")
+        check_count("threads", self.threads, optional=True)
 
 
 #: What :func:`~attn_probe.capture` and :func:`~attn_probe.rank_profile` measure by default:
@@ -176,5 +184,6 @@ def check_capture(options: Any) -> CaptureOptions:
     if not isinstance(options, CaptureOptions):
         raise TypeError("capture takes attn_probe.CaptureOptions(...) (modules, strategy, tau, "
                         "batch_rows, crop, memory_budget, matrix_budget, tensor_parallel, "
-                        f"context_parallel, context_layout), got {options!r}")
+                        "context_parallel, context_layout, threads), got "
+                        f"{options!r}")
     return options

@@ -40,7 +40,7 @@ from torch import Tensor, nn
 from . import aggregate
 from .aggregate import HeadAccumulator
 from .attention import Observed, Recorder, plan_sites, probabilities
-from .metrics import full_context_metrics, head_metrics
+from .metrics import full_context_metrics, head_metrics, thread_budget
 from .options import CaptureOptions, check_capture, check_count
 from . import notices
 from .parallel import Parallelism, local_heads
@@ -227,9 +227,10 @@ class AttentionProbe:
             if shard is None:  # split heads, and nothing says how: said once
                 return
             options = self.capture
-            attention = probabilities(observed, options.crop, options.matrix_budget)
-            figures = head_metrics(attention, options.tau)
-            figures.update(full_context_metrics(observed, options.tau, options.memory_budget))
+            with thread_budget(options.threads, observed):
+                attention = probabilities(observed, options.crop, options.matrix_budget)
+                figures = head_metrics(attention, options.tau)
+                figures.update(full_context_metrics(observed, options.tau, options.memory_budget))
             figures, first, heads = shard.globalise(figures)
             self._accumulator.update(name, figures, first_head=first, num_heads=heads)
             # Pictures show this process's heads: the model's first ones on process 0.

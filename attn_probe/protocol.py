@@ -25,7 +25,7 @@ from .alerts import AlertMonitor, AlertRules
 from .attention import (
     AttentionInputs, AttentionScores, Observed, Recorder, plan_sites, probabilities,
 )
-from .metrics import full_context_metrics, head_metrics
+from .metrics import full_context_metrics, head_metrics, thread_budget
 from .options import EVERYTHING, ONE_TOKEN, CaptureOptions, check_capture, check_count, check_tau
 from .snapshot import Snapshot
 
@@ -125,7 +125,7 @@ class Capture:
         if missing:
             raise KeyError(f"nothing was recorded for {missing}; recorded: {list(self.attention)}")
         return {name: _figures(self._measured(name, crop), self._observed[name], tau,
-                               self.options.memory_budget)
+                               self.options)
                 for name in names}
 
     def reset(self) -> None:
@@ -162,10 +162,11 @@ def capture(model: nn.Module, options: CaptureOptions = EVERYTHING) -> Capture:
 
 
 def _figures(attention: Tensor, observed: Observed, tau: float,
-             memory_budget: int) -> dict[str, Tensor]:
+             options: CaptureOptions) -> dict[str, Tensor]:
     """Every per-head figure of one module and pass: the matrix's and the full sequence's."""
-    figures = head_metrics(attention, tau)
-    figures.update(full_context_metrics(observed, tau, memory_budget))
+    with thread_budget(options.threads, attention):
+        figures = head_metrics(attention, tau)
+        figures.update(full_context_metrics(observed, tau, options.memory_budget))
     return figures
 
 

@@ -123,7 +123,7 @@ def timed(side: str, tensors, budget: int, device: str, retries: int) -> tuple[f
 # --------------------------------------------------------------------------------------------
 
 
-def _status_kib(field: str) -> int:
+def status_kib(field: str) -> int:
     with open("/proc/self/status") as status:
         for line in status:
             if line.startswith(field + ":"):
@@ -131,7 +131,7 @@ def _status_kib(field: str) -> int:
     raise KeyError(field)
 
 
-def _reset_high_water_mark() -> bool:
+def reset_high_water_mark() -> bool:
     try:
         with open("/proc/self/clear_refs", "w") as refs:
             refs.write("5")
@@ -153,10 +153,10 @@ def child(side: str, length: int, device: str, threads: int, budget: int) -> Non
         sync(device)
         extra = torch.cuda.max_memory_allocated() - before
         method = "cuda max_memory_allocated"
-    elif _reset_high_water_mark():
-        before = _status_kib("VmRSS")
+    elif reset_high_water_mark():
+        before = status_kib("VmRSS")
         run_side(side, *tensors, budget)
-        extra = (_status_kib("VmHWM") - before) * 1024
+        extra = (status_kib("VmHWM") - before) * 1024
         method = "VmHWM - VmRSS"
     else:
         before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

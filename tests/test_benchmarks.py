@@ -25,7 +25,7 @@ SCRIPTS = sorted(path.name for path in BENCHMARKS.glob("*.py"))
 NUMBER = r"\d+(?:\.\d+)?"
 
 #: Per script: the optional dependency it needs (its run skips where that is missing).
-NEEDS = {"bench_explore.py": "ipywidgets"}
+NEEDS = {"bench_explore.py": "ipywidgets", "bench_busy_machine.py": "transformers"}
 
 #: Per script: patterns that must each match a line of its --smoke output.
 PROMISES: dict[str, list[str]] = {
@@ -57,6 +57,21 @@ PROMISES: dict[str, list[str]] = {
           r"capture\)$" for what in ("to a new layer", "back to a layer")),
         # every layer was visited twice and the model ran once
         r"^forward passes: 1$",
+    ],
+    "bench_busy_machine.py": [
+        r"^part +quiet 1t +quiet \d+t +busy 1t +busy \d+t$",
+        *(rf"^{re.escape(part)} +{NUMBER} +{NUMBER} +{NUMBER} +{NUMBER}$"
+          for part in ("eigvalsh (2, 64, 64) float64", "head_metrics, crop 64",
+                       "full_context_stats, T=64")),
+        r"^ +T load +threads +plain s +first s +later s +first/plain +later/plain +later/quiet$",
+        # each load, with the probe's thread budget and with torch's own threads
+        *(rf"^ +32 {load} +{re.escape(label)} +{NUMBER} +{NUMBER} +{NUMBER}"
+          rf" +{NUMBER}x +{NUMBER}x +{NUMBER}x$"
+          for load in ("quiet", "busy") for label in ("1 (default)", "torch's (None)")),
+        r"^ +T side +time s +/ plain +extra peak MiB +/ plain$",
+        *(rf"^ +32 {side} +{NUMBER} +{NUMBER}x +-?{NUMBER} +-?{NUMBER}x$"
+          for side in ("plain", "probe", "peer")),
+        r"^extra peak memory: (VmHWM - VmRSS|ru_maxrss), ",
     ],
     "bench_probe_overhead.py": [
         # one warm-up sampled step, then two a round, each of them measured
