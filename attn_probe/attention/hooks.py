@@ -128,7 +128,6 @@ class EagerWhileArmed:
     def __call__(self, forward: Callable, args: tuple, kwargs: dict) -> Any:
         recorder = self._recorder()
         if recorder is not None and recorder.armed:
-            recorder.model_input(args, kwargs)
             return run_eagerly(recorder, forward, args, kwargs)
         return forward(*args, **kwargs)
 
@@ -141,7 +140,9 @@ def _run_eagerly(recorder: "Target", forward: Callable, args: tuple, kwargs: dic
     """``forward(*args, **kwargs)`` without the compiler: Dynamo is disabled for the call (a
     graph break where a compiled caller reaches it) and ``force_eager`` holds for its duration,
     so hooks inside see every kernel. Whatever the call does, the stance is restored and the
-    recorder's interception modes opened inside are closed."""
+    recorder's interception modes opened inside are closed. The recorder sees the model's
+    input first (here, where no compiled frame records the side effect)."""
+    recorder.model_input(args, kwargs)
     depth = recorder.depth()
     # Dynamo is off inside this function (see below), so the stance may be set here; it
     # makes compiled code called from the forward (compiled blocks) run eagerly too.
