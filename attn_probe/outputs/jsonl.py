@@ -1,0 +1,86 @@
+"""A plain JSON Lines file of a run: no extra package, append-only, read back by
+``attn-probe report`` as it reads event files.
+
+One JSON object a line (:data:`FORMAT` names the file's kind in its first line)::
+
+    {"format": "attn_probe", "version": 1, "settings": {"every": 100, ...}}
+    {"step": 0, "scalars": {"max_logit/log10/L00": 0.41, ...}, "alerts": []}
+    {"step": 100, "scalars": {...}, "alerts": [{"kind": "logit", "layer": ..., ...}]}
+
+A line per sampled step, with every scalar of :mod:`attn_probe.outputs.scalars` and the alerts
+new at that step with every field (``dataclasses.asdict``). Pictures are not kept: they live in
+the trackers that can show them. A run that crashed leaves every step written before it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import IO, TYPE_CHECKING, Any
+
+from .tracker import TrackerOutput
+
+if TYPE_CHECKING:
+    from ..snapshot import Alert
+
+__all__ = ["FORMAT", "JsonlOutput", "VERSION"]
+
+#: The ``format`` of a probe's JSON Lines file, in its first line.
+FORMAT = "attn_probe"
+#: The version of the lines' layout.
+VERSION = 1
+
+
+class JsonlOutput(TrackerOutput):
+    """Appends each sampled step to a JSON Lines file at ``path`` (made, with its directory, at
+    the first write, which starts with a line of the probe's settings; a file that exists is
+    appended to, and its later runs' steps replace the earlier ones').
+
+    Args:
+        path: the ``.jsonl`` file.
+        per_head, logit_cap: which scalars, as in
+            :class:`~attn_probe.outputs.tracker.TrackerOutput`.
+    """
+
+    def __init__(self, path: str | os.PathLike, *, per_head: bool | str = True,
+                 logit_cap: float | None = None) -> None:
+        super().__init__(per_head=per_head, pictures_every=0, logit_cap=logit_cap)
+        self.path = os.fspath(path)
+        self._file: IO[str] | None = None
+        self._line: dict[str, Any] | None = None
+
+    def _open(self) -> IO[str]:
+        if self._file is None:
+            folder = os.path.dirname(self.path)
+            if folder:
+                os.makedirs(folder, exist_ok=True)
+            self._file = open(self.path, "a", encoding="utf-8")
+            self._write({"format": FORMAT, "version": VERSION, "settings": self.settings})
+        return self._file
+
+    def _write(self, record: dict[str, Any]) -> None:
+        self._open().write(json.dumps(record) + "\n")
+
+    def log_scalars(self, step: int, values: dict[str, float]) -> None:
+        self._line = {"step": step, "scalars": values, "alerts": []}
+
+    def log_alerts(self, step: int, alerts: list["Alert"]) -> None:
+        if self._line is not None:
+            self._line["alerts"] = [dataclasses.asdict(alert) for alert in alerts]
+
+    def flush(self) -> None:
+        if self._line is not None:
+            line, self._line = self._line, None
+            self._write(line)
+        if self._file is not None:
+            self._file.flush()
+
+    def close(self) -> None:
+        super().close()
+        if self._file is not None:
+            file, self._file = self._file, None
+            file.close()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.path!r})"
