@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import IO, TYPE_CHECKING, Any
+from typing import BinaryIO, TYPE_CHECKING, Any
 
 from .tracker import TrackerOutput
 
@@ -47,20 +47,22 @@ class JsonlOutput(TrackerOutput):
                  logit_cap: float | None = None) -> None:
         super().__init__(per_head=per_head, pictures_every=0, logit_cap=logit_cap)
         self.path = os.fspath(path)
-        self._file: IO[str] | None = None
+        self._file: BinaryIO | None = None
         self._line: dict[str, Any] | None = None
 
-    def _open(self) -> IO[str]:
+    def _open(self) -> BinaryIO:
         if self._file is None:
             folder = os.path.dirname(self.path)
             if folder:
                 os.makedirs(folder, exist_ok=True)
-            self._file = open(self.path, "a", encoding="utf-8")
+            # Unbuffered: each line is one write, which fails at once (a full disk) and
+            # leaves nothing behind to fail again at close.
+            self._file = open(self.path, "ab", buffering=0)
             self._write({"format": FORMAT, "version": VERSION, "settings": self.settings})
         return self._file
 
     def _write(self, record: dict[str, Any]) -> None:
-        self._open().write(json.dumps(record) + "\n")
+        self._open().write((json.dumps(record) + "\n").encode("utf-8"))
 
     def log_scalars(self, step: int, values: dict[str, float]) -> None:
         self._line = {"step": step, "scalars": values, "alerts": []}
@@ -73,8 +75,6 @@ class JsonlOutput(TrackerOutput):
         if self._line is not None:
             line, self._line = self._line, None
             self._write(line)
-        if self._file is not None:
-            self._file.flush()
 
     def close(self) -> None:
         super().close()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import numpy as np
@@ -49,6 +50,8 @@ class MlflowOutput(TrackerOutput):
     Args:
         tracking_uri: where the run lives (``sqlite:///mlflow.db``, a server's URL, ...).
             Default: MLflow's own (``MLFLOW_TRACKING_URI`` or ``mlflow.set_tracking_uri``).
+            An experiment the output makes in a SQLite store keeps its artifacts (alerts,
+            pictures) in ``mlartifacts/`` beside the store's file.
         run_id: a run of yours to log into (it stays yours). Default: the active run
             (``mlflow.active_run()``), else a new run in ``experiment`` named ``run_name``,
             made at the first write and ended by :meth:`close`.
@@ -93,11 +96,22 @@ class MlflowOutput(TrackerOutput):
                 client = self.client
                 found = client.get_experiment_by_name(self.experiment)
                 experiment_id = (found.experiment_id if found is not None
-                                 else client.create_experiment(self.experiment))
+                                 else client.create_experiment(
+                                     self.experiment, artifact_location=self._artifacts()))
                 self._run_id = client.create_run(experiment_id, run_name=self.run_name
                                                  ).info.run_id
                 self._owns_run = True
         return self._run_id
+
+    def _artifacts(self) -> str | None:
+        """Where a new experiment keeps its artifacts: beside a SQLite store's file
+        (``mlartifacts/``, as ``mlflow server`` does), not in the current directory; MLflow's
+        default elsewhere."""
+        uri = self.tracking_uri or import_mlflow().get_tracking_uri()
+        if not uri.startswith("sqlite:///") or uri.endswith(":memory:"):
+            return None
+        folder = Path(uri[len("sqlite:///"):]).resolve().parent / "mlartifacts"
+        return folder.as_uri()
 
     def log_settings(self, settings: dict[str, Any]) -> None:
         from mlflow.entities import Param
