@@ -197,9 +197,12 @@ class ProbeCallback:
         self._open: int | None = None  # the step the coming forward passes belong to
 
     def _make_probe(self, target: Any, log_dir: Callable[[], str], every: Callable[[], int],
-                    trackers: Callable[[], FrameworkOutput]) -> None:
+                    trackers: Callable[[], Output] | None = None) -> None:
         """A new probe on ``self.model`` or ``target``; ``log_dir()``, ``every()`` and
-        ``trackers()`` give the framework's defaults for options the user left out."""
+        ``trackers()`` give the framework's defaults for options the user left out (no
+        ``trackers``: TensorBoard in ``log_dir()``)."""
+        if trackers is None:
+            trackers = lambda: TensorBoardOutput(log_dir())  # noqa: E731
         if self.probe is not None:
             self.probe.detach()
         for output in self.outputs:
