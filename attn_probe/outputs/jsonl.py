@@ -4,10 +4,12 @@
 One JSON object a line (:data:`FORMAT` names the file's kind in its first line)::
 
     {"format": "attn_probe", "version": 1, "settings": {"every": 100, ...}}
+    {"definitions": [["rank90/max/Lxx", "largest over heads: ..."], ...]}
     {"step": 0, "scalars": {"max_logit/log10/L00": 0.41, ...}, "alerts": []}
     {"step": 100, "scalars": {...}, "alerts": [{"kind": "logit", "layer": ..., ...}]}
 
-A line per sampled step, with every scalar of :mod:`attn_probe.outputs.scalars` and the alerts
+Then the definitions of the tags at the run's tau and lazy rule
+(:func:`attn_probe.figures.definitions`), and a line per sampled step, with every scalar of :mod:`attn_probe.outputs.scalars` and the alerts
 new at that step with every field (``dataclasses.asdict``). Pictures are not kept: they live in
 the trackers that can show them. A run that crashed leaves every step written before it.
 """
@@ -19,10 +21,11 @@ import json
 import os
 from typing import BinaryIO, TYPE_CHECKING, Any
 
+from ..figures import definitions
 from .tracker import TrackerOutput
 
 if TYPE_CHECKING:
-    from ..snapshot import Alert
+    from ..snapshot import Alert, Snapshot
 
 __all__ = ["FORMAT", "JsonlOutput", "VERSION"]
 
@@ -63,6 +66,11 @@ class JsonlOutput(TrackerOutput):
 
     def _write(self, record: dict[str, Any]) -> None:
         self._open().write((json.dumps(record) + "\n").encode("utf-8"))
+
+    def first_write(self, snapshot: "Snapshot") -> None:
+        if self._file is None and snapshot.layers:
+            self._write({"definitions": definitions(tau=snapshot.tau,
+                                                    lazy=snapshot.layers[0].rule)})
 
     def log_scalars(self, step: int, values: dict[str, float]) -> None:
         self._line = {"step": step, "scalars": values, "alerts": []}

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from attn_probe import Output, TensorBoardOutput
+from attn_probe.figures import definitions
 from attn_probe.outputs import health
 from attn_probe.outputs.events import read_run
 from attn_probe.outputs.jsonl import JsonlOutput
@@ -76,8 +77,11 @@ def test_jsonl_read_back_as_a_run(run, tmp_path):
     lines = [json.loads(line) for line in path.read_text().splitlines()]
     assert lines[0]["format"] == "attn_probe" and lines[0]["settings"] == flat_settings(settings)
     assert lines[0]["settings"]["capture.tau"] == 0.9 and lines[0]["settings"]["every"] == 2
-    assert [line["step"] for line in lines[1:]] == list(STEPS)
+    assert [line["step"] for line in lines[2:]] == list(STEPS)
     back = read_run(path)
+    assert back.definitions == tuple(map(tuple, lines[1]["definitions"]))
+    assert ("rank90/max/Lxx", next(m for t, m in back.definitions if t == "rank90/max/Lxx")) \
+        in definitions(tau=0.9, lazy=snapshots[0].layers[0].rule)
     want = expected_scalars(snapshots)
     assert {tag: dict(zip(s.tolist(), v.tolist())) for tag, (s, v) in back.scalars.items()} == want
     assert back.alerts == ALERTS  # every field
@@ -93,7 +97,7 @@ def test_a_crashed_jsonl_reads_up_to_its_last_whole_line(run, tmp_path):
     back = read_run(path)
     assert back.last_step == 2 and back.alerts == ()
     path.write_text(text.replace('"step": 2', '"step": "two"'))
-    with pytest.raises(ValueError, match=r"probe.jsonl, line 3: not a record of the probe"):
+    with pytest.raises(ValueError, match=r"probe.jsonl, line 4: not a record of the probe"):
         read_run(path)
 
 
