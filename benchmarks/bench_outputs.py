@@ -40,34 +40,35 @@ from attn_probe.outputs.scalars import Scalars
 SMOKE = dict(layers=2, heads=2, width=32, tokens=16, rounds=2)
 
 
-class Keep(Output):
-    """Keeps every snapshot, with attention samples of ``crop`` tokens."""
+class Pictures(Output):
+    """Asks for attention samples of ``crop`` tokens at every step (so that ``probe.last``
+    holds them); writes nothing."""
 
     def __init__(self, crop: int) -> None:
-        self.crop, self.snapshots, self.settings = crop, [], {}
-
-    def run_settings(self, settings):
-        self.settings = dict(settings)
+        self.crop = crop
 
     def pictures(self, step):
         return self.crop
 
     def write(self, snapshot):
-        self.snapshots.append(snapshot)
+        pass
 
 
 def snapshots(args) -> tuple[list, dict]:
+    """The snapshots of a probe run (with attention samples) and the probe's settings."""
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=256, block_size=args.tokens, n_layer=args.layers,
                           n_head=args.heads, n_embd=args.width))
-    keep = Keep(64)
     x = torch.randint(0, 256, (2, args.tokens + 1))
-    with AttentionProbe(model, every=1, outputs=[keep]) as probe:
+    taken = []
+    with AttentionProbe(model, every=1, outputs=[Pictures(64)]) as probe:
         for _ in range(2 * args.rounds + 1):  # a set-up step, then scalars and pictures
             with torch.no_grad():
                 model(x[:, :-1], x[:, 1:])
-            probe.step()
-    return keep.snapshots, keep.settings
+            taken.append(probe.step())
+    settings = dict(every=probe.every, offset=probe.offset, capture=probe.capture,
+                    alerts=probe.rules, layers=[layer.name for layer in taken[0].layers])
+    return taken, settings
 
 
 def make_outputs(folder: Path) -> dict[str, list[Output] | None]:

@@ -133,13 +133,12 @@ def test_huggingface_logs_into_the_active_mlflow_run(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_huggingface_logs_into_the_active_wandb_run(tmp_path, monkeypatch):
-    extra("wandb")
+    wandb = extra("wandb")
+    wandb.teardown()  # W&B reads its environment once a process: read it again
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
     monkeypatch.setenv("WANDB_SILENT", "true")
     trainer, probe = hf_trainer(tmp_path, ["wandb"])
-    import wandb
-
     from attn_probe.outputs.wandb import STEP_METRIC
 
     wandb.finish()  # the Trainer leaves its run open; finishing it writes the whole log

@@ -219,7 +219,7 @@ def test_an_mlflow_store_that_fails_mid_run(store, tmp_path):
     reports it once and goes on, and the JSON Lines file beside it keeps every step and alert."""
     from attn_probe.outputs.mlflow import MlflowOutput
 
-    mlflow = MlflowOutput(store, pictures_every=2)
+    mlflow = MlflowOutput(store, pictures_every=4)
 
     class BreakTheStore(Output):
         def write(self, snapshot):
