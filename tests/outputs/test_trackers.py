@@ -237,3 +237,21 @@ def test_an_mlflow_store_that_fails_mid_run(store, tmp_path):
     assert len(failed) == 1 and "failed at step" in failed[0], failed
     back = read_run(tmp_path / "run.jsonl")
     assert back.last_step == 4 and [s.step for s in snapshots] == list(STEPS)
+
+
+def test_outputs_open_nothing_before_their_first_write(run, tmp_path):
+    """What every process does with an output (the probe writes on process 0 only): making it,
+    ``start``, ``run_settings``, ``pictures`` and ``close`` open no file, run or store."""
+    snapshots, settings, _ = run
+    outputs = [TensorBoardOutput(str(tmp_path / "tb")), JsonlOutput(tmp_path / "run.jsonl")]
+    from attn_probe.outputs.mlflow import MlflowOutput
+    from attn_probe.outputs.wandb import WandbOutput
+
+    outputs += [MlflowOutput(f"sqlite:///{tmp_path / 'mlflow.db'}"),
+                WandbOutput(mode="offline", dir=tmp_path / "wandb")]
+    for output in outputs:
+        output.start([layer.name for layer in snapshots[0].layers])
+        output.run_settings(settings)
+        assert output.pictures(0) == (0 if isinstance(output, JsonlOutput) else 64)
+        output.close()
+    assert list(tmp_path.iterdir()) == []
