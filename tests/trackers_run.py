@@ -26,11 +26,14 @@ from toy_models import small_gpt
 
 STEPS = (0, 2, 4)
 ALERTS = (
-    Alert("logit", "transformer.h.1.attn", "L01", (1, 3), 4, 621.25, 300.0,
-          "L01 (transformer.h.1.attn): attention logits grew to 621.2", "critical",
-          "query and key norms grew | lower the learning rate"),
-    Alert("sink", "transformer.h.0.attn", "L00", (0,), 4, 0.75, 0.5, "L00: an attention sink",
-          "info", ""),
+    Alert(kind="logit", layer="transformer.h.1.attn", tag="L01", heads=(1, 3), step=4,
+          figure="logit_spread", reduction="max", condition="grew", value=621.25,
+          threshold=300.0, since=0, since_value=12.5,
+          message="L01 (transformer.h.1.attn): attention logits grew to 621.2",
+          severity="critical", cause="query and key norms grew | lower the learning rate"),
+    Alert(kind="sink", layer="transformer.h.0.attn", tag="L00", heads=(0,), step=4,
+          figure="sink_full", reduction="max", condition="above", value=0.75, threshold=0.5,
+          since=4, since_value=0.75, message="L00: an attention sink", severity="info"),
 )
 
 

@@ -70,7 +70,7 @@ class JsonlOutput(TrackerOutput):
     def first_write(self, snapshot: "Snapshot") -> None:
         if self._file is None and snapshot.layers:
             self._write({"definitions": definitions(tau=snapshot.tau,
-                                                    lazy=snapshot.layers[0].rule)})
+                                                    lazy=snapshot.lazy_rule)})
 
     def log_scalars(self, step: int, values: dict[str, float]) -> None:
         self._line = {"step": step, "scalars": values, "alerts": []}

@@ -81,7 +81,7 @@ def test_jsonl_read_back_as_a_run(run, tmp_path):
     back = read_run(path)
     assert back.definitions == tuple(map(tuple, lines[1]["definitions"]))
     assert ("rank90/max/Lxx", next(m for t, m in back.definitions if t == "rank90/max/Lxx")) \
-        in definitions(tau=0.9, lazy=snapshots[0].layers[0].rule)
+        in definitions(tau=0.9, lazy=snapshots[0].lazy_rule)
     want = expected_scalars(snapshots)
     assert {tag: dict(zip(s.tolist(), v.tolist())) for tag, (s, v) in back.scalars.items()} == want
     assert back.alerts == ALERTS  # every field
