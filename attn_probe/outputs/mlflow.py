@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import numpy as np
 
-from .tracker import TrackerOutput
+from .tracker import TrackerOutput, import_tracker
 
 if TYPE_CHECKING:
     from ..snapshot import Alert
@@ -30,12 +30,7 @@ _BATCH = 1000
 
 
 def import_mlflow() -> Any:
-    try:
-        import mlflow
-    except ImportError as error:
-        raise ImportError(f'MlflowOutput needs mlflow: pip install "attn_probe[mlflow]" ({error})'
-                          ) from None
-    return mlflow
+    return import_tracker("mlflow", "MlflowOutput")
 
 
 class MlflowOutput(TrackerOutput):

@@ -15,6 +15,7 @@ implements :meth:`~TrackerOutput.log_scalars` (and, where it can hold them,
 from __future__ import annotations
 
 import dataclasses
+import importlib
 from typing import TYPE_CHECKING, Any, Iterable, Mapping, NamedTuple, Sequence
 
 import numpy as np
@@ -29,7 +30,7 @@ from .scalars import Scalars
 if TYPE_CHECKING:
     from ..snapshot import Alert, LayerSummary, Snapshot
 
-__all__ = ["TrackerOutput", "flat_settings"]
+__all__ = ["TrackerOutput", "flat_settings", "import_tracker"]
 
 
 class TrackerOutput(Output):
@@ -306,3 +307,13 @@ def flat_settings(settings: Mapping[str, Any], prefix: str = "") -> dict[str, An
         else:
             flat[name] = getattr(value, "__name__", None) or repr(value)
     return flat
+
+
+def import_tracker(module: str, output: str) -> Any:
+    """The tracker's library ``module``, imported for ``output`` at its first write, or
+    ``ImportError`` saying which extra to install."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as error:
+        raise ImportError(f'{output} needs {module}: pip install "attn_probe[{module}]" '
+                          f"({error})") from None

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import numpy as np
 
-from .tracker import TrackerOutput
+from .tracker import TrackerOutput, import_tracker
 
 if TYPE_CHECKING:
     from ..snapshot import Alert
@@ -27,12 +27,7 @@ STEP_METRIC = "attn_probe/step"
 
 
 def import_wandb() -> Any:
-    try:
-        import wandb
-    except ImportError as error:
-        raise ImportError(f'WandbOutput needs wandb: pip install "attn_probe[wandb]" ({error})'
-                          ) from None
-    return wandb
+    return import_tracker("wandb", "WandbOutput")
 
 
 def alert_row(alert: "Alert") -> list[Any]:
