@@ -22,7 +22,7 @@ from .attention import CaptureError, register_adapter
 from .metrics import columns_at, dominant_column, head_metrics, rank_at, row_entropy, sink_mass
 from .notebook import explore
 from .options import CaptureOptions
-from .outputs import Output, TensorBoardOutput
+from .outputs import JsonlOutput, MlflowOutput, Output, TensorBoardOutput, WandbOutput
 from .probe import AttentionProbe
 from .protocol import Capture, capture, rank_profile
 from .snapshot import Alert, LayerSummary, Snapshot
@@ -37,15 +37,18 @@ __all__ = [
     "CaptureError",
     "CaptureOptions",
     "EntropyRule",
+    "JsonlOutput",
     "LayerSummary",
     "LazyRule",
     "LogitRule",
+    "MlflowOutput",
     "Output",
     "Run",
     "SinkRule",
     "Snapshot",
     "TensorBoardOutput",
     "UniformRule",
+    "WandbOutput",
     "capture",
     "columns_at",
     "dominant_column",

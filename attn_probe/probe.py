@@ -104,8 +104,12 @@ class AttentionProbe:
         self.sites = plan_sites(model, capture.modules, capture.strategy)
         self._modules = {site.name: site.module for site in self.sites}
         self._parallel = Parallelism(capture)
+        layers = [site.name for site in self.sites]
+        settings = dict(every=every, offset=offset, capture=capture, alerts=alerts,
+                        layers=layers)
         for output in self.outputs:
-            output.start([site.name for site in self.sites])
+            output.start(layers)
+            output.run_settings(settings)
         self._recorder = Recorder(
             self.sites, _Measure(self), max_sequences=capture.batch_rows,
             max_tokens=capture.crop, strict=False, root=model,

@@ -29,6 +29,13 @@ NEEDS = {"bench_explore.py": "ipywidgets", "bench_busy_machine.py": "transformer
 
 #: Per script: patterns that must each match a line of its --smoke output.
 PROMISES: dict[str, list[str]] = {
+    "bench_outputs.py": [
+        r"^model: 2 layers, 2 heads, width 32; \d+ scalars a step; 2 timed writes of each output$",
+        r"^output +scalars ms +ratio +pictures ms +ratio$",
+        rf"^tensorboard +{NUMBER} +1\.00 +{NUMBER} +1\.00$",
+        *(rf"^{name} +{NUMBER} +{NUMBER} +{NUMBER} +{NUMBER}$"
+          for name in ("jsonl", "mlflow", "wandb", "all")),
+    ],
     "bench_metrics.py": [
         r"^case +shape +ref ms +fast ms +speedup +mismatch +ranks$",
         # every case's heads agree with the float64 reference (mismatch 0)

@@ -110,7 +110,7 @@ def test_every_module_has_a_layer():
 
 
 def test_the_parser_sees_relative_and_absolute_imports():
-    sample = PACKAGE / "outputs" / "tensorboard.py"
+    sample = PACKAGE / "outputs" / "tracker.py"
     targets = {target for _, target in imports(sample)}
     assert {"attn_probe.snapshot", "attn_probe.options"} <= targets
     protocol = {target for _, target in imports(PACKAGE / "protocol.py")}

@@ -1,5 +1,6 @@
 """What the framework callbacks share: the optional import of the framework, the probe's
-defaults, opening and closing steps, and stopping training on an alert (``stop_on``).
+defaults (logging through the trackers the framework's run set up: :class:`FrameworkOutput`),
+opening and closing steps, and stopping training on an alert (``stop_on``).
 
 A callback class is built on :class:`ProbeCallback` and on its framework's callback base, which
 :func:`optional_base` imports without making the integration module fail to import.
@@ -8,14 +9,20 @@ A callback class is built on :class:`ProbeCallback` and on its framework's callb
 from __future__ import annotations
 
 import importlib
-from typing import Any, Callable, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Iterable
+
+import numpy as np
 
 from .. import aggregate, notices
 from ..alerts import KINDS, AlertRules
 from ..options import CaptureOptions
 from ..outputs import Output, TensorBoardOutput
+from ..outputs.tracker import TrackerOutput
 from ..probe import AlertCallback, AttentionProbe, check_settings
 from ..snapshot import Alert
+
+if TYPE_CHECKING:
+    from ..snapshot import Snapshot
 
 
 def optional_base(module: str, name: str, *, label: str, extra: str,
@@ -40,6 +47,79 @@ def optional_base(module: str, name: str, *, label: str, extra: str,
         raise AttributeError(attribute)
 
     return base, module_getattr
+
+
+class FrameworkOutput(TrackerOutput):
+    """The callbacks' default output: the probe's scalars, alerts, pictures and settings,
+    decided once (:class:`~attn_probe.outputs.tracker.TrackerOutput`) and stored in every
+    tracker the framework's run has set up, found at the first write by :meth:`find` (on the
+    process that logs, so other processes open nothing); where the run has none, in
+    TensorBoard in ``fallback_dir()``, and an information line says where.
+
+    A tracker that raises is reported once and the others go on.
+    """
+
+    def __init__(self, fallback_dir: Callable[[], str], *, per_head: bool | str = True,
+                 pictures_every: int = 1000, logit_cap: float | None = None) -> None:
+        super().__init__(per_head=per_head, pictures_every=pictures_every, logit_cap=logit_cap)
+        self._fallback_dir = fallback_dir
+        self._sinks: list[TrackerOutput] | None = None
+        self._failed: set[int] = set()
+
+    def find(self) -> list[TrackerOutput]:
+        """The trackers of the framework's run, each as a :class:`TrackerOutput` that stores
+        into it (none: the fallback)."""
+        raise NotImplementedError
+
+    @property
+    def sinks(self) -> list[TrackerOutput]:
+        if self._sinks is None:
+            self._sinks = self.find()
+            if not self._sinks:
+                log_dir = self._fallback_dir()
+                notices.inform(f"attn_probe: the training run has no logger the probe can "
+                               f"write to; logging to TensorBoard in {log_dir}")
+                self._sinks = [TensorBoardOutput(log_dir, logit_cap=self.logit_cap)]
+        return self._sinks
+
+    def _each(self, method: str, *args: Any) -> None:
+        for sink in self.sinks:
+            try:
+                getattr(sink, method)(*args)
+            except Exception as error:  # one tracker down: the others keep what was measured
+                if id(sink) not in self._failed:
+                    self._failed.add(id(sink))
+                    notices.warn(
+                        f"attn_probe: {sink!r}.{method}() failed: {type(error).__name__}: "
+                        f"{error}; the other trackers go on, this warning is not repeated")
+
+    def first_write(self, snapshot: "Snapshot") -> None:
+        self._each("first_write", snapshot)
+
+    def log_scalars(self, step: int, values: dict[str, float]) -> None:
+        self._each("log_scalars", step, values)
+
+    def log_alerts(self, step: int, alerts: list[Alert]) -> None:
+        self._each("log_alerts", step, alerts)
+
+    def log_pictures(self, step: int, pictures: dict[str, np.ndarray]) -> None:
+        self._each("log_pictures", step, pictures)
+
+    def log_settings(self, settings: dict[str, Any]) -> None:
+        self._each("log_settings", settings)
+
+    def flush(self) -> None:
+        self._each("flush")
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        super().close()
+        if self._sinks is not None:
+            self._each("close")
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self._sinks!r})"
 
 
 def check_stop_on(stop_on: str | Iterable[str] | None, alerts: Any = None) -> tuple[str, ...]:
@@ -78,8 +158,9 @@ class ProbeCallback:
     (default: the framework's logging interval), ``offset``, ``capture``, ``alerts``,
     ``outputs``, ``log_dir``, ``on_alert``, ``history``: as in
     :class:`~attn_probe.AttentionProbe`, and checked here, when the callback is made; with
-    neither ``outputs`` nor ``log_dir`` the probe logs to TensorBoard in the framework's log
-    directory, where a ``TensorBoardOutput()`` given no directory logs too. ``stop_on``: the
+    neither ``outputs`` nor ``log_dir`` the probe logs through the framework's own loggers (a
+    :class:`FrameworkOutput`); a ``TensorBoardOutput()`` given no directory logs in the
+    framework's log directory. ``stop_on``: the
     kinds of alert (of :data:`attn_probe.alerts.KINDS`) that stop training, checked here
     (``ValueError``).
 
@@ -115,10 +196,13 @@ class ProbeCallback:
         self.stopped_by: Alert | None = None  #: the alert that stopped training
         self._open: int | None = None  # the step the coming forward passes belong to
 
-    def _make_probe(self, target: Any, log_dir: Callable[[], str], every: Callable[[], int]
-                    ) -> None:
-        """A new probe on ``self.model`` or ``target``; ``log_dir()`` and ``every()`` give the
-        framework's defaults for options the user left out."""
+    def _make_probe(self, target: Any, log_dir: Callable[[], str], every: Callable[[], int],
+                    trackers: Callable[[], Output] | None = None) -> None:
+        """A new probe on ``self.model`` or ``target``; ``log_dir()``, ``every()`` and
+        ``trackers()`` give the framework's defaults for options the user left out (no
+        ``trackers``: TensorBoard in ``log_dir()``)."""
+        if trackers is None:
+            trackers = lambda: TensorBoardOutput(log_dir())  # noqa: E731
         if self.probe is not None:
             self.probe.detach()
         for output in self.outputs:
@@ -127,7 +211,7 @@ class ProbeCallback:
         self.probe = AttentionProbe(
             self.model if self.model is not None else target,
             every=max(1, int(every())) if self.every is None else self.every,
-            outputs=self.outputs, log_dir=None if self.outputs else log_dir(), **self.settings)
+            outputs=self.outputs or [trackers()], **self.settings)
         self.stopped_by = None
         self._open = None
 

@@ -5,7 +5,7 @@
 >>> args = TrainingArguments(output_dir="out", logging_steps=50, max_steps=1000)
 >>> probe_cb = AttentionProbeCallback(capture=CaptureOptions(batch_rows=2))
 >>> trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=[probe_cb])
->>> trainer.train()          # rank90/max/L00, ... beside train/loss in out/runs/<time>_<host>
+>>> trainer.train()          # rank90/max/L00, ... beside train/loss, wherever report_to logs
 >>> probe_cb.probe.last   # the last snapshot, also after training
 
 Needs ``transformers`` (``pip install "attn_probe[hf]"``); without it, importing this module
@@ -15,57 +15,105 @@ works but using :class:`AttentionProbeCallback` raises ``ImportError``.
 from __future__ import annotations
 
 import os
-import socket
-from datetime import datetime, timedelta
+import sys
 from typing import Any
 
-from .base import ProbeCallback, optional_base
+from ..outputs import TensorBoardOutput
+from ..outputs.tracker import TrackerOutput
+from .base import FrameworkOutput, ProbeCallback, optional_base
 
 _TrainerCallback, __getattr__ = optional_base(
     "transformers", "TrainerCallback", label="Hugging Face", extra="hf"
 )
 
-__all__ = ["AttentionProbeCallback", "default_log_dir"]
+__all__ = ["AttentionProbeCallback", "ReportToOutput", "default_log_dir", "trainer_callbacks"]
 
 
-#: How long before the probe's ``on_train_begin`` the Trainer's TensorBoardCallback may have
-#: named its run directory (it does so in its own ``on_train_begin``, just before).
-_RUN_NAME_WINDOW_S = 60
+def trainer_callbacks(callback: Any) -> list[Any]:
+    """The callbacks of the ``Trainer`` that is calling ``callback`` now (from one of its
+    events): the ``CallbackHandler`` whose event loop is on the call stack, holding
+    ``callback``. Empty when no Trainer is calling it."""
+    from transformers.trainer_callback import CallbackHandler
+
+    frame = sys._getframe(1)
+    while frame is not None:
+        owner = frame.f_locals.get("self")
+        if isinstance(owner, CallbackHandler) and any(c is callback for c in owner.callbacks):
+            return list(owner.callbacks)
+        frame = frame.f_back
+    return []
 
 
-def _run_name(when: datetime) -> str:
-    """``runs/<Mon DD_HH-MM-SS>_<host>``: the run directory transformers (and torch's
-    ``SummaryWriter``) name after the time and the host."""
-    return os.path.join("runs", when.strftime("%b%d_%H-%M-%S") + "_" + socket.gethostname())
+def _writer_dir(callbacks: list[Any]) -> str | None:
+    """The directory of the ``TensorBoardCallback``'s own writer, when it has one."""
+    from transformers.integrations import TensorBoardCallback
+
+    for callback in callbacks:
+        writer = getattr(callback, "tb_writer", None)
+        if isinstance(callback, TensorBoardCallback) and writer is not None:
+            return str(writer.log_dir)
+    return None
 
 
-def default_log_dir(args: Any, now: datetime | None = None) -> str:
-    """Where the callback logs when given neither ``log_dir`` nor ``writer``: the directory the
-    Trainer's own ``TensorBoardCallback`` writes to, so that the probe's scalars and the
-    Trainer's ``train/loss`` are one TensorBoard run.
-
-    That is ``args.logging_dir`` where ``TrainingArguments`` still has one (transformers 4),
-    else the ``TENSORBOARD_LOGGING_DIR`` environment variable when set, else
-    ``<output_dir>/runs/<Mon DD_HH-MM-SS>_<host>``, named by the TensorBoardCallback at the
-    time it started (transformers 5): with ``report_to`` including ``"tensorboard"``, the newest
-    such directory made in the last minute, else (no TensorBoard callback runs) a new name
-    of that form for ``now``.
-    """
+def default_log_dir(args: Any, callbacks: list[Any] = ()) -> str:
+    """Where a ``TensorBoardOutput()`` given no directory logs: the directory of the writer of
+    the Trainer's own ``TensorBoardCallback`` (in ``callbacks``, :func:`trainer_callbacks`), so
+    that the probe's scalars and the Trainer's ``train/loss`` are one TensorBoard run; else
+    ``args.logging_dir`` where ``TrainingArguments`` has one (transformers 4); else
+    ``<output_dir>/attn_probe``."""
+    found = _writer_dir(list(callbacks))
+    if found:
+        return found
     logging_dir = getattr(args, "logging_dir", None)
     if logging_dir:
         return str(logging_dir)
-    env = os.environ.get("TENSORBOARD_LOGGING_DIR")
-    if env:
-        return os.path.expanduser(env)
-    output_dir = getattr(args, "output_dir", None) or "."
-    now = now or datetime.now()
-    report_to = getattr(args, "report_to", None) or []
-    if "tensorboard" in ([report_to] if isinstance(report_to, str) else list(report_to)):
-        for seconds in range(_RUN_NAME_WINDOW_S + 1):
-            candidate = os.path.join(output_dir, _run_name(now - timedelta(seconds=seconds)))
-            if os.path.isdir(candidate):
-                return candidate
-    return os.path.join(output_dir, _run_name(now))
+    return os.path.join(getattr(args, "output_dir", None) or ".", "attn_probe")
+
+
+class ReportToOutput(FrameworkOutput):
+    """The Hugging Face callback's default output: the integrations ``report_to`` started, at
+    the Trainer's global step — the ``TensorBoardCallback``'s own writer
+    (:class:`~attn_probe.outputs.TensorBoardOutput`), the active W&B run
+    (:class:`~attn_probe.outputs.wandb.WandbOutput`), the active MLflow run
+    (:class:`~attn_probe.outputs.mlflow.MlflowOutput`); with none of them, TensorBoard in
+    :func:`default_log_dir`.
+
+    Args:
+        callbacks: the Trainer's callbacks (:func:`trainer_callbacks`), where the integrations
+            are looked up at the first write (after they started their runs).
+        args: the ``TrainingArguments`` (for the fallback directory).
+        per_head, pictures_every, logit_cap: as in
+            :class:`~attn_probe.outputs.tracker.TrackerOutput`.
+    """
+
+    def __init__(self, callbacks: list[Any], args: Any, *, per_head: bool | str = True,
+                 pictures_every: int = 1000, logit_cap: float | None = None) -> None:
+        super().__init__(lambda: default_log_dir(args, callbacks), per_head=per_head,
+                         pictures_every=pictures_every, logit_cap=logit_cap)
+        self.callbacks = callbacks
+
+    def find(self) -> list[TrackerOutput]:
+        from transformers.integrations import MLflowCallback, TensorBoardCallback, WandbCallback
+
+        found: list[TrackerOutput] = []
+        for callback in self.callbacks:
+            if isinstance(callback, TensorBoardCallback):
+                if getattr(callback, "tb_writer", None) is not None:
+                    found.append(TensorBoardOutput(writer=callback.tb_writer,
+                                                   logit_cap=self.logit_cap))
+            elif isinstance(callback, WandbCallback):
+                from ..outputs.wandb import WandbOutput, import_wandb
+
+                if import_wandb().run is not None:
+                    found.append(WandbOutput(run=import_wandb().run, logit_cap=self.logit_cap))
+            elif isinstance(callback, MLflowCallback):
+                from ..outputs.mlflow import MlflowOutput, import_mlflow
+
+                active = import_mlflow().active_run()
+                if active is not None:
+                    found.append(MlflowOutput(run_id=active.info.run_id,
+                                              logit_cap=self.logit_cap))
+        return found
 
 
 if _TrainerCallback is not None:
@@ -82,8 +130,10 @@ if _TrainerCallback is not None:
             every, offset, capture, alerts, outputs, log_dir, on_alert, history: as in
                 :class:`~attn_probe.AttentionProbe`, checked when the callback is made.
                 Defaults: ``every`` = the Trainer's ``logging_steps`` (in steps, also when
-                given as a fraction of the run); with neither ``outputs`` nor ``log_dir``,
-                TensorBoard in :func:`default_log_dir`.
+                given as a fraction of the run); with neither ``outputs`` nor ``log_dir``, the
+                integrations ``report_to`` started (:class:`ReportToOutput`: the
+                ``TensorBoardCallback``'s writer, the W&B run, the MLflow run); a
+                ``TensorBoardOutput()`` with no directory logs in :func:`default_log_dir`.
 
         Steps are numbered as the Trainer numbers them: optimizer step ``N`` (1-based) is the
         ``N``-th update, and the Trainer logs its loss at ``global_step == N``. The probe
@@ -129,7 +179,7 @@ if _TrainerCallback is not None:
                 callbacks=[AttentionProbeCallback(capture=CaptureOptions(batch_rows=2),
                                                   stop_on=("logit", "entropy"))],
             )
-            trainer.train()  # then: tensorboard --logdir out/runs
+            trainer.train()  # the probe's charts are wherever report_to logs
         """
 
         def on_train_begin(self, args, state, control, model=None, **kwargs):
@@ -138,9 +188,13 @@ if _TrainerCallback is not None:
                     "AttentionProbeCallback: no model to watch (the Trainer passed none); "
                     "give one with AttentionProbeCallback(model=...)"
                 )
+            # The integrations report_to started come first among the Trainer's callbacks:
+            # their runs are open by now.
+            callbacks = trainer_callbacks(self)
             self._make_probe(
-                model, lambda: default_log_dir(args),
+                model, lambda: default_log_dir(args, callbacks),
                 lambda: getattr(state, "logging_steps", None) or args.logging_steps,
+                lambda: ReportToOutput(callbacks, args),
             )
 
         def on_step_begin(self, args, state, control, **kwargs):

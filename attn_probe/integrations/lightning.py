@@ -4,7 +4,7 @@
 >>> from attn_probe.integrations.lightning import AttentionProbeCallback
 >>> probe_cb = AttentionProbeCallback(every=100, capture=CaptureOptions(batch_rows=2))
 >>> trainer = L.Trainer(max_steps=10_000, callbacks=[probe_cb])
->>> trainer.fit(lit_module, train_loader)  # rank90/max/L00, ... next to the logger's files
+>>> trainer.fit(lit_module, train_loader)  # rank90/max/L00, ... in every logger of the Trainer
 >>> probe_cb.probe.last
 
 Needs ``lightning`` (``pip install "attn_probe[lightning]"``); without it, importing this module
@@ -16,17 +16,19 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from .base import ProbeCallback, optional_base
+from ..outputs import TensorBoardOutput
+from ..outputs.tracker import TrackerOutput
+from .base import FrameworkOutput, ProbeCallback, optional_base
 
 _Callback, __getattr__ = optional_base(
     "lightning.pytorch", "Callback", label="Lightning", extra="lightning"
 )
 
-__all__ = ["AttentionProbeCallback", "default_log_dir"]
+__all__ = ["AttentionProbeCallback", "LightningLoggersOutput", "LoggerOutput", "default_log_dir"]
 
 
 def default_log_dir(trainer: Any) -> str:
-    """Where the callback logs when given neither ``log_dir`` nor ``writer``.
+    """Where a ``TensorBoardOutput()`` given no directory logs.
 
     The first logger's directory (``trainer.log_dir``: a ``TensorBoardLogger``'s
     ``.../version_N``, so the probe's scalars join the run's own), else
@@ -38,6 +40,93 @@ def default_log_dir(trainer: Any) -> str:
         if log_dir:
             return str(log_dir)
     return os.path.join(trainer.default_root_dir, "attn_probe")
+
+
+class LightningLoggersOutput(FrameworkOutput):
+    """The Lightning callback's default output: every logger in ``trainer.loggers``
+    (:class:`LoggerOutput` each), at Lightning's step; with no logger, TensorBoard in
+    ``<default_root_dir>/attn_probe``.
+
+    ``per_head``, ``pictures_every``, ``logit_cap``: as in
+    :class:`~attn_probe.outputs.tracker.TrackerOutput`.
+    """
+
+    def __init__(self, trainer: Any, *, per_head: bool | str = True, pictures_every: int = 1000,
+                 logit_cap: float | None = None) -> None:
+        super().__init__(lambda: os.path.join(trainer.default_root_dir, "attn_probe"),
+                         per_head=per_head, pictures_every=pictures_every, logit_cap=logit_cap)
+        self.trainer = trainer
+
+    def find(self) -> list[TrackerOutput]:
+        return [LoggerOutput(logger, logit_cap=self.logit_cap) for logger in self.trainer.loggers]
+
+
+class LoggerOutput(TrackerOutput):
+    """Stores into one Lightning logger: scalars with ``logger.log_metrics(values, step)``
+    (every logger takes them: CSV, TensorBoard, W&B, MLflow, ...); alerts, pictures and the
+    settings where ``logger.experiment`` can hold them: a TensorBoard ``SummaryWriter``
+    (:class:`~attn_probe.outputs.TensorBoardOutput`), a W&B run
+    (:class:`~attn_probe.outputs.wandb.WandbOutput`), an MLflow client
+    (:class:`~attn_probe.outputs.mlflow.MlflowOutput`); other loggers get the settings with
+    ``log_hyperparams``."""
+
+    def __init__(self, logger: Any, *, logit_cap: float | None = None) -> None:
+        super().__init__(logit_cap=logit_cap)
+        self.logger = logger
+        self.experiment = _experiment_output(logger, logit_cap)
+
+    def first_write(self, snapshot) -> None:
+        if self.experiment is not None:
+            self.experiment.first_write(snapshot)
+
+    def log_scalars(self, step: int, values: dict[str, float]) -> None:
+        self.logger.log_metrics(values, step=step)
+
+    def log_alerts(self, step: int, alerts) -> None:
+        if self.experiment is not None:
+            self.experiment.log_alerts(step, alerts)
+
+    def log_pictures(self, step: int, pictures) -> None:
+        if self.experiment is not None:
+            self.experiment.log_pictures(step, pictures)
+
+    def log_settings(self, settings: dict[str, Any]) -> None:
+        if self.experiment is not None:
+            self.experiment.log_settings(settings)
+        else:
+            self.logger.log_hyperparams({"attn_probe": settings})
+
+    def flush(self) -> None:
+        if self.experiment is not None:
+            self.experiment.flush()
+        self.logger.save()
+
+    def close(self) -> None:
+        super().close()
+        if self.experiment is not None:
+            self.experiment.close()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({type(self.logger).__name__})"
+
+
+def _experiment_output(logger: Any, logit_cap: float | None) -> TrackerOutput | None:
+    """What stores alerts and pictures into ``logger.experiment``, where it can hold them."""
+    from lightning.pytorch import loggers
+    from torch.utils.tensorboard import SummaryWriter
+
+    if isinstance(logger, loggers.TensorBoardLogger) and isinstance(logger.experiment,
+                                                                     SummaryWriter):
+        return TensorBoardOutput(writer=logger.experiment, logit_cap=logit_cap)
+    if isinstance(logger, loggers.WandbLogger):
+        from ..outputs.wandb import WandbOutput
+
+        return WandbOutput(run=logger.experiment, logit_cap=logit_cap)
+    if isinstance(logger, loggers.MLFlowLogger):
+        from ..outputs.mlflow import MlflowOutput
+
+        return MlflowOutput(client=logger.experiment, run_id=logger.run_id, logit_cap=logit_cap)
+    return None
 
 
 if _Callback is not None:
@@ -54,8 +143,10 @@ if _Callback is not None:
             every, offset, capture, alerts, outputs, log_dir, on_alert, history: as in
                 :class:`~attn_probe.AttentionProbe`, checked when the callback is made.
                 Defaults: ``every`` = the Trainer's ``log_every_n_steps`` (100 if that is 0);
-                with neither ``outputs`` nor ``log_dir``, TensorBoard in
-                :func:`default_log_dir`.
+                with neither ``outputs`` nor ``log_dir``, every logger of the Trainer
+                (:class:`LightningLoggersOutput`: scalars through each logger's
+                ``log_metrics``, alerts and pictures where its ``experiment`` holds them);
+                a ``TensorBoardOutput()`` with no directory logs in :func:`default_log_dir`.
 
         Steps are numbered as Lightning numbers them: step ``s`` is the work that leads to
         optimizer step ``s`` (``trainer.global_step == s`` while its batches run, 0-based),
@@ -102,7 +193,8 @@ if _Callback is not None:
                                                   stop_on=("logit", "entropy"))],
             )
             trainer.fit(lit_module, train_dataloader)
-            # then: tensorboard --logdir lightning_logs
+            # the probe's charts are in the Trainer's loggers (TensorBoard by default:
+            # tensorboard --logdir lightning_logs)
         """
 
         # lifecycle -------------------------------------------------------------------
@@ -112,7 +204,8 @@ if _Callback is not None:
 
         def on_fit_start(self, trainer, pl_module) -> None:
             self._make_probe(pl_module, lambda: default_log_dir(trainer),
-                             lambda: int(trainer.log_every_n_steps) or 100)
+                             lambda: int(trainer.log_every_n_steps) or 100,
+                             lambda: LightningLoggersOutput(trainer))
 
         def on_train_start(self, trainer, pl_module) -> None:
             if self.probe is None:

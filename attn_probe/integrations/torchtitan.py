@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import math
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
@@ -40,7 +39,7 @@ import torch
 from torch import nn
 
 from ..options import CaptureOptions
-from ..outputs import TensorBoardOutput
+from ..outputs.tracker import TrackerOutput
 from ..probe import AttentionProbe
 from ..snapshot import Snapshot
 from .base import optional_base
@@ -50,54 +49,35 @@ _Trainer, __getattr__ = optional_base(
     exported=("AttentionProbeTrainer",),
 )
 
-__all__ = ["AttentionProbeTrainer", "MetricsLoggerWriter", "ProbeConfig", "measure",
+__all__ = ["AttentionProbeTrainer", "MetricsLoggerOutput", "ProbeConfig", "measure",
            "metrics_logger_output", "with_probe"]
 
 
-class MetricsLoggerWriter:
-    """What :class:`~attn_probe.TensorBoardOutput` writes into, forwarding its scalars
-    to a torchtitan logger (``TensorBoardLogger``, ``WandBLogger``, their ``LoggerContainer``:
-    anything with ``log(metrics: dict, step: int)``): each step's scalars in one ``log`` call
-    when the probe flushes, tags prefixed with ``prefix``. Images and text have no place in
-    those loggers and are left out."""
+class MetricsLoggerOutput(TrackerOutput):
+    """The probe's output into a torchtitan logger (``TensorBoardLogger``, ``WandBLogger``,
+    their ``LoggerContainer``: anything with ``log(metrics: dict, step: int)``): the scalars
+    every output logs (:mod:`attn_probe.outputs.scalars`), tags prefixed with ``prefix``, in one
+    ``log`` call a step. Alerts and pictures have no place in those loggers and are left out
+    (the alerts still go to the ``attn_probe`` logger and, from ``warning`` up, to warnings).
+    ``per_head``, ``logit_cap``: as :class:`~attn_probe.outputs.tracker.TrackerOutput` takes
+    them."""
 
-    def __init__(self, logger: Any, prefix: str = "attn_probe/") -> None:
+    def __init__(self, logger: Any, prefix: str = "attn_probe/", *,
+                 per_head: bool | str = True, logit_cap: float | None = None) -> None:
         if not callable(getattr(logger, "log", None)):
             raise TypeError(f"expected a torchtitan logger with log(metrics, step), got {logger!r}")
+        super().__init__(per_head=per_head, pictures_every=0, logit_cap=logit_cap)
         self.logger, self.prefix = logger, prefix
-        self._pending: dict[int, dict[str, float]] = {}
 
-    def add_scalar(self, tag: str, value: float, global_step: int | None = None, **_: Any) -> None:
-        value = float(value)
-        if math.isfinite(value):
-            self._pending.setdefault(int(global_step or 0), {})[self.prefix + tag] = value
-
-    def add_text(self, *args: Any, **kwargs: Any) -> None:
-        """Alerts as markdown: torchtitan's loggers take numbers only (the alerts still go to
-        the ``attn_probe`` logger and, from ``warning`` up, to warnings)."""
-
-    def add_image(self, *args: Any, **kwargs: Any) -> None:
-        """Heatmaps: not written (torchtitan's loggers take numbers only)."""
-
-    def add_custom_scalars(self, *args: Any, **kwargs: Any) -> None:
-        """TensorBoard's custom-scalars layout: not written."""
-
-    def flush(self) -> None:
-        pending, self._pending = self._pending, {}
-        for step in sorted(pending):
-            self.logger.log(pending[step], step)
-
-    def close(self) -> None:
-        self.flush()
+    def log_scalars(self, step: int, values: dict[str, float]) -> None:
+        if values:
+            self.logger.log({self.prefix + tag: value for tag, value in values.items()}, step)
 
 
 def metrics_logger_output(logger: Any, *, prefix: str = "attn_probe/",
-                          **options: Any) -> TensorBoardOutput:
-    """The probe's output into a torchtitan logger (anything with ``log(metrics, step)``):
-    the scalars of :class:`~attn_probe.TensorBoardOutput` under its tags, prefixed with
-    ``prefix``; ``options`` as it takes them (``per_head``, ``logit_cap``). No pictures."""
-    return TensorBoardOutput(writer=MetricsLoggerWriter(logger, prefix), pictures_every=0,
-                             custom_scalars=False, **options)
+                          **options: Any) -> MetricsLoggerOutput:
+    """:class:`MetricsLoggerOutput` of ``logger`` (``options``: ``per_head``, ``logit_cap``)."""
+    return MetricsLoggerOutput(logger, prefix, **options)
 
 
 def measure(probe: AttentionProbe, model: nn.Module, step: int, *args: Any,

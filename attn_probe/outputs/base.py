@@ -2,7 +2,8 @@
 own code.
 
 An output is an :class:`Output`: the probe calls :meth:`Output.start` once when it is made (on
-every process, so a bad setting fails everywhere at once), :meth:`Output.write` with each
+every process, so a bad setting fails everywhere at once) and then :meth:`Output.run_settings`
+with its settings, :meth:`Output.write` with each
 sampled step's :class:`~attn_probe.snapshot.Snapshot` (on the process that logs: process 0),
 and :meth:`Output.close` once at the end, after an exception too. A snapshot carries the
 step's figures, the alerts new at that step (``snapshot.alerts``) and, on the steps an output
@@ -20,7 +21,7 @@ A whole output of your own::
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 
 if TYPE_CHECKING:
     from ..snapshot import Snapshot
@@ -35,6 +36,11 @@ class Output:
         """Called once by the probe that will write here, on every process, with the names
         of the monitored modules in order (``L00`` is ``layers[0]``): check settings that
         name layers here and raise ``ValueError`` for a bad one. Opens nothing."""
+
+    def run_settings(self, settings: Mapping[str, Any]) -> None:
+        """Called once by the probe, after :meth:`start` and on every process, with its
+        settings (``every``, ``offset``, ``capture``, ``alerts``, ``layers``): keep them to
+        log with the first write, where the output records a run's settings. Opens nothing."""
 
     def pictures(self, step: int) -> int:
         """How many first tokens of each layer's attention this output draws at ``step``

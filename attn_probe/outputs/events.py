@@ -1,15 +1,18 @@
-"""Reading TensorBoard event files back: the runs under a log directory, each run's scalars, its
-latest images and its alerts (from the ``alerts`` text written by
-:class:`~attn_probe.outputs.TensorBoardOutput`).
+"""Reading runs back: the runs under a log directory, each run's scalars, its latest images and
+its alerts, from TensorBoard event files (the ``alerts`` text written by
+:class:`~attn_probe.outputs.TensorBoardOutput`) or from the probe's JSON Lines files
+(:class:`~attn_probe.outputs.jsonl.JsonlOutput`, which hold no images).
 
 Only the event files are read (with TensorBoard's own ``EventAccumulator``), so this works on a
 run that crashed, on another machine, and on runs logged through the Hugging Face or Lightning
 callbacks. A run is a directory that holds event files itself (``events.out.tfevents.*``), as
-TensorBoard counts runs.
+TensorBoard counts runs; a probe's ``.jsonl`` file is a run of its own.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import re
 from dataclasses import dataclass, field
@@ -20,12 +23,16 @@ import numpy as np
 
 from ..alerts.run import Run
 from ..snapshot import Alert
+from .jsonl import FORMAT
 from .tables import markdown_rows, parse_alerts_markdown
 
-__all__ = ["EventsError", "LOSS_TAGS", "RunEvents", "find_runs", "read_run", "read_runs"]
+__all__ = ["EventsError", "LOSS_TAGS", "RunEvents", "find_runs", "read_jsonl", "read_run",
+           "read_runs"]
 
 #: The name of an event file.
 EVENT_FILE = "events.out.tfevents.*"
+#: The name of a probe's JSON Lines file.
+JSONL_FILE = "*.jsonl"
 #: Tags a training loss is logged under, in order of preference: the demo's and the Hugging Face
 #: Trainer's (``train/loss``), Lightning's ``self.log("train_loss")`` (``_step`` with
 #: ``on_epoch=True`` too), a bare ``loss``.
@@ -89,17 +96,34 @@ class RunEvents:
 
 
 def find_runs(log_dir: str | os.PathLike) -> list[Path]:
-    """The run directories under ``log_dir`` (itself included), sorted; :class:`EventsError`
-    when ``log_dir`` is not a directory or holds no event file."""
+    """The runs under ``log_dir``, sorted: the directories that hold event files (``log_dir``
+    itself included) and the probe's ``.jsonl`` files; ``log_dir`` may be such a file itself.
+    :class:`EventsError` when ``log_dir`` does not exist or holds no run."""
     root = Path(log_dir)
     if not root.exists():
         raise EventsError(f"{root} does not exist")
-    if not root.is_dir():
-        raise EventsError(f"{root} is not a directory (give the log directory of the runs)")
-    runs = sorted({path.parent for path in root.rglob(EVENT_FILE) if path.is_file()})
+    if root.is_file():
+        if root.suffix == ".jsonl":
+            return [root]
+        raise EventsError(f"{root} is not a directory (give the log directory of the runs, "
+                          "or a .jsonl file of the probe)")
+    runs = {path.parent for path in root.rglob(EVENT_FILE) if path.is_file()}
+    runs.update(path for path in root.rglob(JSONL_FILE) if path.is_file() and _is_probe_jsonl(path))
     if not runs:
-        raise EventsError(f"no TensorBoard event files ({EVENT_FILE}) under {root}")
-    return runs
+        raise EventsError(f"no TensorBoard event files ({EVENT_FILE}) nor JSON Lines files of "
+                          f"the probe ({JSONL_FILE}) under {root}")
+    return sorted(runs)
+
+
+def _is_probe_jsonl(path: Path) -> bool:
+    """Whether ``path`` starts with the line a :class:`~attn_probe.outputs.jsonl.JsonlOutput`
+    writes first."""
+    try:
+        with open(path, encoding="utf-8") as file:
+            first = json.loads(file.readline() or "null")
+    except (OSError, ValueError):
+        return False
+    return isinstance(first, dict) and first.get("format") == FORMAT
 
 
 def _accumulate(path: Path):
@@ -133,8 +157,11 @@ def _text(event) -> str:
 
 def read_run(path: str | os.PathLike, name: str | None = None) -> RunEvents:
     """Everything :class:`RunEvents` holds, from the event files directly in ``path`` (a run
-    logged by several writers, such as a framework's and the probe's, has one file each)."""
+    logged by several writers, such as a framework's and the probe's, has one file each), or
+    from ``path``, a probe's ``.jsonl`` file (:func:`read_jsonl`)."""
     path = Path(path)
+    if path.is_file() and path.suffix == ".jsonl":
+        return read_jsonl(path, name)
     files = sorted(p for p in path.glob(EVENT_FILE) if p.is_file())
     if not files:
         raise EventsError(f"no TensorBoard event files ({EVENT_FILE}) in {path}")
@@ -162,6 +189,15 @@ def read_run(path: str | os.PathLike, name: str | None = None) -> RunEvents:
             for event in accumulator.Tensors(FIGURES_TAG):
                 definitions = tuple((row[0], row[1]) for row in markdown_rows(_text(event))
                                     if len(row) == 2)
+    return _run(path, name, points, alerts,
+                {tag: (step, png) for tag, (step, _, png) in sorted(images.items())}, definitions)
+
+
+def _run(path: Path, name: str | None, points: dict[str, list[tuple[int, float, float]]],
+         alerts: dict[tuple, Alert], images: dict[str, tuple[int, bytes]],
+         definitions: tuple[tuple[str, str], ...]) -> RunEvents:
+    """A :class:`RunEvents` of what was read: ``points`` tag -> (step, order, value), of which
+    the last written of each step is kept; ``alerts`` in step order (else as written)."""
     scalars = {}
     for tag, found in points.items():
         last = {step: value for step, _, value in sorted(found)}  # the latest write of a step
@@ -172,10 +208,49 @@ def read_run(path: str | os.PathLike, name: str | None = None) -> RunEvents:
         name=name if name is not None else path.name,
         path=path,
         scalars=dict(sorted(scalars.items())),
-        images={tag: (step, png) for tag, (step, _, png) in sorted(images.items())},
+        images=images,
         alerts=tuple(ordered),
         definitions=definitions,
     )
+
+
+def read_jsonl(path: str | os.PathLike, name: str | None = None) -> RunEvents:
+    """What a probe's JSON Lines file holds (:mod:`attn_probe.outputs.jsonl`) as a
+    :class:`RunEvents`: its scalars, alerts and definitions (no images). A last line cut short by a crash
+    is left out; any other line that is not a record of the probe is an :class:`EventsError`
+    naming it."""
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as error:
+        raise EventsError(f"cannot read {path}: {getattr(error, 'strerror', None) or error}"
+                          ) from None
+    fields = {field.name for field in dataclasses.fields(Alert)}
+    points: dict[str, list[tuple[int, float, float]]] = {}
+    alerts: dict[tuple, Alert] = {}
+    definitions: tuple[tuple[str, str], ...] = ()
+    for number, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line)
+            if "format" in record:
+                continue
+            if "definitions" in record:
+                definitions = tuple((str(tag), str(meaning))
+                                    for tag, meaning in record["definitions"])
+                continue
+            step = int(record["step"])
+            for tag, value in record["scalars"].items():
+                points.setdefault(tag, []).append((step, number, float(value)))
+            for found in record["alerts"]:
+                alert = Alert(**{key: tuple(value) if isinstance(value, list) else value
+                                 for key, value in found.items() if key in fields})
+                alerts[(alert.step, alert.layer, alert.kind, alert.heads)] = alert
+        except (ValueError, TypeError, KeyError, AttributeError) as error:
+            if number == len(lines) and not line.endswith("}"):
+                break  # the last line, cut short
+            raise EventsError(f"{path}, line {number}: not a record of the probe ({error})"
+                              ) from None
+    return _run(path, name, points, alerts, {}, definitions)
 
 
 def read_runs(log_dir: str | os.PathLike, runs: Iterable[str | os.PathLike] | None = None
@@ -190,5 +265,7 @@ def read_runs(log_dir: str | os.PathLike, runs: Iterable[str | os.PathLike] | No
             name = path.resolve().relative_to(root.resolve()).as_posix()
         except ValueError:
             name = path.name
-        out.append(read_run(path, root.resolve().name if name == "." else name))
+        if name == ".":
+            name = root.resolve().name
+        out.append(read_run(path, name))
     return out

@@ -10,9 +10,7 @@ files, step for step. Evaluation batches must never be measured.
 from __future__ import annotations
 
 import math
-import socket
 import warnings
-from datetime import datetime
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -133,24 +131,22 @@ def test_huggingface_trainer_logs_first_micro_batch_of_sampled_steps(tmp_path, m
     print(f"hf: worst |logged - reference| {worst:.3g}, closest decision {closest:.3g}")
 
 
-def test_huggingface_default_log_dir(tmp_path, monkeypatch):
+def test_huggingface_default_log_dir(tmp_path):
+    """Where a TensorBoardOutput() with no directory logs: the TensorBoardCallback's own
+    writer's directory, whatever its name; no name is guessed."""
     extra("transformers")
+    from torch.utils.tensorboard import SummaryWriter
+    from transformers.integrations import TensorBoardCallback
+
     from attn_probe.integrations.huggingface import default_log_dir
 
-    monkeypatch.delenv("TENSORBOARD_LOGGING_DIR", raising=False)
-    host = socket.gethostname()
-    now = datetime(2025, 3, 7, 14, 5, 9)
-    # No TensorBoard callback: where one would write.
-    args = SimpleNamespace(output_dir=str(tmp_path), report_to=[])
-    assert default_log_dir(args, now) == str(tmp_path / "runs" / f"Mar07_14-05-09_{host}")
-    # The TensorBoardCallback named its run a few seconds earlier (an older run beside it).
-    for name in (f"Mar07_14-05-02_{host}", f"Mar07_14-04-58_{host}", f"Mar07_13-00-00_{host}"):
-        (tmp_path / "runs" / name).mkdir(parents=True)
-    args = SimpleNamespace(output_dir=str(tmp_path), report_to=["tensorboard"])
-    assert default_log_dir(args, now) == str(tmp_path / "runs" / f"Mar07_14-05-02_{host}")
+    args = SimpleNamespace(output_dir=str(tmp_path))
+    tensorboard = TensorBoardCallback()
+    assert default_log_dir(args, [tensorboard]) == str(tmp_path / "attn_probe")  # not started
+    with SummaryWriter(str(tmp_path / "any name")) as writer:
+        tensorboard.tb_writer = writer
+        assert default_log_dir(args, [tensorboard]) == str(tmp_path / "any name")
     assert default_log_dir(SimpleNamespace(output_dir="x", logging_dir="logs")) == "logs"
-    monkeypatch.setenv("TENSORBOARD_LOGGING_DIR", str(tmp_path / "tb"))
-    assert default_log_dir(SimpleNamespace(output_dir="x")) == str(tmp_path / "tb")
 
 
 # --------------------------------------------------------------------------- stop_on
