@@ -111,8 +111,8 @@ class AttentionProbe:
             output.start(layers)
             output.run_settings(settings)
         self._recorder = Recorder(
-            self.sites, _Measure(self), max_sequences=capture.batch_rows,
-            max_tokens=capture.crop, strict=False, root=model,
+            self.sites, _Measure(self), batch_rows=capture.batch_rows,
+            crop=capture.crop, strict=False, root=model,
         )
         self._accumulator = HeadAccumulator()
         self._samples: dict[str, Tensor] = {}

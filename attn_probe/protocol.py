@@ -55,7 +55,7 @@ class Capture:
         self._attention: dict[str, Tensor] = {}
         self._observed: dict[str, Observed] = {}
         self._recorder = Recorder(
-            self.sites, self._record, max_sequences=options.batch_rows, max_tokens=options.crop,
+            self.sites, self._record, batch_rows=options.batch_rows, crop=options.crop,
             strict=True, root=model,
         )
 

@@ -56,7 +56,7 @@ from bench_full_context import reset_high_water_mark, status_kib
 
 #: GPT-2 small.
 SHAPE = dict(layers=12, heads=12, width=768)
-CROP = 256  # the probe's default max_tokens: the matrix figures' crop
+CROP = 256  # the probe's default crop: the matrix figures' crop
 WARM_LENGTH = 64
 SIDES = ("plain", "probe", "peer")
 #: What --smoke runs: every part at a tiny size, one repeat (no timing judged).

@@ -13,8 +13,8 @@ tensors:
   (skipped where its estimated peak, three ``H x T x T`` float32 tensors, exceeds 6 GiB).
 
 Then a training run with sequences of 2,048 tokens (``--train-tokens``; the demo's GPT widened
-to 8 heads of 32, 4 layers, batch 4, AdamW) under the probe's defaults (``max_tokens=256``,
-``max_sequences=1``): the time of a sampled step against an unsampled one, as a ratio, and the
+to 8 heads of 32, 4 layers, batch 4, AdamW) under the probe's defaults (``crop=256``,
+``batch_rows=1``): the time of a sampled step against an unsampled one, as a ratio, and the
 check that every sampled step reported the full-context figures over all 2,048 tokens.
 
 Times are medians over ``--repeats`` runs that alternate between the sides, in this process;
@@ -270,7 +270,7 @@ def training_run(length: int, repeats: int, device: str) -> None:
     plain, sampled = (statistics.median(times[k]) * 1e3 for k in (False, True))
     tokens = {layer.reduce("tokens_full", "max") for s in probe.history for layer in s.layers}
     print(f"\ntraining run: GPT 4 layers x 8 heads, width 256, batch 4, T={length}, probe "
-          "defaults (max_tokens=256, max_sequences=1)")
+          "defaults (crop=256, batch_rows=1)")
     print(f"  unsampled step {plain:.0f} ms, sampled step {sampled:.0f} ms: "
           f"{sampled / plain:.2f}x (median of {len(times[True])}); sampled every 100 steps "
           f"(the default) that is {(sampled - plain) / plain / 100:.2%} on average")

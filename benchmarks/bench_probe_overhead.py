@@ -6,7 +6,7 @@
 
 Every figure is measured in this one process, plain and probed steps interleaved so both see the
 same machine: a plain training step; a step with the probe attached but not sampling (hooks
-return at once); a sampled step with the default settings (max_sequences=1, max_tokens=256, no
+return at once); a sampled step with the default settings (batch_rows=1, crop=256, no
 pictures); a sampled step that also draws pictures (by default every 10th sampled step).
 
 Whole-step differences are at the mercy of a shared machine, so the probe's own work is also

@@ -190,17 +190,17 @@ class GPTAttention:
     A forward pre-hook on each block's ``attn`` takes the input the module is given and its own
     ``c_attn`` weights, and computes A with an explicit masked softmax in float64 (independent of
     attn_probe's capture code). :attr:`calls` holds one entry per forward pass of the model (a
-    pass starts at block 0): layer index -> (B, H, T, T). ``max_sequences`` / ``max_tokens``
+    pass starts at block 0): layer index -> (B, H, T, T). ``batch_rows`` / ``crop``
     keep the first sequences and tokens, as the probe does. Use as a context manager, or call
     :meth:`remove`.
     """
 
-    def __init__(self, model: torch.nn.Module, max_sequences: int | None = None,
-                 max_tokens: int | None = None):
+    def __init__(self, model: torch.nn.Module, batch_rows: int | None = None,
+                 crop: int | None = None):
         self.calls: list[dict[int, torch.Tensor]] = []
         self._current: dict[int, torch.Tensor] | None = None
         self.handles = [
-            block.attn.register_forward_pre_hook(self._hook(i, max_sequences, max_tokens))
+            block.attn.register_forward_pre_hook(self._hook(i, batch_rows, crop))
             for i, block in enumerate(model.transformer.h)
         ]
 
@@ -235,11 +235,11 @@ class GPTAttention:
         self.remove()
 
 
-def gpt_attention(model: torch.nn.Module, tokens: torch.Tensor, max_sequences: int | None = None,
-                  max_tokens: int | None = None) -> list[torch.Tensor]:
+def gpt_attention(model: torch.nn.Module, tokens: torch.Tensor, batch_rows: int | None = None,
+                  crop: int | None = None) -> list[torch.Tensor]:
     """Each block's float64 (B, H, T, T) attention in one forward pass of ``model`` on
     ``tokens`` (see :class:`GPTAttention`)."""
-    with GPTAttention(model, max_sequences, max_tokens) as ref, torch.no_grad():
+    with GPTAttention(model, batch_rows, crop) as ref, torch.no_grad():
         model(tokens)
     (call,) = ref.calls
     return [call[i] for i in range(len(call))]

@@ -268,7 +268,7 @@ def test_learned_sink_logits(causal):
 def test_scale_single_head_bfloat16_and_max_sequences():
     q, k = qk(batch=3, heads=1, length=50, seed=10)
     got = full_context_stats(q[:, 0].bfloat16(), k[:, 0].bfloat16(), is_causal=True,
-                             scale=0.3, max_sequences=2)
+                             scale=0.3, batch_rows=2)
     assert got["entropy"].shape == (2, 1)
     for b in range(2):
         ref = reference(q[b].bfloat16(), k[b].bfloat16(), causal=True, scale=0.3)

@@ -490,9 +490,9 @@ def _by_hand(model: Model, group) -> Model:
     return model
 
 
-def _chunk_adapter(module: Attention, args, kwargs, *, max_sequences, max_tokens):
+def _chunk_adapter(module: Attention, args, kwargs, *, batch_rows, crop):
     """q and k rebuilt from this process's chunk of tokens: its own keys only."""
-    x = args[0][:max_sequences]
+    x = args[0][:batch_rows]
     b, t, _ = x.shape
     query = module.wq(x).view(b, t, -1, HEAD_DIM).transpose(1, 2)
     key = module.wk(x).view(b, t, -1, HEAD_DIM).transpose(1, 2)

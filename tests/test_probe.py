@@ -59,7 +59,7 @@ def train(model, data, probe=None, *, accumulate=1, lr=0.05, autocast=False):
 def test_logged_values_equal_independent_reference(tmp_path):
     model = small_gpt()
     data = batches(7)
-    with GPTAttention(model, max_sequences=3, max_tokens=16) as ref:
+    with GPTAttention(model, batch_rows=3, crop=16) as ref:
         with attn_probe.AttentionProbe(
             model, every=3, capture=attn_probe.CaptureOptions(batch_rows=3, crop=16),
             outputs=[attn_probe.TensorBoardOutput(tmp_path, pictures_every=3, per_head="all")],
@@ -89,7 +89,7 @@ def test_logged_values_equal_independent_reference(tmp_path):
 def test_gradient_accumulation_measures_first_forward_only(tmp_path):
     model = small_gpt()
     data = batches(2, b=8)
-    with GPTAttention(model, max_sequences=2, max_tokens=24) as ref:
+    with GPTAttention(model, batch_rows=2, crop=24) as ref:
         with attn_probe.AttentionProbe(
             model, every=1, capture=attn_probe.CaptureOptions(batch_rows=2, crop=24), history=1000,
         ) as probe:
@@ -125,7 +125,7 @@ def test_close_step_measures_nothing_until_open_step(tmp_path):
     model = small_gpt()
     x = [torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(i))
          for i in range(4)]
-    with GPTAttention(model, max_sequences=1, max_tokens=8) as ref:
+    with GPTAttention(model, batch_rows=1, crop=8) as ref:
         with attn_probe.AttentionProbe(
             model, log_dir=tmp_path, every=1, capture=attn_probe.CaptureOptions(crop=8),
             history=1000,
@@ -257,7 +257,7 @@ class Custom(nn.Module):
 
 
 def test_failing_adapter_skips_its_module_and_training_goes_on(tmp_path):
-    def broken(module, args, kwargs, *, max_sequences, max_tokens):
+    def broken(module, args, kwargs, *, batch_rows, crop):
         raise RuntimeError("adapter bug")
 
     def run(probe_dir):
@@ -480,7 +480,7 @@ def test_compiled_model_trains_correctly_with_probe(tmp_path):
     eager_twin = small_gpt(seed=4)
     compiled = torch.compile(model)
     data = batches(4, seed=9)
-    with GPTAttention(model, max_sequences=1, max_tokens=24) as ref:
+    with GPTAttention(model, batch_rows=1, crop=24) as ref:
         with attn_probe.AttentionProbe(model, log_dir=tmp_path, every=2, history=1000) as probe:
             losses = train(compiled, data, probe)
     twin_losses = train(eager_twin, data)

@@ -85,7 +85,7 @@ def gpt_batches(n: int, b: int = 4, t: int = 24, seed: int = 1) -> list[torch.Te
 def test_rank_profile_matches_reference():
     model = small_gpt().eval()
     data = gpt_batches(3, b=4)
-    with GPTAttention(model, max_sequences=4, max_tokens=24) as ref:
+    with GPTAttention(model, batch_rows=4, crop=24) as ref:
         snapshot = attn_probe.rank_profile(model, data, sequences=10)
     for layer in range(2):
         a = torch.cat([call[layer] for call in ref.calls])[:10]
@@ -139,7 +139,7 @@ def test_rank_profile_progress_stops_at_max_sequences_and_needs_batches():
 
 
 def test_another_crop_is_rebuilt_without_running_the_model():
-    """Capture.matrix / metrics(max_tokens=...) of a recorded call equal the float64 reference
+    """Capture.matrix / metrics(crop=...) of a recorded call equal the float64 reference
     cropped to that many tokens, and a capture made with that crop; nothing runs the model."""
     model = small_gpt().eval()
     x = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(5))

@@ -294,6 +294,6 @@ class ExpAttention(nn.Module):
         return (self.weights @ v).transpose(1, 2).reshape(B, T, C)
 
 
-def exp_adapter(module, args, kwargs, *, max_sequences, max_tokens):
+def exp_adapter(module, args, kwargs, *, batch_rows, crop):
     q, k, _ = module.scores(args[0])
-    return attention_probabilities(q, k, max_sequences=max_sequences, max_tokens=max_tokens)
+    return attention_probabilities(q, k, batch_rows=batch_rows, crop=crop)

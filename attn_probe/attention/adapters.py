@@ -1,20 +1,20 @@
 """Adapters: rebuild what a module's attention kernel gets from its input and its own weights.
 
-An adapter is ``fn(module, args, kwargs, *, max_sequences, max_tokens)``, called with the
+An adapter is ``fn(module, args, kwargs, *, batch_rows, crop)``, called with the
 positional and keyword arguments of the module's forward before it runs. It recomputes q and k
 the way the module does and returns them as an
-:class:`~attn_probe.attention.rebuild.AttentionInputs` for the first ``max_sequences`` sequences
+:class:`~attn_probe.attention.rebuild.AttentionInputs` for the first ``batch_rows`` sequences
 and every token (the full-context statistics stream over the whole sequence; the matrix is
-cropped to ``max_tokens`` later). An adapter may also return the probabilities A (B, H, T, S)
+cropped to ``crop`` later). An adapter may also return the probabilities A (B, H, T, S)
 itself, e.g. from :func:`~attn_probe.attention.rebuild.attention_probabilities` with
-``max_tokens``: then only the figures of the matrix are measured. Adapters serve modules whose
+``crop``: then only the figures of the matrix are measured. Adapters serve modules whose
 kernel cannot be intercepted (``flex_attention``, fused or custom kernels) or would be disturbed
 by interception (``nn.MultiheadAttention``'s fused fast path).
 
 Register your own with :func:`register_adapter`::
 
-    def my_adapter(module, args, kwargs, *, max_sequences, max_tokens):
-        x = (args[0] if args else kwargs["x"])[:max_sequences]       # (B, T, C)
+    def my_adapter(module, args, kwargs, *, batch_rows, crop):
+        x = (args[0] if args else kwargs["x"])[:batch_rows]       # (B, T, C)
         B, T, _ = x.shape
         q = module.wq(x).view(B, T, module.n_heads, -1).transpose(1, 2)
         k = module.wk(x).view(B, T, module.n_heads, -1).transpose(1, 2)
@@ -45,8 +45,8 @@ class Adapter(Protocol):
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
         *,
-        max_sequences: int | None,
-        max_tokens: int | None,
+        batch_rows: int | None,
+        crop: int | None,
     ) -> AttentionInputs | Tensor: ...
 
 
@@ -127,8 +127,8 @@ def _is_nanogpt(module: nn.Module) -> bool:
     return isinstance(getattr(module, "c_attn", None), nn.Linear) and hasattr(module, "n_head")
 
 
-def nanogpt_adapter(module, args, kwargs, *, max_sequences, max_tokens) -> AttentionInputs:
-    x = _first_tensor(args, kwargs)[:max_sequences]
+def nanogpt_adapter(module, args, kwargs, *, batch_rows, crop) -> AttentionInputs:
+    x = _first_tensor(args, kwargs)[:batch_rows]
     b, t, c = x.shape
     heads = module.n_head
     weight, bias = module.c_attn.weight[: 2 * c], module.c_attn.bias
@@ -150,7 +150,7 @@ def _is_merged_qkv(module: nn.Module) -> bool:
     return _merged_weight(module) is not None
 
 
-def merged_qkv_adapter(module, args, kwargs, *, max_sequences, max_tokens) -> AttentionInputs:
+def merged_qkv_adapter(module, args, kwargs, *, batch_rows, crop) -> AttentionInputs:
     """q, k from ``qkvo_w[0:2]``, RMS-normed over the head dim, rotated by ``module.rotary``.
 
     The mask is a ``BlockMask`` argument of the forward, applied as ``flex_attention`` applies
@@ -163,7 +163,7 @@ def merged_qkv_adapter(module, args, kwargs, *, max_sequences, max_tokens) -> At
     block_mask = next(
         (v for v in (*args, *kwargs.values()) if isinstance(v, BlockMask)), None
     )
-    x = _first_tensor(args, kwargs)[:max_sequences]
+    x = _first_tensor(args, kwargs)[:batch_rows]
     b, t, _ = x.shape
     heads = int(getattr(module, "num_heads", getattr(module, "n_head", 0)))
     if heads <= 0:
@@ -182,7 +182,7 @@ def merged_qkv_adapter(module, args, kwargs, *, max_sequences, max_tokens) -> At
 
 # torch.nn.MultiheadAttention, including its fused fast path (which interception cannot see).
 def multihead_attention_adapter(
-    module: nn.MultiheadAttention, args, kwargs, *, max_sequences, max_tokens
+    module: nn.MultiheadAttention, args, kwargs, *, batch_rows, crop
 ) -> AttentionInputs:
     if module.bias_k is not None or module.add_zero_attn:
         raise NotImplementedError(
@@ -194,7 +194,7 @@ def multihead_attention_adapter(
     attn_mask = _argument(module, args, kwargs, "attn_mask")
     padding = _argument(module, args, kwargs, "key_padding_mask")
     is_causal = bool(_argument(module, args, kwargs, "is_causal", False))
-    return _mha_inputs(module, query, key, attn_mask, padding, is_causal, max_sequences)
+    return _mha_inputs(module, query, key, attn_mask, padding, is_causal, batch_rows)
 
 
 def _mha_inputs(
@@ -204,7 +204,7 @@ def _mha_inputs(
     attn_mask: Tensor | None,
     padding: Tensor | None,
     is_causal: bool,
-    max_sequences: int | None,
+    batch_rows: int | None,
 ) -> AttentionInputs:
     if query.dim() == 2:  # unbatched (L, E)
         query, key = query.unsqueeze(0), key.unsqueeze(0)
@@ -219,7 +219,7 @@ def _mha_inputs(
         w_q, w_k = module.q_proj_weight, module.k_proj_weight
     bias = module.in_proj_bias
     b_q, b_k = (None, None) if bias is None else (bias[:e], bias[e : 2 * e])
-    n = b if max_sequences is None else min(b, max_sequences)
+    n = b if batch_rows is None else min(b, batch_rows)
     q = F.linear(query[:n], w_q, b_q).view(n, length, heads, -1).transpose(1, 2)
     k = F.linear(key[:n], w_k, b_k).view(n, key.size(1), heads, -1).transpose(1, 2)
 
@@ -248,7 +248,7 @@ def _additive(mask: Tensor, dtype: torch.dtype) -> Tensor:
 # the site and the adapter recomputes what self_attn would see. The fast path is skipped when a
 # hook is attached to the layer or any of its submodules, hence ``hookless``.
 def encoder_layer_adapter(
-    module: nn.TransformerEncoderLayer, args, kwargs, *, max_sequences, max_tokens
+    module: nn.TransformerEncoderLayer, args, kwargs, *, batch_rows, crop
 ) -> AttentionInputs:
     src = _argument(module, args, kwargs, "src")
     mask = _argument(module, args, kwargs, "src_mask")
@@ -261,7 +261,7 @@ def encoder_layer_adapter(
         src = src.to_padded_tensor(0.0)
         padding = torch.arange(src.size(1), device=src.device) >= lengths.unsqueeze(1)
     x = module.norm1(src) if module.norm_first else src
-    return _mha_inputs(module.self_attn, x, x, mask, padding, is_causal, max_sequences)
+    return _mha_inputs(module.self_attn, x, x, mask, padding, is_causal, batch_rows)
 
 
 BUILTIN_ADAPTERS: tuple[AdapterEntry, ...] = (

@@ -17,7 +17,7 @@ its padding in place is kept beside (``as_given``), for the matrix at input posi
 (``probabilities(..., at_input_positions=True)``): row i and column j are positions i and j of
 the input, and padding rows and columns are zero.
 
-Cropping to ``max_tokens`` keeps the first T queries. When the mask stops those queries from
+Cropping to ``crop`` keeps the first T queries. When the mask stops those queries from
 seeing any later key (causal attention, sliding windows, left-aligned padding) it keeps the first
 T keys too, and the cropped matrix is exactly the attention matrix of the T-token prefix.
 Otherwise (bidirectional and cross attention) it keeps *every* key: the matrix is T × S and each
@@ -66,12 +66,12 @@ class AttentionInputs:
     @classmethod
     def of(cls, query: Tensor, key: Tensor, *, attn_mask: Tensor | None = None,
            is_causal: bool = False, scale: float | None = None,
-           max_sequences: int | None = None,
+           batch_rows: int | None = None,
            flex: FlexScoring | None = None) -> "AttentionInputs":
-        """The first ``max_sequences`` sequences of a kernel call's arguments (3-d (B, L, E)
+        """The first ``batch_rows`` sequences of a kernel call's arguments (3-d (B, L, E)
         inputs are one head), their padding left out (see the module docstring)."""
         query, key, attn_mask = _as_heads(query, key, attn_mask)
-        n = query.size(0) if max_sequences is None else min(query.size(0), max_sequences)
+        n = query.size(0) if batch_rows is None else min(query.size(0), batch_rows)
         query, key = _take_sequences(query.detach(), n), _take_sequences(key.detach(), n)
         if flex is not None:
             if attn_mask is not None or is_causal:
@@ -102,26 +102,26 @@ class AttentionInputs:
         return dataclasses.replace(self, query=given.query, key=given.key,
                                    attn_mask=given.attn_mask, key_padding=None, as_given=None)
 
-    def matrix_shape(self, max_tokens: int | None = None, *,
+    def matrix_shape(self, crop: int | None = None, *,
                      at_input_positions: bool = False) -> tuple[int, int, int, int]:
         """The largest shape :meth:`probabilities` can return (keys are cropped only where
         the crop is exact)."""
         if at_input_positions:
-            return self._positional().matrix_shape(max_tokens)
-        t = self.query.size(2) if max_tokens is None else min(self.query.size(2), max_tokens)
+            return self._positional().matrix_shape(crop)
+        t = self.query.size(2) if crop is None else min(self.query.size(2), crop)
         return (self.query.size(0), self.query.size(1), t, self.key.size(2))
 
-    def probabilities(self, max_tokens: int | None = None, *,
+    def probabilities(self, crop: int | None = None, *,
                       at_input_positions: bool = False) -> Tensor:
-        """A (B, H, T, S) in float32, cropped to the first ``max_tokens`` tokens: each
+        """A (B, H, T, S) in float32, cropped to the first ``crop`` tokens: each
         sequence's real tokens first (padding left out), or ``at_input_positions`` as the
         kernel got them, padding rows and columns zero."""
         if at_input_positions and self.as_given is not None:
-            return _zero_padding(self._positional().probabilities(max_tokens), self.key_padding,
+            return _zero_padding(self._positional().probabilities(crop), self.key_padding,
                                 self.as_given.query.size(2) == self.key_padding.size(1))
         return attention_probabilities(
             self.query, self.key, attn_mask=self.attn_mask, is_causal=self.is_causal,
-            scale=self.scale, max_tokens=max_tokens, sink_logits=self.sink_logits,
+            scale=self.scale, crop=crop, sink_logits=self.sink_logits,
             flex=self.flex,
         )
 
@@ -142,12 +142,12 @@ class AttentionScores:
 
     @classmethod
     def of(cls, scores: Tensor, probs: Tensor, *,
-           max_sequences: int | None = None) -> "AttentionScores":
-        """The first ``max_sequences`` sequences of a softmax over (B, H, L, S) scores, their
+           batch_rows: int | None = None) -> "AttentionScores":
+        """The first ``batch_rows`` sequences of a softmax over (B, H, L, S) scores, their
         padding left out. A last score column that is one finite value per head, the same for
         every query and sequence, is a learned sink logit, not a key: it is split off into
         :attr:`sink_mass`."""
-        scores, probs = scores.detach()[:max_sequences], probs.detach()[:max_sequences]
+        scores, probs = scores.detach()[:batch_rows], probs.detach()[:batch_rows]
         sink_mass = None
         if _is_sink_column(scores):
             sink_mass, scores, probs = probs[..., -1], scores[..., :-1], probs[..., :-1]
@@ -163,24 +163,24 @@ class AttentionScores:
             sink_mass = _compact(sink_mass, real, 2, 0.0, self_attention)
         return cls(scores, probs, sink_mass, key_padding=real, as_given=given)
 
-    def matrix_shape(self, max_tokens: int | None = None, *,
+    def matrix_shape(self, crop: int | None = None, *,
                      at_input_positions: bool = False) -> tuple[int, int, int, int]:
         """The largest shape :meth:`probabilities` can return."""
         if at_input_positions and self.as_given is not None:
-            return self.as_given.matrix_shape(max_tokens)
+            return self.as_given.matrix_shape(crop)
         b, h, length, keys = self.scores.shape
-        return (b, h, length if max_tokens is None else min(length, max_tokens), keys)
+        return (b, h, length if crop is None else min(length, crop), keys)
 
-    def probabilities(self, max_tokens: int | None = None, *,
+    def probabilities(self, crop: int | None = None, *,
                       at_input_positions: bool = False) -> Tensor:
-        """A (B, H, T, S) in float32 over the first ``max_tokens`` queries (and keys, where the
+        """A (B, H, T, S) in float32 over the first ``crop`` queries (and keys, where the
         crop is exact): each sequence's real tokens first (padding left out), or
         ``at_input_positions`` as the softmax saw them, padding rows and columns zero. A query
         whose every key is masked (NaN out of softmax) becomes a row of zeros."""
         if at_input_positions and self.as_given is not None:
-            return _zero_padding(self.as_given.probabilities(max_tokens), self.key_padding,
+            return _zero_padding(self.as_given.probabilities(crop), self.key_padding,
                                 self.as_given.scores.size(2) == self.key_padding.size(1))
-        t = self.scores.size(2) if max_tokens is None else min(max_tokens, self.scores.size(2))
+        t = self.scores.size(2) if crop is None else min(crop, self.scores.size(2))
         allowed = may_attend(self.scores[:, :, :t])
         s = self.scores.size(-1) if bool(allowed[..., t:].any()) else t
         attention = self.probs[:, :, :t, :s].to(torch.float32, copy=True)
@@ -189,7 +189,7 @@ class AttentionScores:
 
 
 def probabilities(observed: "AttentionInputs | AttentionScores | Tensor",
-                  max_tokens: int | None = None,
+                  crop: int | None = None,
                   matrix_budget: int | None = DEFAULT_MATRIX_BUDGET, *,
                   at_input_positions: bool = False) -> Tensor:
     """A (B, H, T, S) float32 from whatever the recorder observed (a user adapter may hand
@@ -201,16 +201,16 @@ def probabilities(observed: "AttentionInputs | AttentionScores | Tensor",
     if isinstance(observed, Tensor):
         return observed
     if matrix_budget is not None:
-        shape = observed.matrix_shape(max_tokens, at_input_positions=at_input_positions)
+        shape = observed.matrix_shape(crop, at_input_positions=at_input_positions)
         size = 4 * math.prod(shape)
         if size > matrix_budget:
             raise MemoryError(
                 f"the attention matrix would be {tuple(shape)} float32, {size / 2**20:,.0f} MiB, "
                 f"over matrix_budget={matrix_budget / 2**20:,.0f} MiB: crop it with "
-                "max_tokens= or max_sequences=, or raise matrix_budget (the *_full figures and "
-                "max_logit need no matrix and cover every token anyway)"
+                "CaptureOptions(crop=...) or batch_rows=, or raise matrix_budget (the *_full "
+                "figures and max_logit need no matrix and cover every token anyway)"
             )
-    return observed.probabilities(max_tokens, at_input_positions=at_input_positions)
+    return observed.probabilities(crop, at_input_positions=at_input_positions)
 
 
 def _zero_padding(attention: Tensor, key_padding: Tensor, self_attention: bool) -> Tensor:
@@ -329,8 +329,8 @@ def attention_probabilities(
     attn_mask: Tensor | None = None,
     is_causal: bool = False,
     scale: float | None = None,
-    max_sequences: int | None = None,
-    max_tokens: int | None = None,
+    batch_rows: int | None = None,
+    crop: int | None = None,
     sink_logits: Tensor | None = None,
     flex: FlexScoring | None = None,
 ) -> Tensor:
@@ -340,8 +340,8 @@ def attention_probabilities(
     ``key`` (B, H_kv, S, E) with H a multiple of H_kv (grouped-query heads are expanded to the
     query heads), ``attn_mask`` broadcastable to (B, H, L, S), boolean (True = may attend) or
     additive, ``is_causal`` aligned to the top-left corner, ``scale`` defaulting to 1/sqrt(E).
-    Only the first ``max_sequences`` sequences and ``max_tokens`` queries are materialised, and
-    keys beyond the first ``max_tokens`` only where those queries can see them (see the module
+    Only the first ``batch_rows`` sequences and ``crop`` queries are materialised, and
+    keys beyond the first ``crop`` only where those queries can see them (see the module
     docstring). Queries that may attend to no key at all get a row of zeros, not NaN.
     ``sink_logits`` (H,): learned per-head sink logits, an extra score column that takes mass
     in the softmax and is dropped after it (rows then sum to less than 1). ``flex``: the
@@ -349,12 +349,12 @@ def attention_probabilities(
     first.
     """
     query, key, attn_mask = _as_heads(query, key, attn_mask)
-    n = query.size(0) if max_sequences is None else min(query.size(0), max_sequences)
+    n = query.size(0) if batch_rows is None else min(query.size(0), batch_rows)
     heads, kv_heads = query.size(1), key.size(1)
     if heads % kv_heads:
         raise ValueError(f"{heads} query heads cannot share {kv_heads} key heads evenly")
     length, keys = query.size(2), key.size(2)
-    t = length if max_tokens is None else min(length, max_tokens)
+    t = length if crop is None else min(length, crop)
 
     with torch.no_grad(), torch.autocast(query.device.type, enabled=False):
         q = _take_sequences(query.detach(), n)[:, :, :t].float()

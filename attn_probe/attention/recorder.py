@@ -92,20 +92,20 @@ Observed = AttentionInputs | AttentionScores | Tensor
 
 class Recorder:
     """Owns the hooks on the sites; calls ``on_attention(name, observed)`` once per site per
-    armed pass, with the :data:`Observed` attention of the first ``max_sequences`` sequences."""
+    armed pass, with the :data:`Observed` attention of the first ``batch_rows`` sequences."""
 
     def __init__(
         self,
         sites: list[Site],
         on_attention: Callable[[str, Observed], None],
         *,
-        max_sequences: int | None = None,
-        max_tokens: int | None = None,
+        batch_rows: int | None = None,
+        crop: int | None = None,
         strict: bool = True,
         root: nn.Module | None = None,
     ) -> None:
         self.sites, self.on_attention = sites, on_attention
-        self.max_sequences, self.max_tokens, self.strict = max_sequences, max_tokens, strict
+        self.batch_rows, self.crop, self.strict = batch_rows, crop, strict
         self.root = root  #: its forward calls run eagerly while armed (None: no eager forcing)
         #: rows of the model's input batch in the armed pass (None: not known)
         self.input_rows: int | None = None
@@ -240,16 +240,16 @@ class Recorder:
             else None
 
     def rows(self, batch: int) -> int | None:
-        """How many rows of a kernel call's ``batch`` hold the first ``max_sequences`` rows of
+        """How many rows of a kernel call's ``batch`` hold the first ``batch_rows`` rows of
         the model's input: the same number, or, when the kernel's batch is ``k`` times the
         input's (windowed attention such as Swin splits each image into ``k`` windows, in
         order), ``k`` times as many: every window of the first images."""
-        if self.max_sequences is None:
+        if self.batch_rows is None:
             return None
         inputs = self.input_rows
         if inputs and batch > inputs and batch % inputs == 0:
-            return self.max_sequences * (batch // inputs)
-        return self.max_sequences
+            return self.batch_rows * (batch // inputs)
+        return self.batch_rows
 
     def _adapt(self, site: Site, args: tuple, kwargs: dict) -> Observed:
         # Under the caller's autocast, as the module's own projections run: q and k come out in
@@ -258,7 +258,7 @@ class Recorder:
         with torch.no_grad():
             return site.adapter.fn(
                 site.module, args, kwargs,
-                max_sequences=self.max_sequences, max_tokens=self.max_tokens,
+                batch_rows=self.batch_rows, crop=self.crop,
             )
 
     def _from_call(self, func, args: tuple, kwargs: dict, out: Any) -> Observed | None:
@@ -268,18 +268,18 @@ class Recorder:
             return AttentionInputs.of(
                 bound["query"], bound["key"], attn_mask=bound.get("attn_mask"),
                 is_causal=bool(bound.get("is_causal", False)), scale=bound.get("scale"),
-                max_sequences=n,
+                batch_rows=n,
             )
         if is_flex_call(func):  # (query, key, value, score_mod, block mask tuple, scale, ...)
             query, key, _, score_mod, block_mask, scale = args[:6]
             return AttentionInputs.of(query, key, scale=float(scale),
-                                      max_sequences=self.rows(int(query.size(0))),
+                                      batch_rows=self.rows(int(query.size(0))),
                                       flex=FlexScoring.of_call(score_mod, block_mask))
         scores = args[0] if args else kwargs.get("input")
         dim = args[1] if len(args) > 1 else kwargs.get("dim")
         if not isinstance(out, Tensor) or scores.dim() != 4 or dim not in (-1, 3):
             return None  # a softmax that is not over attention scores
-        return AttentionScores.of(scores, out, max_sequences=self.rows(int(scores.size(0))))
+        return AttentionScores.of(scores, out, batch_rows=self.rows(int(scores.size(0))))
 
     def _deliver(self, site: Site, make: Callable[[], Observed]) -> None:
         self._done.add(site.name)

@@ -34,7 +34,8 @@ root-mean-square norm of the scaled queries ``scale * q_i`` over the measured ro
 ``key_norm`` that of the centred keys ``k_j - k̄``, and ``alignment`` (computed by the
 aggregation from the other three) the remaining factor: how well the largest scores' queries
 line up with the keys that stand out.  ``kv_head`` is the key head each query head reads
-(key heads the model repeated or tiled for the kernel count as the one they copy).  ``entropy_norm`` is the mean of ``H_i / log n_i`` over rows
+(key heads the model repeated or tiled for the kernel count as the one they copy).
+``entropy_norm`` is the mean of ``H_i / log n_i`` over rows
 with ``n_i >= 2`` allowed keys (``H_i / log 1`` is undefined; a row with one key has entropy
 0 anyway), so heads can be compared across lengths and masks: 1 is uniform attention.
 
@@ -184,7 +185,7 @@ class _Pass:
 
     def __init__(self, query: Tensor, key: Tensor, attn_mask: Tensor | None, is_causal: bool,
                  scale: float | None, sink_logits: Tensor | None, key_padding: Tensor | None,
-                 tau: float, max_sequences: int | None, memory_budget: int,
+                 tau: float, batch_rows: int | None, memory_budget: int,
                  flex: FlexScoring | None = None) -> None:
         self.query, self.key, self.mask = _as_4d(query, key, attn_mask)
         self.flex = flex
@@ -208,7 +209,7 @@ class _Pass:
                     f"sink_logits must have shape {(self.heads,)}, got {tuple(sink_logits.shape)}"
                 )
             self.sink_logits = sink_logits.detach().to(device, _F64)
-        self.sequences = batch if max_sequences is None else min(batch, max_sequences)
+        self.sequences = batch if batch_rows is None else min(batch, batch_rows)
 
         shape = (self.sequences, self.heads)
         self.out = {
@@ -492,7 +493,7 @@ def full_context_stats(
     sink_logits: Tensor | None = None,
     key_padding: Tensor | None = None,
     tau: float = 0.9,
-    max_sequences: int | None = None,
+    batch_rows: int | None = None,
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
     flex: FlexScoring | None = None,
 ) -> dict[str, Tensor]:
@@ -503,7 +504,7 @@ def full_context_stats(
     ``h // (H // H_kv)``, as SDPA's ``enable_gqa``); ``attn_mask`` broadcastable to
     ``(B, H, L, S)``, bool (True = may attend) or additive float; ``is_causal`` top-left
     aligned; ``scale`` defaults to ``1 / sqrt(E)``; ``sink_logits`` ``(H,)`` learned per-head
-    sink logits; ``key_padding`` ``(B, S)`` bool, True = real token; ``max_sequences`` keeps
+    sink logits; ``key_padding`` ``(B, S)`` bool, True = real token; ``batch_rows`` keeps
     the first ``n`` sequences; ``memory_budget`` bounds the pass's working memory in bytes;
     ``flex``: a ``flex_attention`` call's ``score_mod`` and block mask, evaluated per block on
     the scaled scores (before ``attn_mask``): every figure is of the scores the kernel's softmax
@@ -511,13 +512,14 @@ def full_context_stats(
 
     Returns tensors of shape ``(B', H)`` on the query's device: ``entropy``, ``entropy_norm``,
     ``sink``, ``sink_logit_mass``, ``max_logit``, ``logit_spread``, ``query_norm``,
-    ``key_norm`` (float64), ``columns``, ``dominant``, ``tokens``, ``kv_head`` (int64).  See the module docstring for definitions and edge cases.
+    ``key_norm`` (float64), ``columns``, ``dominant``, ``tokens``, ``kv_head`` (int64). See the
+    module docstring for definitions and edge cases.
     """
     tau = check_tau(tau)
-    check_count("max_sequences", max_sequences, optional=True)
+    check_count("batch_rows", batch_rows, optional=True)
     with quiet(query):
         run = _Pass(query, key, attn_mask, is_causal, scale, sink_logits, key_padding, tau,
-                    max_sequences, memory_budget, flex)
+                    batch_rows, memory_budget, flex)
         for b in range(run.sequences):
             run.sequence(b)
         return run.result()

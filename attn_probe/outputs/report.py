@@ -15,7 +15,6 @@ import io
 import re
 from typing import TYPE_CHECKING, Sequence
 
-import numpy as np
 
 from ..figures import SERIES, Series, definitions
 from ..snapshot import HEAD_STATES, HeadState, figure_text

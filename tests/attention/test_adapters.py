@@ -327,9 +327,9 @@ def test_register_adapter_rejects_bad_arguments():
 def test_register_adapter_handle_and_replace():
     module = ExpAttention()
 
-    def other_adapter(module, args, kwargs, *, max_sequences, max_tokens):
-        return exp_adapter(module, args, kwargs, max_sequences=max_sequences,
-                           max_tokens=max_tokens)
+    def other_adapter(module, args, kwargs, *, batch_rows, crop):
+        return exp_adapter(module, args, kwargs, batch_rows=batch_rows,
+                           crop=crop)
 
     first = register_adapter(ExpAttention, exp_adapter)
     try:

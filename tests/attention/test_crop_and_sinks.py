@@ -139,7 +139,7 @@ def test_learned_sink_logits_are_no_key_and_their_mass_is_reported():
 def test_matrix_budget_is_checked_before_anything_is_allocated():
     model = small_gpt().eval()
     x = torch.randint(0, 64, (2, 16))
-    with pytest.raises(MemoryError, match=r"\(2, 4, 16, 16\) float32.*max_tokens="):
+    with pytest.raises(MemoryError, match=r"\(2, 4, 16, 16\) float32.*crop="):
         with torch.no_grad(), capture(
             model, attn_probe.CaptureOptions(batch_rows=None, crop=None, matrix_budget=1000),
         ) as cap:

@@ -178,7 +178,7 @@ def test_softcap_bounds_the_measured_logit():
 
 
 def test_crop_of_a_flex_call_is_the_prefix():
-    """max_tokens crops the queries, and the keys where no kept query sees further."""
+    """crop crops the queries, and the keys where no kept query sees further."""
     model = FlexModel().eval()
     block_mask, score_mod, scale, modify, dense = case("documents")
     x = torch.randn(B, T, DIM)

@@ -101,7 +101,7 @@ def test_captured_attention_keeps_input_positions(family, side, kernel, request)
     )
     for name, got in cap.attention.items():
         torch.testing.assert_close(snapshot.samples[name], got[0], rtol=0, atol=0)
-    # max_tokens crops positions: the first 8 queries (and keys, where exact: causal Llama)
+    # crop crops positions: the first 8 queries (and keys, where exact: causal Llama)
     with torch.no_grad(), capture(model, CaptureOptions(batch_rows=None, crop=8)) as cropped:
         model(batch, attention_mask=mask)
     keys = 8 if family == "llama" else 12

@@ -7,8 +7,6 @@ reader, and its values are the probe's."""
 from __future__ import annotations
 
 import csv
-import math
-import shutil
 from pathlib import Path
 
 import pytest

@@ -53,7 +53,7 @@ def test_reference_attention_reproduces_each_attention_module_output():
 def test_reference_records_one_entry_per_forward_and_crops():
     model = small_gpt().eval()
     tokens = torch.randint(0, 64, (4, 16), generator=torch.Generator().manual_seed(1))
-    with GPTAttention(model, max_sequences=2, max_tokens=5) as ref, torch.no_grad():
+    with GPTAttention(model, batch_rows=2, crop=5) as ref, torch.no_grad():
         model(tokens)
         model(tokens[:, :10])
     assert len(ref.calls) == 2 and sorted(ref.calls[0]) == [0, 1]

@@ -23,7 +23,7 @@ from attn_probe.outputs.scalars import Scalars
 from attn_probe.outputs.tracker import flat_settings
 from attn_probe.snapshot import Alert
 from extras_rule import extra
-from reference import read_images, read_scalars
+from reference import read_scalars
 from trackers_run import (ALERTS, STEPS, feed, mlflow_artifacts, mlflow_run, mlflow_scalars,
                           mlflow_store, probe_snapshots, wandb_config, wandb_history,
                           wandb_records)
