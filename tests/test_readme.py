@@ -1,0 +1,195 @@
+"""The README's code runs as written: a renamed argument, option or import breaks this test.
+
+Every ``python`` block of README.md is executed, in a fresh namespace and working directory,
+with small stand-ins for the objects a snippet takes from the reader's program:
+
+- the training loop and the settings (no framework): ``model`` is the package's demo GPT
+  (``attn_probe.models.gpt``, 2 layers, width 32), ``loader`` three batches of token ids and
+  ``step(model, batch)`` one AdamW step on its loss. A snippet that only makes a ``probe`` is
+  then run through that loop.
+- the Hugging Face callback: a real ``transformers.Trainer`` run (4 steps) of a 2-layer GPT-2
+  with SDPA attention; ``model``, ``args`` (``logging_steps=2``) and ``data`` are given.
+- the Lightning callback: a real ``lightning.Trainer`` fit of the demo GPT in a
+  ``LightningModule``; ``lit_module`` and ``train_loader`` (20 batches: the snippet's
+  ``max_epochs=3`` is 60 steps, so Lightning's default ``log_every_n_steps=50`` samples step 49).
+
+Each run is then checked in what it wrote: the event files hold the probe's figures at the
+steps the snippet promises. Every ``attn-probe`` command line of the README is parsed by the
+command's own parser (an unknown option fails), and the README's test command is the one
+``.ci/run`` runs.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+import torch
+from extras_rule import extra
+
+from attn_probe import AttentionProbe
+from attn_probe.cli.main import build_parser
+from attn_probe.models.gpt import GPT, GPTConfig
+from reference import read_scalars
+
+ROOT = Path(__file__).resolve().parent.parent
+README = (ROOT / "README.md").read_text()
+GPT_CONFIG = dict(vocab_size=64, block_size=32, n_layer=2, n_head=4, n_embd=32)
+
+
+def blocks(language: str) -> list[str]:
+    return re.findall(rf"^```{language}\n(.*?)^```", README, re.M | re.S)
+
+
+def tokens(n: int, seed: int) -> torch.Tensor:
+    return torch.randint(0, GPT_CONFIG["vocab_size"], (n, 17),
+                         generator=torch.Generator().manual_seed(seed))
+
+
+# -- the stand-ins, one per kind of snippet ----------------------------------------------------
+
+def training_loop(tmp_path: Path) -> dict:
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**GPT_CONFIG))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+
+    def step(model, batch):
+        _, loss = model(batch[:, :-1], batch[:, 1:])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        return loss
+
+    return dict(model=model, loader=[tokens(2, seed) for seed in range(3)], step=step)
+
+
+def check_training_loop(namespace: dict, tmp_path: Path) -> None:
+    probe = namespace.get("probe")
+    assert isinstance(probe, AttentionProbe), "a training-loop snippet makes a probe"
+    if probe.last is None:  # the snippet made the probe; run it through the reader's loop
+        with probe:
+            for batch in namespace["loader"]:
+                namespace["step"](namespace["model"], batch)
+                probe.step()
+    assert probe.last is not None and probe.last.step == 0
+    scalars = read_scalars(tmp_path / "runs" / "exp1")
+    for layer in ("L00", "L01"):
+        assert sorted(scalars[f"rank90/max/{layer}"]) == [0], scalars.keys()
+
+
+def huggingface(tmp_path: Path) -> dict:
+    transformers = extra("transformers")
+    extra("accelerate", reason="transformers.Trainer needs accelerate")
+    config = transformers.GPT2Config(n_layer=2, n_head=4, n_embd=32, vocab_size=64,
+                                     n_positions=32, bos_token_id=0, eos_token_id=0)
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel._from_config(config, attn_implementation="sdpa")
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path / "out"), max_steps=4, logging_steps=2,
+        per_device_train_batch_size=2, report_to="tensorboard", use_cpu=True,
+        save_strategy="no", disable_tqdm=True, dataloader_num_workers=0, seed=0,
+    )
+    data = [{"input_ids": row, "labels": row} for row in tokens(8, seed=1)]
+    return dict(transformers=transformers, model=model, args=args, data=data)
+
+
+def check_huggingface(namespace: dict, tmp_path: Path) -> None:
+    assert namespace["trainer"].state.global_step == 4
+    scalars = read_scalars(tmp_path / "out")
+    # The probe samples the steps the Trainer logs, into the Trainer's own run.
+    assert sorted(scalars["train/loss"]) == [2, 4]
+    assert sorted(scalars["rank90/max/L00"]) == [2, 4]
+
+
+def lightning(tmp_path: Path) -> dict:
+    L = extra("lightning")
+
+    class LitGPT(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.gpt = GPT(GPTConfig(**GPT_CONFIG))
+
+        def training_step(self, batch, batch_idx):
+            _, loss = self.gpt(batch[:, :-1], batch[:, 1:])
+            self.log("train_loss", loss)
+            return loss
+
+        def configure_optimizers(self):
+            return torch.optim.AdamW(self.parameters(), lr=1e-3)
+
+    loader = torch.utils.data.DataLoader(tokens(40, seed=2), batch_size=2)
+    return dict(lightning=L, lit_module=LitGPT(), train_loader=loader)
+
+
+def check_lightning(namespace: dict, tmp_path: Path) -> None:
+    trainer = namespace["trainer"]
+    assert trainer.global_step == 60
+    scalars = read_scalars(Path(trainer.log_dir))
+    # Lightning logs every 50 steps counting from 1: step 49, and the probe measured it.
+    assert sorted(scalars["train_loss"]) == [49]
+    assert sorted(scalars["rank90/max/L00"]) == [49]
+
+
+#: (a text that marks the snippet, its stand-ins, what its run must have written)
+SETUPS = [
+    ("attn_probe.integrations.huggingface", huggingface, check_huggingface),
+    ("attn_probe.integrations.lightning", lightning, check_lightning),
+    ("AttentionProbe(", training_loop, check_training_loop),
+]
+
+
+def setup_of(code: str):
+    matches = [setup for setup in SETUPS if setup[0] in code]
+    assert matches, f"no stand-ins for this README snippet; add them to SETUPS:\n{code}"
+    return matches[0]
+
+
+SNIPPETS = blocks("python")
+
+
+def test_the_readme_has_its_snippets():
+    kinds = [setup_of(code)[1].__name__ for code in SNIPPETS]
+    assert kinds.count("training_loop") >= 2 and "huggingface" in kinds and "lightning" in kinds
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("code", SNIPPETS, ids=[f"snippet{i}" for i in range(len(SNIPPETS))])
+def test_readme_snippet_runs(code, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # relative paths (runs/exp1, lightning_logs) land here
+    monkeypatch.delenv("TENSORBOARD_LOGGING_DIR", raising=False)
+    _, stand_ins, check = setup_of(code)
+    namespace = stand_ins(tmp_path)
+    exec(compile(code, "README.md", "exec"), namespace)
+    check(namespace, tmp_path)
+
+
+def command_lines() -> list[str]:
+    lines = []
+    for block in blocks("bash"):
+        for line in block.splitlines():
+            line = line.split("#", 1)[0].strip()
+            for part in line.split("&&"):
+                if part.strip().startswith("attn-probe "):
+                    lines.append(part.strip())
+    return lines
+
+
+def test_readme_command_lines_parse():
+    lines = command_lines()
+    assert {line.split()[1] for line in lines} >= {"demo", "analyze", "report"}
+    parser = build_parser()
+    for line in lines:
+        try:
+            parser.parse_args(shlex.split(line)[1:])
+        except SystemExit:
+            raise AssertionError(f"the README's `{line}` does not parse") from None
+
+
+def test_readme_test_command_is_what_ci_runs():
+    command = [line for block in blocks("bash") for line in block.splitlines()
+               if "pytest" in line]
+    assert command == ['pip install -e ".[dev]" && python -m pytest -q']
+    assert command[0] in (ROOT / ".ci" / "run").read_text().splitlines()
