@@ -5,7 +5,8 @@ The build is the real one (mkdocs-material, mkdocstrings-python, the repository'
 ``mkdocs.yml``) into a temporary directory: a broken link between pages, a page missing from
 the navigation or a docstring the reference cannot parse is a warning, and ``--strict`` turns
 it into a failed build. The pages' Python code is compiled (the README's is executed, in
-``test_readme.py``).
+``test_readme.py``), and the adapter of ``docs/adapters.md`` is registered as written and
+checked against the module's own attention.
 """
 
 from __future__ import annotations
@@ -18,7 +19,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from extras_rule import extra
+from torch import nn
 
 import attn_probe
 
@@ -87,3 +90,48 @@ def test_every_python_block_of_the_pages_compiles():
                 raise AssertionError(f"{page.relative_to(ROOT)}: {error}\n{code}") from None
     assert blocks >= 10
 
+
+
+class MyAttention(nn.Module):
+    """What the adapters page's snippet expects of ``MyAttention``: ``wq``, ``wk`` and
+    ``n_heads``, and a hand-written causal softmax that no kernel interception sees."""
+
+    def __init__(self, dim: int = 16, n_heads: int = 2):
+        super().__init__()
+        self.n_heads = n_heads
+        self.wq, self.wk, self.wv = (nn.Linear(dim, dim) for _ in range(3))
+
+    def weights(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, H, T, T) attention, computed in float64 from the module's weights."""
+        b, t, _ = x.shape
+        heads = [w.double()(x.double()).view(b, t, self.n_heads, -1).transpose(1, 2)
+                 for w in (self.wq, self.wk)]
+        scores = heads[0] @ heads[1].transpose(-1, -2) / heads[0].size(-1) ** 0.5
+        causal = torch.ones(t, t, dtype=torch.bool).tril()
+        return scores.masked_fill(~causal, float("-inf")).softmax(-1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, c = x.shape
+        v = self.wv(x).view(b, t, self.n_heads, -1).transpose(1, 2)
+        return (self.weights(x).float() @ v).transpose(1, 2).reshape(b, t, c)
+
+
+def test_adapter_page_snippet_measures_the_modules_attention():
+    page = (DOCS / "adapters.md").read_text()
+    code = next(c for c in re.findall(r"^```python\n(.*?)^```", page, re.M | re.S)
+                if "register_adapter" in c)
+    namespace = {"MyAttention": MyAttention}
+    exec(compile(code, "docs/adapters.md", "exec"), namespace)
+    try:
+        torch.manual_seed(0)
+        model = nn.Sequential(MyAttention(), MyAttention())
+        x = torch.randn(3, 7, 16)
+        with attn_probe.capture(model) as cap:
+            model(x)
+        assert cap.modules == ["0", "1"]  # found by discovery once registered
+        want = [model[0].weights(x), model[1].weights(model[0](x))]
+        for name, reference in zip(cap.modules, want):
+            torch.testing.assert_close(cap.attention[name].double(), reference,
+                                       atol=1e-6, rtol=0)
+    finally:
+        namespace["handle"].remove()
