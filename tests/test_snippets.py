@@ -1,17 +1,21 @@
-"""The README's code runs as written: a renamed argument, option or import breaks this test.
+"""The README's code, and the guide's, runs as written: a renamed argument, option or import
+breaks this test.
 
-Every ``python`` block of README.md is executed, in a fresh namespace and working directory,
-with small stand-ins for the objects a snippet takes from the reader's program:
+Every ``python`` block of README.md and docs/guide.md is executed, in a fresh namespace and
+working directory, with small stand-ins for the objects a snippet takes from the reader's
+program:
 
-- the training loop and the settings (no framework): ``model`` is the package's demo GPT
-  (``attn_probe.models.gpt``, 2 layers, width 32), ``loader`` three batches of token ids and
-  ``step(model, batch)`` one AdamW step on its loss. A snippet that only makes a ``probe`` is
-  then run through that loop.
+- the training loop, the settings, ``on_alert`` and an output of one's own (no framework):
+  ``model`` is the package's demo GPT (``attn_probe.models.gpt``, 2 layers, width 32),
+  ``loader`` three batches of token ids and ``step(model, batch)`` one AdamW step on its loss. A
+  snippet that only makes a ``probe`` is then run through that loop.
+- a model at rest (``rank_profile``, ``capture``): the same GPT, ``batches`` and ``tokens``.
 - the Hugging Face callback: a real ``transformers.Trainer`` run (4 steps) of a 2-layer GPT-2
   with SDPA attention; ``model``, ``args`` (``logging_steps=2``) and ``data`` are given.
 - the Lightning callback: a real ``lightning.Trainer`` fit of the demo GPT in a
   ``LightningModule``; ``lit_module`` and ``train_loader`` (20 batches: the snippet's
   ``max_epochs=3`` is 60 steps, so Lightning's default ``log_every_n_steps=50`` samples step 49).
+- compiled only: the guide's ``torch.compiler.set_stance`` line, which needs a compiled model.
 
 Each run is then checked in what it wrote: the event files hold the probe's figures at the
 steps the snippet promises. Every ``attn-probe`` command line of the README is parsed by the
@@ -29,18 +33,21 @@ import pytest
 import torch
 from extras_rule import extra
 
-from attn_probe import AttentionProbe
+import attn_probe
+from attn_probe import AttentionProbe, TensorBoardOutput
 from attn_probe.cli.main import build_parser
 from attn_probe.models.gpt import GPT, GPTConfig
 from reference import read_scalars
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()
+#: the pages whose Python code is executed
+PAGES = ("README.md", "docs/guide.md")
 GPT_CONFIG = dict(vocab_size=64, block_size=32, n_layer=2, n_head=4, n_embd=32)
 
 
-def blocks(language: str) -> list[str]:
-    return re.findall(rf"^```{language}\n(.*?)^```", README, re.M | re.S)
+def blocks(language: str, text: str = README) -> list[str]:
+    return re.findall(rf"^```{language}\n(.*?)^```", text, re.M | re.S)
 
 
 def tokens(n: int, seed: int) -> torch.Tensor:
@@ -62,7 +69,8 @@ def training_loop(tmp_path: Path) -> dict:
         optimizer.step()
         return loss
 
-    return dict(model=model, loader=[tokens(2, seed) for seed in range(3)], step=step)
+    return dict(attn_probe=attn_probe, model=model, loader=[tokens(2, seed) for seed in range(3)],
+                step=step)
 
 
 def check_training_loop(namespace: dict, tmp_path: Path) -> None:
@@ -74,9 +82,31 @@ def check_training_loop(namespace: dict, tmp_path: Path) -> None:
                 namespace["step"](namespace["model"], batch)
                 probe.step()
     assert probe.last is not None and probe.last.step == 0
-    scalars = read_scalars(tmp_path / "runs" / "exp1")
-    for layer in ("L00", "L01"):
-        assert sorted(scalars[f"rank90/max/{layer}"]) == [0], scalars.keys()
+    assert [layer.tag for layer in probe.last.layers] == ["L00", "L01"]
+    if any(isinstance(output, TensorBoardOutput) for output in probe.outputs):
+        scalars = read_scalars(tmp_path / "runs" / "exp1")
+        for layer in ("L00", "L01"):
+            assert sorted(scalars[f"rank90/max/{layer}"]) == [0], scalars.keys()
+
+
+def at_rest(tmp_path: Path) -> dict:
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**GPT_CONFIG)).eval()
+    return dict(attn_probe=attn_probe, torch=torch, model=model,
+                batches=[tokens(4, seed) for seed in range(30)], tokens=tokens(2, seed=9))
+
+
+def check_at_rest(namespace: dict, tmp_path: Path) -> None:
+    if "snapshot" in namespace:  # rank_profile over the batches: every sequence measured
+        snapshot = namespace["snapshot"]
+        assert [layer.sequences for layer in snapshot.layers] == [100, 100]
+        assert snapshot.max_rank_profile().shape == (2,)
+    else:  # capture: one matrix and the figures of each layer
+        matrices, figures = namespace["matrices"], namespace["figures"]
+        layers = ["transformer.h.0.attn", "transformer.h.1.attn"]
+        assert list(matrices) == list(figures) == layers
+        assert matrices["transformer.h.0.attn"].shape == (2, 4, 17, 17)
+        assert figures["transformer.h.0.attn"]["rank"].shape == (2, 4)
 
 
 def huggingface(tmp_path: Path) -> dict:
@@ -133,36 +163,48 @@ def check_lightning(namespace: dict, tmp_path: Path) -> None:
     assert sorted(scalars["rank90/max/L00"]) == [49]
 
 
-#: (a text that marks the snippet, its stand-ins, what its run must have written)
+#: (a text that marks the snippet, its stand-ins, what its run must have written); the first
+#: that matches is used. No stand-ins: the snippet is only compiled.
 SETUPS = [
     ("attn_probe.integrations.huggingface", huggingface, check_huggingface),
     ("attn_probe.integrations.lightning", lightning, check_lightning),
+    ("torch.compiler.set_stance", None, None),
     ("AttentionProbe(", training_loop, check_training_loop),
+    ("rank_profile(", at_rest, check_at_rest),
+    ("attn_probe.capture(", at_rest, check_at_rest),
 ]
 
 
 def setup_of(code: str):
     matches = [setup for setup in SETUPS if setup[0] in code]
-    assert matches, f"no stand-ins for this README snippet; add them to SETUPS:\n{code}"
+    assert matches, f"no stand-ins for this snippet; add them to SETUPS:\n{code}"
     return matches[0]
 
 
-SNIPPETS = blocks("python")
+SNIPPETS = [(page, i, code) for page in PAGES
+            for i, code in enumerate(blocks("python", (ROOT / page).read_text()))]
 
 
-def test_the_readme_has_its_snippets():
-    kinds = [setup_of(code)[1].__name__ for code in SNIPPETS]
-    assert kinds.count("training_loop") >= 2 and "huggingface" in kinds and "lightning" in kinds
+def test_the_pages_have_their_snippets():
+    kinds = {page: [setup_of(code)[1] for p, _, code in SNIPPETS if p == page] for page in PAGES}
+    readme = [kind.__name__ for kind in kinds["README.md"] if kind]
+    assert readme.count("training_loop") >= 2 and "huggingface" in readme and "lightning" in readme
+    guide = [kind.__name__ for kind in kinds["docs/guide.md"] if kind]
+    assert guide.count("training_loop") >= 4 and guide.count("at_rest") == 2
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("code", SNIPPETS, ids=[f"snippet{i}" for i in range(len(SNIPPETS))])
-def test_readme_snippet_runs(code, tmp_path, monkeypatch):
+@pytest.mark.parametrize("page, index, code", SNIPPETS,
+                         ids=[f"{page}:{i}" for page, i, _ in SNIPPETS])
+def test_snippet_runs(page, index, code, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # relative paths (runs/exp1, lightning_logs) land here
     monkeypatch.delenv("TENSORBOARD_LOGGING_DIR", raising=False)
     _, stand_ins, check = setup_of(code)
+    compiled = compile(code, page, "exec")
+    if stand_ins is None:
+        return
     namespace = stand_ins(tmp_path)
-    exec(compile(code, "README.md", "exec"), namespace)
+    exec(compiled, namespace)
     check(namespace, tmp_path)
 
 
