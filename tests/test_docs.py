@@ -5,7 +5,7 @@ The build is the real one (mkdocs-material, mkdocstrings-python, the repository'
 ``mkdocs.yml``) into a temporary directory: a broken link between pages, a page missing from
 the navigation or a docstring the reference cannot parse is a warning, and ``--strict`` turns
 it into a failed build. The pages' Python code is compiled (the README's is executed, in
-``test_readme.py``), and the adapter of ``docs/adapters.md`` is registered as written and
+``test_snippets.py``), and the adapter of ``docs/adapters.md`` is registered as written and
 checked against the module's own attention.
 """
 
