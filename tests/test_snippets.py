@@ -8,7 +8,9 @@ program:
 - the training loop, the settings, ``on_alert`` and an output of one's own (no framework):
   ``model`` is the package's demo GPT (``attn_probe.models.gpt``, 2 layers, width 32),
   ``loader`` three batches of token ids and ``step(model, batch)`` one AdamW step on its loss. A
-  snippet that only makes a ``probe`` is then run through that loop.
+  snippet that only makes a ``probe`` is then run through that loop. A probe's ``on_alert`` is
+  then given the real alerts of a short unstable run (``tests/unstable_run.py``) under the
+  snippet's own rules: what it prints, and its ``SystemExit`` on a critical alert.
 - a model at rest (``rank_profile``, ``capture``): the same GPT, ``batches`` and ``tokens``.
 - the Hugging Face callback: a real ``transformers.Trainer`` run (4 steps) of a 2-layer GPT-2
   with SDPA attention; ``model``, ``args`` (``logging_steps=2``) and ``data`` are given.
@@ -25,6 +27,8 @@ command's own parser (an unknown option fails), and the README's test command is
 
 from __future__ import annotations
 
+import contextlib
+import io
 import re
 import shlex
 from pathlib import Path
@@ -38,6 +42,8 @@ from attn_probe import AttentionProbe, TensorBoardOutput
 from attn_probe.cli.main import build_parser
 from attn_probe.models.gpt import GPT, GPTConfig
 from reference import read_scalars
+from unstable_run import BATCH, CLIP, unstable_gpt, windows
+from unstable_run import optimizer as unstable_optimizer
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()
@@ -87,6 +93,36 @@ def check_training_loop(namespace: dict, tmp_path: Path) -> None:
         scalars = read_scalars(tmp_path / "runs" / "exp1")
         for layer in ("L00", "L01"):
             assert sorted(scalars[f"rank90/max/{layer}"]) == [0], scalars.keys()
+    if probe.on_alert is not None:
+        check_on_alert(probe.on_alert, probe.rules)
+
+
+def check_on_alert(on_alert, rules) -> None:
+    """``on_alert`` called with the alerts of a run whose attention collapses, under ``rules``:
+    it prints each alert, and a ``SystemExit`` it raises comes at a critical one."""
+    model, seen = unstable_gpt(), []
+    optimizer = unstable_optimizer(model.parameters())
+
+    def called(alert, snapshot):
+        seen.append(alert)
+        on_alert(alert, snapshot)
+
+    printed = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(printed), AttentionProbe(
+                model, every=4, alerts=rules, on_alert=called) as probe:
+            for step, window in enumerate(windows(BATCH * 20).view(20, BATCH, -1)):
+                _, loss = model(window[:, :-1], window[:, 1:])
+                optimizer.zero_grad()
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
+                optimizer.step()
+                probe.step(step)
+    except SystemExit:
+        assert seen[-1].severity == "critical"
+    assert seen, "the unstable run raised no alert"
+    for alert in seen:
+        assert alert.message in printed.getvalue()
 
 
 def at_rest(tmp_path: Path) -> dict:
