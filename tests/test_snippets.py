@@ -42,6 +42,7 @@ from attn_probe import AttentionProbe, TensorBoardOutput
 from attn_probe.cli.main import build_parser
 from attn_probe.models.gpt import GPT, GPTConfig
 from reference import read_scalars
+from toy_models import gpt2_config
 from unstable_run import BATCH, CLIP, unstable_gpt, windows
 from unstable_run import optimizer as unstable_optimizer
 
@@ -149,10 +150,8 @@ def check_at_rest(namespace: dict, tmp_path: Path) -> None:
 def huggingface(tmp_path: Path) -> dict:
     transformers = extra("transformers")
     extra("accelerate", reason="transformers.Trainer needs accelerate")
-    config = transformers.GPT2Config(n_layer=2, n_head=4, n_embd=32, vocab_size=64,
-                                     n_positions=32, bos_token_id=0, eos_token_id=0)
     torch.manual_seed(0)
-    model = transformers.GPT2LMHeadModel._from_config(config, attn_implementation="sdpa")
+    model = transformers.GPT2LMHeadModel._from_config(gpt2_config(), attn_implementation="sdpa")
     args = transformers.TrainingArguments(
         output_dir=str(tmp_path / "out"), max_steps=4, logging_steps=2,
         per_device_train_batch_size=2, report_to="tensorboard", use_cpu=True,
