@@ -16,7 +16,8 @@ import pytest
 
 #: The optional dependencies of the ``dev`` extra whose absence may not pass unnoticed.
 EXTRAS = ("transformers", "accelerate", "lightning", "tokenizers", "ipywidgets", "nbclient",
-          "nbformat", "ipykernel", "torchtitan", "triton", "wandb", "mlflow")
+          "nbformat", "ipykernel", "torchtitan", "triton", "wandb", "mlflow", "mkdocs",
+          "mkdocstrings")
 REQUIRE_EXTRAS = "ATTN_PROBE_REQUIRE_EXTRAS"
 _NAMES_AN_EXTRA = re.compile(r"\b(%s)\b" % "|".join(map(re.escape, EXTRAS)))
 
