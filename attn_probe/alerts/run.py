@@ -45,12 +45,13 @@ class FirstWarning:
         return tuple(dict.fromkeys(alert.kind for alert in self.alerts))
 
     def text(self) -> str:
-        """``logit in L03, entropy in L03 and L04 at step 40 (since step 25)``."""
+        """``logit in L03, entropy in L02, L03 and L04 at step 40 (since step 25)``."""
         parts = []
         for kind in self.kinds:
             tags = sorted(dict.fromkeys(a.tag for a in self.alerts if a.kind == kind),
                           key=layer_order)
-            parts.append(f"{kind} in {' and '.join(tags)}")
+            names = ", ".join(tags[:-1]) + " and " + tags[-1] if len(tags) > 1 else tags[0]
+            parts.append(f"{kind} in {names}")
         since = f" (since step {self.since})" if self.since != self.step else ""
         return f"{', '.join(parts)} at step {self.step}{since}"
 
