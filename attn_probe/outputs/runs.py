@@ -5,7 +5,6 @@ first is the answer of :class:`attn_probe.alerts.Run`, as in the report and on t
 
 from __future__ import annotations
 
-import textwrap
 from typing import TYPE_CHECKING, Any, Iterable, Mapping, NamedTuple, Sequence
 
 import numpy as np
@@ -213,9 +212,9 @@ def plot_runs(
         handles.append(Line2D([], [], color="#b2182b", linewidth=1.0, linestyle="--"))
         labels.append("alert threshold")
     height = fig.get_figheight()
-    # A long headline (several layers warned at once) wraps instead of running off the figure.
-    labels = [textwrap.fill(label, 60) for label in labels]
-    fig.legend(handles, labels, loc="upper center", ncols=len(handles), fontsize=9,
+    # Long headlines (several layers warned at once) take two columns, not one row off the figure.
+    columns = len(handles) if sum(map(len, labels)) < 160 else 2
+    fig.legend(handles, labels, loc="upper center", ncols=columns, fontsize=9,
                frameon=False, bbox_to_anchor=(0.5, 1 - (0.34 if title else 0.02) / height))
     if title:
         fig.suptitle(title, fontsize=11, y=1 - 0.06 / height, va="top")
