@@ -37,7 +37,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from attn_probe import AttentionProbe, TensorBoardOutput
+from attn_probe import AttentionProbe, CaptureOptions, TensorBoardOutput
 from attn_probe.attention import Recorder, Site
 from attn_probe.models.gpt import GPT, GPTConfig
 
@@ -110,6 +110,13 @@ class HookClock:
             self._handles.pop().remove()
 
 
+class KeptOpen(TensorBoardOutput):
+    """A TensorBoard output that a probe's detach() leaves open (closed by the caller)."""
+
+    def close(self) -> None:
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--layers", type=int, default=12)
@@ -119,6 +126,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--vocab", type=int, default=50304)
     parser.add_argument("--rounds", type=int, default=5, help="timed steps of each kind")
+    parser.add_argument("--batch-rows", type=int, default=1,
+                        help="rows of each sampled batch measured (default 1, the probe's)")
     parser.add_argument("--hook-calls", type=int, default=20000,
                         help="calls per timing of the idle hooks")
     parser.add_argument("--device", default="cpu")
@@ -167,9 +176,13 @@ def main(argv: list[str] | None = None) -> int:
     times: dict[str, list[float]] = {kind: [] for kind in kinds}
     work: dict[str, list[float]] = {kind: [] for kind in kinds[2:]}
     with tempfile.TemporaryDirectory(prefix="attn_probe_bench_") as logdir:
-        # every=2: even steps sampled, odd steps not; images only when asked for below
+        # every=2: even steps sampled, odd steps not; images only when asked for below. The
+        # probe is detached around each plain step, which closes its outputs: this one stays
+        # open until the end, so every sampled step writes.
+        output = KeptOpen(logdir, pictures_every=0)
         probe = AttentionProbe(
-            model, every=2, outputs=[TensorBoardOutput(logdir, pictures_every=0)], history=1000,
+            model, every=2, outputs=[output], history=1000,
+            capture=CaptureOptions(batch_rows=args.batch_rows),
         )
         clock = HookClock([site.module for site in probe.sites])
         step = 0
@@ -208,6 +221,7 @@ def main(argv: list[str] | None = None) -> int:
             times["sampled (defaults)"].append(probed(True))
             times["sampled + pictures"].append(probed(True, pictures=True))
         detach()
+        TensorBoardOutput.close(output)
         sites = len(probe.sites)
         measured = len(probe.history)
 
@@ -218,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"model: {args.layers} layers, {args.heads} heads, width {args.width}, T={args.tokens}, "
           f"batch {args.batch}, {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params, "
           f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"{args.rounds} rounds, {measured} sampled steps measured")
+          f"{args.rounds} rounds, {measured} sampled steps measured, batch_rows {args.batch_rows}")
     print(f"{'step kind':<24} {'median s':>9} {'ratio to plain':>15}")
     for kind, value in med.items():
         print(f"{kind:<24} {value:>9.3f} {value / plain:>15.3f}")

@@ -6,6 +6,8 @@ recorded so that alert rules can be judged, and re-tuned, offline.
     python benchmarks/collapse_suite.py --from-records runs/collapse_suite   # replay, no training
     python benchmarks/collapse_suite.py --smoke              # two tiny runs, the whole pipeline
     python benchmarks/collapse_suite.py --seed 1 --out runs/collapse_suite_1   # held-out runs
+    python benchmarks/collapse_suite.py --steps 1000 --batch-rows 1 --out runs/long0   # long runs
+    python benchmarks/collapse_suite.py --from-records runs/long0 --every 5,25,100 --evidence
 
 Families (``benchmarks/collapse/families.py``): ``gpt`` (the demo's nanoGPT-style model),
 ``llama`` (grouped-query attention: 4 query heads, 2 key/value heads; rotary), ``gpt2`` and
@@ -60,8 +62,9 @@ entropy: a layer's mean normalised entropy, 1 = uniform; logit: the largest ``q�
   damaged (+0.1 %) although layer 0 is one-hot from step 20 with logits of 21,800: a collapse
   the loss does not show.
 
-Every run has the probe (every 5 steps, 4 sequences, every token, the package's default alert
-rules) and logs its figures, ``train/loss`` and ``train/lr`` into the TensorBoard run
+Every run has the probe (every 5 steps, 4 sequences by default or ``--batch-rows``, every
+token, the package's default alert rules) and logs its figures, ``train/loss`` and
+``train/lr`` into the TensorBoard run
 ``<out>/<run>/``; its record, ``<out>/<run>.pkl``, holds the config, every step's loss and
 learning rate, the probe's history and alerts (``benchmarks/collapse/runs.py``). Everything
 downstream works from the records (``benchmarks/collapse/judge.py``): :func:`replay` feeds a
@@ -71,11 +74,20 @@ a markdown table, a summary line and the elapsed time (``--describe``: each run'
 every kind and severity, and each layer's largest logit and entropy at a few steps); drawn:
 ``<out>/collapse_suite.png`` (every run's lead) and ``<out>/<run>.png`` (each run beside its
 twin: losses, largest logits and lowest entropies, alerts marked).
+
+The records are then replayed at every sampling interval of ``--every`` (default 5, 25 and 100,
+those at most a tenth of the shortest run) by dropping measurements (``judge.subsample``: what a
+probe sampling that often would have seen), and printed as one table with a column per interval
+and a summary line per interval (damaged runs in reach warned in time, median lead, false
+alarms). ``--fall`` replays with the entropy rule's opt-in fast fall; ``--evidence`` also
+measures self-calibrated thresholds (``collapse/calibrated.py``) and the loss alone
+(``collapse/loss.py``) against the same runs. ``docs/alerts.md`` holds what they printed.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import multiprocessing
 import os
 import sys
@@ -87,14 +99,17 @@ from typing import Callable, Sequence
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from attn_probe.alerts import AlertRules  # noqa: E402
+from attn_probe.alerts import AlertRules, EntropyRule  # noqa: E402
 
 from collapse.families import Shape  # noqa: E402
+from collapse.calibrated import Calibration, replay_calibrated  # noqa: E402
 from collapse.judge import (  # noqa: E402
-    TWIN, RecordError, judge_suite, load_record, load_records, replay, summarise,
+    TWIN, RecordError, judge, judge_suite, load_record, load_records, replay, subsample,
+    summarise, twins,
 )
+from collapse.loss import spikes, stall  # noqa: E402
 from collapse.report import (  # noqa: E402
-    describe_firsts, layer_trajectories, lead_plot, markdown_table, run_plots,
+    describe_firsts, interval_table, layer_trajectories, lead_plot, markdown_table, run_plots,
 )
 from collapse.runs import RunConfig, short, train  # noqa: E402
 
@@ -241,6 +256,17 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, help="seed of every run (default 0): another seed "
                         "gives other initial weights and batches, a held-out suite for rules "
                         "tuned on the first")
+    parser.add_argument("--batch-rows", type=int, help="rows of each sampled batch the probe "
+                        "measures (default 4; the probe's own default is 1)")
+    parser.add_argument("--every", help="comma-separated sampling intervals to replay the "
+                        "records at, multiples of the interval they were trained at (default: "
+                        "5, 25 and 100, those at most a tenth of the shortest run)")
+    parser.add_argument("--fall", type=float, help="with --from-records: replay with the "
+                        "entropy rule's fast-fall condition on, EntropyRule(fall=FALL) (it is "
+                        "off by default)")
+    parser.add_argument("--evidence", action="store_true",
+                        help="also measure self-calibrated thresholds against the fixed ones, "
+                        "and what the loss alone shows (spikes, stalls)")
     parser.add_argument("--describe", action="store_true",
                         help="also print what every layer of every run did")
     parser.add_argument("--smoke", action="store_true",
@@ -248,13 +274,28 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.jobs < 1:
         parser.error(f"--jobs must be at least 1, got {args.jobs}")
-    if args.steps is not None and args.steps < 1:
-        parser.error(f"--steps must be at least 1, got {args.steps}")
-    if args.from_records and (args.runs or args.smoke or args.steps or args.seed is not None):
-        parser.error("--from-records trains nothing: it takes no --runs, --steps, --seed or "
-                     "--smoke")
+    for name in ("steps", "batch_rows"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1, got "
+                         f"{getattr(args, name)}")
+    if args.from_records and (args.runs or args.smoke or args.steps or args.batch_rows
+                              or args.seed is not None):
+        parser.error("--from-records trains nothing: it takes no --runs, --steps, --seed, "
+                     "--batch-rows or --smoke")
+    if args.fall is not None and not args.from_records:
+        parser.error("--fall replays records: it needs --from-records")
+    if args.fall is not None and not 0 < args.fall < 1:
+        parser.error(f"--fall must be in (0, 1), got {args.fall}")
     if args.from_records and not os.path.isdir(args.from_records):
         parser.error(f"--from-records: no directory {args.from_records!r}")
+    args.intervals = None
+    if args.every is not None:
+        try:
+            args.intervals = sorted({int(part) for part in args.every.split(",")})
+        except ValueError:
+            parser.error(f"--every takes comma-separated whole numbers, got {args.every!r}")
+        if args.intervals[0] < 1:
+            parser.error(f"--every: intervals must be at least 1, got {args.every!r}")
     if args.smoke and (args.runs or args.steps or args.seed is not None):
         parser.error("--smoke runs its own two tiny runs: it takes no --runs, --steps or --seed")
     args.configs = None
@@ -263,7 +304,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     elif not args.from_records:
         try:
             overrides = {name: value for name, value in (("steps", args.steps),
-                                                         ("seed", args.seed))
+                                                         ("seed", args.seed),
+                                                         ("batch_rows", args.batch_rows))
                          if value is not None}
             args.configs = suite_configs(args.runs.split(",") if args.runs else None,
                                          **overrides)
@@ -287,6 +329,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                   file=sys.stderr)
             return 2
         rules, source = RULES, "the current default rules, replayed over the records"
+        if args.fall is not None:
+            rules = dataclasses.replace(RULES, entropy=EntropyRule(fall=args.fall))
+            source = f"the default rules with EntropyRule(fall={args.fall:g}), replayed"
     else:
         out = args.out or ("runs/collapse_suite_smoke" if args.smoke else "runs/collapse_suite")
         records, failed = train_and_check(args.configs, out, args.jobs)
@@ -295,8 +340,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                   f"written are in {out} (--from-records {out} judges them)", file=sys.stderr)
             return 1
         rules, source = None, "the alerts the probe raised while training (default rules)"
+    intervals = args.intervals or default_intervals(records)
     try:
         verdicts = judge_suite(records, rules)
+        by_every = {every: judge_suite(records, rules or RULES, every) for every in intervals}
+        described = "the rules above" if args.fall is not None else RULES_NAME
     except ValueError as error:
         print(f"collapse_suite.py: error: {error}", file=sys.stderr)
         return 2
@@ -304,6 +352,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"\nAlerts: {source}.\n")
     print(markdown_table(verdicts))
     print(f"\n{summary}")
+    print(f"\nReplayed at every sampling interval under {described}: the lead (damage step − "
+          "first warning) and first warning of each damaged run, the false alarms of each "
+          "healthy run.\n")
+    print(interval_table(by_every))
+    print()
+    for every in intervals:
+        print(summarise(by_every[every]))
+    if args.evidence:
+        print_evidence(records, intervals)
     if args.describe:
         for verdict, record in zip(verdicts, records):
             print(f"\n{verdict.name}: first alerts: {describe_firsts(verdict)}")
@@ -320,6 +377,46 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"elapsed: {time.perf_counter() - start:.0f} s wall "
           f"({len(records)} runs{'' if args.from_records else f', --jobs {args.jobs}'})")
     return 0
+
+
+RULES_NAME = "the current default rules"
+#: The sampling intervals the suite is judged at by default (those the runs are long enough for).
+INTERVALS = (5, 25, 100)
+
+
+def default_intervals(records: Sequence[dict]) -> list[int]:
+    """:data:`INTERVALS` that are multiples of every record's own interval and at most a tenth
+    of the shortest run (at least the records' own interval)."""
+    own = max(r["config"]["every"] for r in records)
+    shortest = min(len(r["losses"]) for r in records)
+    fitting = [every for every in INTERVALS
+               if every % own == 0 and all(every % r["config"]["every"] == 0 for r in records)
+               and every <= shortest / 10]
+    return fitting or [own]
+
+
+def print_evidence(records: Sequence[dict], intervals: Sequence[int]) -> None:
+    """Self-calibrated thresholds against the fixed defaults at every interval, and the loss's
+    own spikes and stalls against each run's damage step and first warning."""
+    print(f"\nSelf-calibrated thresholds ({Calibration()}) instead of the fixed defaults:")
+    for every in intervals:
+        sampled = [subsample(r, every) for r in records]
+        twin_of = twins(sampled)
+        verdicts = [judge(r, twin_of[r["config"]["family"]], replay_calibrated(r, RULES))
+                    for r in sampled]
+        print(f"  {summarise(verdicts)}")
+    print("\nThe loss alone: spikes (> 6σ above the mean of the 128 steps before) and the "
+          "first stall (the 20-step mean fell by < 1 % over 20 steps), beside the damage step "
+          "and the first warning (every 5):")
+    twin_of = twins(records)
+    for record in records:
+        verdict = judge(record, twin_of[record["config"]["family"]], replay(record, RULES))
+        found = spikes(record["losses"])
+        state = ("healthy" if verdict.healthy else "damaged" if verdict.damaged
+                 else "not damaged")
+        print(f"  {verdict.name}: {state}, damage {verdict.damage}, first warning "
+              f"{verdict.warning.step if verdict.warning else None}; spikes {found[:5]}"
+              f"{' ...' if len(found) > 5 else ''}; stall {stall(record['losses'])}")
 
 
 def train_and_check(configs: Sequence[RunConfig], out: str,

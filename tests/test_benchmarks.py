@@ -82,7 +82,7 @@ PROMISES: dict[str, list[str]] = {
     ],
     "bench_probe_overhead.py": [
         # one warm-up sampled step, then two a round, each of them measured
-        r"^model: 2 layers, 2 heads, .* 1 rounds, 3 sampled steps measured$",
+        r"^model: 2 layers, 2 heads, .* 1 rounds, 3 sampled steps measured, batch_rows 1$",
         r"^step kind +median s +ratio to plain$",
         *(rf"^{re.escape(kind)} +{NUMBER} +{NUMBER}$"
           for kind in ("plain", "attached, not sampled", "sampled (defaults)",

@@ -22,7 +22,8 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 from collapse.families import FAMILIES, Shape, add_key_bias  # noqa: E402
 from collapse.judge import (  # noqa: E402
-    RecordError, damage_step, final_losses, judge_suite, load_record, replay, summarise,
+    RecordError, damage_step, final_losses, judge_suite, load_record, replay, subsample,
+    summarise,
 )
 from collapse.runs import boosted_step, train  # noqa: E402
 from collapse_suite import smoke_configs  # noqa: E402
@@ -108,6 +109,35 @@ def test_lead_damage_and_false_alarms_of_hand_made_runs():
     assert (summary.damaged, summary.warned_in_time) == (3, 2)
     assert summary.median_lead == statistics.median([12, -5, 0])
     assert (summary.false_alarms, summary.healthy_runs, summary.families) == (2, 1, 1)
+
+
+def test_a_coarser_interval_drops_measurements_and_puts_early_damage_out_of_reach():
+    """Replaying every 25 steps keeps the measurements a probe with ``every=25`` takes; a run
+    damaged before two intervals is out of reach there (reported, not counted), and the damage
+    step does not depend on the interval."""
+    from attn_probe.snapshot import Snapshot
+
+    twin = record("healthy", [2.0] * 200)
+    early = record("lr_1", [2.0] * 30 + [4.0] * 170)   # damaged at 30
+    late = record("lr_2", [2.0] * 80 + [4.0] * 120)    # damaged at 80
+    for r in (twin, early, late):
+        r["history"] = [Snapshot(step=step, tau=0.9, layers=()) for step in range(0, 200, 5)]
+    coarse = subsample(late, 25)
+    assert [s.step for s in coarse["history"]] == list(range(0, 200, 25))
+    assert coarse["config"]["every"] == 25 and late["config"]["every"] == 5
+    with pytest.raises(ValueError, match="multiples of 5"):
+        subsample(late, 12)
+    quiet = AlertRules(logit=None, entropy=None, uniform=None, lazy=None, sink=None)
+    fine, coarse_v = (judge_suite([twin, early, late], quiet, every) for every in (5, 25))
+    assert [v.damage for v in fine] == [v.damage for v in coarse_v] == [None, 30, 80]
+    assert [v.in_reach for v in fine] == [False, True, True]
+    assert [v.in_reach for v in coarse_v] == [False, False, True]
+    summary = summarise(coarse_v)
+    assert (summary.every, summary.damaged, summary.out_of_reach) == (25, 1, 1)
+    assert "every 25: damaged runs warned in time: 0 of 1 (1 more damaged before step 50" in (
+        str(summary))
+    with pytest.raises(ValueError, match="several sampling intervals"):
+        summarise(fine + coarse_v)
 
 
 def test_a_run_without_its_twin_is_an_error():

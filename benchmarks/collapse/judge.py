@@ -2,14 +2,21 @@
 healthy twin (the ``healthy`` run of its family): was it damaged, when, and was it warned first.
 
 * *damage step*: the first step at which the run's loss, a trailing mean over :data:`WINDOW`
-  steps, is at least :data:`DAMAGE` times its twin's at the same step, steps inside the first
-  sampling interval left out;
+  steps, is at least :data:`DAMAGE` times its twin's at the same step, the first
+  :data:`WINDOW` steps left out (whatever the sampling interval: damage is a property of the
+  training, not of how often it is watched);
 * *damaged*: its mean loss over the last :data:`TAIL` of the steps is at least :data:`DAMAGE`
   times the twin's over the same steps;
 * *lead*: damage step − step of its first ``warning`` or ``critical`` alert (zero or positive:
   warned in time, at or before the damage);
 * *false alarms*: the ``warning`` and ``critical`` alerts of a healthy run
   (:data:`HEALTHY_RECIPES`).
+
+A record is replayed at a coarser sampling interval than it was trained with by dropping
+measurements (:func:`subsample`): what a probe with that ``every`` would have seen, since the
+probe leaves training unchanged. At interval ``every`` a damaged run is *in reach* when its damage
+step is at least two intervals after the first measurement (a warning in time needs a
+measurement that could show it); the others are reported, not counted.
 """
 
 from __future__ import annotations
@@ -81,6 +88,20 @@ def replay(record: dict, rules: AlertRules) -> list[Alert]:
     for snapshot in sorted(record["history"], key=lambda s: s.step):
         monitor.judge(snapshot)
     return list(monitor.fired)
+
+
+def subsample(record: dict, every: int) -> dict:
+    """``record`` as a probe sampling every ``every`` steps would have recorded it: the
+    measurements at steps that are a multiple of ``every`` after its first (``every`` a multiple
+    of the record's own interval)."""
+    own = record["config"]["every"]
+    if every < 1 or every % own:
+        raise ValueError(f"a record sampled every {own} steps replays only at multiples of "
+                         f"{own}, not every {every}")
+    history = sorted(record["history"], key=lambda s: s.step)
+    first = history[0].step if history else 0
+    return record | {"history": [s for s in history if (s.step - first) % every == 0],
+                     "config": record["config"] | {"every": every}}
 
 
 def first_alerts(alerts: Sequence[Alert]) -> dict[tuple[str, str], Alert]:
@@ -156,6 +177,16 @@ class Verdict:
                      if a.severity == "info"), None)
 
     @property
+    def every(self) -> int:
+        """The sampling interval the alerts were raised at."""
+        return self.config["every"]
+
+    @property
+    def in_reach(self) -> bool:
+        """Damaged at least two sampling intervals after the first measurement (step 0)."""
+        return self.damaged and self.damage is not None and self.damage >= 2 * self.every
+
+    @property
     def lead(self) -> int | None:
         warning = self.warning
         if self.damage is None or warning is None:
@@ -181,14 +212,20 @@ def judge(record: dict, twin: dict, alerts: Sequence[Alert]) -> Verdict:
     return Verdict(
         config=record["config"], final=final, twin_final=twin_final,
         damaged=final >= DAMAGE * twin_final,
-        damage=damage_step(losses, reference, skip=record["config"]["every"]),
+        damage=damage_step(losses, reference, skip=WINDOW),
         alerts=list(alerts),
     )
 
 
-def judge_suite(records: Sequence[dict], rules: AlertRules | None = None) -> list[Verdict]:
+def judge_suite(records: Sequence[dict], rules: AlertRules | None = None,
+                every: int | None = None) -> list[Verdict]:
     """Every record judged against its family's twin, with the alerts the probe raised while
-    training (``rules`` None) or those ``rules`` raise when replayed over it."""
+    training (``rules`` None) or those ``rules`` raise when replayed over it, sampled every
+    ``every`` steps (None: as trained; see :func:`subsample`)."""
+    if every is not None:
+        if rules is None:
+            raise ValueError("replaying at another interval needs the rules to replay")
+        records = [subsample(r, every) for r in records]
     twin_of = twins(records)
     missing = sorted({r["config"]["family"] for r in records} - set(twin_of))
     if missing:
@@ -203,29 +240,39 @@ def judge_suite(records: Sequence[dict], rules: AlertRules | None = None) -> lis
 
 @dataclass(frozen=True)
 class Summary:
-    damaged: int
+    every: int
+    damaged: int  #: damaged runs in reach at this interval
     warned_in_time: int
     median_lead: float | None
     false_alarms: int
     healthy_runs: int
     families: int
+    out_of_reach: int = 0  #: damaged runs whose damage came before two intervals
 
     def __str__(self) -> str:
         lead = "none" if self.median_lead is None else f"{self.median_lead:+g} steps"
-        return (f"damaged runs warned in time: {self.warned_in_time} of {self.damaged}; "
-                f"median lead: {lead}; false alarms on healthy runs: {self.false_alarms} over "
-                f"{self.healthy_runs} runs of {self.families} families")
+        early = (f" ({self.out_of_reach} more damaged before step {2 * self.every}, out of "
+                 "reach)" if self.out_of_reach else "")
+        return (f"every {self.every}: damaged runs warned in time: {self.warned_in_time} of "
+                f"{self.damaged}{early}; median lead: {lead}; false alarms on healthy runs: "
+                f"{self.false_alarms} over {self.healthy_runs} runs of {self.families} families")
 
 
 def summarise(verdicts: Sequence[Verdict]) -> Summary:
-    """Damaged runs warned at or before their damage step (lead >= 0), the median lead of the damaged
-    runs that were warned at all, and the false alarms of the healthy runs."""
-    damaged = [v for v in verdicts if v.damaged]
+    """At one sampling interval: the damaged runs in reach warned at or before their damage step
+    (lead >= 0), their median lead (of those warned at all), and the false alarms of the
+    healthy runs."""
+    everies = {v.every for v in verdicts}
+    if len(everies) > 1:
+        raise ValueError(f"verdicts of several sampling intervals: {sorted(everies)}")
+    damaged = [v for v in verdicts if v.in_reach]
     leads = [v.lead for v in damaged if v.lead is not None]
     healthy = [v for v in verdicts if v.healthy]
     return Summary(
+        every=everies.pop() if everies else 0,
         damaged=len(damaged), warned_in_time=sum(lead >= 0 for lead in leads),
         median_lead=statistics.median(leads) if leads else None,
         false_alarms=sum(v.false_alarms for v in healthy), healthy_runs=len(healthy),
         families=len({v.config["family"] for v in healthy}),
+        out_of_reach=sum(v.damaged and not v.in_reach for v in verdicts),
     )

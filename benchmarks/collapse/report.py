@@ -67,9 +67,42 @@ def describe_firsts(verdict: Verdict) -> str:
 
 
 def markdown_table(verdicts: Sequence[Verdict]) -> str:
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + " --- |" * len(COLUMNS)]
-    lines += ["| " + " | ".join(row(v)) + " |" for v in verdicts]
+    return table(COLUMNS, [row(v) for v in verdicts])
+
+
+def table(columns: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    lines = ["| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
+    lines += ["| " + " | ".join(cells) + " |" for cells in rows]
     return "\n".join(lines)
+
+
+def interval_cell(verdict: Verdict) -> str:
+    """What one run got at one sampling interval: a damaged run's lead and first warning (or
+    ``not warned``; ``out of reach`` when its damage came before two intervals), a healthy run's
+    false alarms, the first warning of a run that was neither."""
+    warning = verdict.warning
+    first = "" if warning is None else f" ({describe_alert(warning)})"
+    if verdict.healthy:
+        return f"{verdict.false_alarms} false alarm{'s' * (verdict.false_alarms != 1)}{first}"
+    if verdict.damaged and not verdict.in_reach:
+        return f"out of reach{first}"
+    if verdict.damaged:
+        return "**not warned**" if verdict.lead is None else f"{verdict.lead:+d}{first}"
+    return f"not damaged{first}"
+
+
+def interval_table(by_every: dict[int, Sequence[Verdict]]) -> str:
+    """One row per run, one column per sampling interval (the verdicts of each interval in the
+    same run order)."""
+    everies = sorted(by_every)
+    first = by_every[everies[0]]
+    columns = ("family", "recipe", "lr", "final loss vs twin", "damage step",
+               *(f"every {every}" for every in everies))
+    rows = []
+    for index, verdict in enumerate(first):
+        rows.append([*row(verdict)[:4], "—" if verdict.damage is None else str(verdict.damage),
+                     *(interval_cell(by_every[every][index]) for every in everies)])
+    return table(columns, rows)
 
 
 def lead_plot(verdicts: Sequence[Verdict], summary: Summary, title: str):

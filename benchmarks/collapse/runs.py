@@ -57,6 +57,8 @@ class RunConfig:
     seed: int = 0
     #: the probe's sampling interval
     every: int = 5
+    #: rows of each sampled batch the probe measures (the probe's own default is 1)
+    batch_rows: int = 4
     #: learning-rate multiplier on the queries and keys of layer ``boost_layer`` (1: none)
     boost: float = 1.0
     boost_layer: int = 0
@@ -115,7 +117,7 @@ def train(config: RunConfig, out: str, rules: AlertRules = AlertRules()) -> str:
 
     with SummaryWriter(run_dir) as writer, AttentionProbe(
         model, every=config.every, history=1000, alerts=rules,
-        capture=CaptureOptions(batch_rows=4, crop=shape.block_size),
+        capture=CaptureOptions(batch_rows=config.batch_rows, crop=shape.block_size),
         outputs=[TensorBoardOutput(writer=writer, pictures_every=0)],
     ) as probe:
         for step in range(steps):
