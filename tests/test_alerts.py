@@ -51,38 +51,49 @@ def train(log_dir, *, lr: float, qk_norm: bool = False, one_cycle: bool = False)
                     schedule.step()
                 probe.step(step)
     assert seen == probe.alerts
-    return probe.alerts, probe.history
+    return probe.alerts, list(probe.history)
 
 
-def logit_condition(history, tag: str) -> list[int]:
-    """The sampled steps at which the logit rule's warning or critical condition holds for
-    layer ``tag``, recomputed from the recorded spreads: at least ``min_spread`` and ``growth``
-    times the smallest of the ``window`` before (counted from ``base``), or ``critical``."""
+def window(history, i: int, steps: int) -> list:
+    """The measurements before ``history[i]`` within ``steps`` training steps of it (the one
+    before it when the interval is coarser): what a rule's window looks back on."""
+    before = [s for s in history[:i] if history[i].step - s.step <= steps]
+    return before or history[max(0, i - 1):i]
+
+
+def logit_condition(history, tag: str) -> list[tuple[int, tuple[int, ...]]]:
+    """(step, heads) wherever the logit rule's condition holds for layer ``tag``: the heads past
+    ``critical``, or else those whose spread is at least ``min_spread`` and ``growth`` times their
+    own lowest over the ``window`` steps before (counted from ``base``)."""
     rule = RULES.logit
-    spreads = [s.layer(tag).reduce("logit_spread", "max") for s in history]
-    steps = []
-    for i, value in enumerate(spreads):
-        before = spreads[max(0, i - rule.window):i]
-        grown = before and value >= rule.min_spread and value >= rule.growth * max(
-            min(before), rule.base)
-        if grown or value >= rule.critical:
-            steps.append(history[i].step)
-    return steps
+    found = []
+    for i, snapshot in enumerate(history):
+        spread = snapshot.layer(tag).heads["logit_spread"]
+        over = tuple(h for h, v in enumerate(spread) if v >= rule.critical)
+        before = window(history, i, rule.window)
+        grown = tuple(h for h, v in enumerate(spread) if before and v >= rule.min_spread
+                      and v >= rule.growth * max(min(s.layer(tag).heads["logit_spread"][h]
+                                                     for s in before), rule.base))
+        if over or grown:
+            found.append((snapshot.step, over or grown))
+    return found
 
 
-def entropy_condition(history, tag: str) -> list[int]:
-    """The sampled steps at which the entropy rule's condition holds for layer ``tag``: a mean
-    below ``warning``, or a fall of at least ``fall`` within ``window`` measurements to at most
-    ``fall_to``."""
+def entropy_condition(history, tag: str) -> list[tuple[int, tuple[int, ...]]]:
+    """(step, ()) wherever the entropy rule's condition holds for layer ``tag``: a mean below
+    ``warning``, or (with ``fall`` set) a fall of at least ``fall`` within ``window`` steps to
+    at most ``fall_to``."""
     rule = RULES.entropy
-    means = [s.layer(tag).reduce("entropy_norm_full", "mean") for s in history]
-    steps = []
-    for i, value in enumerate(means):
-        before = means[max(0, i - rule.window):i]
-        if value < rule.warning or (before and max(before) - value >= rule.fall
-                                    and value <= rule.fall_to):
-            steps.append(history[i].step)
-    return steps
+    found = []
+    for i, snapshot in enumerate(history):
+        value = snapshot.layer(tag).reduce("entropy_norm_full", "mean")
+        before = [s.layer(tag).reduce("entropy_norm_full", "mean")
+                  for s in window(history, i, rule.window)]
+        fell = (rule.fall is not None and before and max(before) - value >= rule.fall
+                and value <= rule.fall_to)
+        if value < rule.warning or fell:
+            found.append((snapshot.step, ()))
+    return found
 
 
 #: What each rule watches: its figure and the reduction over a layer's heads (docs/alerts.md).
@@ -91,22 +102,29 @@ WATCHES = {"logit": ("logit_spread", "max"), "entropy": ("entropy_norm_full", "m
 
 def assert_says_what_it_measured(alert, history) -> None:
     """The alert's figure, value, window and condition are what its rule computed, recomputed
-    from the recorded figures of its layer."""
+    from the recorded figures of its layer (the logit rule's over the heads it names)."""
     figure, how = WATCHES[alert.kind]
     assert (alert.figure, alert.reduction) == (figure, how), alert
-    values = {s.step: s.layer(alert.tag).reduce(figure, how) for s in history}
+    by_step = {s.step: s.layer(alert.tag) for s in history}
+    if alert.kind == "logit":
+        values = {step: max(layer.heads[figure][h] for h in alert.heads)
+                  for step, layer in by_step.items()}
+    else:
+        values = {step: layer.reduce(figure, how) for step, layer in by_step.items()}
     assert alert.value == pytest.approx(values[alert.step])
     assert alert.since_value == pytest.approx(values[alert.since])
     rule = getattr(RULES, alert.kind)
-    assert alert.step - rule.window * EVERY <= alert.since <= alert.step
+    assert alert.step - max(rule.window, EVERY) <= alert.since <= alert.step
     if alert.kind == "logit" and alert.severity == "critical":
         assert (alert.condition, alert.threshold) == ("above", rule.critical)
         assert alert.value >= alert.threshold and alert.since == alert.step
     elif alert.kind == "logit":  # grown `growth` times within the window, to `min_spread`
         assert (alert.condition, alert.threshold) == ("grew", rule.min_spread)
         assert alert.value >= alert.threshold and alert.since < alert.step
-        assert alert.since_value == min(v for step, v in values.items()
-                                        if alert.since <= step < alert.step)
+        worst = max(alert.heads, key=lambda h: by_step[alert.step].heads[figure][h])
+        lowest = min(by_step[s].heads[figure][worst] for s in by_step
+                     if alert.step - rule.window <= s < alert.step)
+        assert by_step[alert.since].heads[figure][worst] == lowest
     elif alert.condition == "below":
         assert alert.threshold in (rule.warning, rule.critical) and alert.value < alert.threshold
         assert alert.since == alert.step
@@ -125,14 +143,16 @@ def test_unstable_run_warns_at_the_first_step_its_figures_say_so(tmp_path, singl
     first = {}
     for alert in alerts:
         first.setdefault((alert.kind, alert.tag), alert)
-    assert ("logit", "L00") in first and ("entropy", "L00") in first
+    assert ("logit", "L00") in first
     assert first[("logit", "L00")].step <= 10  # within ten steps of the start
     for tag in ("L00", "L01"):
         for kind, condition in (("logit", logit_condition), ("entropy", entropy_condition)):
-            steps = condition(history, tag)
+            holds = condition(history, tag)
             alert = first.get((kind, tag))
-            assert (alert.step if alert else None) == (steps[0] if steps else None), (
-                kind, tag, steps)
+            assert (alert.step if alert else None) == (holds[0][0] if holds else None), (
+                kind, tag, holds)
+            if alert is not None and kind == "logit":
+                assert alert.heads == holds[0][1]
             if alert is not None:
                 assert_says_what_it_measured(alert, history)
                 assert alert.severity in ("warning", "critical") and alert.cause

@@ -54,28 +54,30 @@ def layer_figures(history) -> dict[int, list[tuple[float, float]]]:
 
 
 def assert_clear_of_thresholds(figures: dict[int, list[tuple[float, float]]], until: int,
-                               kind: str) -> None:
+                               kind: str, rules=None) -> None:
     """Layer 0's figures (:func:`layer_figures`) at every sampled step up to ``until`` (the
     step of the alert a test stops on) are at least ``MARGIN`` away from the thresholds the
-    default rule of ``kind`` compares them with — for ``logit`` the floor and the growth, for
-    ``entropy`` the level and the fall — so that the run, not rounding, decides where that
+    rule of ``kind`` (of ``rules``, default :class:`~attn_probe.AlertRules`) compares them
+    with — for ``logit`` the floor and the growth over its window of steps, for ``entropy`` the
+    level and (when it is on) the fall — so that the run, not rounding, decides where that
     alert fires."""
     from attn_probe.alerts import AlertRules
 
-    rules = AlertRules()
+    rules = AlertRules() if rules is None else rules
+    rule = getattr(rules, kind)
     steps = [step for step in sorted(figures) if step <= until]
     series = [figures[step][0][0 if kind == "logit" else 1] for step in steps]
     for i, (step, value) in enumerate(zip(steps, series)):
+        before = [v for s, v in zip(steps[:i], series[:i]) if step - s <= rule.window]
         if kind == "logit":
-            before = series[max(0, i - rules.logit.window):i]
-            pairs = [(value, rules.logit.min_spread)]
+            before = before or series[max(0, i - 1):i]  # the rule reaches one measurement back
+            pairs = [(value, rule.min_spread)]
             if before:
-                pairs.append((value, rules.logit.growth * max(min(before), rules.logit.base)))
+                pairs.append((value, rule.growth * max(min(before), rule.base)))
         else:
-            before = series[max(0, i - rules.entropy.window):i]
-            pairs = [(value, rules.entropy.warning)]
-            if before:
-                pairs.append((max(before) - value, rules.entropy.fall))
+            pairs = [(value, rule.warning)]
+            if before and rule.fall is not None:
+                pairs.append((max(before) - value, rule.fall))
         for figure, limit in pairs:
             assert abs(figure - limit) > MARGIN * limit, (
                 f"step {step}: {figure:.4g} is too close to {limit:.4g} for a reliable test; "

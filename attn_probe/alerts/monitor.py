@@ -30,7 +30,7 @@ class AlertMonitor:
             lazy_rule=self.rules.lazy)
         tracks = []
         for layer in snapshot.layers:
-            track = self.tracks.setdefault(layer.name, LayerTrack())
+            track = self.tracks.setdefault(layer.name, LayerTrack(self.rules.lookback))
             track.add(snapshot.step, layer)
             tracks.append(track)
         model = ModelView(snapshot.tau, tracks)

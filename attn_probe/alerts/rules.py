@@ -5,15 +5,15 @@ before) and the rest of the model (:class:`~.track.ModelView`), and returns the 
 hold now as :class:`~attn_probe.snapshot.Alert` records with a severity:
 
 * ``logit`` (:class:`LogitRule`) — the layer's logit spread (the softmax-invariant logit figure:
-  a query's top score above the mean of its scores) keeps growing: ``warning`` once it has grown
-  ``growth`` times within ``window`` measurements to at least ``min_spread``; ``critical`` past
-  ``critical``;
+  a query's top score above the mean of its scores) keeps growing: ``warning`` once a head's has
+  grown ``growth`` times within ``window`` training steps to at least ``min_spread``;
+  ``critical`` past ``critical``;
 * ``entropy`` (:class:`EntropyRule`) — the layer's mean normalised entropy (1 = uniform,
-  0 = one key per query) falls fast or collapses: ``warning`` once it has fallen by ``fall``
-  within ``window`` measurements to ``fall_to`` or less, or below ``warning``; ``critical``
-  below ``critical``;
-* ``uniform`` (:class:`UniformRule`) — the layer has stayed at uniform attention for
-  ``samples`` measurements while another layer of the model has learned where to look:
+  0 = one key per query) collapses: ``warning`` below ``warning`` (and, with ``fall`` set,
+  once it has fallen by ``fall`` within ``window`` training steps to ``fall_to`` or less);
+  ``critical`` below ``critical``;
+* ``uniform`` (:class:`UniformRule`) — the layer has stayed at uniform attention over
+  ``steps`` training steps while another layer of the model has learned where to look:
   ``warning``;
 * ``lazy`` (:class:`LazyRule`) and ``sink`` (:class:`SinkRule`) — ``info``: the paper's lazy
   layers and attention sinks are what trained models do; they are logged, not warned about.
@@ -23,7 +23,9 @@ Every alert says what was measured: the figure its rule watched (each rule's
 threshold in the figure's unit, and the window the condition spans (see
 :class:`~attn_probe.snapshot.Alert`).
 
-The defaults and the runs behind them are in ``docs/alerts.md``.
+Windows are counted in training steps, not measurements, so a rule means the same at any
+sampling interval (``every``); what each does where the interval is coarser than its window is
+in its docstring. The defaults and the runs behind them are in ``docs/alerts.md``.
 """
 
 from __future__ import annotations
@@ -66,7 +68,7 @@ def _alert(kind: str, severity: str, point: Point, heads: tuple[int, ...], figur
 
 
 #: Kinds whose value is reduced over the heads the alert names (the others: over every head).
-NAMED_KINDS = ("sink", "lazy")
+NAMED_KINDS = ("logit", "sink", "lazy")
 
 
 def _reduce(point: Point, figure: str, how: str, heads: tuple[int, ...],
@@ -85,17 +87,20 @@ class LogitRule:
     """``logit``: logits that keep growing, measured by the logit spread (which softmax, unlike
     the raw max logit, cannot ignore).
 
-    ``warning`` when the layer's largest spread is at least ``min_spread`` and at least
-    ``growth`` times its smallest value over the ``window`` measurements before (counted from
-    no less than ``base``: every head grows from ~0 at initialisation, which says nothing);
-    ``critical`` when it passes ``critical``.
+    ``warning`` when a head's spread is at least ``min_spread`` and at least ``growth`` times
+    its lowest over the ``window`` training steps before (counted from no less than ``base``:
+    every head grows from ~0 at initialisation, which says nothing); where the sampling interval
+    is coarser than ``window``, the growth is counted from the measurement before. ``critical``
+    when a head's spread passes ``critical``. The alert names those heads, its value is their
+    largest spread, and its cause explains that head's growth from its own lowest point of the
+    window.
     """
 
     #: the figure the rule watches, and the per-head figures shown beside it
     figures: ClassVar[tuple[str, ...]] = ("logit_spread", "max_logit")
 
     growth: float = 4.0
-    window: int = 6
+    window: int = 200
     min_spread: float = 100.0
     base: float = 5.0
     critical: float = 1000.0
@@ -108,74 +113,84 @@ class LogitRule:
             raise ValueError(f"LogitRule.growth must be above 1, got {self.growth}")
         check_count("LogitRule.window", self.window)
 
-    def growing(self, track: LayerTrack) -> tuple[np.ndarray, Point | None]:
-        """(H,) heads whose spread has grown ``growth`` times within the window to at least
-        ``min_spread``, and the earlier point the growth is counted from (None: no history)."""
-        now = track.now
-        spread = now.heads("logit_spread")
-        before = track.last(self.window + 1)[:-1]
+    def lows(self, track: LayerTrack) -> list[Point | None]:
+        """Each head's lowest point within the window before now (None: no earlier point, or
+        no data for the head)."""
+        before = track.window(self.window, reach=True)
+        heads = track.now.layer.num_heads
         if not before:
-            return np.zeros_like(spread, dtype=bool), None
+            return [None] * heads
         past = np.stack([point.heads("logit_spread") for point in before])
+        lows: list[Point | None] = []
+        for head in range(heads):
+            column = past[:, head]
+            lows.append(before[int(np.nanargmin(column))] if np.isfinite(column).any()
+                        else None)
+        return lows
+
+    def growing(self, track: LayerTrack) -> np.ndarray:
+        """(H,) heads whose spread has grown ``growth`` times within the window to at least
+        ``min_spread``."""
+        spread = track.now.heads("logit_spread")
+        low = np.array([np.nan if point is None else point.heads("logit_spread")[head]
+                        for head, point in enumerate(self.lows(track))], dtype=float)
         with np.errstate(invalid="ignore"):
-            low = np.maximum(np.nanmin(np.where(np.isnan(past), np.inf, past), axis=0),
-                             self.base)
-            grown = (spread >= self.min_spread) & (spread >= self.growth * low)
-        layer = np.array([p.figure("logit_spread", "max") for p in before], dtype=float)
-        start = before[int(np.nanargmin(layer))] if np.isfinite(layer).any() else before[0]
-        return grown, start
+            return ((spread >= self.min_spread)
+                    & (spread >= self.growth * np.maximum(low, self.base)))
 
     def check(self, track: LayerTrack, model: ModelView) -> list[Alert]:
         now = track.now
         spread = now.heads("logit_spread")
-        value = now.figure("logit_spread", "max")
-        if not np.isfinite(value):
-            return []
-        grown, start = self.growing(track)
-        worst = int(np.nanargmax(spread))
-        found = []
         with np.errstate(invalid="ignore"):
             over = spread >= self.critical
-        if over.any():
-            cause = explain.logit_cause(start, now, worst) if start is not None else ""
-            found.append(_alert("logit", "critical", now, _heads(over), "logit_spread", "max",
-                                "above", value, self.critical,
-                                f"attention logits exploded: logit spread {value:,.0f} "
-                                f">= {self.critical:g}", cause))
-        elif grown.any():
-            found.append(_alert(
-                "logit", "warning", now, _heads(grown), "logit_spread", "max", "grew", value,
-                self.min_spread, f"attention logits keep growing: logit spread "
-                f"{start.figure('logit_spread', 'max'):,.1f} at step {start.step} -> "
-                f"{value:,.1f}", explain.logit_cause(start, now, worst), since=start))
-        return found
+        severity, named = ("critical", over) if over.any() else ("warning", self.growing(track))
+        if not named.any():
+            return []
+        worst = int(np.nanargmax(np.where(named, spread, -np.inf)))
+        value = float(spread[worst])
+        start = self.lows(track)[worst]
+        cause = "" if start is None else explain.logit_cause(start, now, worst)
+        if severity == "critical":
+            return [_alert("logit", "critical", now, _heads(over), "logit_spread", "max",
+                           "above", value, self.critical,
+                           f"attention logits exploded: logit spread {value:,.0f} "
+                           f">= {self.critical:g}", cause)]
+        then = _reduce(start, "logit_spread", "max", _heads(named), over_named=True)
+        return [_alert("logit", "warning", now, _heads(named), "logit_spread", "max", "grew",
+                       value, self.min_spread,
+                       f"attention logits keep growing: logit spread {then:,.1f} at step "
+                       f"{start.step} -> {value:,.1f}", cause, since=start)]
 
 
 @dataclass(frozen=True, kw_only=True)
 class EntropyRule:
     """``entropy``: entropy collapse (Zhai et al. 2023), on the layer's mean over heads of the
-    normalised entropy (1 = uniform, 0 = one key per query). ``warning`` when it has fallen by
-    at least ``fall`` within ``window`` measurements to ``fall_to`` or less (the softmax
-    sharpening to a handful of keys faster than a model learns where to look: condition
-    ``fell``, the alert's value the entropy now, its ``since_value`` the entropy it fell from,
-    its threshold the lower of ``fall_to`` and ``since_value - fall``), or is below ``warning``;
-    ``critical`` below ``critical`` (condition ``below``). A layer that sharpens fast but stays above ``fall_to`` is a pattern
-    forming (healthy runs do that), not a collapse. A single
-    low-entropy head (a previous-token head) is normal, so the rule looks at the mean."""
+    normalised entropy (1 = uniform, 0 = one key per query): ``warning`` below ``warning``,
+    ``critical`` below ``critical`` (condition ``below``). A single low-entropy head (a
+    previous-token head) is normal, so the rule looks at the mean.
+
+    With ``fall`` set (off by default) it also warns when the mean has fallen by at least
+    ``fall`` within ``window`` training steps to ``fall_to`` or less: the softmax sharpening to
+    a handful of keys faster than a model learns where to look (condition ``fell``, the alert's
+    value the entropy now, its ``since_value`` the entropy it fell from, its threshold the lower
+    of ``fall_to`` and ``since_value - fall``). A layer that sharpens fast but stays above
+    ``fall_to`` is a pattern forming, not a collapse. The fall is judged only where a
+    measurement lies within the window (a sampling interval of at most ``window`` steps), and it
+    needs more than one measured sequence to be more than noise (``docs/alerts.md``)."""
 
     figures: ClassVar[tuple[str, ...]] = ("entropy_norm_full",)
 
-    fall: float = 0.45
-    window: int = 3
+    fall: float | None = None
+    window: int = 15
     fall_to: float = 0.3
-    warning: float = 0.05
-    critical: float = 0.02
+    warning: float = 0.01
+    critical: float = 0.005
 
     def __post_init__(self) -> None:
         if not 0 < self.critical <= self.warning < 1:
             raise ValueError(f"EntropyRule needs 0 < critical <= warning < 1, got critical="
                              f"{self.critical}, warning={self.warning}")
-        if not 0 < self.fall < 1:
+        if self.fall is not None and not 0 < self.fall < 1:
             raise ValueError(f"EntropyRule.fall must be in (0, 1), got {self.fall}")
         if not 0 < self.fall_to < 1:
             raise ValueError(f"EntropyRule.fall_to must be in (0, 1), got {self.fall_to}")
@@ -188,8 +203,8 @@ class EntropyRule:
 
     def falling(self, track: LayerTrack) -> tuple[float, Point | None]:
         """How far the layer's mean entropy fell within the window (0 without history), and
-        the earlier point it fell from."""
-        before = track.last(self.window + 1)[:-1]
+        the earlier point it fell from (no fall without ``fall`` set)."""
+        before = track.window(self.window) if self.fall is not None else []
         means = [p.figure("entropy_norm_full", "mean") for p in before]
         if not before or not np.isfinite(means).any():
             return 0.0, None
@@ -207,7 +222,7 @@ class EntropyRule:
         if value < self.warning:
             severity, threshold = (("critical", self.critical) if value < self.critical
                                    else ("warning", self.warning))
-            before = track.last(self.window + 1)[0]
+            before = (track.window(self.window, reach=True) or [now])[0]
             collapsed = self.collapsed(now.layer) & np.isfinite(heads)
             found.append(_alert(
                 "entropy", severity, now, _heads(collapsed), "entropy_norm_full", "mean",
@@ -216,7 +231,8 @@ class EntropyRule:
                 f"{threshold:g} ({nats:.3f} nats; 1 = uniform)",
                 explain.entropy_cause(before, now, int(np.nanargmin(heads)))))
         drop, start = self.falling(track)
-        if not found and start is not None and drop >= self.fall and value <= self.fall_to:
+        if not found and start is not None and self.fall is not None and (
+                drop >= self.fall and value <= self.fall_to):
             then = start.heads("entropy_norm_full")
             with np.errstate(invalid="ignore"):
                 fell = then - heads
@@ -235,22 +251,24 @@ class EntropyRule:
 
 @dataclass(frozen=True, kw_only=True)
 class UniformRule:
-    """``uniform``: a layer that stays at uniform attention (every head's normalised entropy
-    at least ``entropy``) for ``samples`` measurements in a row, while another layer of the
-    model has learned where to look (its mean normalised entropy below ``elsewhere``): the
-    layer passes no information and is not learning to."""
+    """``uniform``: a layer whose every head has stayed at uniform attention (normalised
+    entropy at least ``entropy``) at every measurement covering the last ``steps`` training
+    steps (:meth:`~.track.LayerTrack.span`), while another layer of the model has learned where
+    to look (its mean normalised entropy below ``elsewhere`` at each of its measurements over
+    the same steps): the layer passes no information and is not learning to. Where the sampling
+    interval is coarser than ``steps``, two measurements in a row decide."""
 
     figures: ClassVar[tuple[str, ...]] = ("entropy_norm_full",)
 
     entropy: float = 0.99
-    samples: int = 6
+    steps: int = 30
     elsewhere: float = 0.5
 
     def __post_init__(self) -> None:
         if not 0 < self.elsewhere < self.entropy < 1:
             raise ValueError(f"UniformRule needs 0 < elsewhere < entropy < 1, got elsewhere="
                              f"{self.elsewhere}, entropy={self.entropy}")
-        check_count("UniformRule.samples", self.samples, minimum=2)
+        check_count("UniformRule.steps", self.steps)
 
     def uniform(self, layer: LayerSummary) -> np.ndarray:
         """(H,) heads at uniform attention."""
@@ -258,25 +276,24 @@ class UniformRule:
             return layer.heads["entropy_norm_full"] >= self.entropy
 
     def check(self, track: LayerTrack, model: ModelView) -> list[Alert]:
-        recent = track.last(self.samples)
-        if len(recent) < self.samples:
+        span = track.span(self.steps)
+        if span is None or not all(p.figure("entropy_norm_full", "min") >= self.entropy
+                                   for p in span):
             return []
-        if not all(p.figure("entropy_norm_full", "min") >= self.entropy for p in recent):
-            return []
+        first = span[0]
         learned = [other for other in model.others(track)
                    if all(p.figure("entropy_norm_full", "mean") < self.elsewhere
-                          for p in other.last(self.samples))]
+                          for p in other.points if p.step >= first.step)]
         if not learned:
             return []
         now = track.now
         value = now.figure("entropy_norm_full", "min")
         others = ", ".join(other.now.layer.tag for other in learned)
-        since = recent[0].step
         return [_alert("uniform", "warning", now, _heads(self.uniform(now.layer)),
                        "entropy_norm_full", "min", "above", value, self.entropy,
-                       f"attention uniform since step {since} (normalised entropy >= "
+                       f"attention uniform since step {first.step} (normalised entropy >= "
                        f"{value:.3f}) while {others} learned where to look",
-                       explain.uniform_cause(now), since=recent[0])]
+                       explain.uniform_cause(now), since=first)]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -383,6 +400,12 @@ class AlertRules:
                 continue
             found += rule.check(track, model)
         return found
+
+    @property
+    def lookback(self) -> int:
+        """The longest window of the rules, in training steps: what a layer's track keeps."""
+        return max([rule.window for rule in (self.logit, self.entropy) if rule is not None]
+                   + [self.uniform.steps if self.uniform is not None else 0, 1])
 
     def judge_lazy(self, layer: LayerSummary) -> LayerSummary:
         """``layer`` with its lazy heads marked by :attr:`lazy` (as it is, without that rule)."""

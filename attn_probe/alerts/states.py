@@ -29,7 +29,7 @@ def head_states(track: LayerTrack, rules: AlertRules) -> np.ndarray:
     if rules.entropy is not None:
         states[rules.entropy.collapsed(layer)] = HeadState.ONE_HOT
     if rules.logit is not None:
-        growing, _ = rules.logit.growing(track)
+        growing = rules.logit.growing(track)
         with np.errstate(invalid="ignore"):
             exploding = growing | (track.now.heads("logit_spread") >= rules.logit.critical)
         states[exploding] = HeadState.EXPLODING

@@ -1,8 +1,11 @@
 """What the rules look back on: the recent measurements of one layer, and of the whole model.
 
-A :class:`LayerTrack` keeps the last :data:`KEEP` summaries of one layer (memory stays bounded
-however long training runs). :class:`ModelView` is what a rule may know about the other layers
-at the same step.
+A :class:`LayerTrack` keeps the summaries of one layer measured within the longest window of the
+rules (:attr:`~.rules.AlertRules.lookback` training steps), and at least the two latest: memory
+stays bounded however long training runs. The rules' windows are counted in training steps, so
+that a rule means the same at any sampling interval: :meth:`LayerTrack.window` and
+:meth:`LayerTrack.span` are what a rule looks back on. :class:`ModelView` is what a rule may
+know about the other layers at the same step.
 """
 
 from __future__ import annotations
@@ -14,9 +17,6 @@ from typing import Sequence
 import numpy as np
 
 from ..snapshot import LayerSummary
-
-#: Summaries kept per layer: more than any rule's window.
-KEEP = 32
 
 
 @dataclass(frozen=True)
@@ -41,19 +41,39 @@ class Point:
 class LayerTrack:
     """The recent :class:`Point`\\ s of one layer, oldest first."""
 
-    def __init__(self, keep: int = KEEP) -> None:
-        self.points: deque[Point] = deque(maxlen=keep)
+    def __init__(self, keep: int) -> None:
+        self.keep = keep
+        self.points: deque[Point] = deque()
 
     def add(self, step: int, layer: LayerSummary) -> None:
         self.points.append(Point(step, layer))
+        while len(self.points) > 2 and self.points[1].step <= step - self.keep:
+            self.points.popleft()
 
     @property
     def now(self) -> Point:
         return self.points[-1]
 
-    def last(self, samples: int) -> list[Point]:
-        """The latest ``samples`` points (fewer at the start), oldest first."""
-        return list(self.points)[-samples:]
+    def window(self, steps: int, *, reach: bool = False) -> list[Point]:
+        """The points before :attr:`now` measured at most ``steps`` training steps before it,
+        oldest first. Where the sampling interval is coarser than ``steps`` there are none;
+        with ``reach`` the one measurement before now stands in for them (a window that looks
+        back at least one measurement)."""
+        now = self.now.step
+        before = [p for p in list(self.points)[:-1] if now - p.step <= steps]
+        if reach and not before and len(self.points) > 1:
+            before = [self.points[-2]]
+        return before
+
+    def span(self, steps: int) -> list[Point] | None:
+        """The points that cover the last ``steps`` training steps, oldest first: from the
+        latest measured at least ``steps`` steps before :attr:`now` through now (None while the
+        track does not reach back that far). Where the sampling interval is coarser than
+        ``steps``, that is the measurement before now and now."""
+        points = list(self.points)
+        now = self.now.step
+        reach = [i for i, p in enumerate(points) if now - p.step >= steps]
+        return points[reach[-1]:] if reach else None
 
     def __len__(self) -> int:
         return len(self.points)

@@ -266,7 +266,7 @@ def test_unstable_run_raises_alerts_and_the_others_none(tmp_path, capsys, recwar
 
     logged = {name: {(row["kind"], row["layer"]) for row in logged_alerts(tmp_path / name)}
               for name in RUNS}
-    assert {("logit", "L00"), ("entropy", "L00")} <= logged["unstable"]
+    assert ("logit", "L00") in logged["unstable"]
     assert not [kind for name in ("stable", "unstable_qk_norm") for kind, _ in logged[name]
                 if kind in ("logit", "entropy")]
     for name in RUNS:

@@ -23,7 +23,8 @@ STEPS, EVERY = 15, 5
 
 
 def train(log_dir, qk_norm: bool) -> list:
-    """The unstable run (with QK-norm: its cure) for 15 steps; returns the probe's alerts."""
+    """The unstable run (with QK-norm: its cure) for 15 steps, the entropy rule's fast fall on;
+    returns the probe's alerts."""
     model = unstable_run.unstable_gpt(qk_norm)
     optimizer = unstable_run.optimizer(model.parameters())
     batches = unstable_run.windows(unstable_run.BATCH * STEPS).view(STEPS, unstable_run.BATCH, -1)
@@ -31,6 +32,7 @@ def train(log_dir, qk_norm: bool) -> list:
         warnings.simplefilter("ignore")  # the probe warns about each alert
         with SummaryWriter(str(log_dir)) as writer, attn_probe.AttentionProbe(
             model, every=EVERY, capture=attn_probe.CaptureOptions(batch_rows=2),
+            alerts=attn_probe.AlertRules(entropy=attn_probe.EntropyRule(fall=0.45)),
             outputs=[attn_probe.TensorBoardOutput(writer=writer, pictures_every=2 * EVERY)],
         ) as probe:
             for step, window in enumerate(batches):

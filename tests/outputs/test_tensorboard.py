@@ -527,6 +527,10 @@ def test_per_head_scalars_follow_the_heads_an_alert_names(tmp_path):
                       alerts=[make_alert("entropy", 5, range(6), 0.1, "entropy_norm_full", "below")]),
         full_snapshot(10, entropy_norm_full=entropy, max_logit=logits,
                       alerts=[make_alert("logit", 10, [7], 900.0, "logit_spread", "above")]),
+        # a later alert of the same layer and figure naming other heads adds none: four in all
+        full_snapshot(15, entropy_norm_full=entropy, max_logit=logits,
+                      alerts=[make_alert("entropy", 15, [1, 3, 6], 0.01, "entropy_norm_full",
+                                         "below")]),
     ]
     with TensorBoardOutput(str(tmp_path), pictures_every=0) as writer:
         for snapshot in snapshots:
@@ -534,16 +538,29 @@ def test_per_head_scalars_follow_the_heads_an_alert_names(tmp_path):
     scalars = read_scalars(tmp_path)
     per_head = {tag: series for tag, series in scalars.items() if "/head/" in tag}
     # heads 0-5 named; the four with the lowest entropy are 2, 4, 5 and 0
-    want = {f"entropy_norm_full/head/L00/H{h:02d}": {5: entropy[h], 10: entropy[h]}
+    want = {f"entropy_norm_full/head/L00/H{h:02d}": {5: entropy[h], 10: entropy[h],
+                                                     15: entropy[h]}
             for h in (0, 2, 4, 5)}
-    want["max_logit/head/L00/H07"] = {10: 900.0}  # logit_spread: not measured, not written
+    want["max_logit/head/L00/H07"] = {10: 900.0, 15: 900.0}  # logit_spread: not measured
     assert per_head.keys() == want.keys()
     for tag, series in want.items():
         assert per_head[tag] == pytest.approx(series), tag
-    assert scalars["alert/entropy"] == {0: 0.0, 5: 1.0, 10: 1.0}
-    assert scalars["alert/logit"] == {0: 0.0, 5: 0.0, 10: 1.0}
+    assert scalars["alert/entropy"] == {0: 0.0, 5: 1.0, 10: 1.0, 15: 2.0}
+    assert scalars["alert/logit"] == {0: 0.0, 5: 0.0, 10: 1.0, 15: 1.0}
     with pytest.raises(ValueError, match="per_head must be"):
         TensorBoardOutput(str(tmp_path / "x"), per_head="some")
+
+
+def test_a_uniform_alert_follows_its_most_uniform_heads(tmp_path):
+    """A uniform alert (entropy above its threshold) naming six heads: the four closest to
+    uniform get scalars."""
+    entropy = [0.991, 0.999, 0.995, 0.9999, 0.992, 0.998]
+    snapshot = full_snapshot(5, heads=6, entropy_norm_full=entropy, alerts=[
+        make_alert("uniform", 5, range(6), 0.991, "entropy_norm_full", "above")])
+    with TensorBoardOutput(str(tmp_path), pictures_every=0) as writer:
+        writer.write(snapshot)
+    per_head = {tag for tag in read_scalars(tmp_path) if "/head/" in tag}
+    assert per_head == {f"entropy_norm_full/head/L00/H{h:02d}" for h in (1, 2, 3, 5)}
 
 
 def test_health_scalars_images_and_timeline(tmp_path):
