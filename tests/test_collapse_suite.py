@@ -25,6 +25,8 @@ from collapse.judge import (  # noqa: E402
     RecordError, damage_step, final_losses, judge_suite, load_record, replay, subsample,
     summarise,
 )
+from collapse.calibrated import Calibration, layer_rules  # noqa: E402
+from collapse.loss import spikes, stall  # noqa: E402
 from collapse.runs import boosted_step, train  # noqa: E402
 from collapse_suite import smoke_configs  # noqa: E402
 
@@ -138,6 +140,42 @@ def test_a_coarser_interval_drops_measurements_and_puts_early_damage_out_of_reac
         str(summary))
     with pytest.raises(ValueError, match="several sampling intervals"):
         summarise(fine + coarse_v)
+
+
+def test_loss_spikes_and_stalls_are_their_definitions():
+    """A spike: more than 6 standard deviations above the mean of the 128 steps before (a
+    plain recomputation); a stall: the 20-step mean falling by less than 1 % over 20 steps."""
+    rng = np.random.default_rng(0)
+    losses = list(3.0 + 0.01 * rng.standard_normal(300))
+    losses[200] = 3.5
+    plain = [t for t in range(20, 300) if losses[t] > np.mean(losses[max(0, t - 128):t])
+             + 6 * np.std(losses[max(0, t - 128):t])]
+    assert spikes(losses) == plain == [200]
+    falling = [5.0 - 0.02 * t for t in range(100)] + [3.0] * 100
+    found = stall(falling)
+    means = [np.mean(falling[max(0, t - 19):t + 1]) for t in range(200)]
+    assert found == next(t for t in range(20, 200) if means[t - 20] - means[t] < 0.01 * means[t])
+    assert 100 < found < 140 and stall([5.0 - 0.02 * t for t in range(200)]) is None
+
+
+def test_a_calibrated_layer_gets_thresholds_from_its_own_first_steps():
+    """min_spread: ``factor`` times the layer's largest spread over the first ``learn`` steps,
+    at least ``floor``; the entropy levels scaled down from its lowest mean entropy, never
+    above the defaults'."""
+    from test_alert_rules import layer_figures, snapshot_of
+
+    def snapshot(step, spread, entropy):
+        return snapshot_of(step, layer_figures(2, logit_spread=[spread, 1.0],
+                                               entropy_norm_full=entropy))
+
+    history = [snapshot(0, 2.0, 1.0), snapshot(10, 9.0, 0.6), snapshot(30, 500.0, 0.001)]
+    rules = layer_rules(history, "m.0.attn", AlertRules(), Calibration(learn=20, factor=8,
+                                                                       floor=50))
+    assert rules.logit.min_spread == 72.0  # 8 x 9, the largest before step 20
+    assert rules.entropy.warning == pytest.approx(min(0.01, 0.6 / 8))
+    quiet = layer_rules(history[:1], "m.0.attn", AlertRules(), Calibration(learn=20, factor=8,
+                                                                           floor=50))
+    assert quiet.logit.min_spread == 50.0  # 8 x 2 is below the floor
 
 
 def test_a_run_without_its_twin_is_an_error():
