@@ -170,8 +170,9 @@ class Alert:
 
     ``figure`` is the figure the rule watched (a name of :data:`attn_probe.figures.FIGURES`),
     reduced over the layer's heads by ``reduction`` (``max``, ``mean``, ``min``; over the heads
-    the alert names for ``sink`` and ``lazy``). ``value`` and ``threshold`` are in that figure's unit: ``value``
-    is the figure at ``step``, ``threshold`` the level the ``condition`` compares it with. The
+    the alert names for ``logit``, ``sink`` and ``lazy``). ``value`` and ``threshold`` are in that
+    figure's unit: ``value`` is the figure at ``step``, ``threshold`` the level the
+    ``condition`` compares it with. The
     window the condition spans starts at step ``since``, where the figure was ``since_value``:
     the earlier measurement a rise or a fall is counted from, the first of a run of
     measurements, or ``step`` itself when one measurement decides (``since_value`` is then
