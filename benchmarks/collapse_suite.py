@@ -104,8 +104,8 @@ from attn_probe.alerts import AlertRules, EntropyRule  # noqa: E402
 from collapse.families import Shape  # noqa: E402
 from collapse.calibrated import Calibration, replay_calibrated  # noqa: E402
 from collapse.judge import (  # noqa: E402
-    TWIN, RecordError, judge, judge_suite, load_record, load_records, replay, subsample,
-    summarise, twins,
+    TWIN, RecordError, judge, judge_suite, load_record, load_records, replay, summarise,
+    twins,
 )
 from collapse.loss import spikes, stall  # noqa: E402
 from collapse.report import (  # noqa: E402
@@ -387,12 +387,11 @@ INTERVALS = (5, 25, 100)
 def default_intervals(records: Sequence[dict]) -> list[int]:
     """:data:`INTERVALS` that are multiples of every record's own interval and at most a tenth
     of the shortest run (at least the records' own interval)."""
-    own = max(r["config"]["every"] for r in records)
     shortest = min(len(r["losses"]) for r in records)
     fitting = [every for every in INTERVALS
-               if every % own == 0 and all(every % r["config"]["every"] == 0 for r in records)
+               if all(every % r["config"]["every"] == 0 for r in records)
                and every <= shortest / 10]
-    return fitting or [own]
+    return fitting or [max(r["config"]["every"] for r in records)]
 
 
 def print_evidence(records: Sequence[dict], intervals: Sequence[int]) -> None:
@@ -400,11 +399,7 @@ def print_evidence(records: Sequence[dict], intervals: Sequence[int]) -> None:
     own spikes and stalls against each run's damage step and first warning."""
     print(f"\nSelf-calibrated thresholds ({Calibration()}) instead of the fixed defaults:")
     for every in intervals:
-        sampled = [subsample(r, every) for r in records]
-        twin_of = twins(sampled)
-        verdicts = [judge(r, twin_of[r["config"]["family"]], replay_calibrated(r, RULES))
-                    for r in sampled]
-        print(f"  {summarise(verdicts)}")
+        print(f"  {summarise(judge_suite(records, RULES, every, replay_calibrated))}")
     print("\nThe loss alone: spikes (> 6σ above the mean of the 128 steps before) and the "
           "first stall (the 20-step mean fell by < 1 % over 20 steps), beside the damage step "
           "and the first warning (every 5):")

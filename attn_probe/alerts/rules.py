@@ -128,12 +128,13 @@ class LogitRule:
                         else None)
         return lows
 
-    def growing(self, track: LayerTrack) -> np.ndarray:
+    def growing(self, track: LayerTrack, lows: list[Point | None] | None = None) -> np.ndarray:
         """(H,) heads whose spread has grown ``growth`` times within the window to at least
-        ``min_spread``."""
+        ``min_spread`` (``lows``: :meth:`lows` of ``track``, when already at hand)."""
         spread = track.now.heads("logit_spread")
+        lows = self.lows(track) if lows is None else lows
         low = np.array([np.nan if point is None else point.heads("logit_spread")[head]
-                        for head, point in enumerate(self.lows(track))], dtype=float)
+                        for head, point in enumerate(lows)], dtype=float)
         with np.errstate(invalid="ignore"):
             return ((spread >= self.min_spread)
                     & (spread >= self.growth * np.maximum(low, self.base)))
@@ -143,12 +144,14 @@ class LogitRule:
         spread = now.heads("logit_spread")
         with np.errstate(invalid="ignore"):
             over = spread >= self.critical
-        severity, named = ("critical", over) if over.any() else ("warning", self.growing(track))
+        lows = self.lows(track)
+        severity, named = (("critical", over) if over.any()
+                           else ("warning", self.growing(track, lows)))
         if not named.any():
             return []
         worst = int(np.nanargmax(np.where(named, spread, -np.inf)))
         value = float(spread[worst])
-        start = self.lows(track)[worst]
+        start = lows[worst]
         cause = "" if start is None else explain.logit_cause(start, now, worst)
         if severity == "critical":
             return [_alert("logit", "critical", now, _heads(over), "logit_spread", "max",

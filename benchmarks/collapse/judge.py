@@ -26,7 +26,7 @@ import os
 import pickle
 import statistics
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -218,10 +218,11 @@ def judge(record: dict, twin: dict, alerts: Sequence[Alert]) -> Verdict:
 
 
 def judge_suite(records: Sequence[dict], rules: AlertRules | None = None,
-                every: int | None = None) -> list[Verdict]:
+                every: int | None = None,
+                replayer: Callable[[dict, AlertRules], list[Alert]] = replay) -> list[Verdict]:
     """Every record judged against its family's twin, with the alerts the probe raised while
-    training (``rules`` None) or those ``rules`` raise when replayed over it, sampled every
-    ``every`` steps (None: as trained; see :func:`subsample`)."""
+    training (``rules`` None) or those ``rules`` raise when ``replayer`` replays them over it,
+    sampled every ``every`` steps (None: as trained; see :func:`subsample`)."""
     if every is not None:
         if rules is None:
             raise ValueError("replaying at another interval needs the rules to replay")
@@ -233,7 +234,7 @@ def judge_suite(records: Sequence[dict], rules: AlertRules | None = None,
                          "the records: it is what the other runs are measured against")
     return [
         judge(r, twin_of[r["config"]["family"]],
-              r["alerts"] if rules is None else replay(r, rules))
+              r["alerts"] if rules is None else replayer(r, rules))
         for r in records
     ]
 
